@@ -1,0 +1,271 @@
+"""The `mmval` command: argument parsing, printing and exit codes; the work is in `mmval`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mmval.errors import UserError
+
+app = typer.Typer(
+    help="Balanced multimodal learning and per-sample modality valuation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipe_app = typer.Typer(help="Check recipes and print their schema.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def user_errors(func: F) -> F:
+    """Print a user mistake as one paragraph and exit 2, without a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+def _train_callbacks(progress: Progress):
+    from mmval.engine.train import TrainCallbacks
+
+    current: dict[str, int] = {}
+
+    def on_start(label: str, epochs: int, steps_per_epoch: int) -> None:
+        current["task"] = progress.add_task(label, total=epochs * steps_per_epoch, status="")
+
+    def on_step() -> None:
+        progress.advance(current["task"])
+
+    def on_epoch(row: dict[str, float]) -> None:
+        val = row.get("val_acc", float("nan"))
+        progress.update(current["task"], status=f"epoch {int(row['epoch'])} val {val:.3f}")
+
+    return TrainCallbacks(on_start=on_start, on_step=on_step, on_epoch=on_epoch)
+
+
+def _print_frame(frame, title: str, float_format: str = "{:.2f}") -> None:
+    table = Table(title=title)
+    for col in frame.columns:
+        table.add_column(str(col), justify="right" if frame[col].dtype.kind in "fiu" else "left")
+    for row in frame.itertuples(index=False):
+        table.add_row(*(_cell(v, float_format) for v in row))
+    console.print(table)
+
+
+def _cell(value: object, float_format: str) -> str:
+    if isinstance(value, float):
+        return "-" if value != value else float_format.format(value)
+    return str(value)
+
+
+@app.command()
+@user_errors
+def prep(
+    dataset: Annotated[str | None, typer.Argument(help="data set name (see --list)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output directory [default: data/DATASET]")
+    ] = None,
+    raw: Annotated[Path | None, typer.Option(help="folder with the raw data")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="source parameter, e.g. signal=[2,0.5]")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="rebuild an existing output")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="list the data sets and exit")] = False,
+) -> None:
+    """Turn raw data into Parquet shards (shard format v1).
+
+    Example: mmval prep uci-mfeat --out data/uci-mfeat
+    """
+    from mmval.data.manifest import load_dataset_manifest, manifest_names
+    from mmval.data.prep import prepare
+
+    if list_ or dataset is None:
+        for name in manifest_names():
+            entry, _ = load_dataset_manifest(name)
+            console.print(f"[bold]{name}[/]: {entry.description}")
+        return
+    target = out or Path("data") / dataset
+    with console.status(f"preparing {dataset} into {target}"):
+        manifest, wrote = prepare(
+            dataset, target, raw=raw, overrides=set_ or [], overwrite=overwrite
+        )
+    counts = ", ".join(f"{name} {split.samples}" for name, split in manifest.splits.items())
+    verb = "wrote" if wrote else "already prepared (checksums verified):"
+    console.print(f"{verb} {target}: {manifest.dataset}, {counts}")
+
+
+@app.command()
+@user_errors
+def train(
+    recipe: Annotated[Path, typer.Option(help="recipe YAML file")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override a field: --set train.epochs=1 --set seeds=[0]"),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue runs from their last.pt")] = False,
+    overwrite: Annotated[bool, typer.Option(help="delete existing runs and start again")] = False,
+) -> None:
+    """Train a recipe, one run per seed, into OUTPUT/NAME/seed<k>/.
+
+    Example: mmval train --recipe recipes/ogm_ge-uci-mfeat.yaml --set method.alpha=0.5
+    """
+    from mmval.engine.train import Trainer
+    from mmval.recipe import load_recipe
+
+    loaded = load_recipe(recipe, set_ or [])
+    with _progress() as progress:
+        callbacks = _train_callbacks(progress)
+        for seed in loaded.seeds:
+            result = Trainer(
+                loaded, seed, resume=resume, overwrite=overwrite, callbacks=callbacks
+            ).run()
+            s = result.summary
+            note = "already finished, kept" if result.skipped else "done"
+            progress.console.print(
+                f"{result.run_dir}: {note}; best epoch {s['best_epoch']}, "
+                f"val acc {s['val_acc']:.4f}, test acc {s['test_acc']:.4f}"
+            )
+
+
+@app.command()
+@user_errors
+def value(
+    checkpoint: Annotated[Path, typer.Argument(help="a best.pt or last.pt of a run")],
+    out: Annotated[Path, typer.Option(help="output Parquet file")],
+    split: Annotated[str, typer.Option(help="split to value")] = "test",
+    data: Annotated[Path | None, typer.Option(help="data directory if it has moved")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Per-sample, per-modality Shapley contributions of a checkpoint.
+
+    Example: mmval value runs/concat-uci-mfeat/seed0/best.pt --out contrib.parquet
+    """
+    from mmval.quickstart import contribution_summary
+    from mmval.valuation.run import value_checkpoint, write_valuation
+
+    with console.status(f"valuing the {split} split"):
+        result = value_checkpoint(checkpoint, split=split, data_dir=data, device=device)
+        write_valuation(result, out)
+    samples = result.table["sample_id"].nunique()
+    console.print(
+        f"wrote {out}: {samples} samples x {result.table['modality'].nunique()} modalities"
+    )
+    _print_frame(contribution_summary(result.table), "mean contribution per modality", "{:.3f}")
+
+
+@app.command()
+@user_errors
+def report(
+    runs: Annotated[Path, typer.Argument(help="a folder of runs (searched recursively)")],
+    format_: Annotated[str, typer.Option("--format", help="table, md, csv or latex")] = "table",
+) -> None:
+    """Compare finished runs: test metrics at the best-on-validation epoch, over seeds.
+
+    Example: mmval report runs --format md
+    """
+    from mmval.report import collect_runs, summarize, to_latex, to_markdown
+
+    if format_ not in ("table", "md", "csv", "latex"):
+        raise UserError(f"--format must be table, md, csv or latex, not {format_!r}.")
+    if not runs.is_dir():
+        raise UserError(f"{runs} is not a folder.")
+    frame = summarize(collect_runs(runs))
+    if frame.empty:
+        raise UserError(f"no finished runs (summary.json) below {runs}.")
+    if format_ == "csv":
+        sys.stdout.write(frame.to_csv(index=False))
+    elif format_ == "md":
+        print(to_markdown(frame))
+    elif format_ == "latex":
+        print(to_latex(frame))
+    else:
+        _print_frame(frame, f"test split, best-on-validation checkpoint ({runs})")
+
+
+@app.command()
+@user_errors
+def quickstart(
+    workdir: Annotated[Path, typer.Option(help="where data/ and runs/ go")] = Path("."),
+) -> None:
+    """Prepare uci-mfeat, train concat, OGM-GE and unimodal baselines, value, report.
+
+    Example: mmval quickstart
+    """
+    import time
+
+    from mmval.quickstart import run_quickstart
+
+    started = time.perf_counter()
+    with _progress() as progress:
+        result = run_quickstart(workdir, callbacks=_train_callbacks(progress))
+    _print_frame(result.report, "uci-mfeat, test split, best-on-validation checkpoint")
+    _print_frame(
+        result.contributions,
+        f"per-modality Shapley contribution, concat seed 0, test ({result.valuation_file})",
+        "{:.3f}",
+    )
+    console.print(f"quickstart finished in {time.perf_counter() - started:.0f} s")
+
+
+@recipe_app.command("validate")
+@user_errors
+def recipe_validate(
+    file: Annotated[Path, typer.Argument(help="recipe YAML file")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a field")] = None,
+) -> None:
+    """Check a recipe and print it with every default filled in.
+
+    Example: mmval recipe validate recipes/concat-uci-mfeat.yaml --set train.epochs=1
+    """
+    import yaml
+
+    from mmval.recipe import load_recipe
+
+    loaded = load_recipe(file, set_ or [])
+    console.print(f"{file}: valid", style="green")
+    print(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False))
+
+
+@recipe_app.command("schema")
+def recipe_schema() -> None:
+    """Print the recipe JSON Schema (for editor completion).
+
+    Example: mmval recipe schema > recipe.schema.json
+    """
+    from mmval.recipe import recipe_json_schema
+
+    print(json.dumps(recipe_json_schema(), indent=2))
+
+
+if __name__ == "__main__":
+    app()

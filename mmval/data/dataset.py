@@ -1,0 +1,195 @@
+"""Map-style access to shards by row group, and a resumable block-shuffle sampler.
+
+Balancing methods need sample identity (valuation tables, re-sampling), so samples are addressed
+by position in their split; reads go through whole row groups kept in a small LRU cache, and
+`__getitems__` lets the DataLoader fetch a whole batch with one read per row group.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from mmval.data.shards import INDEX, DataManifest, check_data_dir, decode_tensor_column
+from mmval.errors import UserError
+
+
+@dataclass
+class Batch:
+    """A collated batch: inputs by modality name, labels, and positions within the split."""
+
+    inputs: dict[str, torch.Tensor]
+    label: torch.Tensor
+    index: torch.Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        non_blocking = device.type == "cuda"
+        return Batch(
+            inputs={m: x.to(device, non_blocking=non_blocking) for m, x in self.inputs.items()},
+            label=self.label.to(device, non_blocking=non_blocking),
+            index=self.index,
+        )
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+
+class ParquetSamples(Dataset):
+    """Samples of one split; item i is the i-th row of that split in `index.parquet` order."""
+
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        modalities: Sequence[str],
+        *,
+        manifest: DataManifest | None = None,
+        cache_row_groups: int = 8,
+    ) -> None:
+        self.root = Path(root)
+        self.manifest = manifest or check_data_dir(self.root)
+        if split not in self.manifest.splits:
+            known = ", ".join(self.manifest.splits)
+            raise UserError(f"data set {self.manifest.dataset!r} has no split {split!r} ({known}).")
+        self.split = split
+        self.specs = [self.manifest.modality(m) for m in modalities]
+        index = pq.read_table(self.root / INDEX, filters=[("split", "=", split)]).to_pandas()
+        self.shard_paths: list[str] = sorted(index["shard"].unique())
+        shard_no = {path: i for i, path in enumerate(self.shard_paths)}
+        self.sample_ids: list[str] = index["sample_id"].tolist()
+        self.labels = index["label"].to_numpy(np.int64)
+        self.shard_of = index["shard"].map(shard_no).to_numpy(np.int64)
+        self.row_group_of = index["row_group"].to_numpy(np.int64)
+        self.row_of = index["row"].to_numpy(np.int64)
+        self.cache_row_groups = cache_row_groups
+        self._files: dict[int, pq.ParquetFile] = {}
+        self._cache: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def block_ids(self) -> np.ndarray:
+        """One id per sample naming its (shard, row group): the unit the sampler shuffles."""
+        return self.shard_of * (int(self.row_group_of.max(initial=0)) + 1) + self.row_group_of
+
+    def __getstate__(self) -> dict:
+        # Workers reopen files lazily: open handles and memory maps do not cross processes.
+        state = self.__dict__.copy()
+        state["_files"], state["_cache"] = {}, OrderedDict()
+        return state
+
+    def _row_group(self, shard: int, row_group: int) -> dict[str, np.ndarray]:
+        key = (shard, row_group)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        if shard not in self._files:
+            self._files[shard] = pq.ParquetFile(
+                self.root / self.shard_paths[shard], memory_map=True
+            )
+        table = self._files[shard].read_row_group(row_group, columns=[s.name for s in self.specs])
+        decoded = {s.name: decode_tensor_column(table.column(s.name), s) for s in self.specs}
+        self._cache[key] = decoded
+        if len(self._cache) > self.cache_row_groups:
+            self._cache.popitem(last=False)
+        return decoded
+
+    def __getitems__(self, positions: Sequence[int]) -> Batch:
+        positions = np.asarray(positions, dtype=np.int64)
+        out = {s.name: np.empty((len(positions), *s.shape), np.dtype(s.dtype)) for s in self.specs}
+        shards, groups, rows = (
+            self.shard_of[positions],
+            self.row_group_of[positions],
+            self.row_of[positions],
+        )
+        for shard, group in dict.fromkeys(zip(shards.tolist(), groups.tolist(), strict=True)):
+            where = np.flatnonzero((shards == shard) & (groups == group))
+            block = self._row_group(shard, group)
+            for name, values in block.items():
+                out[name][where] = values[rows[where]]
+        return Batch(
+            inputs={name: torch.from_numpy(values) for name, values in out.items()},
+            label=torch.from_numpy(self.labels[positions]),
+            index=torch.from_numpy(positions),
+        )
+
+    def __getitem__(self, position: int) -> Batch:
+        return self.__getitems__([position])
+
+
+def collate_batch(batch: Batch) -> Batch:
+    """`__getitems__` already collates; the DataLoader only has to pass the batch through."""
+    return batch
+
+
+class BlockShuffleSampler(Sampler[int]):
+    """Seeded block shuffle with exact resume and disjoint per-rank slices.
+
+    Each epoch, `rng([seed, epoch])` permutes the row-group blocks and shuffles samples within
+    windows of `window` blocks, so a batch touches few row groups. The order is padded by
+    wrap-around to a multiple of `num_replicas` and rank r takes the r-th contiguous slice.
+    `positions` may repeat or omit samples (re-sampling methods); by default every sample once.
+    """
+
+    def __init__(
+        self,
+        block_ids: np.ndarray,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        window: int = 8,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.block_ids = np.asarray(block_ids)
+        self.seed, self.shuffle, self.window = seed, shuffle, window
+        self.num_replicas, self.rank = num_replicas, rank
+        self.positions = np.arange(len(self.block_ids))
+        self.epoch = 0
+        self.consumed = 0
+
+    def set_positions(self, positions: np.ndarray | None) -> None:
+        self.positions = np.arange(len(self.block_ids)) if positions is None else positions
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def epoch_order(self) -> np.ndarray:
+        """The whole epoch's order for this rank (before skipping consumed samples)."""
+        order = self.positions
+        if self.shuffle and len(order):
+            rng = np.random.default_rng([self.seed, self.epoch])
+            unique_blocks, block_of = np.unique(self.block_ids[order], return_inverse=True)
+            block_rank = np.empty(len(unique_blocks), np.int64)
+            block_rank[rng.permutation(len(unique_blocks))] = np.arange(len(unique_blocks))
+            window_of = block_rank[block_of] // self.window
+            order = order[np.lexsort((rng.random(len(order)), window_of))]
+        per_rank = self._per_rank()
+        padded = np.resize(order, per_rank * self.num_replicas) if len(order) else order
+        return padded[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def _per_rank(self) -> int:
+        return -(-len(self.positions) // self.num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_order()[self.consumed :].tolist())
+
+    def __len__(self) -> int:
+        return max(self._per_rank() - self.consumed, 0)
+
+    def advance(self, n: int) -> None:
+        self.consumed += n
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.epoch, self.consumed = state["seed"], state["epoch"], state["consumed"]

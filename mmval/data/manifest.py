@@ -1,0 +1,63 @@
+"""Data set manifests (`data_manifests/<name>.yaml`): what a source reads and how it splits it."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mmval.data.shards import sha256_text
+from mmval.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModalityEntry(_Strict):
+    name: str
+    description: str = ""
+
+
+class StratifiedSplits(_Strict):
+    """A fixed per-class split: every class contributes the same counts to each split."""
+
+    strategy: Literal["stratified"] = "stratified"
+    seed: int = 0
+    per_class: dict[str, int] = Field(description="samples per class in each split")
+
+
+class DatasetManifest(_Strict):
+    name: str
+    version: str
+    description: str
+    source: str = Field(description="the source adapter that reads the raw data")
+    raw: dict = Field(default_factory=dict, description="raw layout the source expects")
+    classes: list[str] = Field(default_factory=list)
+    modalities: list[ModalityEntry] = Field(default_factory=list)
+    splits: StratifiedSplits | None = None
+    params: dict = Field(default_factory=dict, description="extraction parameters")
+
+
+def manifest_names() -> list[str]:
+    folder = resources.files("mmval.data_manifests")
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def load_dataset_manifest(name: str) -> tuple[DatasetManifest, str]:
+    """The parsed manifest and the sha256 of its text (recorded in the prepared data)."""
+    path = resources.files("mmval.data_manifests") / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(
+            f"unknown data set {name!r}; known data sets: {', '.join(manifest_names())}."
+        )
+    text = path.read_text(encoding="utf-8")
+    try:
+        manifest = DatasetManifest.model_validate(yaml.safe_load(text))
+    except ValidationError as exc:
+        raise UserError(f"data manifest {name}.yaml is invalid: {exc}") from None
+    return manifest, sha256_text(text)

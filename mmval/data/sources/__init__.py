@@ -1,0 +1,11 @@
+"""Source adapters: one per kind of raw data, each turning raw input into split samples."""
+
+from __future__ import annotations
+
+from mmval.data.sources.base import BuiltData, Source
+from mmval.data.sources.synthetic import SyntheticSource
+from mmval.data.sources.uci_mfeat import UciMfeatSource
+
+SOURCES: dict[str, Source] = {src.name: src for src in (UciMfeatSource(), SyntheticSource())}
+
+__all__ = ["SOURCES", "BuiltData", "Source"]

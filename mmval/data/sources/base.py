@@ -1,0 +1,56 @@
+"""The contract between `mmval prep` and a source adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import numpy as np
+from pydantic import BaseModel
+
+from mmval.data.manifest import DatasetManifest, StratifiedSplits
+from mmval.data.shards import ModalitySpec, SplitSamples
+
+
+@dataclass
+class BuiltData:
+    classes: list[str]
+    modalities: list[ModalitySpec]
+    extraction: dict
+    splits: dict[str, SplitSamples]
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Source(Protocol):
+    name: ClassVar[str]
+    needs_raw: ClassVar[bool]
+    Params: ClassVar[type[BaseModel]]
+
+    def build(self, manifest: DatasetManifest, params: BaseModel, raw: Path | None) -> BuiltData:
+        """Read (or generate) the whole data set."""
+        ...
+
+
+def stratified_split(labels: np.ndarray, splits: StratifiedSplits) -> dict[str, np.ndarray]:
+    """Fixed per-class split: in each class, a seeded permutation is cut into the split counts."""
+    rng = np.random.default_rng(splits.seed)
+    chosen: dict[str, list[np.ndarray]] = {name: [] for name in splits.per_class}
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        need = sum(splits.per_class.values())
+        if need > len(members):
+            raise ValueError(f"class {cls} has {len(members)} samples, the split needs {need}")
+        start = 0
+        for name, count in splits.per_class.items():
+            chosen[name].append(members[start : start + count])
+            start += count
+    return {name: np.sort(np.concatenate(parts)) for name, parts in chosen.items()}
+
+
+def standardize(values: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
+    """z-score every row with statistics of `fit_rows` only (the train split); constant -> 0."""
+    mean = values[fit_rows].mean(axis=0)
+    std = values[fit_rows].std(axis=0)
+    std[std == 0] = 1.0
+    return (values - mean) / std

@@ -1,0 +1,447 @@
+"""The one training loop: data, forward, method hooks, evaluation, checkpoints, resume.
+
+Methods change training only through the hooks of `mmval.methods.base.Method`; nothing here
+knows about any particular method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from mmval import __version__
+from mmval.atomic import atomic_path, write_text_atomic
+from mmval.data.dataset import BlockShuffleSampler, ParquetSamples, collate_batch
+from mmval.data.manifest import load_dataset_manifest
+from mmval.data.prep import prepare
+from mmval.data.shards import MANIFEST, DataManifest, check_data_dir
+from mmval.data.sources import SOURCES
+from mmval.engine.checkpoint import load_checkpoint, save_checkpoint
+from mmval.engine.metrics import accuracy, macro_f1
+from mmval.errors import UserError
+from mmval.methods import Method, TrainContext, build_method
+from mmval.models import MultimodalModel, build_model
+from mmval.recipe import DataConfig, OptimConfig, Recipe
+
+LAST, BEST, SUMMARY, METRICS, RECIPE_FILE, LOG = (
+    "last.pt",
+    "best.pt",
+    "summary.json",
+    "metrics.parquet",
+    "recipe.yaml",
+    "train.log",
+)
+
+
+@dataclass
+class TrainCallbacks:
+    """Hooks for whoever shows progress (the CLI's bars) or watches a run (tests)."""
+
+    on_start: Callable[[str, int, int], None] = lambda label, epochs, steps_per_epoch: None
+    on_step: Callable[[], None] = lambda: None
+    on_epoch: Callable[[dict[str, float]], None] = lambda row: None
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    skipped: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is cuda but no CUDA device is available; use auto or cpu.")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def ensure_data(data: DataConfig) -> DataManifest:
+    """Check the data directory; prepare a built-in data set that needs no raw files."""
+    directory = data.directory()
+    if data.dataset is not None and not (directory / MANIFEST).is_file():
+        entry, _ = load_dataset_manifest(data.dataset)
+        if SOURCES[entry.source].needs_raw:
+            raise UserError(
+                f"{directory} holds no prepared {data.dataset}; run `mmval prep {data.dataset} "
+                f"--raw RAW_DIR --out {directory}` first."
+            )
+        prepare(data.dataset, directory)
+    if data.path is not None and not directory.is_dir():
+        raise UserError(f"data.path {directory} does not exist.")
+    return check_data_dir(directory)
+
+
+def build_optimizer(cfg: OptimConfig, params: Any) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    optimizer = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    # foreach: one fused kernel per step for all tensors, also on the CPU (about 3x faster here)
+    return optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+
+
+def build_scheduler(
+    cfg: OptimConfig, optimizer: torch.optim.Optimizer, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    schedule = cfg.scheduler
+    if schedule.name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, schedule.step_size, schedule.gamma)
+    if schedule.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, schedule.min_lr)
+    return None
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@dataclass
+class Predictions:
+    logits: np.ndarray
+    labels: np.ndarray
+    unimodal_pred: dict[str, np.ndarray]
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        pred = self.logits.argmax(1)
+        row = {
+            f"{prefix}_acc": accuracy(pred, self.labels),
+            f"{prefix}_f1": macro_f1(pred, self.labels),
+        }
+        for m, upred in self.unimodal_pred.items():
+            row[f"{prefix}_acc_{m}"] = accuracy(upred, self.labels)
+        return row
+
+
+@torch.no_grad()
+def predict(
+    model: MultimodalModel,
+    dataset: ParquetSamples,
+    device: torch.device,
+    *,
+    batch_size: int,
+    precision: str = "fp32",
+) -> Predictions:
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
+    logits, labels, unimodal = [], [], {m: [] for m in model.modalities}
+    for batch in loader:
+        batch = batch.to(device)
+        with autocast(device, precision):
+            out = model(batch.inputs)
+        logits.append(out.logits.float().cpu())
+        labels.append(batch.label.cpu())
+        if out.unimodal_logits is not None:
+            for m, z in out.unimodal_logits.items():
+                unimodal[m].append(z.argmax(1).cpu())
+    return Predictions(
+        logits=torch.cat(logits).numpy(),
+        labels=torch.cat(labels).numpy(),
+        unimodal_pred={m: torch.cat(v).numpy() for m, v in unimodal.items() if v},
+    )
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _resume_key(recipe: dict[str, Any]) -> dict[str, Any]:
+    """What must match to continue a run: everything but the epoch count and host details."""
+    key = json.loads(json.dumps(recipe))
+    for name in ("epochs", "device", "workers"):
+        key["train"].pop(name, None)
+    return key
+
+
+class Trainer:
+    """Trains one recipe with one seed into `output/name/seed<k>/`."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        seed: int,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        callbacks: TrainCallbacks | None = None,
+    ) -> None:
+        self.recipe = recipe.for_seed(seed)
+        self.seed = seed
+        self.resume = resume
+        self.overwrite = overwrite
+        self.callbacks = callbacks or TrainCallbacks()
+        self.run_dir = Path(recipe.output) / recipe.name / f"seed{seed}"
+
+    def run(self) -> RunResult:
+        recipe, run_dir = self.recipe, self.run_dir
+        recipe_dump = recipe.model_dump(mode="json")
+        summary_path = run_dir / SUMMARY
+        if summary_path.is_file() and not self.overwrite:
+            summary = json.loads(summary_path.read_text())
+            if summary.get("recipe") == recipe_dump:
+                return RunResult(run_dir, skipped=True, summary=summary)
+        if self.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        if (run_dir / LAST).is_file() and not self.resume:
+            raise UserError(
+                f"{run_dir} already holds a run of this name; pass --resume to continue it, "
+                "--overwrite to start again, or --set name=... for a new run."
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / RECIPE_FILE, _yaml_dump(recipe_dump))
+
+        device = resolve_device(recipe.train.device)
+        manifest = ensure_data(recipe.data)
+        data_dir = recipe.data.directory()
+        available = recipe.data.modalities or [s.name for s in manifest.modalities]
+        for name in available:
+            manifest.modality(name)
+        method = build_method(recipe.method, len(manifest.classes))
+        modalities = method.model_modalities(available)
+        split_names = recipe.data.splits
+        datasets = {
+            role: ParquetSamples(
+                data_dir, getattr(split_names, role), modalities, manifest=manifest
+            )
+            for role in ("train", "val", "test")
+        }
+
+        torch.manual_seed(self.seed)
+        specs = [manifest.modality(m) for m in modalities]
+        model = build_model(recipe.model, specs, len(manifest.classes)).to(device)
+        optimizer = build_optimizer(recipe.optim, model.parameters())
+        epochs = recipe.train.epochs
+        scheduler = build_scheduler(recipe.optim, optimizer, epochs)
+        sampler = BlockShuffleSampler(datasets["train"].block_ids(), seed=self.seed)
+        loader = DataLoader(
+            datasets["train"],
+            batch_size=recipe.train.batch_size,
+            sampler=sampler,
+            num_workers=recipe.train.workers,
+            persistent_workers=recipe.train.workers > 0,
+            pin_memory=device.type == "cuda",
+            collate_fn=collate_batch,
+        )
+
+        state = _RunState()
+        if self.resume and (run_dir / LAST).is_file():
+            state = self._restore(
+                run_dir / LAST, recipe_dump, model, optimizer, scheduler, sampler, method
+            )
+        data_info = {
+            "path": str(data_dir.resolve()),
+            "dataset": manifest.dataset,
+            "fingerprint": manifest.fingerprint(),
+            "classes": manifest.classes,
+            "modalities": modalities,
+        }
+        label = _run_label(recipe)
+        self.callbacks.on_start(f"{label} seed{self.seed}", epochs, len(loader))
+        log = open(run_dir / LOG, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+        try:
+            for epoch in range(state.epoch, epochs):
+                ctx = TrainContext(epoch=epoch, epochs=epochs, step=state.step)
+                row = self._train_epoch(model, method, loader, sampler, optimizer, device, ctx)
+                state.step = ctx.step
+                if scheduler is not None:
+                    scheduler.step()
+                if (epoch + 1) % recipe.train.eval_every == 0 or epoch + 1 == epochs:
+                    for role in ("val", "test"):
+                        preds = predict(
+                            model,
+                            datasets[role],
+                            device,
+                            batch_size=recipe.train.eval_batch_size,
+                            precision=recipe.train.precision,
+                        )
+                        row.update(preds.metrics(role))
+                    if row["val_acc"] > state.best_val:
+                        state.best_val, state.best_epoch = row["val_acc"], epoch + 1
+                        save_checkpoint(
+                            run_dir / BEST,
+                            {
+                                "recipe": recipe_dump,
+                                "data": data_info,
+                                "epoch": epoch + 1,
+                                "model": model.state_dict(),
+                                "metrics": row,
+                            },
+                        )
+                state.rows.append(row)
+                state.epoch = epoch + 1
+                _write_metrics(run_dir / METRICS, state.rows)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                if state.epoch % recipe.train.checkpoint_every == 0 or state.epoch == epochs:
+                    save_checkpoint(
+                        run_dir / LAST,
+                        {
+                            "recipe": recipe_dump,
+                            "data": data_info,
+                            "epoch": state.epoch,
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict() if scheduler else None,
+                            "sampler": sampler.state_dict(),
+                            "method": method.state_dict(),
+                            "rng": _rng_state(),
+                            "run_state": state.as_dict(),
+                        },
+                    )
+                self.callbacks.on_epoch(row)
+        finally:
+            log.close()
+
+        best = next(r for r in state.rows if r["epoch"] == state.best_epoch)
+        final = state.rows[-1]
+        summary = {
+            "finished": True,
+            "dataset": manifest.dataset,
+            "method": label,
+            "recipe_name": recipe.name,
+            "settings_hash": recipe.settings_hash(),
+            "mmval_version": __version__,
+            "seed": self.seed,
+            "epochs": epochs,
+            "best_epoch": state.best_epoch,
+            **{k: best[k] for k in ("val_acc", "val_f1", "test_acc", "test_f1")},
+            "final_test_acc": final["test_acc"],
+            "final_test_f1": final["test_f1"],
+            "train_seconds": sum(r["seconds"] for r in state.rows),
+            "recipe": recipe_dump,
+        }
+        write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+        return RunResult(run_dir, skipped=False, summary=summary)
+
+    def _train_epoch(
+        self,
+        model: MultimodalModel,
+        method: Method,
+        loader: DataLoader,
+        sampler: BlockShuffleSampler,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        ctx: TrainContext,
+    ) -> dict[str, float]:
+        started = time.perf_counter()
+        sampler.set_epoch(ctx.epoch)
+        sampler.set_positions(method.train_positions(ctx))
+        model.train()
+        method.on_epoch_start(model, ctx)
+        precision = self.recipe.train.precision
+        loss_sum, correct, seen = 0.0, 0, 0
+        method_sums: dict[str, float] = {}
+        for batch in loader:
+            batch = batch.to(device)
+            with autocast(device, precision):
+                out = model(batch.inputs)
+                loss = method.loss(model, out, batch, ctx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for key, value in method.after_backward(model, out, batch, ctx).items():
+                method_sums[key] = method_sums.get(key, 0.0) + value * len(batch)
+            optimizer.step()
+            ctx.step += 1
+            sampler.advance(len(batch))
+            loss_sum += float(loss.detach()) * len(batch)
+            correct += int((out.logits.argmax(1) == batch.label).sum())
+            seen += len(batch)
+            self.callbacks.on_step()
+        row: dict[str, float] = {
+            "epoch": ctx.epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+        }
+        row.update({f"method_{k}": v / max(seen, 1) for k, v in method_sums.items()})
+        row.update({f"method_{k}": v for k, v in method.on_epoch_end(model, ctx).items()})
+        row["seconds"] = time.perf_counter() - started
+        return row
+
+    def _restore(
+        self,
+        path: Path,
+        recipe_dump: dict[str, Any],
+        model: MultimodalModel,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        sampler: BlockShuffleSampler,
+        method: Method,
+    ) -> _RunState:
+        ckpt = load_checkpoint(path)
+        if _resume_key(ckpt["recipe"]) != _resume_key(recipe_dump):
+            raise UserError(
+                f"cannot resume {path.parent}: the recipe differs from the one the run was "
+                "started with (only train.epochs, train.device and train.workers may change)."
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt["scheduler"] is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        sampler.load_state_dict(ckpt["sampler"])
+        method.load_state_dict(ckpt["method"])
+        _set_rng_state(ckpt["rng"])
+        return _RunState.from_dict(ckpt["run_state"])
+
+
+@dataclass
+class _RunState:
+    epoch: int = 0
+    step: int = 0
+    best_val: float = -math.inf
+    best_epoch: int = 0
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+            "rows": self.rows,
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> _RunState:
+        return cls(**state)
+
+
+def _run_label(recipe: Recipe) -> str:
+    """Report name: plain training is named after its fusion (concat, sum, film, ...)."""
+    fusion = recipe.model.fusion
+    if recipe.method.name == "concat":
+        return fusion
+    label = recipe.method.label()
+    return label if fusion == "concat" else f"{label}+{fusion}"
+
+
+def _write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows).to_parquet(tmp, index=False)
+
+
+def _yaml_dump(obj: dict[str, Any]) -> str:
+    return yaml.safe_dump(obj, sort_keys=False)

@@ -1,0 +1,116 @@
+"""OGM-GE: on-the-fly gradient modulation with generalisation enhancement.
+
+Paper: Peng, Wei, Deng, Wang, Hu, "Balanced Multimodal Learning via On-the-fly Gradient
+Modulation", CVPR 2022. Follows the official code (GeWu-Lab/OGM-GE_CVPR2022, `main.py`,
+`train_epoch`); spec: ../shared/specs/methods-baselines.md, section 3.1.
+
+What it changes: after backward, each encoder's gradients are scaled down when its modality
+dominates the batch. With s_m = sum_i softmax(z_m^i)[y_i] over the batch (z_m: modality m's share
+of the fused logits, detached), the discrepancy ratio is rho_m = s_m / s_other for two
+modalities and, for M > 2, rho_m = mean_{k != m} s_m / s_k (BalanceBenchmark's `OGM_GE3` form,
+which reduces exactly to the two-modality ratio). The coefficient is k_m = 1 - tanh(alpha *
+relu(rho_m)) if rho_m > 1 else 1; the code's relu(rho), not relu(rho - 1), is kept, so k jumps at
+rho = 1. Inside the modulation window (inclusive, 0-based epochs) every selected gradient of
+encoder m becomes k_m * g + N(0, (std(g) + 1e-8)^2), the noise using the std of the unscaled
+gradient (plain OGM: k_m * g).
+
+Which parameters: the official code touches only 4-D gradients (conv weights: no BN, bias or
+head). `params: auto` does that when the encoder has conv weights and otherwise takes every
+weight matrix of the encoder (BalanceBenchmark modulates all non-1-D parameters), since an MLP
+encoder has no conv weights and the method would otherwise do nothing.
+
+Needs per-modality logits, so the fusion must be additive (concat, sum or weighted).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from mmval.data.dataset import Batch
+from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.models.fusion import DECOMPOSABLE
+
+
+class OGMGEConfig(MethodConfig):
+    name: Literal["ogm_ge"] = "ogm_ge"
+    alpha: float = Field(default=0.1, gt=0, description="modulation strength (README default)")
+    modulation_starts: int = Field(default=0, ge=0, description="first modulated epoch")
+    modulation_ends: int = Field(default=50, ge=0, description="last modulated epoch")
+    generalization: bool = Field(default=True, description="add the GE noise (False: plain OGM)")
+    params: Literal["auto", "conv", "matrix"] = Field(
+        default="auto", description="conv: 4-D grads only (official); matrix: all >= 2-D grads"
+    )
+
+    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
+        found = []
+        if model.fusion not in DECOMPOSABLE:
+            found.append(
+                (
+                    "model.fusion",
+                    f"ogm_ge needs per-modality logits; {model.fusion} fusion has "
+                    "none (use concat, sum or weighted)",
+                )
+            )
+        if modalities is not None and len(modalities) < 2:
+            found.append(("data.modalities", "ogm_ge needs at least two modalities"))
+        if self.modulation_ends < self.modulation_starts:
+            found.append(("method.modulation_ends", "must not be before modulation_starts"))
+        return found
+
+
+def discrepancy_ratios(scores: torch.Tensor) -> torch.Tensor:
+    """rho_m = mean over k != m of s_m / s_k, for scores s of shape [M]."""
+    pairwise = scores[:, None] / scores[None, :]
+    m = scores.shape[0]
+    return (pairwise.sum(dim=1) - 1.0) / (m - 1)
+
+
+def modulation_coefficients(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    rho = discrepancy_ratios(scores)
+    return torch.where(rho > 1, 1 - torch.tanh(alpha * torch.relu(rho)), torch.ones_like(rho))
+
+
+class OGMGE(Method):
+    Config: ClassVar[type[MethodConfig]] = OGMGEConfig
+    config: OGMGEConfig
+
+    def after_backward(
+        self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
+    ) -> dict[str, float]:
+        assert out.unimodal_logits is not None
+        names = model.modalities
+        with torch.no_grad():
+            scores = torch.stack(
+                [
+                    out.unimodal_logits[m].float().softmax(1).gather(1, batch.label[:, None]).sum()
+                    for m in names
+                ]
+            )
+            coeffs = modulation_coefficients(scores, self.config.alpha)
+        if not self.config.modulation_starts <= ctx.epoch <= self.config.modulation_ends:
+            return {}
+        for m, coeff in zip(names, coeffs.tolist(), strict=True):
+            encoder = model.encoders[m]
+            min_dim = self._min_grad_dim(encoder)
+            for param in encoder.parameters():
+                grad = param.grad
+                if grad is None or grad.dim() < min_dim:
+                    continue
+                if self.config.generalization:
+                    noise = torch.randn_like(grad) * (grad.std() + 1e-8)
+                    param.grad = grad * coeff + noise
+                else:
+                    param.grad = grad * coeff
+        return {f"coef_{m}": c for m, c in zip(names, coeffs.tolist(), strict=True)}
+
+    def _min_grad_dim(self, encoder: torch.nn.Module) -> int:
+        if self.config.params == "conv":
+            return 4
+        if self.config.params == "matrix":
+            return 2
+        has_conv = any(p.dim() == 4 for p in encoder.parameters())
+        return 4 if has_conv else 2

@@ -1,0 +1,41 @@
+"""One modality alone, through the same encoder and head as the multimodal model."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from mmval.errors import UserError
+from mmval.methods.base import Method, MethodConfig
+from mmval.models import ModelConfig
+
+
+class UnimodalConfig(MethodConfig):
+    name: Literal["unimodal"] = "unimodal"
+    modality: str = Field(description="the modality to train on")
+
+    def label(self) -> str:
+        return f"unimodal:{self.modality}"
+
+    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
+        if modalities is not None and self.modality not in modalities:
+            return [
+                ("method.modality", f"{self.modality!r} is not in data.modalities {modalities}")
+            ]
+        if model.fusion in ("film", "gated"):
+            return [("model.fusion", f"{model.fusion} fusion needs two modalities; use concat")]
+        return []
+
+
+class Unimodal(Method):
+    Config: ClassVar[type[MethodConfig]] = UnimodalConfig
+    config: UnimodalConfig
+
+    def model_modalities(self, available: list[str]) -> list[str]:
+        if self.config.modality not in available:
+            raise UserError(
+                f"method.modality: {self.config.modality!r} is not a modality of the data "
+                f"({', '.join(available)})."
+            )
+        return [self.config.modality]

@@ -1,0 +1,62 @@
+"""The model every method trains: encoders by modality name, then a fusion head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from mmval.data.shards import ModalitySpec
+from mmval.models.encoders import EncoderConfig, build_encoder
+from mmval.models.fusion import DECOMPOSABLE, FusionName, build_fusion
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="default encoder")
+    encoders: dict[str, EncoderConfig] = Field(
+        default_factory=dict, description="per-modality encoders, overriding `encoder`"
+    )
+    fusion: FusionName = "concat"
+    fusion_hidden: int = Field(default=128, ge=1, description="hidden size of gated fusion")
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor]
+    unimodal_logits: dict[str, torch.Tensor] | None
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, config: ModelConfig, specs: list[ModalitySpec], num_classes: int) -> None:
+        super().__init__()
+        self.modalities = [s.name for s in specs]
+        self.encoders = nn.ModuleDict(
+            {
+                s.name: build_encoder(s.shape, config.encoders.get(s.name, config.encoder))
+                for s in specs
+            }
+        )
+        dims = {m: enc.out_dim for m, enc in self.encoders.items()}
+        self.fusion = build_fusion(config.fusion, dims, num_classes, config.fusion_hidden)
+        self.decomposable = config.fusion in DECOMPOSABLE
+
+    def encode(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.encoders[m](inputs[m]) for m in self.modalities}
+
+    def fuse(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.fusion(features)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> ModelOutput:
+        features = self.encode(inputs)
+        unimodal = self.fusion.unimodal_logits(features) if self.decomposable else None
+        return ModelOutput(self.fuse(features), features, unimodal)
+
+
+def build_model(
+    config: ModelConfig, specs: list[ModalitySpec], num_classes: int
+) -> MultimodalModel:
+    return MultimodalModel(config, specs, num_classes)

@@ -1,0 +1,198 @@
+"""Recipes: the typed, validated description of a training run (YAML file + `--set` overrides)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mmval.data.shards import sha256_json
+from mmval.errors import UserError
+from mmval.methods import MethodConfigUnion
+from mmval.methods.concat import ConcatConfig
+from mmval.models import ModelConfig
+from mmval.models.fusion import TWO_MODALITY_ONLY
+from mmval.overrides import apply_overrides
+from mmval.validation import format_problems, problems_of
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitNames(_Strict):
+    train: str = "train"
+    val: str = "val"
+    test: str = "test"
+
+
+class DataConfig(_Strict):
+    dataset: str | None = Field(
+        default=None, description="built-in data set name, prepared under `root` on first use"
+    )
+    path: Path | None = Field(default=None, description="a prepared shard directory")
+    root: Path = Field(default=Path("data"), description="where built-in data sets are prepared")
+    modalities: list[str] | None = Field(
+        default=None, min_length=1, description="modalities to use (default: all)"
+    )
+    splits: SplitNames = Field(default_factory=SplitNames)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError("give exactly one of data.dataset (a built-in name) or data.path")
+        return self
+
+    @field_validator("modalities")
+    @classmethod
+    def _unique(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("modalities must not repeat")
+        return value
+
+    def directory(self) -> Path:
+        return self.path if self.path is not None else self.root / str(self.dataset)
+
+
+class StepSchedule(_Strict):
+    name: Literal["step"] = "step"
+    step_size: int = Field(ge=1, description="epochs between decays")
+    gamma: float = Field(default=0.1, gt=0, le=1)
+
+
+class CosineSchedule(_Strict):
+    name: Literal["cosine"] = "cosine"
+    min_lr: float = Field(default=0.0, ge=0)
+
+
+class ConstantSchedule(_Strict):
+    name: Literal["none"] = "none"
+
+
+Schedule = Annotated[StepSchedule | CosineSchedule | ConstantSchedule, Field(discriminator="name")]
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD only")
+    weight_decay: float = Field(default=1e-4, ge=0)
+    scheduler: Schedule = Field(default_factory=ConstantSchedule)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    eval_batch_size: int = Field(default=512, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: autocast")
+    workers: int = Field(default=0, ge=0, description="DataLoader worker processes")
+    eval_every: int = Field(default=1, ge=1, description="epochs between evaluations")
+    checkpoint_every: int = Field(default=1, ge=1, description="epochs between last.pt saves")
+
+
+class Recipe(_Strict):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.{}\-]*$",
+        description="run folder name; may use {dotted.field} placeholders",
+    )
+    seeds: list[int] = Field(min_length=1)
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfigUnion = Field(default_factory=ConcatConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig
+    output: Path = Field(default=Path("runs"), description="runs go to output/name/seed<k>")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("seeds must be distinct")
+        return value
+
+    def for_seed(self, seed: int) -> Recipe:
+        return self.model_copy(update={"seeds": [seed]})
+
+    def settings_hash(self) -> str:
+        """Identifies the experimental setting: seeds, name, output and host details excluded."""
+        dump = self.model_dump(mode="json", exclude={"seeds", "name", "output"})
+        dump["train"].pop("device")
+        dump["train"].pop("workers")
+        return sha256_json(dump)[:12]
+
+
+def _cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
+    modalities = recipe.data.modalities
+    found = recipe.method.problems(recipe.model, modalities)
+    if modalities is not None:
+        if (
+            recipe.model.fusion in TWO_MODALITY_ONLY
+            and len(modalities) != 2
+            and (recipe.method.name != "unimodal")
+        ):
+            found.append(
+                (
+                    "model.fusion",
+                    f"{recipe.model.fusion} fusion takes exactly 2 "
+                    f"modalities; data.modalities has {len(modalities)}",
+                )
+            )
+        for name in recipe.model.encoders:
+            if name not in modalities:
+                found.append((f"model.encoders.{name}", "not one of data.modalities"))
+    return found
+
+
+def _fill_placeholders(raw: dict) -> dict:
+    """Expand `{dotted.path}` in the name from the (raw) recipe itself."""
+
+    def lookup(match: re.Match[str]) -> str:
+        node: Any = raw
+        for key in match.group(1).split("."):
+            if not isinstance(node, dict) or key not in node:
+                raise UserError(f"name: placeholder {{{match.group(1)}}} names no recipe field.")
+            node = node[key]
+        return str(node)
+
+    if isinstance(raw.get("name"), str):
+        raw = {**raw, "name": re.sub(r"\{([A-Za-z0-9_.]+)\}", lookup, raw["name"])}
+    return raw
+
+
+def parse_recipe(raw: Any, where: str) -> Recipe:
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be a YAML mapping (name:, seeds:, data:, ...).")
+    raw = _fill_placeholders(raw)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(format_problems(problems_of(exc, raw), f"recipe {where}")) from None
+    found = _cross_checks(recipe)
+    if found:
+        raise UserError(format_problems(found, f"recipe {where}"))
+    return recipe
+
+
+def read_recipe_yaml(path: Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file {path} does not exist.")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe {path} is not valid YAML: {exc}") from None
+
+
+def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    raw = read_recipe_yaml(path)
+    if overrides and isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides)
+    return parse_recipe(raw, str(path))
+
+
+def recipe_json_schema() -> dict:
+    return Recipe.model_json_schema()
