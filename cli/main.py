@@ -230,10 +230,9 @@ def quickstart(
         result = run_quickstart(workdir, callbacks=_train_callbacks(progress))
     _print_frame(result.report, "uci-mfeat, test split, best-on-validation checkpoint")
     _print_frame(
-        result.contributions,
-        f"per-modality Shapley contribution, concat seed 0, test ({result.valuation_file})",
-        "{:.3f}",
+        result.contributions, "Shapley contribution per modality (concat seed 0, test)", "{:.3f}"
     )
+    console.print(f"per-sample table: {result.valuation_file}")
     console.print(f"quickstart finished in {time.perf_counter() - started:.0f} s")
 
 

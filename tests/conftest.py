@@ -1,0 +1,68 @@
+"""Shared fixtures: small prepared data sets and a recipe factory for fast CPU training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmval.data.prep import prepare
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three modalities, 4 classes, 60/10/20 samples per class: trains in a second."""
+    out = tmp_path_factory.mktemp("data") / "synthetic3"
+    prepare(
+        "synthetic",
+        out,
+        overrides=[
+            "modalities=[a,b,c]",
+            "dims=[8,8,8]",
+            "signal=[1.0,0.5,0.2]",
+            "per_class={train: 60, val: 10, test: 20}",
+        ],
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def uci_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "uci-mfeat"
+    prepare("uci-mfeat", out)
+    return out
+
+
+@pytest.fixture
+def recipe_file(tmp_path: Path, synthetic_dir: Path):
+    """Write a small valid recipe (optionally changed) and return its path."""
+
+    def make(**changes: object) -> Path:
+        raw: dict = {
+            "name": "tiny",
+            "seeds": [0],
+            "data": {"path": str(synthetic_dir)},
+            "model": {"encoder": {"hidden": [16], "out_dim": 8, "dropout": 0.1}},
+            "method": {"name": "concat"},
+            "optim": {"name": "adam", "lr": 0.01},
+            "train": {"epochs": 2, "batch_size": 32},
+            "output": str(tmp_path / "runs"),
+        }
+        for dotted, value in changes.items():
+            node = raw
+            keys = dotted.split("__")
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            if value is DELETE:
+                node.pop(keys[-1], None)
+            else:
+                node[keys[-1]] = value
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return make
+
+
+DELETE = "__delete__"  # a value meaning: remove this key

@@ -1,0 +1,143 @@
+"""Training engine: runs, deterministic resume, checkpoints, valuation and report commands."""
+
+from __future__ import annotations
+
+import pickle
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from mmval.engine.checkpoint import load_checkpoint
+from mmval.engine.train import TrainCallbacks, Trainer
+from mmval.errors import UserError
+from mmval.recipe import load_recipe
+
+runner = CliRunner()
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(epochs: int) -> TrainCallbacks:
+    def on_epoch(row: dict[str, float]) -> None:
+        if row["epoch"] == epochs:
+            raise Crash
+
+    return TrainCallbacks(on_epoch=on_epoch)
+
+
+@pytest.mark.parametrize("method", [{"name": "concat"}, {"name": "ogm_ge", "alpha": 0.5}])
+def test_resume_after_a_crash_matches_an_uninterrupted_run(recipe_file, tmp_path, method):
+    straight = load_recipe(recipe_file(method=method, train__epochs=4, name="straight",
+                                       optim__scheduler={"name": "step", "step_size": 1}))
+    broken = straight.model_copy(update={"name": "broken"})
+    Trainer(straight, 0).run()
+    with pytest.raises(Crash):
+        Trainer(broken, 0, callbacks=crash_after(2)).run()
+    with pytest.raises(UserError, match="--resume"):
+        Trainer(broken, 0).run()
+    Trainer(broken, 0, resume=True).run()
+    runs = tmp_path / "runs"
+    a = pd.read_parquet(runs / "straight/seed0/metrics.parquet").drop(columns="seconds")
+    b = pd.read_parquet(runs / "broken/seed0/metrics.parquet").drop(columns="seconds")
+    assert len(a) == 4
+    pd.testing.assert_frame_equal(a, b)
+    wa = load_checkpoint(runs / "straight/seed0/last.pt")["model"]
+    wb = load_checkpoint(runs / "broken/seed0/last.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_run_outputs_and_rerun_is_skipped(recipe_file, tmp_path):
+    recipe = load_recipe(recipe_file(method={"name": "ogm_ge"}, train__epochs=3))
+    result = Trainer(recipe, 0).run()
+    run = tmp_path / "runs/tiny/seed0"
+    for name in ("recipe.yaml", "metrics.parquet", "last.pt", "best.pt", "summary.json",
+                 "train.log"):
+        assert (run / name).is_file(), name
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    assert {"train_loss", "val_acc", "val_f1", "test_acc", "test_f1", "val_acc_a",
+            "test_acc_c", "method_coef_a"} <= set(metrics.columns)
+    assert result.summary["best_epoch"] == int(metrics["epoch"][metrics["val_acc"].idxmax()])
+    again = Trainer(recipe, 0).run()
+    assert again.skipped
+    best = load_checkpoint(run / "best.pt")
+    assert best["data"]["modalities"] == ["a", "b", "c"] and "fingerprint" in best["data"]
+
+
+def test_learns_the_strong_modality(recipe_file):
+    recipe = load_recipe(recipe_file(train__epochs=15, method={"name": "unimodal", "modality": "a"},
+                                     name="uni-a"))
+    summary = Trainer(recipe, 0).run().summary
+    assert summary["method"] == "unimodal:a"
+    assert summary["test_acc"] > 0.8  # chance is 0.25
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps(Evil(), protocol=2))
+    with pytest.raises(UserError, match="not a loadable mmval checkpoint"):
+        load_checkpoint(path)
+    torch.save({"model": {}}, path)
+    with pytest.raises(UserError, match="not an mmval checkpoint"):
+        load_checkpoint(path)
+    result = runner.invoke(app, ["value", str(path), "--out", str(tmp_path / "o.parquet")])
+    assert result.exit_code == 2
+
+
+def test_train_value_report_commands(recipe_file, tmp_path):
+    path = recipe_file()
+    result = runner.invoke(app, ["train", "--recipe", str(path), "--set", "seeds=[0,1]"])
+    assert result.exit_code == 0, result.output
+    ckpt = tmp_path / "runs/tiny/seed0/best.pt"
+    out = tmp_path / "contrib.parquet"
+    result = runner.invoke(app, ["value", str(ckpt), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(out)
+    assert list(table.columns) == ["sample_id", "label", "modality", "contribution", "pred",
+                                   "correct", "v_full"]
+    assert len(table) == 80 * 3
+    sums = table.groupby("sample_id").agg(total=("contribution", "sum"), v=("v_full", "first"))
+    assert (sums["total"] - sums["v"]).abs().max() < 1e-9
+    assert set(table["v_full"]) <= {0.0, 3.0}
+    result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0] == "dataset,method,n_seeds,acc_mean,acc_std,f1_mean,f1_std"
+    assert lines[1].startswith("synthetic,concat,2,")
+    for fmt in ("md", "latex", "table"):
+        assert runner.invoke(app, ["report", str(tmp_path / "runs"), "--format", fmt]).exit_code == 0
+    assert runner.invoke(app, ["report", str(tmp_path / "nowhere")]).exit_code == 2
+
+
+def test_value_refuses_other_data(recipe_file, tmp_path, uci_dir):
+    Trainer(load_recipe(recipe_file(train__epochs=1)), 0).run()
+    ckpt = tmp_path / "runs/tiny/seed0/best.pt"
+    result = runner.invoke(app, ["value", str(ckpt), "--out", str(tmp_path / "x.parquet"),
+                                 "--data", str(uci_dir)])
+    assert result.exit_code == 2 and "fingerprints differ" in result.output
+
+
+def test_missing_modality_and_data_errors(recipe_file):
+    result = runner.invoke(app, ["train", "--recipe", str(recipe_file(data__modalities=["a", "q"]))])
+    assert result.exit_code == 2 and "no modality 'q'" in result.output
+    result = runner.invoke(app, ["train", "--recipe", str(recipe_file(data__path="/nonexistent"))])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_published_accuracy(tmp_path):
+    from mmval.quickstart import run_quickstart
+
+    result = run_quickstart(tmp_path)
+    concat = result.report.set_index("method").loc["concat"]
+    assert concat["n_seeds"] == 3 and concat["acc_mean"] >= 98.0
+    assert len(result.report) == 8
+    assert list(result.contributions["modality"]) == ["fou", "fac", "kar", "pix", "zer", "mor"]
