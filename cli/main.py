@@ -18,6 +18,7 @@ from mmval.errors import UserError
 
 app = typer.Typer(
     help="Balanced multimodal learning and per-sample modality valuation.",
+    epilog="Example: mmval quickstart (prepares data, trains, values and reports in ./)",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -193,7 +194,7 @@ def report(
 
     Example: mmval report runs --format md
     """
-    from mmval.report import collect_runs, summarize, to_latex, to_markdown
+    from mmval.report import collect_runs, summarize, to_latex, to_markdown, unfinished_runs
 
     if format_ not in ("table", "md", "csv", "latex"):
         raise UserError(f"--format must be table, md, csv or latex, not {format_!r}.")
@@ -210,6 +211,10 @@ def report(
         print(to_latex(frame))
     else:
         _print_frame(frame, f"test split, best-on-validation checkpoint ({runs})")
+    unfinished = unfinished_runs(runs)
+    if unfinished:
+        listing = ", ".join(str(p) for p in unfinished)
+        err_console.print(f"left out {len(unfinished)} unfinished run(s): {listing}")
 
 
 @app.command()

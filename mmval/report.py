@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmval.engine.train import SUMMARY
+from mmval.engine.train import RECIPE_FILE, SUMMARY
 
 COLUMNS = ["dataset", "method", "n_seeds", "acc_mean", "acc_std", "f1_mean", "f1_std"]
 
@@ -23,6 +23,13 @@ def collect_runs(root: Path) -> pd.DataFrame:
                 {k: v for k, v in summary.items() if k != "recipe"} | {"run": str(path.parent)}
             )
     return pd.DataFrame(rows)
+
+
+def unfinished_runs(root: Path) -> list[Path]:
+    """Run folders that were started but have no summary: never averaged in silently."""
+    return sorted(
+        p.parent for p in Path(root).rglob(RECIPE_FILE) if not (p.parent / SUMMARY).is_file()
+    )
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:

@@ -37,10 +37,15 @@ BAD_RECIPES = [
     ({"learning_rate": 0.1}, "learning_rate"),
     ({"model__encoder__dropout": 1.5}, "model.encoder.dropout"),
     ({"data__modalities": ["a", "b", "c"], "model__fusion": "film"}, "model.fusion"),
-    ({"method": {"name": "unimodal", "modality": "z"}, "data__modalities": ["a"]}, "method.modality"),
+    (
+        {"method": {"name": "unimodal", "modality": "z"}, "data__modalities": ["a"]},
+        "method.modality",
+    ),
     ({"method": {"name": "unimodal"}}, "method.modality"),
-    ({"method": {"name": "ogm_ge"}, "model__fusion": "gated", "data__modalities": ["a", "b"]},
-     "model.fusion"),
+    (
+        {"method": {"name": "ogm_ge"}, "model__fusion": "gated", "data__modalities": ["a", "b"]},
+        "model.fusion",
+    ),
     ({"name": "bad name/with slash"}, "name"),
 ]
 
@@ -69,8 +74,9 @@ def test_yaml_syntax_error_and_missing_file(tmp_path):
 
 def test_overrides_are_validated_like_the_file(recipe_file):
     path = recipe_file()
-    recipe = load_recipe(path, ["train.epochs=7", "seeds=[3, 4]", "method.name=ogm_ge",
-                                "method.alpha=0.5"])
+    recipe = load_recipe(
+        path, ["train.epochs=7", "seeds=[3, 4]", "method.name=ogm_ge", "method.alpha=0.5"]
+    )
     assert recipe.train.epochs == 7 and recipe.seeds == [3, 4]
     assert recipe.method.name == "ogm_ge" and recipe.method.alpha == 0.5
     result = validate(path, "--set", "method.name=ogm_ge", "--set", "method.alpha=abc")

@@ -49,8 +49,9 @@ def test_two_modalities_closed_form_of_the_paper():
     # phi_a = (v({a}) + v({a,v}) - v({v})) / 2 with v(S) = |S| * correct
     masks = subset_masks(2)
     for correct in itertools.product([0, 1], repeat=3):  # {a}, {v}, {a,v}
-        benefit = torch.tensor([[0, correct[0] * 1, correct[1] * 1, correct[2] * 2]],
-                               dtype=torch.float64)
+        benefit = torch.tensor(
+            [[0, correct[0] * 1, correct[1] * 1, correct[2] * 2]], dtype=torch.float64
+        )
         phi = exact_shapley(benefit, 2)[0]
         assert phi[0].item() == pytest.approx((benefit[0, 1] + benefit[0, 3] - benefit[0, 2]) / 2)
         assert masks[1].tolist() == [True, False]

@@ -112,7 +112,7 @@ def test_flipped_bytes_fail_the_checksum(tmp_path):
 def test_missing_manifest_means_unprepared(tmp_path):
     _write(tmp_path)
     (tmp_path / MANIFEST).unlink()
-    with pytest.raises(UserError, match="manifest.json is missing"):
+    with pytest.raises(UserError, match=r"manifest\.json is missing"):
         check_data_dir(tmp_path)
 
 
@@ -140,7 +140,7 @@ def test_sampler_resume_is_exact_and_ranks_are_disjoint():
         r.set_epoch(3)
     parts = [list(r) for r in ranks]
     assert all(len(p) == 100 for p in parts)
-    assert sorted(sum(parts, [])) == list(range(300))
+    assert sorted(np.concatenate(parts).tolist()) == list(range(300))
 
 
 def test_sampler_windows_keep_batches_on_few_row_groups():
@@ -160,7 +160,9 @@ def test_sampler_positions_allow_repeats():
 def test_prep_uci_mfeat_split_and_standardisation(uci_dir):
     manifest = check_data_dir(uci_dir, verify_checksums=True)
     assert {k: v.samples for k, v in manifest.splits.items()} == {
-        "train": 1400, "val": 200, "test": 400,
+        "train": 1400,
+        "val": 200,
+        "test": 400,
     }
     assert [m.name for m in manifest.modalities] == ["fou", "fac", "kar", "pix", "zer", "mor"]
     assert [m.shape[0] for m in manifest.modalities] == [76, 216, 64, 240, 47, 6]

@@ -32,8 +32,14 @@ def crash_after(epochs: int) -> TrainCallbacks:
 
 @pytest.mark.parametrize("method", [{"name": "concat"}, {"name": "ogm_ge", "alpha": 0.5}])
 def test_resume_after_a_crash_matches_an_uninterrupted_run(recipe_file, tmp_path, method):
-    straight = load_recipe(recipe_file(method=method, train__epochs=4, name="straight",
-                                       optim__scheduler={"name": "step", "step_size": 1}))
+    straight = load_recipe(
+        recipe_file(
+            method=method,
+            train__epochs=4,
+            name="straight",
+            optim__scheduler={"name": "step", "step_size": 1},
+        )
+    )
     broken = straight.model_copy(update={"name": "broken"})
     Trainer(straight, 0).run()
     with pytest.raises(Crash):
@@ -55,12 +61,26 @@ def test_run_outputs_and_rerun_is_skipped(recipe_file, tmp_path):
     recipe = load_recipe(recipe_file(method={"name": "ogm_ge"}, train__epochs=3))
     result = Trainer(recipe, 0).run()
     run = tmp_path / "runs/tiny/seed0"
-    for name in ("recipe.yaml", "metrics.parquet", "last.pt", "best.pt", "summary.json",
-                 "train.log"):
+    for name in (
+        "recipe.yaml",
+        "metrics.parquet",
+        "last.pt",
+        "best.pt",
+        "summary.json",
+        "train.log",
+    ):
         assert (run / name).is_file(), name
     metrics = pd.read_parquet(run / "metrics.parquet")
-    assert {"train_loss", "val_acc", "val_f1", "test_acc", "test_f1", "val_acc_a",
-            "test_acc_c", "method_coef_a"} <= set(metrics.columns)
+    assert {
+        "train_loss",
+        "val_acc",
+        "val_f1",
+        "test_acc",
+        "test_f1",
+        "val_acc_a",
+        "test_acc_c",
+        "method_coef_a",
+    } <= set(metrics.columns)
     assert result.summary["best_epoch"] == int(metrics["epoch"][metrics["val_acc"].idxmax()])
     again = Trainer(recipe, 0).run()
     assert again.skipped
@@ -69,8 +89,9 @@ def test_run_outputs_and_rerun_is_skipped(recipe_file, tmp_path):
 
 
 def test_learns_the_strong_modality(recipe_file):
-    recipe = load_recipe(recipe_file(train__epochs=15, method={"name": "unimodal", "modality": "a"},
-                                     name="uni-a"))
+    recipe = load_recipe(
+        recipe_file(train__epochs=15, method={"name": "unimodal", "modality": "a"}, name="uni-a")
+    )
     summary = Trainer(recipe, 0).run().summary
     assert summary["method"] == "unimodal:a"
     assert summary["test_acc"] > 0.8  # chance is 0.25
@@ -101,8 +122,15 @@ def test_train_value_report_commands(recipe_file, tmp_path):
     result = runner.invoke(app, ["value", str(ckpt), "--out", str(out)])
     assert result.exit_code == 0, result.output
     table = pd.read_parquet(out)
-    assert list(table.columns) == ["sample_id", "label", "modality", "contribution", "pred",
-                                   "correct", "v_full"]
+    assert list(table.columns) == [
+        "sample_id",
+        "label",
+        "modality",
+        "contribution",
+        "pred",
+        "correct",
+        "v_full",
+    ]
     assert len(table) == 80 * 3
     sums = table.groupby("sample_id").agg(total=("contribution", "sum"), v=("v_full", "first"))
     assert (sums["total"] - sums["v"]).abs().max() < 1e-9
@@ -113,20 +141,25 @@ def test_train_value_report_commands(recipe_file, tmp_path):
     assert lines[0] == "dataset,method,n_seeds,acc_mean,acc_std,f1_mean,f1_std"
     assert lines[1].startswith("synthetic,concat,2,")
     for fmt in ("md", "latex", "table"):
-        assert runner.invoke(app, ["report", str(tmp_path / "runs"), "--format", fmt]).exit_code == 0
+        assert (
+            runner.invoke(app, ["report", str(tmp_path / "runs"), "--format", fmt]).exit_code == 0
+        )
     assert runner.invoke(app, ["report", str(tmp_path / "nowhere")]).exit_code == 2
 
 
 def test_value_refuses_other_data(recipe_file, tmp_path, uci_dir):
     Trainer(load_recipe(recipe_file(train__epochs=1)), 0).run()
     ckpt = tmp_path / "runs/tiny/seed0/best.pt"
-    result = runner.invoke(app, ["value", str(ckpt), "--out", str(tmp_path / "x.parquet"),
-                                 "--data", str(uci_dir)])
+    result = runner.invoke(
+        app, ["value", str(ckpt), "--out", str(tmp_path / "x.parquet"), "--data", str(uci_dir)]
+    )
     assert result.exit_code == 2 and "fingerprints differ" in result.output
 
 
 def test_missing_modality_and_data_errors(recipe_file):
-    result = runner.invoke(app, ["train", "--recipe", str(recipe_file(data__modalities=["a", "q"]))])
+    result = runner.invoke(
+        app, ["train", "--recipe", str(recipe_file(data__modalities=["a", "q"]))]
+    )
     assert result.exit_code == 2 and "no modality 'q'" in result.output
     result = runner.invoke(app, ["train", "--recipe", str(recipe_file(data__path="/nonexistent"))])
     assert result.exit_code == 2 and "does not exist" in result.output
@@ -141,3 +174,29 @@ def test_quickstart_reaches_published_accuracy(tmp_path):
     assert concat["n_seeds"] == 3 and concat["acc_mean"] >= 98.0
     assert len(result.report) == 8
     assert list(result.contributions["modality"]) == ["fou", "fac", "kar", "pix", "zer", "mor"]
+
+
+def test_two_modality_fusions_train_and_refuse_more(recipe_file):
+    for fusion in ("film", "gated", "sum", "weighted"):
+        recipe = load_recipe(
+            recipe_file(model__fusion=fusion, data__modalities=["a", "b"], name=fusion)
+        )
+        summary = Trainer(recipe, 0).run().summary
+        assert summary["method"] == fusion and summary["test_acc"] > 0.25
+    result = runner.invoke(app, ["train", "--recipe", str(recipe_file(model__fusion="film"))])
+    assert result.exit_code == 2 and "exactly 2 modalities" in result.output
+
+
+def test_workers_and_bf16_give_a_finished_run(recipe_file):
+    recipe = load_recipe(recipe_file(train__workers=1, train__precision="bf16"))
+    summary = Trainer(recipe, 0).run().summary
+    assert summary["finished"] and summary["epochs"] == 2
+
+
+def test_report_lists_unfinished_runs_apart(recipe_file, tmp_path):
+    Trainer(load_recipe(recipe_file(train__epochs=1)), 0).run()
+    with pytest.raises(Crash):
+        Trainer(load_recipe(recipe_file(name="crashed")), 0, callbacks=crash_after(1)).run()
+    result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--format", "csv"])
+    assert result.exit_code == 0
+    assert "crashed" not in result.stdout and "left out 1 unfinished run" in result.stderr

@@ -176,6 +176,22 @@ def _resume_key(recipe: dict[str, Any]) -> dict[str, Any]:
     return key
 
 
+@dataclass
+class _Session:
+    """Everything a run builds before its first step."""
+
+    device: torch.device
+    manifest: DataManifest
+    data_info: dict[str, Any]
+    method: Method
+    model: MultimodalModel
+    datasets: dict[str, ParquetSamples]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    sampler: BlockShuffleSampler
+    loader: DataLoader
+
+
 class Trainer:
     """Trains one recipe with one seed into `output/name/seed<k>/`."""
 
@@ -194,14 +210,14 @@ class Trainer:
         self.overwrite = overwrite
         self.callbacks = callbacks or TrainCallbacks()
         self.run_dir = Path(recipe.output) / recipe.name / f"seed{seed}"
+        self.recipe_dump = self.recipe.model_dump(mode="json")
 
     def run(self) -> RunResult:
-        recipe, run_dir = self.recipe, self.run_dir
-        recipe_dump = recipe.model_dump(mode="json")
+        run_dir, epochs = self.run_dir, self.recipe.train.epochs
         summary_path = run_dir / SUMMARY
         if summary_path.is_file() and not self.overwrite:
-            summary = json.loads(summary_path.read_text())
-            if summary.get("recipe") == recipe_dump:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            if summary.get("recipe") == self.recipe_dump:
                 return RunResult(run_dir, skipped=True, summary=summary)
         if self.overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
@@ -211,30 +227,56 @@ class Trainer:
                 "--overwrite to start again, or --set name=... for a new run."
             )
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / RECIPE_FILE, _yaml_dump(recipe_dump))
+        write_text_atomic(run_dir / RECIPE_FILE, yaml.safe_dump(self.recipe_dump, sort_keys=False))
+        session = self._build()
+        state = _RunState()
+        if self.resume and (run_dir / LAST).is_file():
+            state = self._restore(run_dir / LAST, session)
+        label = _run_label(self.recipe)
+        self.callbacks.on_start(f"{label} seed{self.seed}", epochs, len(session.loader))
+        with open(run_dir / LOG, "a", encoding="utf-8") as log:
+            for epoch in range(state.epoch, epochs):
+                ctx = TrainContext(epoch=epoch, epochs=epochs, step=state.step)
+                row = self._train_epoch(session, ctx)
+                state.step = ctx.step
+                if session.scheduler is not None:
+                    session.scheduler.step()
+                if (epoch + 1) % self.recipe.train.eval_every == 0 or epoch + 1 == epochs:
+                    row.update(self._evaluate(session))
+                    if row["val_acc"] > state.best_val:
+                        state.best_val, state.best_epoch = row["val_acc"], epoch + 1
+                        self._save(BEST, session, {"epoch": epoch + 1, "metrics": row})
+                state.rows.append(row)
+                state.epoch = epoch + 1
+                _write_metrics(run_dir / METRICS, state.rows)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                if state.epoch % self.recipe.train.checkpoint_every == 0 or state.epoch == epochs:
+                    self._save(LAST, session, self._training_state(session, state))
+                self.callbacks.on_epoch(row)
+        summary = self._summary(session.manifest, label, state)
+        write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+        return RunResult(run_dir, skipped=False, summary=summary)
 
+    def _build(self) -> _Session:
+        recipe = self.recipe
         device = resolve_device(recipe.train.device)
         manifest = ensure_data(recipe.data)
         data_dir = recipe.data.directory()
         available = recipe.data.modalities or [s.name for s in manifest.modalities]
-        for name in available:
-            manifest.modality(name)
+        specs = [manifest.modality(m) for m in available]
         method = build_method(recipe.method, len(manifest.classes))
         modalities = method.model_modalities(available)
-        split_names = recipe.data.splits
+        specs = [s for s in specs if s.name in modalities]
         datasets = {
             role: ParquetSamples(
-                data_dir, getattr(split_names, role), modalities, manifest=manifest
+                data_dir, getattr(recipe.data.splits, role), modalities, manifest=manifest
             )
             for role in ("train", "val", "test")
         }
-
         torch.manual_seed(self.seed)
-        specs = [manifest.modality(m) for m in modalities]
         model = build_model(recipe.model, specs, len(manifest.classes)).to(device)
         optimizer = build_optimizer(recipe.optim, model.parameters())
-        epochs = recipe.train.epochs
-        scheduler = build_scheduler(recipe.optim, optimizer, epochs)
         sampler = BlockShuffleSampler(datasets["train"].block_ids(), seed=self.seed)
         loader = DataLoader(
             datasets["train"],
@@ -245,12 +287,6 @@ class Trainer:
             pin_memory=device.type == "cuda",
             collate_fn=collate_batch,
         )
-
-        state = _RunState()
-        if self.resume and (run_dir / LAST).is_file():
-            state = self._restore(
-                run_dir / LAST, recipe_dump, model, optimizer, scheduler, sampler, method
-            )
         data_info = {
             "path": str(data_dir.resolve()),
             "dataset": manifest.dataset,
@@ -258,105 +294,31 @@ class Trainer:
             "classes": manifest.classes,
             "modalities": modalities,
         }
-        label = _run_label(recipe)
-        self.callbacks.on_start(f"{label} seed{self.seed}", epochs, len(loader))
-        log = open(run_dir / LOG, "a", encoding="utf-8")  # noqa: SIM115 - closed below
-        try:
-            for epoch in range(state.epoch, epochs):
-                ctx = TrainContext(epoch=epoch, epochs=epochs, step=state.step)
-                row = self._train_epoch(model, method, loader, sampler, optimizer, device, ctx)
-                state.step = ctx.step
-                if scheduler is not None:
-                    scheduler.step()
-                if (epoch + 1) % recipe.train.eval_every == 0 or epoch + 1 == epochs:
-                    for role in ("val", "test"):
-                        preds = predict(
-                            model,
-                            datasets[role],
-                            device,
-                            batch_size=recipe.train.eval_batch_size,
-                            precision=recipe.train.precision,
-                        )
-                        row.update(preds.metrics(role))
-                    if row["val_acc"] > state.best_val:
-                        state.best_val, state.best_epoch = row["val_acc"], epoch + 1
-                        save_checkpoint(
-                            run_dir / BEST,
-                            {
-                                "recipe": recipe_dump,
-                                "data": data_info,
-                                "epoch": epoch + 1,
-                                "model": model.state_dict(),
-                                "metrics": row,
-                            },
-                        )
-                state.rows.append(row)
-                state.epoch = epoch + 1
-                _write_metrics(run_dir / METRICS, state.rows)
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                if state.epoch % recipe.train.checkpoint_every == 0 or state.epoch == epochs:
-                    save_checkpoint(
-                        run_dir / LAST,
-                        {
-                            "recipe": recipe_dump,
-                            "data": data_info,
-                            "epoch": state.epoch,
-                            "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict() if scheduler else None,
-                            "sampler": sampler.state_dict(),
-                            "method": method.state_dict(),
-                            "rng": _rng_state(),
-                            "run_state": state.as_dict(),
-                        },
-                    )
-                self.callbacks.on_epoch(row)
-        finally:
-            log.close()
+        return _Session(
+            device=device,
+            manifest=manifest,
+            data_info=data_info,
+            method=method,
+            model=model,
+            datasets=datasets,
+            optimizer=optimizer,
+            scheduler=build_scheduler(recipe.optim, optimizer, recipe.train.epochs),
+            sampler=sampler,
+            loader=loader,
+        )
 
-        best = next(r for r in state.rows if r["epoch"] == state.best_epoch)
-        final = state.rows[-1]
-        summary = {
-            "finished": True,
-            "dataset": manifest.dataset,
-            "method": label,
-            "recipe_name": recipe.name,
-            "settings_hash": recipe.settings_hash(),
-            "mmval_version": __version__,
-            "seed": self.seed,
-            "epochs": epochs,
-            "best_epoch": state.best_epoch,
-            **{k: best[k] for k in ("val_acc", "val_f1", "test_acc", "test_f1")},
-            "final_test_acc": final["test_acc"],
-            "final_test_f1": final["test_f1"],
-            "train_seconds": sum(r["seconds"] for r in state.rows),
-            "recipe": recipe_dump,
-        }
-        write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
-        return RunResult(run_dir, skipped=False, summary=summary)
-
-    def _train_epoch(
-        self,
-        model: MultimodalModel,
-        method: Method,
-        loader: DataLoader,
-        sampler: BlockShuffleSampler,
-        optimizer: torch.optim.Optimizer,
-        device: torch.device,
-        ctx: TrainContext,
-    ) -> dict[str, float]:
+    def _train_epoch(self, session: _Session, ctx: TrainContext) -> dict[str, float]:
         started = time.perf_counter()
-        sampler.set_epoch(ctx.epoch)
-        sampler.set_positions(method.train_positions(ctx))
+        model, method, optimizer = session.model, session.method, session.optimizer
+        session.sampler.set_epoch(ctx.epoch)
+        session.sampler.set_positions(method.train_positions(ctx))
         model.train()
         method.on_epoch_start(model, ctx)
-        precision = self.recipe.train.precision
         loss_sum, correct, seen = 0.0, 0, 0
         method_sums: dict[str, float] = {}
-        for batch in loader:
-            batch = batch.to(device)
-            with autocast(device, precision):
+        for batch in session.loader:
+            batch = batch.to(session.device)
+            with autocast(session.device, self.recipe.train.precision):
                 out = model(batch.inputs)
                 loss = method.loss(model, out, batch, ctx)
             optimizer.zero_grad(set_to_none=True)
@@ -365,7 +327,7 @@ class Trainer:
                 method_sums[key] = method_sums.get(key, 0.0) + value * len(batch)
             optimizer.step()
             ctx.step += 1
-            sampler.advance(len(batch))
+            session.sampler.advance(len(batch))
             loss_sum += float(loss.detach()) * len(batch)
             correct += int((out.logits.argmax(1) == batch.label).sum())
             seen += len(batch)
@@ -381,30 +343,77 @@ class Trainer:
         row["seconds"] = time.perf_counter() - started
         return row
 
-    def _restore(
-        self,
-        path: Path,
-        recipe_dump: dict[str, Any],
-        model: MultimodalModel,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-        sampler: BlockShuffleSampler,
-        method: Method,
-    ) -> _RunState:
+    def _evaluate(self, session: _Session) -> dict[str, float]:
+        row: dict[str, float] = {}
+        for role in ("val", "test"):
+            preds = predict(
+                session.model,
+                session.datasets[role],
+                session.device,
+                batch_size=self.recipe.train.eval_batch_size,
+                precision=self.recipe.train.precision,
+            )
+            row.update(preds.metrics(role))
+        return row
+
+    def _save(self, file_name: str, session: _Session, extra: dict[str, Any]) -> None:
+        """A checkpoint names its recipe and data, so `mmval value` needs nothing else."""
+        payload = {
+            "recipe": self.recipe_dump,
+            "data": session.data_info,
+            "model": session.model.state_dict(),
+            **extra,
+        }
+        save_checkpoint(self.run_dir / file_name, payload)
+
+    @staticmethod
+    def _training_state(session: _Session, state: _RunState) -> dict[str, Any]:
+        scheduler = session.scheduler
+        return {
+            "epoch": state.epoch,
+            "optimizer": session.optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "sampler": session.sampler.state_dict(),
+            "method": session.method.state_dict(),
+            "rng": _rng_state(),
+            "run_state": state.as_dict(),
+        }
+
+    def _restore(self, path: Path, session: _Session) -> _RunState:
         ckpt = load_checkpoint(path)
-        if _resume_key(ckpt["recipe"]) != _resume_key(recipe_dump):
+        if _resume_key(ckpt["recipe"]) != _resume_key(self.recipe_dump):
             raise UserError(
                 f"cannot resume {path.parent}: the recipe differs from the one the run was "
                 "started with (only train.epochs, train.device and train.workers may change)."
             )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt["scheduler"] is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        sampler.load_state_dict(ckpt["sampler"])
-        method.load_state_dict(ckpt["method"])
+        session.model.load_state_dict(ckpt["model"])
+        session.optimizer.load_state_dict(ckpt["optimizer"])
+        if session.scheduler is not None and ckpt["scheduler"] is not None:
+            session.scheduler.load_state_dict(ckpt["scheduler"])
+        session.sampler.load_state_dict(ckpt["sampler"])
+        session.method.load_state_dict(ckpt["method"])
         _set_rng_state(ckpt["rng"])
         return _RunState.from_dict(ckpt["run_state"])
+
+    def _summary(self, manifest: DataManifest, label: str, state: _RunState) -> dict[str, Any]:
+        best = next(r for r in state.rows if r["epoch"] == state.best_epoch)
+        final = state.rows[-1]
+        return {
+            "finished": True,
+            "dataset": manifest.dataset,
+            "method": label,
+            "recipe_name": self.recipe.name,
+            "settings_hash": self.recipe.settings_hash(),
+            "mmval_version": __version__,
+            "seed": self.seed,
+            "epochs": self.recipe.train.epochs,
+            "best_epoch": state.best_epoch,
+            **{k: best[k] for k in ("val_acc", "val_f1", "test_acc", "test_f1")},
+            "final_test_acc": final["test_acc"],
+            "final_test_f1": final["test_f1"],
+            "train_seconds": sum(r["seconds"] for r in state.rows),
+            "recipe": self.recipe_dump,
+        }
 
 
 @dataclass
@@ -441,7 +450,3 @@ def _run_label(recipe: Recipe) -> str:
 def _write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
     with atomic_path(path) as tmp:
         pd.DataFrame(rows).to_parquet(tmp, index=False)
-
-
-def _yaml_dump(obj: dict[str, Any]) -> str:
-    return yaml.safe_dump(obj, sort_keys=False)

@@ -10,9 +10,11 @@ of the fused logits, detached), the discrepancy ratio is rho_m = s_m / s_other f
 modalities and, for M > 2, rho_m = mean_{k != m} s_m / s_k (BalanceBenchmark's `OGM_GE3` form,
 which reduces exactly to the two-modality ratio). The coefficient is k_m = 1 - tanh(alpha *
 relu(rho_m)) if rho_m > 1 else 1; the code's relu(rho), not relu(rho - 1), is kept, so k jumps at
-rho = 1. Inside the modulation window (inclusive, 0-based epochs) every selected gradient of
-encoder m becomes k_m * g + N(0, (std(g) + 1e-8)^2), the noise using the std of the unscaled
-gradient (plain OGM: k_m * g).
+rho = 1. (On an exact tie, rho_a = rho_v = 1, the official two-modality code still modulates
+audio; here neither is modulated, as the paper's Eq. 10 reads.) Inside the modulation window
+(inclusive, 0-based epochs) every selected gradient of encoder m becomes
+k_m * g + N(0, (std(g) + 1e-8)^2), the noise using the std of the unscaled gradient (plain OGM:
+k_m * g).
 
 Which parameters: the official code touches only 4-D gradients (conv weights: no BN, bias or
 head). `params: auto` does that when the encoder has conv weights and otherwise takes every

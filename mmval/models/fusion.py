@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mmval.errors import UserError
+
 FusionName = Literal["concat", "sum", "weighted", "film", "gated"]
 DECOMPOSABLE: frozenset[str] = frozenset({"concat", "sum", "weighted"})
 TWO_MODALITY_ONLY: frozenset[str] = frozenset({"film", "gated"})
@@ -94,7 +96,10 @@ def build_fusion(
     name: FusionName, dims: dict[str, int], num_classes: int, hidden: int
 ) -> nn.Module:
     if name in TWO_MODALITY_ONLY and len(dims) != 2:
-        raise ValueError(f"{name} fusion takes exactly 2 modalities, got {len(dims)}")
+        raise UserError(
+            f"model.fusion: {name} fusion takes exactly 2 modalities, the model has {len(dims)} "
+            f"({', '.join(dims)}); pick two with data.modalities or use concat."
+        )
     if name == "concat":
         return ConcatFusion(dims, num_classes)
     if name == "sum":
