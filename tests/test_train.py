@@ -200,3 +200,18 @@ def test_report_lists_unfinished_runs_apart(recipe_file, tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--format", "csv"])
     assert result.exit_code == 0
     assert "crashed" not in result.stdout and "left out 1 unfinished run" in result.stderr
+
+
+def test_two_epochs_resumed_for_two_more_equal_four(recipe_file, tmp_path):
+    four = load_recipe(recipe_file(train__epochs=4, name="four", method={"name": "ogm_ge"}))
+    two = four.model_copy(
+        update={"name": "two", "train": four.train.model_copy(update={"epochs": 2})}
+    )
+    Trainer(four, 0).run()
+    Trainer(two, 0).run()
+    longer = two.model_copy(update={"train": four.train})
+    Trainer(longer, 0, resume=True).run()
+    runs = tmp_path / "runs"
+    a = pd.read_parquet(runs / "four/seed0/metrics.parquet").drop(columns="seconds")
+    b = pd.read_parquet(runs / "two/seed0/metrics.parquet").drop(columns="seconds")
+    pd.testing.assert_frame_equal(a, b)
