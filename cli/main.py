@@ -97,15 +97,32 @@ def prep(
         Path | None, typer.Option(help="output directory [default: data/DATASET]")
     ] = None,
     raw: Annotated[Path | None, typer.Option(help="folder with the raw data")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="extraction processes [default: all cores]")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="at most K clips per split")] = None,
+    splits: Annotated[str | None, typer.Option(help="comma-separated splits to prepare")] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="source parameter, e.g. signal=[2,0.5]")
+        list[str] | None, typer.Option("--set", help="parameter, e.g. rows_per_shard=256")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="rebuild an existing output")] = False,
+    max_failures: Annotated[
+        float, typer.Option(help="exit 1 if more than this share of clips fail")
+    ] = 0.1,
     list_: Annotated[bool, typer.Option("--list", help="list the data sets and exit")] = False,
+    raw_out: Annotated[
+        Path | None, typer.Option(help="synthetic-av: where to write the raw clips")
+    ] = None,
+    layout: Annotated[str, typer.Option(help="synthetic-av: data set layout to imitate")] = (
+        "kinetics-sounds"
+    ),
+    clips: Annotated[int, typer.Option(help="synthetic-av: clips per class and split")] = 4,
+    seed: Annotated[int, typer.Option(help="synthetic-av: seed")] = 0,
 ) -> None:
-    """Turn raw data into Parquet shards (shard format v1).
+    """Turn raw data into Parquet shards (shard format v1), resumably and in parallel.
 
-    Example: mmval prep uci-mfeat --out data/uci-mfeat
+    Example: mmval prep kinetics-sounds --raw /data/kinetics --out data/ks --workers 16
+    Test data: mmval prep synthetic-av --raw-out raw/ks --layout kinetics-sounds --clips 8
     """
     from mmval.data.manifest import load_dataset_manifest, manifest_names
     from mmval.data.prep import prepare
@@ -114,15 +131,85 @@ def prep(
         for name in manifest_names():
             entry, _ = load_dataset_manifest(name)
             console.print(f"[bold]{name}[/]: {entry.description}")
+        console.print("[bold]synthetic-av[/]: writes fake raw clips in a real data set's layout")
+        return
+    if dataset == "synthetic-av":
+        _synthetic_av(raw_out, layout, clips, seed, set_ or [])
         return
     target = out or Path("data") / dataset
-    with console.status(f"preparing {dataset} into {target}"):
-        manifest, wrote = prepare(
-            dataset, target, raw=raw, overrides=set_ or [], overwrite=overwrite
+    with _progress() as progress:
+        task = progress.add_task(f"prep {dataset}", total=None, status="")
+        failed = [0]
+
+        def on_plan(total: int) -> None:
+            progress.update(task, total=total)
+
+        def on_clip(ok: bool) -> None:
+            failed[0] += not ok
+            progress.update(task, advance=1, status=f"{failed[0]} failed" if failed[0] else "")
+
+        from mmval.data.pipeline import PrepCallbacks
+
+        result = prepare(
+            dataset,
+            target,
+            raw=raw,
+            overrides=set_ or [],
+            overwrite=overwrite,
+            workers=workers,
+            limit=limit,
+            splits=splits.split(",") if splits else None,
+            callbacks=PrepCallbacks(on_plan=on_plan, on_clip=on_clip),
         )
-    counts = ", ".join(f"{name} {split.samples}" for name, split in manifest.splits.items())
-    verb = "wrote" if wrote else "already prepared (checksums verified):"
-    console.print(f"{verb} {target}: {manifest.dataset}, {counts}")
+    if not result.wrote:
+        counts = ", ".join(f"{n} {s.samples}" for n, s in result.manifest.splits.items())
+        console.print(f"{target} already prepared (checksums verified): {counts}")
+        return
+    assert result.summary is not None
+    for name, c in result.summary.splits.items():
+        reused = f", {c.reused_shards} shard(s) reused" if c.reused_shards else ""
+        console.print(f"{name}: {c.written} written, {c.failed} failed of {c.planned}{reused}")
+    if result.summary.planning_errors:
+        console.print(f"{result.summary.planning_errors} listed clip(s) have no raw file")
+    console.print(f"wrote {target}; failures are listed in {target / 'errors.parquet'}")
+    share = result.summary.failure_share
+    if share > max_failures:
+        err_console.print(
+            f"[bold red]error:[/] {share:.1%} of the clips failed (more than --max-failures "
+            f"{max_failures:.0%}); everything that could be extracted was written."
+        )
+        raise typer.Exit(1)
+
+
+def _synthetic_av(
+    raw_out: Path | None, layout: str, clips: int, seed: int, sets: list[str]
+) -> None:
+    from mmval.data.manifest import load_dataset_manifest
+    from mmval.data.synthetic_av import LAYOUTS, SyntheticAVParams, write_synthetic_raw
+    from mmval.overrides import apply_overrides
+
+    if raw_out is None:
+        raise UserError("synthetic-av writes raw clips: pass --raw-out DIR.")
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}.")
+    classes = load_dataset_manifest(layout)[0].classes or SYNTHETIC_UCF_CLASSES
+    raw = apply_overrides(
+        {"layout": layout, "classes": classes[:4], "clips_per_class": clips, "seed": seed}, sets
+    )
+    from pydantic import ValidationError
+
+    from mmval.validation import format_validation_error
+
+    try:
+        params = SyntheticAVParams.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, "synthetic-av settings", raw)) from None
+    with console.status(f"writing synthetic {layout} clips into {raw_out}"):
+        written = write_synthetic_raw(raw_out, params)
+    console.print(f"wrote {len(written)} clips in the {layout} layout to {raw_out}")
+
+
+SYNTHETIC_UCF_CLASSES = ["ApplyEyeMakeup", "ApplyLipstick", "Archery", "BabyCrawling"]
 
 
 @app.command()

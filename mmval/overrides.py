@@ -1,7 +1,8 @@
 """Dotted-path overrides (`--set train.epochs=1 --set seeds=[0]`) applied to raw config dicts.
 
-Values are parsed as YAML, so `1` is an int, `[0, 1]` a list and `abc` a string; the result is
-validated by the same schema as the file, so an override can never bypass validation.
+Values are parsed as YAML, so `1` is an int, `[0, 1]` a list and `abc` a string; a number in
+the path indexes a list (`modalities.0.size=[112,112]`). The result is validated by the same
+schema as the file, so an override can never bypass validation.
 """
 
 from __future__ import annotations
@@ -30,12 +31,23 @@ def apply_overrides(raw: dict, assignments: Sequence[str]) -> dict:
             raise UserError(
                 f"override {assignment!r}: the value is not valid YAML ({exc})."
             ) from None
-        node = result
-        for depth, key in enumerate(keys[:-1]):
+        node: dict | list = result
+        for depth, key in enumerate(keys):
+            where = ".".join(keys[: depth + 1])
+            last = depth == len(keys) - 1
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise UserError(f"override {assignment!r}: {where} is not an item of the list.")
+                if last:
+                    node[int(key)] = value
+                else:
+                    node = node[int(key)]
+                continue
+            if last:
+                node[key] = value
+                continue
             child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                where = ".".join(keys[: depth + 1])
+            if not isinstance(child, dict | list):
                 raise UserError(f"override {assignment!r}: {where} is not a section.")
             node = child
-        node[keys[-1]] = value
     return result

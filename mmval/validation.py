@@ -12,9 +12,10 @@ def _dotted(loc: Iterable[Any], raw: Any) -> str:
     """Dotted path of `loc`, leaving out the tags pydantic inserts for tagged unions."""
     parts: list[str] = []
     node = raw
-    for key in loc:
-        if isinstance(node, dict) and key not in node and key in node.values():
-            continue  # a union tag such as the method name
+    loc = list(loc)
+    for depth, key in enumerate(loc):
+        if isinstance(node, dict) and key not in node and depth < len(loc) - 1:
+            continue  # a union tag such as the method name (missing fields come last)
         parts.append(f"[{key}]" if isinstance(key, int) else str(key))
         node = (
             node.get(key)

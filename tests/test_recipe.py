@@ -83,8 +83,11 @@ def test_overrides_are_validated_like_the_file(recipe_file):
     assert result.exit_code == 2 and "method.alpha" in result.output
     result = validate(path, "--set", "train.epochs")
     assert result.exit_code == 2 and "dotted.path=value" in result.output
-    with pytest.raises(UserError, match="not a section"):
+    with pytest.raises(UserError, match="not an item of the list"):
         load_recipe(path, ["seeds.first=1"])
+    with pytest.raises(UserError, match="not a section"):
+        load_recipe(path, ["name.first=1"])
+    assert load_recipe(path, ["seeds.0=9"]).seeds == [9]
 
 
 def test_name_placeholders(recipe_file):

@@ -174,23 +174,22 @@ def test_prep_uci_mfeat_split_and_standardisation(uci_dir):
     test = ParquetSamples(uci_dir, "test", ["pix"])
     assert not ids & set(test.sample_ids)
     # a second prep with the same settings verifies and keeps the output
-    _, wrote = prepare("uci-mfeat", uci_dir)
-    assert not wrote
+    assert not prepare("uci-mfeat", uci_dir).wrote
 
 
 def test_prep_refuses_other_settings_without_overwrite(tmp_path):
     prepare("synthetic", tmp_path, overrides=["per_class={train: 5, val: 2, test: 2}"])
     with pytest.raises(UserError, match="--overwrite"):
         prepare("synthetic", tmp_path, overrides=["per_class={train: 6, val: 2, test: 2}"])
-    manifest, wrote = prepare(
+    result = prepare(
         "synthetic", tmp_path, overrides=["per_class={train: 6, val: 2, test: 2}"], overwrite=True
     )
-    assert wrote and manifest.splits["train"].samples == 24
+    assert result.wrote and result.manifest.splits["train"].samples == 24
 
 
 def test_synthetic_is_deterministic_and_validated(tmp_path):
-    a, _ = prepare("synthetic", tmp_path / "a")
-    b, _ = prepare("synthetic", tmp_path / "b")
+    a = prepare("synthetic", tmp_path / "a").manifest
+    b = prepare("synthetic", tmp_path / "b").manifest
     assert a.splits == b.splits
     with pytest.raises(UserError, match="signal"):
         prepare("synthetic", tmp_path / "c", overrides=["signal=[1.0]"])

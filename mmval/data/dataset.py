@@ -11,13 +11,21 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from mmval.data.shards import INDEX, DataManifest, check_data_dir, decode_tensor_column
+from mmval.data.extract.video import decode_jpeg, segment_indices
+from mmval.data.shards import (
+    INDEX,
+    DataManifest,
+    ModalitySpec,
+    check_data_dir,
+    decode_tensor_column,
+)
 from mmval.errors import UserError
 
 
@@ -52,6 +60,8 @@ class ParquetSamples(Dataset):
         *,
         manifest: DataManifest | None = None,
         cache_row_groups: int = 8,
+        train: bool = False,
+        seed: int = 0,
     ) -> None:
         self.root = Path(root)
         self.manifest = manifest or check_data_dir(self.root)
@@ -69,8 +79,14 @@ class ParquetSamples(Dataset):
         self.row_group_of = index["row_group"].to_numpy(np.int64)
         self.row_of = index["row"].to_numpy(np.int64)
         self.cache_row_groups = cache_row_groups
+        self.train, self.seed, self.epoch = train, seed, 0
         self._files: dict[int, pq.ParquetFile] = {}
-        self._cache: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], dict[str, Any]] = OrderedDict()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Frame picks in training mode depend on (seed, epoch, sample): resumable, and the
+        same whichever worker loads the sample."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -95,7 +111,12 @@ class ParquetSamples(Dataset):
                 self.root / self.shard_paths[shard], memory_map=True
             )
         table = self._files[shard].read_row_group(row_group, columns=[s.name for s in self.specs])
-        decoded = {s.name: decode_tensor_column(table.column(s.name), s) for s in self.specs}
+        decoded = {
+            s.name: decode_tensor_column(table.column(s.name), s)
+            if s.encoding == "raw"
+            else table.column(s.name).to_pylist()
+            for s in self.specs
+        }
         self._cache[key] = decoded
         if len(self._cache) > self.cache_row_groups:
             self._cache.popitem(last=False)
@@ -112,8 +133,14 @@ class ParquetSamples(Dataset):
         for shard, group in dict.fromkeys(zip(shards.tolist(), groups.tolist(), strict=True)):
             where = np.flatnonzero((shards == shard) & (groups == group))
             block = self._row_group(shard, group)
-            for name, values in block.items():
-                out[name][where] = values[rows[where]]
+            for spec in self.specs:
+                values = block[spec.name]
+                if spec.encoding == "raw":
+                    out[spec.name][where] = values[rows[where]]
+                    continue
+                for at, row in zip(where.tolist(), rows[where].tolist(), strict=True):
+                    rng = np.random.default_rng([self.seed, self.epoch, int(positions[at])])
+                    out[spec.name][at] = self._frames(spec, values[row], rng)
         return Batch(
             inputs={name: torch.from_numpy(values) for name, values in out.items()},
             label=torch.from_numpy(self.labels[positions]),
@@ -122,6 +149,19 @@ class ParquetSamples(Dataset):
 
     def __getitem__(self, position: int) -> Batch:
         return self.__getitems__([position])
+
+    def _frames(
+        self, spec: ModalitySpec, stored: list[bytes], rng: np.random.Generator
+    ) -> np.ndarray:
+        """Pick K stored frames (or u/v pairs) by segments, as the reference loaders do: at
+        random within each segment when training, at its middle otherwise, then decode."""
+        k = spec.shape[0]
+        if spec.encoding == "jpeg":
+            picks = segment_indices(len(stored), k, train=self.train, rng=rng)
+            return decode_jpeg([stored[i] for i in picks])
+        picks = segment_indices(len(stored) // 2, k, train=self.train, rng=rng)
+        planes = decode_jpeg([stored[j] for i in picks for j in (2 * i, 2 * i + 1)])
+        return planes.reshape(k, 2, *planes.shape[1:3]).transpose(0, 2, 3, 1)
 
 
 def collate_batch(batch: Batch) -> Batch:

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from mmval.atomic import write_text_atomic
 from mmval.data.manifest import load_dataset_manifest
+from mmval.data.pipeline import PARTIAL, PrepCallbacks, PrepSummary, SplitCounts, run_plan
 from mmval.data.shards import MANIFEST, DataManifest, check_data_dir, load_manifest, write_dataset
 from mmval.data.sources import SOURCES
 from mmval.errors import UserError
 from mmval.overrides import apply_overrides
 from mmval.validation import format_validation_error
+
+
+@dataclass
+class PrepResult:
+    manifest: DataManifest
+    wrote: bool  # False: an existing output with the same settings was verified and kept
+    summary: PrepSummary | None = None
 
 
 def prepare(
@@ -22,29 +34,61 @@ def prepare(
     raw: Path | None = None,
     overrides: Sequence[str] = (),
     overwrite: bool = False,
-) -> tuple[DataManifest, bool]:
-    """Prepare `dataset` into `out`; returns the manifest and whether anything was written.
-
-    A complete output with the same source manifest and parameters is verified and kept.
-    """
+    workers: int | None = None,
+    limit: int | None = None,
+    splits: Sequence[str] | None = None,
+    callbacks: PrepCallbacks | None = None,
+) -> PrepResult:
+    """Prepare `dataset` into `out`. A complete output with the same source manifest and
+    settings is verified and kept; an interrupted one is resumed shard by shard."""
     entry, entry_sha = load_dataset_manifest(dataset)
     source = SOURCES[entry.source]
     try:
         params = source.Params.model_validate(apply_overrides(entry.params, overrides))
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, f"parameters of {dataset}")) from None
-    if source.needs_raw and (raw is None or not raw.is_dir()):
-        raise UserError(f"{dataset} needs its raw data: pass --raw DIR (an existing folder).")
+    if source.needs_raw and (raw is None or not Path(raw).is_dir()):
+        where = "pass --raw DIR" if raw is None else f"--raw {raw} is not a folder"
+        raise UserError(f"{dataset} is prepared from its raw files: {where}. {entry.description}")
     out = Path(out)
-    if (out / MANIFEST).is_file() and not overwrite:
+    settings = {
+        "params": params.model_dump(mode="json"),
+        "limit": limit,
+        "splits": list(splits) if splits else None,
+    }
+    if (out / MANIFEST).is_file():
         existing = load_manifest(out)
         same_source = (existing.dataset, existing.source_manifest_sha256) == (dataset, entry_sha)
-        if same_source and existing.extraction.get("params") == params.model_dump():
-            return check_data_dir(out, verify_checksums=True), False
+        same = same_source and existing.extraction.get("settings") == settings
+        if same and not overwrite:
+            return PrepResult(check_data_dir(out, verify_checksums=True), wrote=False)
+        if not overwrite:
+            raise UserError(
+                f"{out} already holds a prepared data set made with other settings; "
+                "pass --overwrite to rebuild it or choose another --out."
+            )
+    if overwrite and out.exists():
+        _clear(out)
+    partial_settings = out / PARTIAL / "settings.json"
+    if partial_settings.is_file() and json.loads(partial_settings.read_text()) != settings:
         raise UserError(
-            f"{out} already holds a prepared data set made with other settings; "
-            "pass --overwrite to rebuild it or choose another --out."
+            f"{out} holds an interrupted prep made with other settings; pass --overwrite to "
+            "discard it, or re-run with the same settings to resume it."
         )
+    write_text_atomic(partial_settings, json.dumps(settings))
+    if hasattr(source, "plan"):
+        plan = source.plan(entry, params, Path(raw), limit=limit, only_splits=splits)
+        plan.extraction = {"settings": settings, **plan.extraction}
+        manifest, summary = run_plan(
+            plan,
+            out,
+            dataset=dataset,
+            version=entry.version,
+            source_manifest_sha256=entry_sha,
+            workers=workers,
+            callbacks=callbacks,
+        )
+        return PrepResult(manifest, wrote=True, summary=summary)
     built = source.build(entry, params, raw)
     manifest = write_dataset(
         out,
@@ -53,8 +97,22 @@ def prepare(
         source_manifest_sha256=entry_sha,
         classes=built.classes,
         modalities=built.modalities,
-        extraction={"params": params.model_dump(), **built.extraction},
+        extraction={"settings": settings, **built.extraction},
         splits=built.splits,
         errors=built.errors,
     )
-    return manifest, True
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    counts = {
+        name: SplitCounts(planned=len(s.sample_ids), written=len(s.sample_ids))
+        for name, s in built.splits.items()
+    }
+    return PrepResult(manifest, wrote=True, summary=PrepSummary(counts, len(built.errors)))
+
+
+def _clear(out: Path) -> None:
+    """Remove what a previous prep wrote (and only that) before rebuilding."""
+    for name in (MANIFEST, "index.parquet", "errors.parquet"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    for shard in out.glob("*/part-*.parquet"):
+        shard.unlink()

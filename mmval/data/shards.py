@@ -7,7 +7,8 @@ Layout of a data directory (see docs/shard-format.md):
     <split>/part-NNNNN.parquet
 Tensors are stored as raw little-endian bytes in binary columns with their dtype and shape in
 the manifest (and the field metadata): Arrow tensor types and compression on media columns were
-measured to be several times slower to read (../shared/specs/data.md, B.1).
+measured to be several times slower to read (../shared/specs/data.md, B.1). Video frames and
+optical flow are stored as lists of JPEG images with their timestamps.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -40,11 +41,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Encoding = Literal["raw", "jpeg", "jpeg-uv"]
+
+
 class ModalitySpec(_Strict):
+    """One modality column. `raw`: one fixed-shape tensor per sample, `shape` is its shape.
+    `jpeg`: a list of JPEG frames per sample (any count); `shape` is what the loader returns,
+    [K, H, W, C] with K frames picked by segments. `jpeg-uv`: optical flow as grayscale JPEGs
+    interleaved [u0, v0, u1, v1, ...]; the loader returns K pairs as [K, H, W, 2]."""
+
     name: str
     dtype: Literal["float32", "float16", "uint8", "int16", "int32"]
     shape: list[int]
-    encoding: Literal["raw"] = "raw"
+    encoding: Encoding = "raw"
     description: str = ""
 
     @property
@@ -113,13 +122,46 @@ class SplitSamples:
     sources: list[str]
     arrays: dict[str, np.ndarray]  # modality -> [N, *shape]
 
+    def records(self, rows: Sequence[int]) -> list[SampleRecord]:
+        return [
+            SampleRecord(
+                sample_id=self.sample_ids[i],
+                label=int(self.labels[i]),
+                source=self.sources[i],
+                values={name: values[i] for name, values in self.arrays.items()},
+            )
+            for i in rows
+        ]
 
-def _tensor_column(values: np.ndarray, spec: ModalitySpec) -> pa.Array:
-    flat = np.ascontiguousarray(values.astype(np.dtype(spec.dtype).newbyteorder("<"), copy=False))
-    n = flat.shape[0]
-    offsets = np.arange(n + 1, dtype=np.int64) * spec.item_bytes
+
+@dataclass
+class SampleRecord:
+    """One extracted sample: a raw tensor, or JPEG bytes (with their times) per modality."""
+
+    sample_id: str
+    label: int
+    source: str
+    values: dict[str, np.ndarray | list[bytes]]
+    times: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class ShardResult(_Strict):
+    """What one planned shard became; kept while a prep runs so that a re-run can resume."""
+
+    tasks: list[str] = Field(description="sample ids planned for this shard, in order")
+    shard: ShardInfo | None = Field(description="None when every planned sample failed")
+    sample_ids: list[str]
+    labels: list[int]
+    errors: list[tuple[str, str]] = Field(default_factory=list)
+
+
+def _tensor_column(values: list[np.ndarray], spec: ModalitySpec) -> pa.Array:
+    dtype = np.dtype(spec.dtype).newbyteorder("<")
+    flat = np.ascontiguousarray(np.stack(values).astype(dtype, copy=False)) if values else None
+    offsets = np.arange(len(values) + 1, dtype=np.int64) * spec.item_bytes
+    data = flat.tobytes() if flat is not None else b""
     return pa.LargeBinaryArray.from_buffers(
-        pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(flat.tobytes())]
+        pa.large_binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
     )
 
 
@@ -132,8 +174,36 @@ def _schema(modalities: Sequence[ModalitySpec]) -> pa.Schema:
     ]
     for spec in modalities:
         meta = {"dtype": spec.dtype, "shape": json.dumps(spec.shape), "encoding": spec.encoding}
-        fields.append(pa.field(spec.name, pa.large_binary(), nullable=False, metadata=meta))
+        if spec.encoding == "raw":
+            fields.append(pa.field(spec.name, pa.large_binary(), nullable=False, metadata=meta))
+        else:
+            fields.append(pa.field(spec.name, pa.list_(pa.binary()), nullable=False, metadata=meta))
+            fields.append(pa.field(f"{spec.name}_t", pa.list_(pa.float32()), nullable=False))
     return pa.schema(fields)
+
+
+def records_table(
+    records: Sequence[SampleRecord], split: str, modalities: Sequence[ModalitySpec]
+) -> pa.Table:
+    n = len(records)
+    columns: list[pa.Array] = [
+        pa.array([r.sample_id for r in records], pa.string()),
+        pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)), pa.array([split])),
+        pa.array([r.label for r in records], pa.int32()),
+        pa.array([r.source for r in records], pa.string()),
+    ]
+    for spec in modalities:
+        if spec.encoding == "raw":
+            columns.append(_tensor_column([r.values[spec.name] for r in records], spec))
+        else:
+            columns.append(pa.array([r.values[spec.name] for r in records], pa.list_(pa.binary())))
+            columns.append(
+                pa.array(
+                    [np.asarray(r.times[spec.name], np.float32) for r in records],
+                    pa.list_(pa.float32()),
+                )
+            )
+    return pa.Table.from_arrays(columns, schema=_schema(modalities))
 
 
 def write_shard(
@@ -141,8 +211,9 @@ def write_shard(
 ) -> ShardInfo:
     """Write one shard atomically; media columns uncompressed, small columns zstd."""
     path = root / rel_path
-    compression = {name: "zstd" for name in SMALL_COLUMNS}
-    compression.update({spec.name: "none" for spec in modalities})
+    compression = {name: "zstd" for name in table.column_names}
+    for spec in modalities:
+        compression[spec.name] = "none"
     with atomic_path(path) as tmp:
         pq.write_table(
             table,
@@ -163,7 +234,18 @@ def write_shard(
     )
 
 
-def write_dataset(
+def shard_path(split: str, number: int) -> str:
+    return f"{split}/part-{number:05d}.parquet"
+
+
+def shard_order(sample_ids: Sequence[str], seed: int = 0) -> np.ndarray:
+    """The fixed order in which a split's samples are cut into shards: sorted by id, then
+    permuted with a fixed seed so that each row group mixes classes."""
+    by_id = np.argsort(np.asarray(sample_ids, dtype=object), kind="stable")
+    return by_id[np.random.default_rng([seed, len(sample_ids)]).permutation(len(sample_ids))]
+
+
+def finalize_dataset(
     out: Path,
     *,
     dataset: str,
@@ -172,58 +254,50 @@ def write_dataset(
     classes: Sequence[str],
     modalities: Sequence[ModalitySpec],
     extraction: Mapping,
-    splits: Mapping[str, SplitSamples],
+    results: Mapping[str, Sequence[ShardResult]],
     errors: Sequence[tuple[str, str]] = (),
-    shuffle_seed: int = 0,
 ) -> DataManifest:
-    """Write every split as shards, then the index, the errors table and (last) the manifest.
-
-    Rows are permuted with a fixed seed so that each row group mixes classes; the same input
-    always gives the same bytes. The manifest is written last: its presence marks a complete set.
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    schema = _schema(modalities)
+    """Write the index, the errors table and (last) the manifest over finished shards."""
     index_parts: list[pa.Table] = []
     split_infos: dict[str, SplitInfo] = {}
-    for split_name, samples in splits.items():
-        n = len(samples.sample_ids)
-        order = np.random.default_rng([shuffle_seed, n]).permutation(n)
-        shards: list[ShardInfo] = []
-        for shard_no, start in enumerate(range(0, n, ROWS_PER_SHARD)):
-            rows = order[start : start + ROWS_PER_SHARD]
-            columns = [
-                pa.array([samples.sample_ids[i] for i in rows], pa.string()),
-                pa.DictionaryArray.from_arrays(
-                    pa.array(np.zeros(len(rows), np.int8)), pa.array([split_name])
-                ),
-                pa.array(samples.labels[rows].astype(np.int32)),
-                pa.array([samples.sources[i] for i in rows], pa.string()),
-            ]
-            columns += [_tensor_column(samples.arrays[s.name][rows], s) for s in modalities]
-            rel = f"{split_name}/part-{shard_no:05d}.parquet"
-            table = pa.Table.from_arrays(columns, schema=schema)
-            shards.append(write_shard(out, rel, table, modalities))
-            positions = np.arange(len(rows))
+    all_errors = list(errors)
+    for split_name, shard_results in results.items():
+        shards = [r.shard for r in shard_results if r.shard is not None]
+        for result in shard_results:
+            all_errors += result.errors
+            if result.shard is None:
+                continue
+            positions = np.arange(len(result.sample_ids))
             index_parts.append(
                 pa.table(
                     {
-                        "sample_id": columns[0],
-                        "split": pa.array([split_name] * len(rows)),
-                        "label": columns[2],
-                        "shard": pa.array([rel] * len(rows)),
+                        "sample_id": pa.array(result.sample_ids, pa.string()),
+                        "split": pa.array([split_name] * len(positions), pa.string()),
+                        "label": pa.array(result.labels, pa.int32()),
+                        "shard": pa.array([result.shard.path] * len(positions), pa.string()),
                         "row_group": pa.array(positions // ROW_GROUP_SIZE, pa.int32()),
                         "row": pa.array(positions % ROW_GROUP_SIZE, pa.int32()),
                     }
                 )
             )
-        split_infos[split_name] = SplitInfo(samples=n, shards=shards)
+        split_infos[split_name] = SplitInfo(samples=sum(s.rows for s in shards), shards=shards)
+    index_schema = pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("split", pa.string()),
+            ("label", pa.int32()),
+            ("shard", pa.string()),
+            ("row_group", pa.int32()),
+            ("row", pa.int32()),
+        ]
+    )
+    index = pa.concat_tables(index_parts) if index_parts else index_schema.empty_table()
     with atomic_path(out / INDEX) as tmp:
-        pq.write_table(pa.concat_tables(index_parts), tmp, compression="zstd")
+        pq.write_table(index, tmp, compression="zstd")
     error_schema = pa.schema([("source", pa.string()), ("reason", pa.string())])
     error_table = pa.Table.from_pylist(
-        [{"source": source, "reason": reason} for source, reason in errors], schema=error_schema
+        [{"source": source, "reason": reason} for source, reason in all_errors],
+        schema=error_schema,
     )
     with atomic_path(out / ERRORS) as tmp:
         pq.write_table(error_table, tmp)
@@ -239,6 +313,49 @@ def write_dataset(
     )
     write_text_atomic(out / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
     return manifest
+
+
+def write_dataset(
+    out: Path,
+    *,
+    dataset: str,
+    version: str,
+    source_manifest_sha256: str,
+    classes: Sequence[str],
+    modalities: Sequence[ModalitySpec],
+    extraction: Mapping,
+    splits: Mapping[str, SplitSamples],
+    errors: Sequence[tuple[str, str]] = (),
+) -> DataManifest:
+    """Write in-memory splits as shards, then index, errors and manifest. The same input always
+    gives the same bytes; the manifest is written last: its presence marks a complete set."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    results: dict[str, list[ShardResult]] = {}
+    for split_name, samples in splits.items():
+        order = shard_order(samples.sample_ids)
+        results[split_name] = []
+        for number, start in enumerate(range(0, len(order), ROWS_PER_SHARD)):
+            records = samples.records(order[start : start + ROWS_PER_SHARD])
+            table = records_table(records, split_name, modalities)
+            info = write_shard(out, shard_path(split_name, number), table, modalities)
+            ids = [r.sample_id for r in records]
+            labels = [r.label for r in records]
+            results[split_name].append(
+                ShardResult(tasks=ids, shard=info, sample_ids=ids, labels=labels)
+            )
+    return finalize_dataset(
+        out,
+        dataset=dataset,
+        version=version,
+        source_manifest_sha256=source_manifest_sha256,
+        classes=classes,
+        modalities=modalities,
+        extraction=extraction,
+        results=results,
+        errors=errors,
+    )
 
 
 def load_manifest(root: Path) -> DataManifest:

@@ -270,7 +270,12 @@ class Trainer:
         specs = [s for s in specs if s.name in modalities]
         datasets = {
             role: ParquetSamples(
-                data_dir, getattr(recipe.data.splits, role), modalities, manifest=manifest
+                data_dir,
+                getattr(recipe.data.splits, role),
+                modalities,
+                manifest=manifest,
+                train=role == "train",
+                seed=self.seed,
             )
             for role in ("train", "val", "test")
         }
@@ -283,7 +288,6 @@ class Trainer:
             batch_size=recipe.train.batch_size,
             sampler=sampler,
             num_workers=recipe.train.workers,
-            persistent_workers=recipe.train.workers > 0,
             pin_memory=device.type == "cuda",
             collate_fn=collate_batch,
         )
@@ -311,6 +315,7 @@ class Trainer:
         started = time.perf_counter()
         model, method, optimizer = session.model, session.method, session.optimizer
         session.sampler.set_epoch(ctx.epoch)
+        session.datasets["train"].set_epoch(ctx.epoch)  # workers are re-created each epoch
         session.sampler.set_positions(method.train_positions(ctx))
         model.train()
         method.on_epoch_start(model, ctx)

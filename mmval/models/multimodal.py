@@ -9,13 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from mmval.data.shards import ModalitySpec
-from mmval.models.encoders import EncoderConfig, build_encoder
+from mmval.models.encoders import EncoderConfig, MLPEncoderConfig, build_encoder
 from mmval.models.fusion import DECOMPOSABLE, FusionName, build_fusion
 
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="default encoder")
+    encoder: EncoderConfig = Field(default_factory=MLPEncoderConfig, description="default encoder")
     encoders: dict[str, EncoderConfig] = Field(
         default_factory=dict, description="per-modality encoders, overriding `encoder`"
     )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from mmval.data.sources.av_clips import AVClipsSource
 from mmval.data.sources.base import BuiltData, Source
 from mmval.data.sources.synthetic import SyntheticSource
 from mmval.data.sources.uci_mfeat import UciMfeatSource
 
-SOURCES: dict[str, Source] = {src.name: src for src in (UciMfeatSource(), SyntheticSource())}
+SOURCES: dict[str, Source] = {
+    src.name: src for src in (UciMfeatSource(), SyntheticSource(), AVClipsSource())
+}
 
 __all__ = ["SOURCES", "BuiltData", "Source"]

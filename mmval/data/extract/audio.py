@@ -1,0 +1,148 @@
+"""Audio decoding with PyAV and the two spectrograms the reference recipes use.
+
+`kaldi_fbank` is the Kinetics-Sounds/AST feature and `stft_log_magnitude` the OGM-GE CREMA-D one
+(../shared/specs/data.md, A.1 and A.2); both follow the reference code step for step so that
+published numbers stay comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torchaudio
+
+from mmval.data.extract import ExtractionError
+from mmval.data.extract.video import open_media
+
+
+def read_audio(
+    path: Path,
+    *,
+    sample_rate: int | None = None,
+    mono: bool = True,
+    start: float = 0.0,
+    end: float | None = None,
+) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream of `path` to float32 [C, T] in [-1, 1] and its sample rate.
+
+    Samples are clipped to [-1, 1] because the reference pipelines read 16-bit PCM written by
+    ffmpeg, which saturates there (AAC decodes can overshoot slightly). `start`/`end` (seconds)
+    count from the first decoded sample, as librosa's offset/duration do. `mono` averages the
+    channels into [1, T]. When `sample_rate` differs from the stream's, the (trimmed) wave is
+    resampled with torchaudio's band-limited sinc resampler.
+    """
+    with open_media(path) as container:
+        if not container.streams.audio:
+            raise ExtractionError("no audio stream")
+        stream = container.streams.audio[0]
+        stream.thread_type = "AUTO"
+        rate = stream.codec_context.sample_rate
+        if not rate:
+            raise ExtractionError("audio stream without a sample rate")
+        first = round(start * rate)
+        last = None if end is None else round(end * rate)
+        to_float = av.AudioResampler(format="fltp")  # planar float: [C, n] per frame
+        chunks: list[np.ndarray] = []
+        decoded = 0
+        try:
+            for frame in container.decode(stream):
+                for converted in to_float.resample(frame):
+                    chunks.append(converted.to_ndarray())
+                    decoded += converted.samples
+                if last is not None and decoded >= last:
+                    break
+            else:
+                chunks.extend(f.to_ndarray() for f in to_float.resample(None))
+        except av.FFmpegError as exc:
+            raise ExtractionError(f"undecodable: {exc.strerror or exc}") from exc
+    if not chunks:
+        raise ExtractionError("no audio samples")
+    wave = np.concatenate(chunks, axis=1)[:, first:last]
+    if wave.shape[1] == 0:
+        raise ExtractionError(f"no audio samples in [{start}, {end}) s")
+    wave = np.clip(wave, -1.0, 1.0, dtype=np.float32)
+    if mono:
+        wave = wave.mean(axis=0, keepdims=True)
+    if sample_rate is not None and sample_rate != rate:
+        wave = torchaudio.functional.resample(torch.from_numpy(wave), rate, sample_rate).numpy()
+        rate = sample_rate
+    return np.ascontiguousarray(wave, dtype=np.float32), rate
+
+
+def kaldi_fbank(
+    wave: np.ndarray,
+    sample_rate: int,
+    *,
+    num_mel_bins: int = 128,
+    frame_shift_ms: float = 10.0,
+    target_frames: int = 1024,
+    mean: float = -4.503877,
+    std: float = 5.141276,
+) -> np.ndarray:
+    """Log-mel filterbank of the Kinetics-Sounds reference (OGM-GE `process_audio.py`).
+
+    As there: the mean of the whole wave (all channels) is removed, channel 0 goes through
+    `torchaudio.compliance.kaldi.fbank` (Hann window, htk_compat, no energy, no dither), rows are
+    zero-padded or cropped to `target_frames`, then normalised as `(fb - mean) / (2 * std)` (the
+    defaults are the KS statistics). Returns float32 [target_frames, num_mel_bins].
+    """
+    w = torch.as_tensor(wave, dtype=torch.float32)
+    if w.ndim == 1:
+        w = w[None]
+    if w.ndim != 2:
+        raise ValueError(f"expected a wave [T] or [C, T], got shape {tuple(wave.shape)}")
+    w = w - w.mean()
+    fb = torchaudio.compliance.kaldi.fbank(
+        w[:1],
+        htk_compat=True,
+        sample_frequency=sample_rate,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=num_mel_bins,
+        dither=0.0,
+        frame_shift=frame_shift_ms,
+    )
+    fb = torch.nn.functional.pad(fb, (0, 0, 0, max(target_frames - fb.shape[0], 0)))
+    fb = fb[:target_frames]
+    return ((fb - mean) / (std * 2)).numpy().astype(np.float32, copy=False)
+
+
+def stft_log_magnitude(
+    wave: np.ndarray,
+    sample_rate: int,
+    *,
+    n_fft: int = 512,
+    hop_length: int = 353,
+    seconds: float = 3.0,
+    tile: bool = True,
+) -> np.ndarray:
+    """Log-magnitude STFT of the OGM-GE CREMA-D loader, [n_fft // 2 + 1, frames] float32.
+
+    As there (`librosa.load(sr=22050)`; `np.tile(x, 3)[:66150]`; clip to [-1, 1];
+    `librosa.stft(n_fft=512, hop_length=353)`; `log(|S| + 1e-7)`): the mono wave, already at
+    `sample_rate`, is repeated until it lasts `seconds` (zero-padded instead when `tile` is False)
+    and cut to exactly `seconds * sample_rate` samples; the STFT is librosa's default (centred,
+    constant padding, periodic Hann window, no normalisation). 3 s at 22050 Hz gives [257, 188].
+    """
+    x = np.asarray(wave, dtype=np.float32)
+    if x.ndim == 2 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"expected a non-empty mono wave [T] or [1, T], got {np.shape(wave)}")
+    n = round(seconds * sample_rate)
+    x = np.tile(x, math.ceil(n / x.size)) if tile else np.pad(x, (0, max(n - x.size, 0)))
+    x = np.clip(x[:n], -1.0, 1.0)
+    spec = torch.stft(
+        torch.from_numpy(x),
+        n_fft=n_fft,
+        hop_length=hop_length,
+        window=torch.hann_window(n_fft, periodic=True),
+        center=True,
+        pad_mode="constant",
+        return_complex=True,
+    )
+    return torch.log(spec.abs() + 1e-7).numpy()

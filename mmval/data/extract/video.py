@@ -1,0 +1,312 @@
+"""Frame sampling from video files with PyAV, JPEG coding, and the reference segment picker.
+
+Decoding is the dominant cost of `mmval prep` (../shared/specs/data.md, C): frames are decoded
+in-process, only the kept ones are converted to RGB (and resized in the same swscale call), decoding
+stops after the last needed frame, and the decoder seeks only when a keyframe lies between the
+current position and the next target (seeking on every target re-decodes whole GOPs).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import av
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_jpeg as _tv_decode_jpeg
+from torchvision.io import encode_jpeg as _tv_encode_jpeg
+
+from mmval.data.extract import ExtractionError
+
+# Importing torchvision routes FFmpeg's log through PyAV's Python callback (set_level(ERROR)). A
+# frame-threaded decoder thread that logs then waits for the GIL while the main thread, holding
+# it, waits for that thread: a deadlock, seen here about once in ten test runs (PyAV issue
+# #1849). PyAV's own default, no Python log callback, avoids it; error messages stay in the
+# exceptions' strerror.
+av.logging.set_level(None)
+
+_EPS = 1e-6  # seconds: absorbs float error when a frame lies exactly on a target
+
+
+@dataclass
+class VideoFrames:
+    frames: np.ndarray  # uint8 [N, H, W, 3] RGB
+    times: np.ndarray  # float32 [N], seconds from the start of the video stream
+    duration: float  # seconds, of the video stream
+
+
+@dataclass
+class _StreamIndex:
+    """What one demux-only pass tells about a video stream."""
+
+    keyframe_pts: list[int]  # sorted
+    keyframes: list[float]  # the same, in seconds from the start of the stream
+    origin: int  # pts of time 0
+    duration: float  # seconds
+
+
+def open_media(path: Path) -> av.container.InputContainer:
+    """Open a media file, turning every way it can be unreadable into an ExtractionError."""
+    if not path.is_file():
+        raise ExtractionError("missing file")
+    if path.stat().st_size == 0:
+        raise ExtractionError("empty file (0 bytes)")
+    try:
+        return av.open(str(path))
+    except av.FFmpegError as exc:
+        raise ExtractionError(f"undecodable: {exc.strerror or exc}") from exc
+
+
+def read_video_frames(
+    path: Path,
+    *,
+    fps: float = 1.0,
+    position: Literal["start", "center"] = "start",
+    max_frames: int | None = None,
+    size: tuple[int, int] | None = None,
+    start: float = 0.0,
+    end: float | None = None,
+) -> VideoFrames:
+    """Sample frames at `fps` from the first video stream of `path`.
+
+    Target i is `start + i/fps` for "start" (keep the first frame at or after it, as the OGM-GE
+    dumper keeps the first frame of each second) or `start + (i + 0.5)/fps` for "center" (keep the
+    frame nearest to it, as GeWu-Lab/AV_preprocess_tool; ties go to the earlier frame). Targets
+    stop before `end` (exclusive) and the end of the stream, and after `max_frames`; frames outside
+    [start, end) are never kept. A frame serves every target it satisfies, so an `fps` above the
+    source rate repeats frames (like ffmpeg's fps filter). `size` is (height, width) of the
+    returned frames (area interpolation); None keeps the source size. Times are relative to the
+    start of the video stream.
+    """
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    if position not in ("start", "center"):
+        raise ValueError(f"position must be 'start' or 'center', got {position!r}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    try:
+        with _Cursor(path, start, end) as cursor:
+            stop = cursor.index.duration if end is None else min(end, cursor.index.duration)
+            offset = 0.5 if position == "center" else 0.0
+            targets: list[float] = []
+            while max_frames is None or len(targets) < max_frames:
+                target = start + (len(targets) + offset) / fps
+                if target >= stop:
+                    break
+                targets.append(target)
+            kept = _pick_frames(cursor, targets, position)
+            if not kept:
+                raise ExtractionError("no video frames")
+            height, width = size if size is not None else (None, None)
+            arrays: list[np.ndarray] = []
+            for i, (frame, _) in enumerate(kept):
+                if i > 0 and frame is kept[i - 1][0]:  # a repeated frame is converted once
+                    arrays.append(arrays[-1])
+                    continue
+                arrays.append(
+                    frame.to_ndarray(
+                        width=width, height=height, format="rgb24", interpolation="AREA"
+                    )
+                )
+    except av.FFmpegError as exc:
+        raise ExtractionError(f"undecodable: {exc.strerror or exc}") from exc
+    times = np.array([t for _, t in kept], dtype=np.float32)
+    return VideoFrames(frames=np.stack(arrays), times=times, duration=cursor.index.duration)
+
+
+class _Cursor:
+    """Decodes the video frames in [start, end) in order, seeking forward to keyframes on request.
+
+    Some containers (MPEG-TS, raw streams) seek inexactly and land after the requested keyframe;
+    when that happens the file is reopened, decoded from its beginning, and never sought again.
+    """
+
+    def __init__(self, path: Path, start: float, end: float | None) -> None:
+        self._path = path
+        self._start = start
+        self._end = end
+        self._container = self._open()
+        self._frames: Iterator[av.VideoFrame] | None = None
+        self._seekable = True
+        self._landing: float | None = None  # where the last seek must land, until checked
+        self.position = -math.inf  # time of the last decoded frame
+        try:
+            self.index = self._index_stream()
+        except BaseException:
+            self._container.close()
+            raise
+
+    def __enter__(self) -> _Cursor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._container.close()
+
+    def _open(self) -> av.container.InputContainer:
+        container = open_media(self._path)
+        if not container.streams.video:
+            container.close()
+            raise ExtractionError("no video stream")
+        container.streams.video[0].thread_type = "AUTO"
+        return container
+
+    @property
+    def _stream(self) -> av.VideoStream:
+        return self._container.streams.video[0]
+
+    @property
+    def started(self) -> bool:
+        return self._frames is not None
+
+    def _index_stream(self) -> _StreamIndex:
+        """Demux (no decoding) the whole stream for its keyframes and its true duration."""
+        stream = self._stream
+        keyframe_pts: list[int] = []
+        first_pts: int | None = None
+        end_pts: int | None = None
+        rate = stream.average_rate or stream.guessed_rate
+        step = round(1 / (rate * stream.time_base)) if rate else 0  # packets without a duration
+        for packet in self._container.demux(stream):
+            if packet.pts is None:
+                continue
+            if packet.is_keyframe:
+                keyframe_pts.append(packet.pts)
+            first_pts = packet.pts if first_pts is None else min(first_pts, packet.pts)
+            packet_end = packet.pts + (packet.duration or step)
+            end_pts = packet_end if end_pts is None else max(end_pts, packet_end)
+        if first_pts is None or end_pts is None:
+            raise ExtractionError("no video frames")
+        origin = stream.start_time if stream.start_time is not None else first_pts
+        keyframe_pts.sort()
+        return _StreamIndex(
+            keyframe_pts=keyframe_pts,
+            keyframes=[float((pts - origin) * stream.time_base) for pts in keyframe_pts],
+            origin=origin,
+            duration=float((end_pts - origin) * stream.time_base),
+        )
+
+    def restart(self, k: int) -> bool:
+        """Decode from keyframe k (from the beginning when k < 0); False if that is not possible.
+
+        A seek is trusted only once its first frame shows it landed on the keyframe.
+        """
+        if k < 0:
+            self._reopen(seekable=self._seekable)
+            return True
+        if not self._seekable:
+            return False
+        self._container.seek(
+            self.index.keyframe_pts[k], stream=self._stream, backward=True, any_frame=False
+        )
+        self._frames = self._container.decode(self._stream)
+        self._landing = self.index.keyframes[k]
+        self.position = -math.inf
+        return True
+
+    def _reopen(self, *, seekable: bool) -> None:
+        self._container.close()
+        self._container = self._open()
+        self._frames = self._container.decode(self._stream)
+        self._seekable = seekable
+        self._landing = None
+        self.position = -math.inf
+
+    def next(self) -> tuple[av.VideoFrame, float] | None:
+        """The next frame in [start, end) with its time, or None at the end."""
+        assert self._frames is not None, "restart before decoding"
+        for frame in self._frames:
+            if frame.pts is None:
+                continue
+            time = float((frame.pts - self.index.origin) * self._stream.time_base)
+            if self._landing is not None:
+                if time > self._landing + _EPS:  # the seek overshot: decode from the beginning
+                    self._reopen(seekable=False)
+                    return self.next()
+                self._landing = None
+            self.position = time
+            if self._end is not None and time >= self._end:
+                self._frames = iter(())
+                return None
+            if time >= self._start - _EPS:
+                return frame, time
+        return None
+
+
+def _pick_frames(
+    cursor: _Cursor, targets: list[float], position: Literal["start", "center"]
+) -> list[tuple[av.VideoFrame, float]]:
+    """Decode towards each target in turn, seeking only when a keyframe lies in between."""
+    keyframes = cursor.index.keyframes
+    kept: list[tuple[av.VideoFrame, float]] = []
+    prev: tuple[av.VideoFrame, float] | None = None  # last frame before the target
+    last: tuple[av.VideoFrame, float] | None = None  # first frame at or after it
+    for target in targets:
+        k = bisect.bisect_right(keyframes, target + _EPS) - 1
+        seek = not cursor.started or (k >= 0 and keyframes[k] > cursor.position)
+        if seek and cursor.restart(k):
+            prev = last = None
+        while last is None or last[1] < target - _EPS:
+            if last is not None:
+                prev = last
+            last = cursor.next()
+            if last is None:
+                break
+        if position == "start":
+            if last is None:
+                break
+            kept.append(last)
+        elif prev is not None and (last is None or target - prev[1] <= last[1] - target + _EPS):
+            kept.append(prev)  # nearer, or a tie up to float error: the earlier frame
+        elif last is not None:
+            kept.append(last)
+        else:
+            break
+    return kept
+
+
+def encode_jpeg(frames: np.ndarray, quality: int = 90) -> list[bytes]:
+    """Encode uint8 [N, H, W, C] images (C = 1 grayscale or 3 RGB) as one JPEG each."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] not in (1, 3):
+        raise ValueError(f"expected uint8 [N, H, W, 1|3], got {frames.dtype} {frames.shape}")
+    chw = torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)))
+    return [bytes(t.numpy()) for t in _tv_encode_jpeg(list(chw), quality=quality)]
+
+
+def decode_jpeg(data: list[bytes]) -> np.ndarray:
+    """Decode JPEGs of one shape to uint8 [N, H, W, C]; grayscale JPEGs give C = 1."""
+    if not data:
+        raise ValueError("no JPEG images to decode")
+    encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
+    images = _tv_decode_jpeg(encoded, mode=ImageReadMode.UNCHANGED)
+    return np.stack([img.permute(1, 2, 0).numpy() for img in images])
+
+
+def segment_indices(
+    n_frames: int, k: int, *, train: bool, rng: np.random.Generator | None
+) -> np.ndarray:
+    """Pick k of n_frames kept frames as the GeWu-Lab loaders do (0-based indices).
+
+    The reference splits the frames into k segments of `seg = n_frames // k` and uses 1-indexed
+    frame names: test `t_i = i*seg + max(seg // 2, 1)`, train `t_i = randint(i*seg + 1, i*seg +
+    seg)` (both ends inclusive). Here `t_i - 1`, clipped to [0, n_frames - 1]. When n_frames < k
+    (seg == 0) the formula is undefined, so k evenly spread indices (with repeats) are returned.
+    """
+    if n_frames < 1 or k < 1:
+        raise ValueError(f"need n_frames >= 1 and k >= 1, got n_frames={n_frames}, k={k}")
+    seg = n_frames // k
+    if seg == 0:
+        return np.linspace(0, n_frames - 1, k).round().astype(np.int64)
+    first = np.arange(k, dtype=np.int64) * seg + 1  # 1-indexed start of each segment
+    if train:
+        if rng is None:
+            raise ValueError("train=True needs an rng, so that the picks are reproducible")
+        one_based = rng.integers(first, first + seg)  # randint(a, a + seg - 1) inclusive
+    else:
+        one_based = first - 1 + max(seg // 2, 1)
+    return np.clip(one_based - 1, 0, n_frames - 1)

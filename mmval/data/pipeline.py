@@ -1,0 +1,216 @@
+"""Streaming extraction of raw clips into shards: parallel, bounded in memory, resumable.
+
+Samples are assigned to shards before anything is extracted (`shard_order`), so a re-run plans
+the same shards; each finished shard leaves a small record in `<out>/.partial/`, and a re-run
+reuses every shard whose record and checksum still agree. Clips that fail go to the errors table
+with a reason and never stop the run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmval.atomic import write_text_atomic
+from mmval.data.extract import ExtractionError
+from mmval.data.shards import (
+    MANIFEST,
+    DataManifest,
+    ModalitySpec,
+    SampleRecord,
+    ShardResult,
+    finalize_dataset,
+    records_table,
+    sha256_file,
+    shard_order,
+    shard_path,
+    write_shard,
+)
+
+PARTIAL = ".partial"
+
+
+@dataclass(frozen=True)
+class ClipTask:
+    """One raw sample to extract: its identity, label and the files it is read from."""
+
+    sample_id: str
+    label: int
+    source: str  # path relative to the raw folder: what errors.parquet names
+    files: dict[str, str]  # role ("video", "audio") -> absolute path
+    window: tuple[float, float] | None = None  # event window in seconds (AVE)
+
+
+Extractor = Callable[[ClipTask], SampleRecord]
+
+
+@dataclass
+class PrepPlan:
+    classes: list[str]
+    modalities: list[ModalitySpec]
+    extraction: dict
+    splits: dict[str, list[ClipTask]]
+    extractor: Extractor  # picklable: it runs in worker processes
+    rows_per_shard: int
+    errors: list[tuple[str, str]] = field(default_factory=list)  # found while planning
+
+
+@dataclass
+class SplitCounts:
+    planned: int = 0
+    written: int = 0
+    failed: int = 0
+    reused_shards: int = 0
+
+
+@dataclass
+class PrepSummary:
+    splits: dict[str, SplitCounts]
+    planning_errors: int
+
+    @property
+    def failure_share(self) -> float:
+        failed = sum(c.failed for c in self.splits.values()) + self.planning_errors
+        total = sum(c.planned for c in self.splits.values()) + self.planning_errors
+        return failed / total if total else 0.0
+
+
+@dataclass
+class PrepCallbacks:
+    on_plan: Callable[[int], None] = lambda total: None
+    on_clip: Callable[[bool], None] = lambda ok: None
+
+
+def _extract_safely(job: tuple[Extractor, ClipTask]) -> SampleRecord | tuple[str, str]:
+    """Run in a worker: a record, or (source, reason) for any failure, never an exception."""
+    extractor, task = job
+    try:
+        return extractor(task)
+    except ExtractionError as exc:
+        return task.source, str(exc)
+    except Exception as exc:  # every input must be accounted for, bugs included
+        return task.source, f"{type(exc).__name__}: {exc}"
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _shard_tasks(plan: PrepPlan) -> dict[str, list[list[ClipTask]]]:
+    shards: dict[str, list[list[ClipTask]]] = {}
+    for split, tasks in plan.splits.items():
+        order = shard_order([t.sample_id for t in tasks])
+        ordered = [tasks[i] for i in order]
+        step = plan.rows_per_shard
+        shards[split] = [ordered[i : i + step] for i in range(0, len(ordered), step)]
+    return shards
+
+
+def _reusable(out: Path, record_path: Path, tasks: list[ClipTask]) -> ShardResult | None:
+    if not record_path.is_file():
+        return None
+    result = ShardResult.model_validate_json(record_path.read_text(encoding="utf-8"))
+    if result.tasks != [t.sample_id for t in tasks]:
+        return None
+    shard = result.shard
+    if shard is not None:
+        path = out / shard.path
+        if not path.is_file() or path.stat().st_size != shard.bytes:
+            return None
+        if sha256_file(path) != shard.sha256:
+            return None
+    return result
+
+
+def _results(
+    jobs: Sequence[tuple[Extractor, ClipTask]], workers: int
+) -> Iterator[SampleRecord | tuple[str, str]]:
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(_extract_safely, jobs)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker) as pool:
+        yield from pool.imap(_extract_safely, jobs, chunksize=1)
+
+
+def run_plan(
+    plan: PrepPlan,
+    out: Path,
+    *,
+    dataset: str,
+    version: str,
+    source_manifest_sha256: str,
+    workers: int | None = None,
+    callbacks: PrepCallbacks | None = None,
+) -> tuple[DataManifest, PrepSummary]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    callbacks = callbacks or PrepCallbacks()
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    shards = _shard_tasks(plan)
+    counts = {split: SplitCounts(planned=len(tasks)) for split, tasks in plan.splits.items()}
+    results: dict[str, list[ShardResult | None]] = {}
+    pending: list[tuple[str, int, list[ClipTask]]] = []
+    for split, shard_list in shards.items():
+        results[split] = []
+        for number, tasks in enumerate(shard_list):
+            reused = _reusable(out, out / PARTIAL / f"{shard_path(split, number)}.json", tasks)
+            results[split].append(reused)
+            if reused is None:
+                pending.append((split, number, tasks))
+            else:
+                counts[split].reused_shards += 1
+                counts[split].written += len(reused.sample_ids)
+                counts[split].failed += len(reused.errors)
+    callbacks.on_plan(sum(len(tasks) for _, _, tasks in pending))
+
+    jobs = [(plan.extractor, task) for _, _, tasks in pending for task in tasks]
+    stream = _results(jobs, workers)
+    for split, number, tasks in pending:
+        records: list[SampleRecord] = []
+        errors: list[tuple[str, str]] = []
+        for _ in tasks:
+            outcome = next(stream)
+            if isinstance(outcome, SampleRecord):
+                records.append(outcome)
+            else:
+                errors.append(outcome)
+            callbacks.on_clip(isinstance(outcome, SampleRecord))
+        rel = shard_path(split, number)
+        info = None
+        if records:
+            info = write_shard(
+                out, rel, records_table(records, split, plan.modalities), plan.modalities
+            )
+        result = ShardResult(
+            tasks=[t.sample_id for t in tasks],
+            shard=info,
+            sample_ids=[r.sample_id for r in records],
+            labels=[r.label for r in records],
+            errors=errors,
+        )
+        write_text_atomic(out / PARTIAL / f"{rel}.json", result.model_dump_json())
+        results[split][number] = result
+        counts[split].written += len(records)
+        counts[split].failed += len(errors)
+
+    manifest = finalize_dataset(
+        out,
+        dataset=dataset,
+        version=version,
+        source_manifest_sha256=source_manifest_sha256,
+        classes=plan.classes,
+        modalities=plan.modalities,
+        extraction=plan.extraction,
+        results={split: [r for r in rs if r is not None] for split, rs in results.items()},
+        errors=plan.errors,
+    )
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    return manifest, PrepSummary(splits=counts, planning_errors=len(plan.errors))

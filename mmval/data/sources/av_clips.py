@@ -1,0 +1,526 @@
+"""Audio-visual clip data sets (Kinetics-Sounds, CREMA-D, AVE, UCF-101, VGGSound, ...).
+
+The manifest's `raw` section says where the split lists are and how to parse them, and where
+each clip's video and audio files are; its `params` say what to extract per modality. Planning
+reads only the lists and the folder tree; extraction runs per clip in worker processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from mmval.data.extract import ExtractionError
+from mmval.data.extract.audio import kaldi_fbank, read_audio, stft_log_magnitude
+from mmval.data.extract.flow import flow_pair_frames, optical_flow
+from mmval.data.extract.psd import log_psd
+from mmval.data.extract.video import encode_jpeg, open_media, read_video_frames
+from mmval.data.manifest import DatasetManifest
+from mmval.data.pipeline import ClipTask, PrepPlan
+from mmval.data.shards import ROWS_PER_SHARD, ModalitySpec, SampleRecord
+from mmval.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- raw layout
+class ListSpec(_Strict):
+    """A split list file and how to read the clip id, label and event window from each line."""
+
+    path: str = Field(description="relative to the raw folder")
+    format: Literal["csv", "whitespace", "ampersand"] = "csv"
+    encoding: str = Field(default="utf-8-sig", description="utf-8-sig also strips a BOM")
+    header: bool = False
+    id: int = Field(default=0, description="column of the clip id")
+    label: int | None = Field(default=1, description="column of the label (None: `folder`)")
+    label_kind: Literal["index", "index1", "name", "folder"] = "name"
+    window: tuple[int, int] | None = Field(default=None, description="event start/end columns")
+
+
+class SplitSpec(_Strict):
+    lists: list[ListSpec] = Field(default_factory=list)
+    carve_from: str | None = Field(
+        default=None, description="take a stratified `fraction` of this split instead of lists"
+    )
+    fraction: float = Field(default=0.1, gt=0, lt=1)
+    seed: int = 0
+
+
+class MediaSpec(_Strict):
+    video: str | None = Field(default=None, description="path pattern with {id}")
+    audio: str | None = Field(default=None, description="path pattern with {id}, or 'video'")
+    match: Literal["path", "youtube-start"] = Field(
+        default="path",
+        description="youtube-start: find the file by 11-char YouTube id + start second",
+    )
+    search: str = Field(default="**/*.mp4", description="files indexed for youtube-start")
+
+
+class RegroupSpec(_Strict):
+    """Re-split all listed clips so that no group (e.g. CREMA-D actor) spans two splits."""
+
+    pattern: str = Field(description="regex whose first group is the group key of a clip id")
+    fractions: dict[str, float]
+    seed: int = 0
+
+
+class ClassesFile(_Strict):
+    """Class names read from a raw file column, in order of first appearance (or sorted)."""
+
+    path: str
+    format: Literal["csv", "whitespace", "ampersand"] = "whitespace"
+    column: int = 1
+    order: Literal["first", "sorted"] = "first"
+
+
+class AVRaw(_Strict):
+    splits: dict[str, SplitSpec]
+    media: MediaSpec
+    regroup: RegroupSpec | None = None
+    classes_file: ClassesFile | None = None
+    class_subset: list[str] | None = Field(
+        default=None, description="keep only clips of these classes (relabelled in this order)"
+    )
+
+
+# ------------------------------------------------------------------------ extraction params
+class FramesParams(_Strict):
+    kind: Literal["frames"] = "frames"
+    name: str = "visual"
+    fps: float = 1.0
+    position: Literal["start", "center"] = "start"
+    max_frames: int | None = 10
+    size: tuple[int, int] = Field(default=(224, 224), description="(height, width) stored")
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
+    pick: int = Field(default=3, ge=1, description="frames the loader picks by segments")
+    within_window: bool = False
+    count: int | None = Field(
+        default=None, description="instead of fps: this many frames spread evenly over the clip"
+    )
+
+
+class FbankParams(_Strict):
+    kind: Literal["fbank"] = "fbank"
+    name: str = "audio"
+    sample_rate: int | None = 16000
+    num_mel_bins: int = 128
+    frame_shift_ms: float = 10.0
+    target_frames: int = 1024
+    mean: float = -4.503877
+    std: float = 5.141276
+    within_window: bool = False
+
+
+class StftParams(_Strict):
+    kind: Literal["stft"] = "stft"
+    name: str = "audio"
+    sample_rate: int = 22050
+    n_fft: int = 512
+    hop_length: int = 353
+    seconds: float = 3.0
+    tile: bool = True
+
+
+class PsdParams(_Strict):
+    kind: Literal["psd"] = "psd"
+    name: str = "audio"
+    sample_rate: int = 22050
+    nperseg: int = 512
+    noverlap: int = 353
+    samples: int = Field(default=160000, description="tiled / cropped to this many samples")
+    within_window: bool = False
+
+
+class FlowParams(_Strict):
+    kind: Literal["flow", "rgb_diff"] = "flow"
+    name: str = "flow"
+    pairs: int = Field(default=10, ge=1, description="consecutive-frame pairs stored per clip")
+    method: Literal["dis", "farneback", "tvl1"] = "dis"
+    bound: float = 20.0
+    size: tuple[int, int] = (224, 224)
+    jpeg_quality: int = Field(default=95, ge=1, le=100)
+    pick: int = Field(default=3, ge=1)
+
+
+ModalityParams = Annotated[
+    FramesParams | FbankParams | StftParams | PsdParams | FlowParams, Field(discriminator="kind")
+]
+
+
+class AVParams(_Strict):
+    modalities: list[ModalityParams]
+    rows_per_shard: int = Field(default=ROWS_PER_SHARD, ge=1)
+    min_seconds: float = Field(default=0.5, description="shorter clips are errors")
+
+
+# ---------------------------------------------------------------------------- planning
+_YT = re.compile(r"^(?P<yt>[A-Za-z0-9_-]{11})_(?P<start>\d+)(?:_\d+)?$")
+
+
+def _youtube_key(stem: str) -> tuple[str, int] | None:
+    match = _YT.match(stem)
+    return (match["yt"], int(match["start"])) if match else None
+
+
+def _read_rows(root: Path, spec: ListSpec) -> list[list[str]]:
+    path = root / spec.path
+    if not path.is_file():
+        raise UserError(f"the raw folder {root} has no split list {spec.path}.")
+    text = path.read_text(encoding=spec.encoding)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if spec.header:
+        lines = lines[1:]
+    if spec.format == "csv":
+        return [row for row in csv.reader(lines)]
+    if spec.format == "ampersand":
+        return [line.split("&") for line in lines]
+    return [line.split() for line in lines]
+
+
+def _label_of(row: list[str], spec: ListSpec, class_index: dict[str, int]) -> int:
+    if spec.label_kind == "folder":
+        name = row[spec.id].split("/")[0]
+    else:
+        assert spec.label is not None
+        name = row[spec.label].strip()
+        if spec.label_kind in ("index", "index1"):
+            return int(name) - (1 if spec.label_kind == "index1" else 0)
+    if name not in class_index:
+        raise UserError(f"label {name!r} in the split list is not one of the manifest's classes.")
+    return class_index[name]
+
+
+class _Listed:
+    def __init__(self, clip_id: str, label: int, window: tuple[float, float] | None) -> None:
+        self.clip_id, self.label, self.window = clip_id, label, window
+
+
+def _list_split(root: Path, split: SplitSpec, class_index: dict[str, int]) -> list[_Listed]:
+    listed: dict[str, _Listed] = {}
+    for spec in split.lists:
+        for row in _read_rows(root, spec):
+            window = None
+            if spec.window is not None:
+                window = (float(row[spec.window[0]]), float(row[spec.window[1]]))
+            clip_id = row[spec.id].strip()
+            listed[clip_id] = _Listed(clip_id, _label_of(row, spec, class_index), window)
+    return list(listed.values())
+
+
+def _carve(items: list[_Listed], fraction: float, seed: int) -> tuple[list, list]:
+    """Stratified: from each class, a seeded `fraction` (at least one sample of every class that
+    has two) goes to the carved split."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[int, list[_Listed]] = defaultdict(list)
+    for item in sorted(items, key=lambda it: it.clip_id):
+        by_label[item.label].append(item)
+    kept, carved = [], []
+    for label in sorted(by_label):
+        members = by_label[label]
+        take = max(1, round(fraction * len(members))) if len(members) > 1 else 0
+        chosen = set(rng.permutation(len(members))[:take].tolist())
+        for i, item in enumerate(members):
+            (carved if i in chosen else kept).append(item)
+    return kept, carved
+
+
+def _regroup(splits: dict[str, list[_Listed]], spec: RegroupSpec) -> dict[str, list[_Listed]]:
+    pattern = re.compile(spec.pattern)
+    groups: dict[str, list[_Listed]] = defaultdict(list)
+    for item in (it for items in splits.values() for it in items):
+        match = pattern.search(item.clip_id)
+        if match is None:
+            raise UserError(f"clip id {item.clip_id!r} does not match regroup.pattern.")
+        groups[match.group(1)].append(item)
+    keys = sorted(groups)
+    order = [keys[i] for i in np.random.default_rng(spec.seed).permutation(len(keys))]
+    total = sum(spec.fractions.values())
+    out: dict[str, list[_Listed]] = {name: [] for name in spec.fractions}
+    start = 0.0
+    for name, share in spec.fractions.items():
+        lo, hi = round(start / total * len(order)), round((start + share) / total * len(order))
+        for key in order[lo:hi]:
+            out[name].extend(groups[key])
+        start += share
+    return out
+
+
+class _MediaIndex:
+    def __init__(self, root: Path, media: MediaSpec) -> None:
+        self.root, self.media = root, media
+        self.by_key: dict[tuple[str, int], Path] = {}
+        if media.match == "youtube-start":
+            for path in sorted(root.glob(media.search)):
+                key = _youtube_key(path.stem)
+                if key is not None:
+                    self.by_key.setdefault(key, path)
+
+    def video(self, clip_id: str) -> Path | None:
+        if self.media.match == "youtube-start":
+            key = _youtube_key(Path(clip_id).name)
+            return self.by_key.get(key) if key else None
+        if self.media.video is None:
+            return None
+        return self.root / self.media.video.format(id=clip_id)
+
+    def files(self, clip_id: str) -> tuple[dict[str, str], str | None]:
+        """The files of a clip, or the reason it cannot be extracted."""
+        files: dict[str, str] = {}
+        if self.media.video is not None or self.media.match == "youtube-start":
+            video = self.video(clip_id)
+            if video is None or not video.is_file():
+                return files, "video file not found"
+            files["video"] = str(video)
+        if self.media.audio == "video":
+            if "video" in files:
+                files["audio"] = files["video"]
+        elif self.media.audio is not None:
+            audio = self.root / self.media.audio.format(id=clip_id)
+            if not audio.is_file():
+                return files, f"audio file not found ({audio.relative_to(self.root)})"
+            files["audio"] = str(audio)
+        return files, None
+
+
+def _modality_spec(params: ModalityParams) -> ModalitySpec:
+    if isinstance(params, FramesParams):
+        h, w = params.size
+        return ModalitySpec(
+            name=params.name,
+            dtype="uint8",
+            shape=[params.pick, h, w, 3],
+            encoding="jpeg",
+            description=f"RGB frames at {params.fps} fps",
+        )
+    if isinstance(params, FlowParams):
+        h, w = params.size
+        if params.kind == "flow":
+            return ModalitySpec(
+                name=params.name,
+                dtype="uint8",
+                shape=[params.pick, h, w, 2],
+                encoding="jpeg-uv",
+                description=f"{params.method} optical flow",
+            )
+        return ModalitySpec(
+            name=params.name,
+            dtype="uint8",
+            shape=[params.pick, h, w, 3],
+            encoding="jpeg",
+            description="RGB difference of consecutive frames",
+        )
+    if isinstance(params, FbankParams):
+        return ModalitySpec(
+            name=params.name,
+            dtype="float16",
+            shape=[params.target_frames, params.num_mel_bins],
+            description="Kaldi log-mel filterbank (AST style)",
+        )
+    if isinstance(params, PsdParams):
+        frames = (params.samples - params.noverlap) // (params.nperseg - params.noverlap)
+        return ModalitySpec(
+            name=params.name,
+            dtype="float16",
+            shape=[params.nperseg // 2 + 1, frames],
+            description="log power spectral density, z-normalised per sample",
+        )
+    frames = int(params.seconds * params.sample_rate) // params.hop_length + 1
+    return ModalitySpec(
+        name=params.name,
+        dtype="float16",
+        shape=[params.n_fft // 2 + 1, frames],
+        description="log STFT magnitude",
+    )
+
+
+# -------------------------------------------------------------------------- extraction
+def _in_window(task: ClipTask, use: bool) -> tuple[float, float | None]:
+    return task.window if use and task.window is not None else (0.0, None)
+
+
+def _probe(path: Path) -> tuple[float, float]:
+    """(duration in seconds, frame rate) of the first video stream, from its metadata."""
+    with open_media(path) as container:
+        if not container.streams.video:
+            raise ExtractionError("no video stream")
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or stream.guessed_rate or 25)
+        if stream.duration is not None and stream.time_base is not None:
+            return float(stream.duration * stream.time_base), rate
+        return (container.duration or 0) / 1_000_000, rate
+
+
+def _flow_like(params: FlowParams, path: str) -> tuple[list[bytes], np.ndarray]:
+    _, rate = _probe(Path(path))
+    video = read_video_frames(Path(path), fps=rate, size=params.size)  # every frame
+    n = len(video.frames)
+    if n < 2:
+        raise ExtractionError("need at least 2 frames for optical flow")
+    starts = np.unique(np.linspace(0, n - 2, params.pairs).round().astype(int))
+    times = video.times[starts]
+    if params.kind == "flow":
+        planes = [
+            flow_pair_frames(
+                optical_flow(video.frames[[s, s + 1]], method=params.method, bound=params.bound)
+            )
+            for s in starts
+        ]
+        return encode_jpeg(np.concatenate(planes), params.jpeg_quality), times
+    diff = video.frames[starts + 1].astype(np.int16) - video.frames[starts].astype(np.int16)
+    return encode_jpeg((diff // 2 + 128).astype(np.uint8), params.jpeg_quality), times
+
+
+def extract_clip(params: AVParams, task: ClipTask) -> SampleRecord:
+    values: dict[str, np.ndarray | list[bytes]] = {}
+    times: dict[str, np.ndarray] = {}
+    for spec in params.modalities:
+        if isinstance(spec, FramesParams):
+            start, end = _in_window(task, spec.within_window)
+            video = read_video_frames(
+                Path(task.files["video"]),
+                fps=spec.fps,
+                position=spec.position,
+                max_frames=spec.max_frames,
+                size=spec.size,
+                start=start,
+                end=end,
+            )
+            if video.duration < params.min_seconds:
+                raise ExtractionError(f"too short: {video.duration:.2f} s < {params.min_seconds} s")
+            values[spec.name] = encode_jpeg(video.frames, spec.jpeg_quality)
+            times[spec.name] = video.times
+        elif isinstance(spec, FlowParams):
+            values[spec.name], times[spec.name] = _flow_like(spec, task.files["video"])
+        else:
+            if "audio" not in task.files:
+                raise ExtractionError("no audio file")
+            start, end = _in_window(task, getattr(spec, "within_window", False))
+            wave, rate = read_audio(
+                Path(task.files["audio"]), sample_rate=spec.sample_rate, start=start, end=end
+            )
+            if wave.shape[-1] < params.min_seconds * rate:
+                raise ExtractionError(
+                    f"too short: audio {wave.shape[-1] / rate:.2f} s < {params.min_seconds} s"
+                )
+            if isinstance(spec, PsdParams):
+                feats = log_psd(
+                    wave, rate, nperseg=spec.nperseg, noverlap=spec.noverlap, samples=spec.samples
+                )
+            elif isinstance(spec, FbankParams):
+                feats = kaldi_fbank(
+                    wave,
+                    rate,
+                    num_mel_bins=spec.num_mel_bins,
+                    frame_shift_ms=spec.frame_shift_ms,
+                    target_frames=spec.target_frames,
+                    mean=spec.mean,
+                    std=spec.std,
+                )
+            else:
+                feats = stft_log_magnitude(
+                    wave,
+                    rate,
+                    n_fft=spec.n_fft,
+                    hop_length=spec.hop_length,
+                    seconds=spec.seconds,
+                    tile=spec.tile,
+                )
+            values[spec.name] = feats.astype(np.float16)
+    return SampleRecord(task.sample_id, task.label, task.source, values, times)
+
+
+class AVClipsSource:
+    name: ClassVar[str] = "av_clips"
+    needs_raw: ClassVar[bool] = True
+    Params: ClassVar[type[BaseModel]] = AVParams
+
+    def plan(
+        self,
+        manifest: DatasetManifest,
+        params: AVParams,
+        raw: Path,
+        *,
+        limit: int | None = None,
+        only_splits: list[str] | None = None,
+    ) -> PrepPlan:
+        layout = AVRaw.model_validate(manifest.raw)
+        classes = self._classes(manifest, layout, raw)
+        class_index = {name: i for i, name in enumerate(classes)}
+        listed = {
+            name: _list_split(raw, split, class_index)
+            for name, split in layout.splits.items()
+            if split.carve_from is None
+        }
+        for name, split in layout.splits.items():
+            if split.carve_from is not None:
+                listed[split.carve_from], listed[name] = _carve(
+                    listed[split.carve_from], split.fraction, split.seed
+                )
+        if layout.regroup is not None:
+            listed = _regroup(listed, layout.regroup)
+        if layout.class_subset is not None:
+            keep = {class_index[c]: i for i, c in enumerate(layout.class_subset)}
+            listed = {
+                name: [
+                    _Listed(it.clip_id, keep[it.label], it.window)
+                    for it in items
+                    if it.label in keep
+                ]
+                for name, items in listed.items()
+            }
+            classes = list(layout.class_subset)
+        if only_splits is not None:
+            unknown = sorted(set(only_splits) - set(listed))
+            if unknown:
+                raise UserError(
+                    f"--splits: {manifest.name} has no split(s) {unknown}; it has {sorted(listed)}."
+                )
+            listed = {name: items for name, items in listed.items() if name in only_splits}
+        index = _MediaIndex(raw, layout.media)
+        splits: dict[str, list[ClipTask]] = {}
+        errors: list[tuple[str, str]] = []
+        for name, items in listed.items():
+            items = sorted(items, key=lambda it: it.clip_id)[:limit]
+            splits[name] = []
+            for item in items:
+                files, problem = index.files(item.clip_id)
+                if problem is not None:
+                    errors.append((item.clip_id, problem))
+                    continue
+                source = str(Path(files.get("video") or files["audio"]).relative_to(raw))
+                splits[name].append(ClipTask(item.clip_id, item.label, source, files, item.window))
+        planned = sum(len(tasks) for tasks in splits.values())
+        if planned == 0:
+            example = layout.media.video or layout.media.audio or layout.media.search
+            raise UserError(
+                f"no clip listed in the split files of {manifest.name} was found under {raw} "
+                f"(expected files like {example}); found at the top level: "
+                f"{', '.join(sorted(p.name for p in raw.iterdir())[:12]) or 'nothing'}."
+            )
+        return PrepPlan(
+            classes=classes,
+            modalities=[_modality_spec(m) for m in params.modalities],
+            extraction={},
+            splits=splits,
+            extractor=functools.partial(extract_clip, params),
+            rows_per_shard=params.rows_per_shard,
+            errors=errors,
+        )
+
+    @staticmethod
+    def _classes(manifest: DatasetManifest, layout: AVRaw, raw: Path) -> list[str]:
+        spec = layout.classes_file
+        if spec is None:
+            return list(manifest.classes)
+        rows = _read_rows(raw, ListSpec(path=spec.path, format=spec.format))
+        names = list(dict.fromkeys(row[spec.column].strip() for row in rows))
+        return sorted(names) if spec.order == "sorted" else names
