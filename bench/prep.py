@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,10 @@ def reference_clip(job: tuple[str, str]) -> None:
 def reference_fbank(job: tuple[str, str]) -> None:
     wav, out = job
     torch.set_num_threads(1)
-    waveform, sr = torchaudio.load(wav)
+    with wave.open(wav, "rb") as reader:  # torchaudio.load needs torchcodec in 2.9
+        sr = reader.getframerate()
+        pcm = np.frombuffer(reader.readframes(reader.getnframes()), dtype="<i2")
+    waveform = torch.from_numpy(pcm.astype(np.float32) / 32768.0)[None]
     waveform = waveform - waveform.mean()
     fbank = torchaudio.compliance.kaldi.fbank(
         waveform,
