@@ -6,7 +6,10 @@ wav and saves it as .npy. mmval: `mmval prep kinetics-sounds` (PyAV in-process, 
 frames converted, one pass, Parquet shards). Both use the same number of processes on the same
 synthetic 10-s 640x360 25-fps H.264 + AAC clips (one keyframe per clip, like Kinetics cuts).
 
-Run: python bench/prep.py [--clips N] [--workers W]. Needs the ffmpeg program on PATH.
+Each pipeline runs on two job sizes (train clips hard-linked under new ids): the larger job's
+clips/s includes the worker start-up; the difference between the two sizes gives the steady
+rate of a long job. Run: python bench/prep.py [--clips N] [--copies C] [--workers W]. Needs the
+ffmpeg program on PATH.
 Prints one JSON object on its last line and writes it to bench/results/prep.json.
 """
 
@@ -67,6 +70,23 @@ def reference_fbank(job: tuple[str, str]) -> None:
     np.save(Path(out) / f"{Path(wav).stem}.npy", ((fbank + 4.503877) / (5.141276 * 2)).numpy())
 
 
+def replicate(raw: Path, copies: int) -> list[Path]:
+    """Hard-link every train clip `copies` times under new YouTube ids (listed in my_train.txt),
+    so that a few generated clips make a job long enough for worker start-up not to dominate."""
+    lines = (raw / "my_train.txt").read_text().splitlines()
+    added = []
+    for line in lines:
+        stem, frames, label = line.split(",")
+        source = raw / "train" / f"{stem}.mp4"
+        for k in range(1, copies):
+            new_stem = f"{k:02d}{stem[2:]}"
+            (raw / "train" / f"{new_stem}.mp4").hardlink_to(source)
+            added.append(f"{new_stem},{frames},{label}")
+    (raw / "my_train.txt").unlink()  # a hard link: write a new file, not through the link
+    (raw / "my_train.txt").write_text("\n".join(lines + added) + "\n")
+    return sorted((raw / "train").glob("*.mp4")) + sorted((raw / "val").glob("*.mp4"))
+
+
 def run_reference(clips: list[Path], out: Path, workers: int) -> float:
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
@@ -87,40 +107,52 @@ def run_mmval(raw: Path, out: Path, workers: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clips", type=int, default=24, help="total clips (train and test)")
+    parser.add_argument("--clips", type=int, default=16, help="distinct clips generated")
+    parser.add_argument("--copies", type=int, default=6, help="times each train clip is listed")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     if shutil.which("ffmpeg") is None:
         raise SystemExit("the reference pipeline needs the ffmpeg program on PATH")
     per_class = max(1, args.clips // 4)
+    seconds: dict[str, list[float]] = {"mmval": [], "reference": []}
+    sizes = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        written = write_synthetic_raw(
-            root / "raw",
-            SyntheticAVParams(
-                layout="kinetics-sounds",
-                classes=["0", "1"],
-                clips_per_class=per_class,
-                seconds=10.0,
-                fps=25,
-                size=(360, 640),
-            ),
+        params = SyntheticAVParams(
+            layout="kinetics-sounds",
+            classes=["0", "1"],
+            clips_per_class=per_class,
+            seconds=10.0,
+            fps=25,
+            size=(360, 640),
+            sample_rate=44100,
         )
-        clips = sorted({Path(c.video) for c in written if c.video is not None})
-        # warm the page cache for both contenders alike
-        for clip in clips:
-            clip.read_bytes()
-        reference_s = run_reference(clips, root / "reference", args.workers)
-        mmval_s = run_mmval(root / "raw", root / "mmval", args.workers)
-    n = len(clips)
+        write_synthetic_raw(root / "generated", params)
+        # two job sizes: the difference gives the steady-state rate, without start-up costs
+        for copies in (max(1, args.copies // 2), args.copies):
+            raw = root / f"raw{copies}"
+            shutil.copytree(root / "generated", raw, copy_function=os.link)
+            clips = replicate(raw, copies)
+            for clip in clips:  # warm the page cache for both contenders alike
+                clip.read_bytes()
+            sizes.append(len(clips))
+            seconds["reference"].append(run_reference(clips, root / f"ref{copies}", args.workers))
+            seconds["mmval"].append(run_mmval(raw, root / f"mmval{copies}", args.workers))
+    n, extra = sizes[-1], sizes[-1] - sizes[0]
+    rate = {k: n / v[-1] for k, v in seconds.items()}
+    steady = {k: extra / (v[-1] - v[0]) for k, v in seconds.items()}
     result = {
         "bench": "prep",
         "clips": n,
+        "distinct_clips": args.clips,
         "workers": args.workers,
         "clip": "10 s, 640x360, 25 fps H.264 (1 keyframe) + AAC 44.1 kHz mono",
-        "mmval_clips_per_s": round(n / mmval_s, 2),
-        "reference_clips_per_s": round(n / reference_s, 2),
-        "speedup_vs_reference": round(reference_s / mmval_s, 2),
+        "mmval_clips_per_s": round(rate["mmval"], 2),
+        "reference_clips_per_s": round(rate["reference"], 2),
+        "speedup_vs_reference": round(rate["mmval"] / rate["reference"], 2),
+        "steady_mmval_clips_per_s": round(steady["mmval"], 2),
+        "steady_reference_clips_per_s": round(steady["reference"], 2),
+        "steady_speedup_vs_reference": round(steady["mmval"] / steady["reference"], 2),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "ffmpeg": subprocess.run(
             ["ffmpeg", "-version"], capture_output=True, text=True
