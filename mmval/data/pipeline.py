@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mmval.atomic import write_text_atomic
 from mmval.data.extract import ExtractionError
+from mmval.data.extract.video import set_decoder_threads
 from mmval.data.shards import (
     MANIFEST,
     DataManifest,
@@ -97,9 +98,11 @@ def _extract_safely(job: tuple[Extractor, ClipTask]) -> SampleRecord | tuple[str
 
 
 def _init_worker() -> None:
+    """Each worker extracts one clip at a time on one core: the pool provides the parallelism."""
     import torch
 
     torch.set_num_threads(1)
+    set_decoder_threads(1)
 
 
 def _shard_tasks(plan: PrepPlan) -> dict[str, list[list[ClipTask]]]:

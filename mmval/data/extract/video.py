@@ -34,6 +34,16 @@ av.logging.set_level(None)
 _EPS = 1e-6  # seconds: absorbs float error when a frame lies exactly on a target
 
 
+_decoder_threads = 0  # 0: FFmpeg picks (frame threads on every core)
+
+
+def set_decoder_threads(count: int) -> None:
+    """Process-wide: 1 makes the decoder single-threaded, for pool workers that already keep
+    every core busy with one clip each; 0 lets FFmpeg use frame threads on every core."""
+    global _decoder_threads
+    _decoder_threads = count
+
+
 @dataclass
 class VideoFrames:
     frames: np.ndarray  # uint8 [N, H, W, 3] RGB
@@ -153,7 +163,11 @@ class _Cursor:
         if not container.streams.video:
             container.close()
             raise ExtractionError("no video stream")
-        container.streams.video[0].thread_type = "AUTO"
+        stream = container.streams.video[0]
+        if _decoder_threads == 1:
+            stream.thread_count = 1
+        else:
+            stream.thread_type = "AUTO"
         return container
 
     @property
