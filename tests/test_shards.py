@@ -14,6 +14,7 @@ from mmval.data.prep import prepare
 from mmval.data.shards import (
     INDEX,
     MANIFEST,
+    DatasetHeader,
     ModalitySpec,
     SplitSamples,
     check_data_dir,
@@ -38,17 +39,8 @@ def _write(out: Path, n: int = 150) -> dict[str, np.ndarray]:
         sources=[f"raw/{i}" for i in range(n)],
         arrays=arrays,
     )
-    write_dataset(
-        out,
-        dataset="toy",
-        version="1",
-        source_manifest_sha256="0" * 64,
-        classes=["a", "b", "c"],
-        modalities=specs,
-        extraction={"k": 1},
-        splits={"train": samples},
-        errors=[("raw/broken.bin", "could not decode")],
-    )
+    header = DatasetHeader("toy", "1", "0" * 64, ["a", "b", "c"], specs, {"k": 1})
+    write_dataset(out, header, {"train": samples}, errors=[("raw/broken.bin", "could not decode")])
     return arrays
 
 

@@ -21,6 +21,7 @@ from mmval.data.extract.video import set_decoder_threads
 from mmval.data.shards import (
     MANIFEST,
     DataManifest,
+    DatasetHeader,
     ModalitySpec,
     SampleRecord,
     ShardResult,
@@ -145,10 +146,8 @@ def _results(
 def run_plan(
     plan: PrepPlan,
     out: Path,
+    header: DatasetHeader,
     *,
-    dataset: str,
-    version: str,
-    source_manifest_sha256: str,
     workers: int | None = None,
     callbacks: PrepCallbacks | None = None,
 ) -> tuple[DataManifest, PrepSummary]:
@@ -190,7 +189,7 @@ def run_plan(
         info = None
         if records:
             info = write_shard(
-                out, rel, records_table(records, split, plan.modalities), plan.modalities
+                out, rel, records_table(records, split, header.modalities), header.modalities
             )
         result = ShardResult(
             tasks=[t.sample_id for t in tasks],
@@ -204,16 +203,7 @@ def run_plan(
         counts[split].written += len(records)
         counts[split].failed += len(errors)
 
-    manifest = finalize_dataset(
-        out,
-        dataset=dataset,
-        version=version,
-        source_manifest_sha256=source_manifest_sha256,
-        classes=plan.classes,
-        modalities=plan.modalities,
-        extraction=plan.extraction,
-        results={split: [r for r in rs if r is not None] for split, rs in results.items()},
-        errors=plan.errors,
-    )
+    completed = {split: [r for r in rs if r is not None] for split, rs in results.items()}
+    manifest = finalize_dataset(out, header, completed, plan.errors)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     return manifest, PrepSummary(splits=counts, planning_errors=len(plan.errors))

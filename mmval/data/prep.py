@@ -13,7 +13,15 @@ from pydantic import ValidationError
 from mmval.atomic import write_text_atomic
 from mmval.data.manifest import load_dataset_manifest
 from mmval.data.pipeline import PARTIAL, PrepCallbacks, PrepSummary, SplitCounts, run_plan
-from mmval.data.shards import MANIFEST, DataManifest, check_data_dir, load_manifest, write_dataset
+from mmval.data.shards import (
+    MANIFEST,
+    DataManifest,
+    DatasetHeader,
+    ModalitySpec,
+    check_data_dir,
+    load_manifest,
+    write_dataset,
+)
 from mmval.data.sources import SOURCES
 from mmval.errors import UserError
 from mmval.overrides import apply_overrides
@@ -76,30 +84,26 @@ def prepare(
             "discard it, or re-run with the same settings to resume it."
         )
     write_text_atomic(partial_settings, json.dumps(settings))
+
+    def header(
+        classes: list[str], modalities: list[ModalitySpec], extraction: dict
+    ) -> DatasetHeader:
+        extraction = {"settings": settings, **extraction}
+        return DatasetHeader(dataset, entry.version, entry_sha, classes, modalities, extraction)
+
     if hasattr(source, "plan"):
         plan = source.plan(entry, params, Path(raw), limit=limit, only_splits=splits)
-        plan.extraction = {"settings": settings, **plan.extraction}
         manifest, summary = run_plan(
             plan,
             out,
-            dataset=dataset,
-            version=entry.version,
-            source_manifest_sha256=entry_sha,
+            header(plan.classes, plan.modalities, plan.extraction),
             workers=workers,
             callbacks=callbacks,
         )
         return PrepResult(manifest, wrote=True, summary=summary)
     built = source.build(entry, params, raw)
     manifest = write_dataset(
-        out,
-        dataset=dataset,
-        version=entry.version,
-        source_manifest_sha256=entry_sha,
-        classes=built.classes,
-        modalities=built.modalities,
-        extraction={"settings": settings, **built.extraction},
-        splits=built.splits,
-        errors=built.errors,
+        out, header(built.classes, built.modalities, built.extraction), built.splits, built.errors
     )
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     counts = {

@@ -145,6 +145,18 @@ class SampleRecord:
     times: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DatasetHeader:
+    """What a prepared data set says about itself besides its shards."""
+
+    dataset: str
+    version: str
+    source_manifest_sha256: str
+    classes: list[str]
+    modalities: list[ModalitySpec]
+    extraction: dict
+
+
 class ShardResult(_Strict):
     """What one planned shard became; kept while a prep runs so that a re-run can resume."""
 
@@ -247,13 +259,7 @@ def shard_order(sample_ids: Sequence[str], seed: int = 0) -> np.ndarray:
 
 def finalize_dataset(
     out: Path,
-    *,
-    dataset: str,
-    version: str,
-    source_manifest_sha256: str,
-    classes: Sequence[str],
-    modalities: Sequence[ModalitySpec],
-    extraction: Mapping,
+    header: DatasetHeader,
     results: Mapping[str, Sequence[ShardResult]],
     errors: Sequence[tuple[str, str]] = (),
 ) -> DataManifest:
@@ -302,13 +308,13 @@ def finalize_dataset(
     with atomic_path(out / ERRORS) as tmp:
         pq.write_table(error_table, tmp)
     manifest = DataManifest(
-        dataset=dataset,
-        version=version,
-        source_manifest_sha256=source_manifest_sha256,
-        classes=list(classes),
-        modalities=list(modalities),
-        extraction=dict(extraction),
-        extraction_sha256=sha256_json(dict(extraction)),
+        dataset=header.dataset,
+        version=header.version,
+        source_manifest_sha256=header.source_manifest_sha256,
+        classes=list(header.classes),
+        modalities=list(header.modalities),
+        extraction=dict(header.extraction),
+        extraction_sha256=sha256_json(dict(header.extraction)),
         splits=split_infos,
     )
     write_text_atomic(out / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
@@ -317,13 +323,7 @@ def finalize_dataset(
 
 def write_dataset(
     out: Path,
-    *,
-    dataset: str,
-    version: str,
-    source_manifest_sha256: str,
-    classes: Sequence[str],
-    modalities: Sequence[ModalitySpec],
-    extraction: Mapping,
+    header: DatasetHeader,
     splits: Mapping[str, SplitSamples],
     errors: Sequence[tuple[str, str]] = (),
 ) -> DataManifest:
@@ -338,24 +338,14 @@ def write_dataset(
         results[split_name] = []
         for number, start in enumerate(range(0, len(order), ROWS_PER_SHARD)):
             records = samples.records(order[start : start + ROWS_PER_SHARD])
-            table = records_table(records, split_name, modalities)
-            info = write_shard(out, shard_path(split_name, number), table, modalities)
+            table = records_table(records, split_name, header.modalities)
+            info = write_shard(out, shard_path(split_name, number), table, header.modalities)
             ids = [r.sample_id for r in records]
             labels = [r.label for r in records]
             results[split_name].append(
                 ShardResult(tasks=ids, shard=info, sample_ids=ids, labels=labels)
             )
-    return finalize_dataset(
-        out,
-        dataset=dataset,
-        version=version,
-        source_manifest_sha256=source_manifest_sha256,
-        classes=classes,
-        modalities=modalities,
-        extraction=extraction,
-        results=results,
-        errors=errors,
-    )
+    return finalize_dataset(out, header, results, errors)
 
 
 def load_manifest(root: Path) -> DataManifest:
