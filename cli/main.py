@@ -11,7 +11,14 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from mmval.errors import UserError
@@ -51,6 +58,8 @@ def _progress() -> Progress:
         MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
         console=err_console,
         transient=False,
     )
@@ -146,7 +155,10 @@ def prep(
 
         def on_clip(ok: bool) -> None:
             failed[0] += not ok
-            progress.update(task, advance=1, status=f"{failed[0]} failed" if failed[0] else "")
+            progress.update(task, advance=1)
+            speed = progress.tasks[task].speed or 0.0
+            status = f"{speed:.1f} clips/s" + (f", {failed[0]} failed" if failed[0] else "")
+            progress.update(task, status=status)
 
         from mmval.data.pipeline import PrepCallbacks
 
