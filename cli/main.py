@@ -196,32 +196,14 @@ def prep(
 def _synthetic_av(
     raw_out: Path | None, layout: str, clips: int, seed: int, sets: list[str]
 ) -> None:
-    from mmval.data.manifest import load_dataset_manifest
-    from mmval.data.synthetic_av import LAYOUTS, SyntheticAVParams, write_synthetic_raw
-    from mmval.overrides import apply_overrides
+    from mmval.data.synthetic_av import layout_params, write_synthetic_raw
 
     if raw_out is None:
         raise UserError("synthetic-av writes raw clips: pass --raw-out DIR.")
-    if layout not in LAYOUTS:
-        raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}.")
-    classes = load_dataset_manifest(layout)[0].classes or SYNTHETIC_UCF_CLASSES
-    raw = apply_overrides(
-        {"layout": layout, "classes": classes[:4], "clips_per_class": clips, "seed": seed}, sets
-    )
-    from pydantic import ValidationError
-
-    from mmval.validation import format_validation_error
-
-    try:
-        params = SyntheticAVParams.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError(format_validation_error(exc, "synthetic-av settings", raw)) from None
+    params = layout_params(layout, clips=clips, seed=seed, overrides=sets)
     with console.status(f"writing synthetic {layout} clips into {raw_out}"):
         written = write_synthetic_raw(raw_out, params)
     console.print(f"wrote {len(written)} clips in the {layout} layout to {raw_out}")
-
-
-SYNTHETIC_UCF_CLASSES = ["ApplyEyeMakeup", "ApplyLipstick", "Archery", "BabyCrawling"]
 
 
 @app.command()
@@ -270,8 +252,7 @@ def value(
 
     Example: mmval value runs/concat-uci-mfeat/seed0/best.pt --out contrib.parquet
     """
-    from mmval.quickstart import contribution_summary
-    from mmval.valuation.run import value_checkpoint, write_valuation
+    from mmval.valuation.run import contribution_summary, value_checkpoint, write_valuation
 
     with console.status(f"valuing the {split} split"):
         result = value_checkpoint(checkpoint, split=split, data_dir=data, device=device)

@@ -18,7 +18,7 @@ from mmval.engine.train import BEST, TrainCallbacks, Trainer
 from mmval.overrides import apply_overrides
 from mmval.recipe import Recipe, parse_recipe, read_recipe_yaml
 from mmval.report import collect_runs, summarize
-from mmval.valuation.run import value_checkpoint, write_valuation
+from mmval.valuation.run import contribution_summary, value_checkpoint, write_valuation
 
 DATASET = "uci-mfeat"
 VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
@@ -66,22 +66,4 @@ def run_quickstart(workdir: Path, callbacks: TrainCallbacks | None = None) -> Qu
         report=summarize(collect_runs(workdir / "runs")),
         contributions=contribution_summary(valuation.table),
         valuation_file=valuation_file,
-    )
-
-
-def contribution_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per modality: mean and std of the contribution, and the share of samples in which it
-    alone has the lowest contribution (ties count for no modality)."""
-    per_sample = table.groupby("sample_id")["contribution"]
-    is_min = table["contribution"] == per_sample.transform("min")
-    unique_min = is_min & (is_min.groupby(table["sample_id"]).transform("sum") == 1)
-    return (
-        table.assign(weakest=unique_min)
-        .groupby("modality", sort=False)
-        .agg(
-            mean=("contribution", "mean"),
-            std=("contribution", "std"),
-            weakest_share=("weakest", "mean"),
-        )
-        .reset_index()
     )

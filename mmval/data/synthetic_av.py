@@ -19,14 +19,19 @@ from __future__ import annotations
 import colorsys
 import csv
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
 import av
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mmval.data.manifest import load_dataset_manifest
+from mmval.errors import UserError
+from mmval.overrides import apply_overrides
+from mmval.validation import format_validation_error
 
 Layout = Literal["kinetics-sounds", "crema-d", "ave", "ucf101"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
@@ -354,3 +359,25 @@ _WRITERS: dict[str, Callable[[Path, SyntheticAVParams, np.random.Generator], lis
     "ave": _ave,
     "ucf101": _ucf101,
 }
+
+
+# UCF-101's classes come from the raw folder's classInd.txt, so its manifest lists none
+_UCF_DEFAULT_CLASSES = ["ApplyEyeMakeup", "ApplyLipstick", "Archery", "BabyCrawling"]
+
+
+def layout_params(
+    layout: str, *, clips: int, seed: int, overrides: Sequence[str] = ()
+) -> SyntheticAVParams:
+    """Settings for `mmval prep synthetic-av`: the first four classes of the data set's
+    manifest, then the user's `--set` overrides, validated; mistakes are UserErrors."""
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}.")
+    classes = load_dataset_manifest(layout)[0].classes or _UCF_DEFAULT_CLASSES
+    raw = apply_overrides(
+        {"layout": layout, "classes": classes[:4], "clips_per_class": clips, "seed": seed},
+        overrides,
+    )
+    try:
+        return SyntheticAVParams.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, "synthetic-av settings", raw)) from None

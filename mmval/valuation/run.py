@@ -109,3 +109,21 @@ def write_valuation(result: ValuationResult, out: Path) -> None:
     meta = {**(table.schema.metadata or {}), **extra}
     with atomic_path(Path(out)) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp)
+
+
+def contribution_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per modality: mean and std of the contribution, and the share of samples in which it
+    alone has the lowest contribution (ties count for no modality)."""
+    per_sample = table.groupby("sample_id")["contribution"]
+    is_min = table["contribution"] == per_sample.transform("min")
+    unique_min = is_min & (is_min.groupby(table["sample_id"]).transform("sum") == 1)
+    return (
+        table.assign(weakest=unique_min)
+        .groupby("modality", sort=False)
+        .agg(
+            mean=("contribution", "mean"),
+            std=("contribution", "std"),
+            weakest_share=("weakest", "mean"),
+        )
+        .reset_index()
+    )

@@ -128,6 +128,7 @@ class StftParams(_Strict):
     hop_length: int = 353
     seconds: float = 3.0
     tile: bool = True
+    within_window: bool = False
 
 
 class PsdParams(_Strict):
@@ -403,7 +404,7 @@ def extract_clip(params: AVParams, task: ClipTask) -> SampleRecord:
         else:
             if "audio" not in task.files:
                 raise ExtractionError("no audio file")
-            start, end = _in_window(task, getattr(spec, "within_window", False))
+            start, end = _in_window(task, spec.within_window)
             wave, rate = read_audio(
                 Path(task.files["audio"]), sample_rate=spec.sample_rate, start=start, end=end
             )
