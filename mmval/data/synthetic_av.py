@@ -202,7 +202,8 @@ def _write_media(path: Path, fmt: _Format, media: _Media, p: SyntheticAVParams) 
             options = {**fmt.video_options, **_REPRODUCIBLE}
             if fmt.video_codec == "libx264":  # one keyframe per clip, like real Kinetics cuts
                 gop = str(max(250, len(media.frames)))
-                options |= {"g": gop, "keyint_min": gop}
+                # asm=0: x264's SIMD lookahead on AVX-512 machines gave run-to-run differences
+                options |= {"g": gop, "keyint_min": gop, "x264-params": "asm=0"}
             video = c.add_stream(fmt.video_codec, rate=p.fps, options=options)
             video.height, video.width = p.size
             video.pix_fmt = "yuv420p"
