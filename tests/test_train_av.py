@@ -15,7 +15,7 @@ def test_resnet18_concat_learns_on_synthetic_av(tmp_path):
         SyntheticAVParams(
             layout="kinetics-sounds",
             classes=classes,
-            clips_per_class=8,
+            clips_per_class=20,  # fewer made the result depend on the draw (0.33-0.96)
             seconds=2.0,
             visual_signal=1.0,
             audio_signal=0.8,
@@ -42,7 +42,7 @@ def test_resnet18_concat_learns_on_synthetic_av(tmp_path):
             "model": {"encoder": {"kind": "resnet18"}, "fusion": "concat"},
             "method": {"name": "concat"},
             "optim": {"name": "adam", "lr": 0.001},
-            "train": {"epochs": 12, "batch_size": 8},
+            "train": {"epochs": 10, "batch_size": 8},
             "output": str(tmp_path / "runs"),
         },
         "test",
