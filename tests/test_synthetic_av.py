@@ -26,8 +26,17 @@ CLASSES = {
     "crema-d": ["NEU", "HAP", "SAD"],
     "ave": ["Church bell", "Male speech, man speaking"],
     "ucf101": ["ApplyEyeMakeup", "Archery"],
+    "vggsound": ["male speech, man speaking", "playing cello"],
+    "vggsound-mm-debiased": ["bowling", "lawn mowing"],
 }
-SPLITS = {"kinetics-sounds": 2, "crema-d": 2, "ave": 3, "ucf101": 2}
+SPLITS = {
+    "kinetics-sounds": 2,
+    "crema-d": 2,
+    "ave": 3,
+    "ucf101": 2,
+    "vggsound": 2,
+    "vggsound-mm-debiased": 3,
+}
 SECONDS, FPS, SIZE, RATE = 2.0, 10, (32, 48), 16000
 YTID = r"[A-Za-z0-9_-]{11}"
 

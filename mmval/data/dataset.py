@@ -138,6 +138,12 @@ class ParquetSamples(Dataset):
                 if spec.encoding == "raw":
                     out[spec.name][where] = values[rows[where]]
                     continue
+                if spec.encoding == "tokens":
+                    for at, row in zip(where.tolist(), rows[where].tolist(), strict=True):
+                        ids = values[row][: spec.shape[0]]
+                        out[spec.name][at, : len(ids)] = ids
+                        out[spec.name][at, len(ids) :] = spec.pad_id
+                    continue
                 for at, row in zip(where.tolist(), rows[where].tolist(), strict=True):
                     rng = np.random.default_rng([self.seed, self.epoch, int(positions[at])])
                     out[spec.name][at] = self._frames(spec, values[row], rng)

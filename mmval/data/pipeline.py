@@ -14,8 +14,9 @@ import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from mmval.atomic import write_text_atomic
+from mmval.atomic import write_atomic, write_text_atomic
 from mmval.data.extract import ExtractionError
 from mmval.data.extract.video import set_decoder_threads
 from mmval.data.shards import (
@@ -45,6 +46,7 @@ class ClipTask:
     source: str  # path relative to the raw folder: what errors.parquet names
     files: dict[str, str]  # role ("video", "audio") -> absolute path
     window: tuple[float, float] | None = None  # event window in seconds (AVE)
+    inline: dict[str, Any] = field(default_factory=dict)  # values read while planning (text)
 
 
 Extractor = Callable[[ClipTask], SampleRecord]
@@ -59,6 +61,7 @@ class PrepPlan:
     extractor: Extractor  # picklable: it runs in worker processes
     rows_per_shard: int
     errors: list[tuple[str, str]] = field(default_factory=list)  # found while planning
+    files: dict[str, bytes] = field(default_factory=dict)  # written beside the shards (tokenizers)
 
 
 @dataclass
@@ -203,6 +206,8 @@ def run_plan(
         counts[split].written += len(records)
         counts[split].failed += len(errors)
 
+    for name, data in plan.files.items():
+        write_atomic(out / name, lambda path, data=data: path.write_bytes(data))
     completed = {split: [r for r in rs if r is not None] for split, rs in results.items()}
     manifest = finalize_dataset(out, header, completed, plan.errors)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)

@@ -118,5 +118,5 @@ def _clear(out: Path) -> None:
     for name in (MANIFEST, "index.parquet", "errors.parquet"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
-    for shard in out.glob("*/part-*.parquet"):
-        shard.unlink()
+    for written in (*out.glob("*/part-*.parquet"), *out.glob("tokenizer-*.json")):
+        written.unlink()

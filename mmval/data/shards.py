@@ -8,7 +8,8 @@ Layout of a data directory (see docs/shard-format.md):
 Tensors are stored as raw little-endian bytes in binary columns with their dtype and shape in
 the manifest (and the field metadata): Arrow tensor types and compression on media columns were
 measured to be several times slower to read (../shared/specs/data.md, B.1). Video frames and
-optical flow are stored as lists of JPEG images with their timestamps.
+optical flow are stored as lists of JPEG images with their timestamps; text as token ids with
+the text they were made from.
 """
 
 from __future__ import annotations
@@ -41,20 +42,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-Encoding = Literal["raw", "jpeg", "jpeg-uv"]
+Encoding = Literal["raw", "jpeg", "jpeg-uv", "tokens"]
 
 
 class ModalitySpec(_Strict):
     """One modality column. `raw`: one fixed-shape tensor per sample, `shape` is its shape.
     `jpeg`: a list of JPEG frames per sample (any count); `shape` is what the loader returns,
     [K, H, W, C] with K frames picked by segments. `jpeg-uv`: optical flow as grayscale JPEGs
-    interleaved [u0, v0, u1, v1, ...]; the loader returns K pairs as [K, H, W, 2]."""
+    interleaved [u0, v0, u1, v1, ...]; the loader returns K pairs as [K, H, W, 2]. `tokens`: the
+    token ids of a text (at most shape[0]), beside the cleaned text in `<name>_text`; the loader
+    pads them with `pad_id` to [shape[0]]. `vocab_file` names the tokenizer saved in the data
+    directory, `vocab_size` the size of its vocabulary."""
 
     name: str
     dtype: Literal["float32", "float16", "uint8", "int16", "int32"]
     shape: list[int]
     encoding: Encoding = "raw"
     description: str = ""
+    vocab_size: int | None = None
+    pad_id: int = 0
+    vocab_file: str | None = None
 
     @property
     def item_bytes(self) -> int:
@@ -143,6 +150,7 @@ class SampleRecord:
     source: str
     values: dict[str, np.ndarray | list[bytes]]
     times: dict[str, np.ndarray] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -188,6 +196,9 @@ def _schema(modalities: Sequence[ModalitySpec]) -> pa.Schema:
         meta = {"dtype": spec.dtype, "shape": json.dumps(spec.shape), "encoding": spec.encoding}
         if spec.encoding == "raw":
             fields.append(pa.field(spec.name, pa.large_binary(), nullable=False, metadata=meta))
+        elif spec.encoding == "tokens":
+            fields.append(pa.field(spec.name, pa.list_(pa.int32()), nullable=False, metadata=meta))
+            fields.append(pa.field(f"{spec.name}_text", pa.string(), nullable=False))
         else:
             fields.append(pa.field(spec.name, pa.list_(pa.binary()), nullable=False, metadata=meta))
             fields.append(pa.field(f"{spec.name}_t", pa.list_(pa.float32()), nullable=False))
@@ -207,6 +218,10 @@ def records_table(
     for spec in modalities:
         if spec.encoding == "raw":
             columns.append(_tensor_column([r.values[spec.name] for r in records], spec))
+        elif spec.encoding == "tokens":
+            ids = [np.asarray(r.values[spec.name], np.int32) for r in records]
+            columns.append(pa.array(ids, pa.list_(pa.int32())))
+            columns.append(pa.array([r.texts[spec.name] for r in records], pa.string()))
         else:
             columns.append(pa.array([r.values[spec.name] for r in records], pa.list_(pa.binary())))
             columns.append(
@@ -225,7 +240,8 @@ def write_shard(
     path = root / rel_path
     compression = {name: "zstd" for name in table.column_names}
     for spec in modalities:
-        compression[spec.name] = "none"
+        if spec.encoding != "tokens":  # token ids are small and compress well
+            compression[spec.name] = "none"
     with atomic_path(path) as tmp:
         pq.write_table(
             table,

@@ -2,8 +2,9 @@
 
 Tests run `mmval prep <dataset> --raw DIR` on these instead of downloading gigabytes, so the
 file names, containers, codecs and split lists copy the real distributions (Kinetics-Sounds as
-CVDF Kinetics + OGM-GE lists, CREMA-D, AVE, UCF-101 split 1), including their quirks (CRLF
-lists, unpadded start seconds in the OGM-GE test list, event windows in AVE).
+CVDF Kinetics + OGM-GE lists, CREMA-D, AVE, UCF-101 split 1, VGGSound, MM-Debiased), including
+their quirks (CRLF lists, unpadded start seconds in the OGM-GE test list, event windows in AVE,
+quoted class names with commas in vggsound.csv, three id forms in MM-Debiased.json).
 
 Content: class c has a visual cue (a square of colour `class_rgb(c)` moving in direction
 2*pi*c/n over noisy grey) and an audio cue (a tone at `tone_hz(c)` over noise). Per clip and
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from mmval.errors import UserError
 from mmval.overrides import apply_overrides
 from mmval.validation import format_validation_error
 
-Layout = Literal["kinetics-sounds", "crema-d", "ave", "ucf101"]
+Layout = Literal["kinetics-sounds", "crema-d", "ave", "ucf101", "vggsound", "vggsound-mm-debiased"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 _AUDIO_CHUNK = 1024  # AAC frame size; PCM accepts any
@@ -53,6 +55,7 @@ _CREMAD_TAKES = tuple(("IEO", level) for level in ("LO", "MD", "HI", "XX")) + tu
 )
 _CREMAD_MIN_ACTORS = 6
 _UCF_GROUPS = {"train": range(8, 26), "test": range(1, 8)}  # split 1
+_MM_DEBIASED_SUBSETS = {"train": "training", "val": "validation", "test": "testing"}
 
 
 class SyntheticAVParams(BaseModel):
@@ -81,6 +84,8 @@ class SyntheticAVParams(BaseModel):
             "crema-d": "_, \t\r\n",
             "ave": "&\r\n",
             "ucf101": "/_ \t\r\n",
+            "vggsound": "\r\n",
+            "vggsound-mm-debiased": "\r\n",
         }[self.layout]
         bad = [name for name in self.classes if any(ch in forbidden for ch in name)]
         if bad:
@@ -354,16 +359,79 @@ def _ucf101(out: Path, p: SyntheticAVParams, rng: np.random.Generator) -> list[R
     return clips
 
 
+def _vggsound(out: Path, p: SyntheticAVParams, rng: np.random.Generator) -> list[RawClip]:
+    """video/{ytid}_{start:06d}.mp4 + vggsound.csv ("ytid,start,label,split", no header, sorted
+    by YouTube id like the real one, names with commas quoted)."""
+    clips: list[RawClip] = []
+    used: set[str] = set()
+    rows: list[tuple[str, int, str, str]] = []
+    for split in ("train", "test"):
+        for label, name in enumerate(p.classes):
+            for _ in range(p.clips_per_class):
+                ytid = _youtube_id(rng, used)
+                start = int(rng.integers(0, 600))
+                path = out / "video" / f"{ytid}_{start:06d}.mp4"
+                media = _render(p, rng, label)
+                _write_media(path, _MP4, media, p)
+                rows.append((ytid, start, name, split))
+                clip_id = f"{ytid}_{start}"  # the csv's columns 0 and 1, joined
+                clips.append(
+                    RawClip(split, label, path, path, clip_id, media.visual_cue, media.audio_cue)
+                )
+    with open(out / "vggsound.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, lineterminator="\n").writerows(sorted(rows))
+    return clips
+
+
+def _vggsound_mm_debiased(
+    out: Path, p: SyntheticAVParams, rng: np.random.Generator
+) -> list[RawClip]:
+    """MM-Debiased.json ({id: {subset, label}}, entries shuffled) over VGGSound clips
+    (vggsound/{ytid}_{start:06d}_{end:06d}.mp4, id = stem) and Kinetics clips (CVDF
+    kinetics/{ytid}_{start:06d}_{end:06d}.mp4, id "{ytid}_{start}" or, for some, "{ytid}")."""
+    clips: list[RawClip] = []
+    used: set[str] = set()
+    entries: list[tuple[str, dict[str, str]]] = []
+    for split, subset in _MM_DEBIASED_SUBSETS.items():
+        for label, name in enumerate(p.classes):
+            for _ in range(p.clips_per_class):
+                kind = len(clips) % 3  # 0: VGGSound, 1: Kinetics, 2: Kinetics by bare id
+                ytid = _youtube_id(rng, used)
+                start = int(rng.integers(0, 600))
+                stem = f"{ytid}_{start:06d}_{start + _KS_CLIP_SECONDS:06d}"
+                path = out / ("vggsound" if kind == 0 else "kinetics") / f"{stem}.mp4"
+                clip_id = (stem, f"{ytid}_{start}", ytid)[kind]
+                media = _render(p, rng, label)
+                _write_media(path, _MP4, media, p)
+                entries.append((clip_id, {"subset": subset, "label": name}))
+                clips.append(
+                    RawClip(split, label, path, path, clip_id, media.visual_cue, media.audio_cue)
+                )
+    shuffled = dict(entries[i] for i in rng.permutation(len(entries)))
+    (out / "MM-Debiased.json").write_text(json.dumps(shuffled), encoding="utf-8")
+    return clips
+
+
 _WRITERS: dict[str, Callable[[Path, SyntheticAVParams, np.random.Generator], list[RawClip]]] = {
     "kinetics-sounds": _kinetics_sounds,
     "crema-d": _crema_d,
     "ave": _ave,
     "ucf101": _ucf101,
+    "vggsound": _vggsound,
+    "vggsound-mm-debiased": _vggsound_mm_debiased,
 }
 
 
-# UCF-101's classes come from the raw folder's classInd.txt, so its manifest lists none
-_UCF_DEFAULT_CLASSES = ["ApplyEyeMakeup", "ApplyLipstick", "Archery", "BabyCrawling"]
+# UCF-101's and VGGSound's classes come from the raw folder, so their manifests list none
+_DEFAULT_CLASSES = {
+    "ucf101": ["ApplyEyeMakeup", "ApplyLipstick", "Archery", "BabyCrawling"],
+    "vggsound": [
+        "dog barking",
+        "male speech, man speaking",
+        "playing cello",
+        "vehicle horn, car horn, honking",
+    ],
+}
 
 
 def layout_params(
@@ -373,7 +441,7 @@ def layout_params(
     manifest, then the user's `--set` overrides, validated; mistakes are UserErrors."""
     if layout not in LAYOUTS:
         raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}.")
-    classes = load_dataset_manifest(layout)[0].classes or _UCF_DEFAULT_CLASSES
+    classes = load_dataset_manifest(layout)[0].classes or _DEFAULT_CLASSES[layout]
     raw = apply_overrides(
         {"layout": layout, "classes": classes[:4], "clips_per_class": clips, "seed": seed},
         overrides,

@@ -2,7 +2,9 @@
 
 `mlp` for vectors (features, multi-view descriptors); `resnet18` (torchvision, random init or a
 local weights file) for spectrograms [T, F], frame stacks [K, H, W, 3] and optical flow
-[K, H, W, 2], pooled over time and space as the OGM-GE code does.
+[K, H, W, 2], pooled over time and space as the OGM-GE code does; `embedding_bag` and
+`transformer` for token ids [L] (text), the transformer also for feature sequences [T, D]
+(CMU-MOSEI). Encoders get the modality's spec: text encoders size their embedding from it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torchvision
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from torch import nn
 
+from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,13 +50,48 @@ class ResNet18EncoderConfig(BaseModel):
     )
 
 
+class EmbeddingBagEncoderConfig(BaseModel):
+    """Mean of the word embeddings of a text (padding ignored): the bag-of-words baseline."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["embedding_bag"] = "embedding_bag"
+    dim: int = Field(default=300, ge=1, description="embedding size (300 as GloVe)")
+    out_dim: int = Field(default=128, ge=1)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    pretrained: Path | None = Field(
+        default=None, description="local state dict of this encoder (e.g. converted GloVe)"
+    )
+
+
+class TransformerEncoderConfig(BaseModel):
+    """A small pre-norm Transformer over token ids or feature sequences, mean-pooled over the
+    non-padding positions."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["transformer"] = "transformer"
+    d_model: int = Field(default=128, ge=8)
+    heads: int = Field(default=4, ge=1)
+    layers: int = Field(default=2, ge=1)
+    ff_mult: int = Field(default=4, ge=1, description="feed-forward width / d_model")
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    pretrained: Path | None = Field(default=None, description="local state dict of this encoder")
+
+
+EncoderConfigType = (
+    MLPEncoderConfig | ResNet18EncoderConfig | EmbeddingBagEncoderConfig | TransformerEncoderConfig
+)
+
+
 def _encoder_kind(value: Any) -> str:
     kind = value.get("kind", "mlp") if isinstance(value, dict) else getattr(value, "kind", "mlp")
     return str(kind)
 
 
 EncoderConfig = Annotated[
-    Annotated[MLPEncoderConfig, Tag("mlp")] | Annotated[ResNet18EncoderConfig, Tag("resnet18")],
+    Annotated[MLPEncoderConfig, Tag("mlp")]
+    | Annotated[ResNet18EncoderConfig, Tag("resnet18")]
+    | Annotated[EmbeddingBagEncoderConfig, Tag("embedding_bag")]
+    | Annotated[TransformerEncoderConfig, Tag("transformer")],
     Discriminator(_encoder_kind),
 ]
 
@@ -117,9 +155,84 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def build_encoder(
-    in_shape: list[int], config: MLPEncoderConfig | ResNet18EncoderConfig
-) -> nn.Module:
+def _token_spec(spec: ModalitySpec, kind: str) -> int:
+    if spec.encoding != "tokens" or spec.vocab_size is None:
+        raise UserError(
+            f"the {kind} encoder reads token ids; modality {spec.name!r} holds "
+            f"{spec.encoding} data of shape {spec.shape}."
+        )
+    return spec.vocab_size
+
+
+class EmbeddingBagEncoder(nn.Module):
+    def __init__(self, spec: ModalitySpec, config: EmbeddingBagEncoderConfig) -> None:
+        super().__init__()
+        vocab = _token_spec(spec, "embedding_bag")
+        self.bag = nn.EmbeddingBag(vocab, config.dim, mode="sum", padding_idx=spec.pad_id)
+        self.head = nn.Sequential(
+            nn.Dropout(config.dropout), nn.Linear(config.dim, config.out_dim), nn.ReLU()
+        )
+        self.pad_id, self.out_dim = spec.pad_id, config.out_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.long()
+        count = (ids != self.pad_id).sum(1, keepdim=True).clamp(min=1)
+        return self.head(self.bag(ids) / count)
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(self, spec: ModalitySpec, config: TransformerEncoderConfig) -> None:
+        super().__init__()
+        if spec.encoding == "tokens":
+            vocab = _token_spec(spec, "transformer")
+            self.embed: nn.Module = nn.Embedding(vocab, config.d_model, padding_idx=spec.pad_id)
+            self.tokens = True
+        elif len(spec.shape) == 2:  # feature sequence [T, D]
+            self.embed = nn.Linear(spec.shape[1], config.d_model)
+            self.tokens = False
+        else:
+            raise UserError(
+                f"the transformer encoder reads token ids or sequences [T, D]; modality "
+                f"{spec.name!r} has shape {spec.shape}."
+            )
+        self.position = nn.Parameter(torch.zeros(1, spec.shape[0], config.d_model))
+        nn.init.normal_(self.position, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            config.d_model,
+            config.heads,
+            config.ff_mult * config.d_model,
+            config.dropout,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.layers = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.d_model)
+        self.pad_id, self.out_dim = spec.pad_id, config.d_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens:
+            x = x.long()
+            keep = x != self.pad_id
+            keep[:, 0] |= ~keep.any(1)  # an empty text still attends to one position
+            h = self.embed(x)
+        else:
+            h = self.embed(x.float())
+            keep = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        h = self.layers(h + self.position, src_key_padding_mask=~keep)
+        weights = keep.unsqueeze(-1).to(h.dtype)
+        return self.norm((h * weights).sum(1) / weights.sum(1))
+
+
+def build_encoder(spec: ModalitySpec, config: EncoderConfigType) -> nn.Module:
     if isinstance(config, ResNet18EncoderConfig):
-        return ResNet18Encoder(in_shape, config)
-    return MLPEncoder(in_shape, config)
+        return ResNet18Encoder(spec.shape, config)
+    if isinstance(config, MLPEncoderConfig):
+        return MLPEncoder(spec.shape, config)
+    encoder: nn.Module
+    if isinstance(config, EmbeddingBagEncoderConfig):
+        encoder = EmbeddingBagEncoder(spec, config)
+    else:
+        encoder = TransformerEncoder(spec, config)
+    if config.pretrained is not None:
+        encoder.load_state_dict(_load_weights(config.pretrained))
+    return encoder

@@ -35,10 +35,7 @@ class MultimodalModel(nn.Module):
         super().__init__()
         self.modalities = [s.name for s in specs]
         self.encoders = nn.ModuleDict(
-            {
-                s.name: build_encoder(s.shape, config.encoders.get(s.name, config.encoder))
-                for s in specs
-            }
+            {s.name: build_encoder(s, config.encoders.get(s.name, config.encoder)) for s in specs}
         )
         dims = {m: enc.out_dim for m, enc in self.encoders.items()}
         self.fusion = build_fusion(config.fusion, dims, num_classes, config.fusion_hidden)

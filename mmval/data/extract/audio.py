@@ -1,8 +1,8 @@
 """Audio decoding with PyAV and the two spectrograms the reference recipes use.
 
-`kaldi_fbank` is the Kinetics-Sounds/AST feature and `stft_log_magnitude` the OGM-GE CREMA-D one
-(../shared/specs/data.md, A.1 and A.2); both follow the reference code step for step so that
-published numbers stay comparable.
+`kaldi_fbank` is the Kinetics-Sounds/AST feature and `stft_log_magnitude` the OGM-GE CREMA-D and
+VGGSound one (../shared/specs/data.md, A.1 and A.2); both follow the reference code step for step
+so that published numbers stay comparable.
 """
 
 from __future__ import annotations
@@ -118,24 +118,29 @@ def stft_log_magnitude(
     n_fft: int = 512,
     hop_length: int = 353,
     seconds: float = 3.0,
+    offset: float = 0.0,
     tile: bool = True,
 ) -> np.ndarray:
-    """Log-magnitude STFT of the OGM-GE CREMA-D loader, [n_fft // 2 + 1, frames] float32.
+    """Log-magnitude STFT of the OGM-GE CREMA-D and VGGSound loaders, [n_fft // 2 + 1, frames].
 
-    As there (`librosa.load(sr=22050)`; `np.tile(x, 3)[:66150]`; clip to [-1, 1];
+    As there (CREMA-D: `librosa.load(sr=22050)`; `np.tile(x, 3)[:66150]`; clip to [-1, 1];
     `librosa.stft(n_fft=512, hop_length=353)`; `log(|S| + 1e-7)`): the mono wave, already at
-    `sample_rate`, is repeated until it lasts `seconds` (zero-padded instead when `tile` is False)
-    and cut to exactly `seconds * sample_rate` samples; the STFT is librosa's default (centred,
-    constant padding, periodic Hann window, no normalisation). 3 s at 22050 Hz gives [257, 188].
+    `sample_rate`, is repeated until it covers `offset + seconds` (zero-padded instead when `tile`
+    is False), and the `seconds * sample_rate` samples from `offset` on are kept. VGGSound's
+    loader doubles the wave until it lasts 10 s and crops 5 s from a random start in [0, 5] s;
+    the repeats are periodic either way, so a fixed `offset` gives that crop without the
+    doubling. The STFT is librosa's default (centred, constant padding, periodic Hann window, no
+    normalisation). 3 s at 22050 Hz gives [257, 188]; 5 s at 16 kHz, n_fft 256, hop 128 [129, 626].
     """
     x = np.asarray(wave, dtype=np.float32)
     if x.ndim == 2 and x.shape[0] == 1:
         x = x[0]
     if x.ndim != 1 or x.size == 0:
         raise ValueError(f"expected a non-empty mono wave [T] or [1, T], got {np.shape(wave)}")
-    n = round(seconds * sample_rate)
-    x = np.tile(x, math.ceil(n / x.size)) if tile else np.pad(x, (0, max(n - x.size, 0)))
-    x = np.clip(x[:n], -1.0, 1.0)
+    first, n = round(offset * sample_rate), round(seconds * sample_rate)
+    total = first + n
+    x = np.tile(x, math.ceil(total / x.size)) if tile else np.pad(x, (0, max(total - x.size, 0)))
+    x = np.clip(x[first:total], -1.0, 1.0)
     spec = torch.stft(
         torch.from_numpy(x),
         n_fft=n_fft,

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from mmval.data.sources.av_clips import AVClipsSource
 from mmval.data.sources.base import BuiltData, Source
+from mmval.data.sources.image_text import ImageTextSource
+from mmval.data.sources.mult_pickle import MultPickleSource
 from mmval.data.sources.synthetic import SyntheticSource
 from mmval.data.sources.uci_mfeat import UciMfeatSource
 
 SOURCES: dict[str, Source] = {
-    src.name: src for src in (UciMfeatSource(), SyntheticSource(), AVClipsSource())
+    src.name: src
+    for src in (
+        UciMfeatSource(),
+        SyntheticSource(),
+        AVClipsSource(),
+        ImageTextSource(),
+        MultPickleSource(),
+    )
 }
 
 __all__ = ["SOURCES", "BuiltData", "Source"]

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mmval.data.extract import ExtractionError
 from mmval.data.extract.audio import kaldi_fbank, read_audio, stft_log_magnitude
@@ -33,17 +34,55 @@ class _Strict(BaseModel):
 
 
 # ----------------------------------------------------------------------------- raw layout
+Column = int | str  # a position in a line, or a field name of a json entry
+
+
+class RowFilter(_Strict):
+    """Keep only the rows whose `column` equals `equals`: one list with a split column (VGGSound's
+    csv, MM-Debiased's json) then serves several splits."""
+
+    column: Column
+    equals: str
+
+
 class ListSpec(_Strict):
-    """A split list file and how to read the clip id, label and event window from each line."""
+    """A split list file and how to read the clip id, label and event window from each row.
+
+    Line formats give positional columns; `json` reads an object `{key: {field: value}}`, one
+    row per entry, whose columns are field names and whose column 0 is the entry's key.
+    """
 
     path: str = Field(description="relative to the raw folder")
-    format: Literal["csv", "whitespace", "ampersand"] = "csv"
+    format: Literal["csv", "whitespace", "ampersand", "json"] = "csv"
     encoding: str = Field(default="utf-8-sig", description="utf-8-sig also strips a BOM")
     header: bool = False
-    id: int = Field(default=0, description="column of the clip id")
-    label: int | None = Field(default=1, description="column of the label (None: `folder`)")
+    id: Column | list[Column] = Field(
+        default=0, description="column of the clip id, or columns joined with '_'"
+    )
+    label: Column | None = Field(default=1, description="column of the label (None: `folder`)")
     label_kind: Literal["index", "index1", "name", "folder"] = "name"
-    window: tuple[int, int] | None = Field(default=None, description="event start/end columns")
+    window: tuple[Column, Column] | None = Field(default=None, description="event start/end")
+    where: RowFilter | None = None
+
+    @property
+    def id_columns(self) -> list[Column]:
+        return self.id if isinstance(self.id, list) else [self.id]
+
+    @model_validator(mode="after")
+    def _columns_fit_format(self) -> ListSpec:
+        if isinstance(self.id, list) and not self.id:
+            raise ValueError("id needs at least one column")
+        columns = [*self.id_columns, self.label, *(self.window or ())]
+        columns.append(self.where.column if self.where else None)
+        if self.format == "json":
+            bad = [c for c in columns if isinstance(c, int) and c != 0]
+            rule = "json columns are field names (0 is the entry's key)"
+        else:
+            bad = [c for c in columns if isinstance(c, str)]
+            rule = f"{self.format} columns are positions"
+        if bad:
+            raise ValueError(f"{rule}, not {bad}")
+        return self
 
 
 class SplitSpec(_Strict):
@@ -60,7 +99,8 @@ class MediaSpec(_Strict):
     audio: str | None = Field(default=None, description="path pattern with {id}, or 'video'")
     match: Literal["path", "youtube-start"] = Field(
         default="path",
-        description="youtube-start: find the file by 11-char YouTube id + start second",
+        description="youtube-start: find the file by 11-char YouTube id + start second (an id "
+        "without a start: the file of that YouTube id, if there is only one)",
     )
     search: str = Field(default="**/*.mp4", description="files indexed for youtube-start")
 
@@ -77,8 +117,8 @@ class ClassesFile(_Strict):
     """Class names read from a raw file column, in order of first appearance (or sorted)."""
 
     path: str
-    format: Literal["csv", "whitespace", "ampersand"] = "whitespace"
-    column: int = 1
+    format: Literal["csv", "whitespace", "ampersand", "json"] = "whitespace"
+    column: Column = 1
     order: Literal["first", "sorted"] = "first"
 
 
@@ -127,6 +167,9 @@ class StftParams(_Strict):
     n_fft: int = 512
     hop_length: int = 353
     seconds: float = 3.0
+    offset: float = Field(
+        default=0.0, ge=0, description="seconds of the tiled wave skipped before `seconds` kept"
+    )
     tile: bool = True
     within_window: bool = False
 
@@ -164,39 +207,65 @@ class AVParams(_Strict):
 
 
 # ---------------------------------------------------------------------------- planning
-_YT = re.compile(r"^(?P<yt>[A-Za-z0-9_-]{11})_(?P<start>\d+)(?:_\d+)?$")
+_YT = re.compile(r"^(?P<yt>[A-Za-z0-9_-]{11})(?:_(?P<start>\d+)(?:_\d+)?)?$")
+
+Row = dict[Column, str]
 
 
-def _youtube_key(stem: str) -> tuple[str, int] | None:
+def _youtube_key(stem: str) -> tuple[str, int | None] | None:
+    """(YouTube id, start second or None) of `{ytid}`, `{ytid}_{start}` or
+    `{ytid}_{start}_{end}`, with or without zero padding."""
     match = _YT.match(stem)
-    return (match["yt"], int(match["start"])) if match else None
+    if match is None:
+        return None
+    return match["yt"], None if match["start"] is None else int(match["start"])
 
 
-def _read_rows(root: Path, spec: ListSpec) -> list[list[str]]:
+def _read_rows(root: Path, spec: ListSpec) -> list[Row]:
     path = root / spec.path
     if not path.is_file():
         raise UserError(f"the raw folder {root} has no split list {spec.path}.")
     text = path.read_text(encoding=spec.encoding)
+    if spec.format == "json":
+        return _json_rows(text, spec.path)
     lines = [line for line in text.splitlines() if line.strip()]
     if spec.header:
         lines = lines[1:]
     if spec.format == "csv":
-        return [row for row in csv.reader(lines)]
-    if spec.format == "ampersand":
-        return [line.split("&") for line in lines]
-    return [line.split() for line in lines]
+        cells = list(csv.reader(lines))
+    elif spec.format == "ampersand":
+        cells = [line.split("&") for line in lines]
+    else:
+        cells = [line.split() for line in lines]
+    return [dict(enumerate(row)) for row in cells]
 
 
-def _label_of(row: list[str], spec: ListSpec, class_index: dict[str, int]) -> int:
+def _json_rows(text: str, name: str) -> list[Row]:
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"split list {name} is not valid JSON: {exc}") from None
+    if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+        raise UserError(f"split list {name} must be a JSON object {{id: {{field: value}}}}.")
+    return [{0: key, **{k: str(v) for k, v in entry.items()}} for key, entry in entries.items()]
+
+
+def _cell(row: Row, column: Column, spec: ListSpec) -> str:
+    if column not in row:
+        raise UserError(f"a row of {spec.path} has no column {column!r}: {list(row.values())}")
+    return row[column].strip()
+
+
+def _label_of(row: Row, clip_id: str, spec: ListSpec, class_index: dict[str, int]) -> int:
     if spec.label_kind == "folder":
-        name = row[spec.id].split("/")[0]
+        name = clip_id.split("/")[0]
     else:
         assert spec.label is not None
-        name = row[spec.label].strip()
+        name = _cell(row, spec.label, spec)
         if spec.label_kind in ("index", "index1"):
             return int(name) - (1 if spec.label_kind == "index1" else 0)
     if name not in class_index:
-        raise UserError(f"label {name!r} in the split list is not one of the manifest's classes.")
+        raise UserError(f"label {name!r} in {spec.path} is not one of the manifest's classes.")
     return class_index[name]
 
 
@@ -209,11 +278,14 @@ def _list_split(root: Path, split: SplitSpec, class_index: dict[str, int]) -> li
     listed: dict[str, _Listed] = {}
     for spec in split.lists:
         for row in _read_rows(root, spec):
+            if spec.where is not None and _cell(row, spec.where.column, spec) != spec.where.equals:
+                continue
             window = None
             if spec.window is not None:
-                window = (float(row[spec.window[0]]), float(row[spec.window[1]]))
-            clip_id = row[spec.id].strip()
-            listed[clip_id] = _Listed(clip_id, _label_of(row, spec, class_index), window)
+                start, end = (float(_cell(row, c, spec)) for c in spec.window)
+                window = (start, end)
+            clip_id = "_".join(_cell(row, c, spec) for c in spec.id_columns)
+            listed[clip_id] = _Listed(clip_id, _label_of(row, clip_id, spec, class_index), window)
     return list(listed.values())
 
 
@@ -258,17 +330,25 @@ def _regroup(splits: dict[str, list[_Listed]], spec: RegroupSpec) -> dict[str, l
 class _MediaIndex:
     def __init__(self, root: Path, media: MediaSpec) -> None:
         self.root, self.media = root, media
-        self.by_key: dict[tuple[str, int], Path] = {}
+        self.by_key: dict[tuple[str, int | None], Path] = {}
+        self.by_video: dict[str, list[Path]] = defaultdict(list)
         if media.match == "youtube-start":
             for path in sorted(root.glob(media.search)):
                 key = _youtube_key(path.stem)
                 if key is not None:
                     self.by_key.setdefault(key, path)
+                    self.by_video[key[0]].append(path)
 
     def video(self, clip_id: str) -> Path | None:
         if self.media.match == "youtube-start":
             key = _youtube_key(Path(clip_id).name)
-            return self.by_key.get(key) if key else None
+            if key is None:
+                return None
+            found = self.by_key.get(key)
+            if found is None and key[1] is None:  # MM-Debiased lists some clips by video id only
+                clips = self.by_video.get(key[0], [])
+                found = clips[0] if len(clips) == 1 else None
+            return found
         if self.media.video is None:
             return None
         return self.root / self.media.video.format(id=clip_id)
@@ -279,6 +359,9 @@ class _MediaIndex:
         if self.media.video is not None or self.media.match == "youtube-start":
             video = self.video(clip_id)
             if video is None or not video.is_file():
+                clips = len(self.by_video.get(Path(clip_id).name, []))
+                if clips > 1:  # a bare video id, several clips of that video
+                    return files, f"{clips} clips of this YouTube video; the id gives no start"
                 return files, "video file not found"
             files["video"] = str(video)
         if self.media.audio == "video":
@@ -433,6 +516,7 @@ def extract_clip(params: AVParams, task: ClipTask) -> SampleRecord:
                     n_fft=spec.n_fft,
                     hop_length=spec.hop_length,
                     seconds=spec.seconds,
+                    offset=spec.offset,
                     tile=spec.tile,
                 )
             values[spec.name] = feats.astype(np.float16)
@@ -469,6 +553,9 @@ class AVClipsSource:
         if layout.regroup is not None:
             listed = _regroup(listed, layout.regroup)
         if layout.class_subset is not None:
+            unknown = [c for c in layout.class_subset if c not in class_index]
+            if unknown:
+                raise UserError(f"class_subset of {manifest.name} names unknown classes {unknown}.")
             keep = {class_index[c]: i for i, c in enumerate(layout.class_subset)}
             listed = {
                 name: [
@@ -522,6 +609,7 @@ class AVClipsSource:
         spec = layout.classes_file
         if spec is None:
             return list(manifest.classes)
-        rows = _read_rows(raw, ListSpec(path=spec.path, format=spec.format))
-        names = list(dict.fromkeys(row[spec.column].strip() for row in rows))
+        listing = ListSpec(path=spec.path, format=spec.format, label=spec.column)
+        rows = _read_rows(raw, listing)
+        names = list(dict.fromkeys(_cell(row, spec.column, listing) for row in rows))
         return sorted(names) if spec.order == "sorted" else names

@@ -54,3 +54,25 @@ def standardize(values: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
     std = values[fit_rows].std(axis=0)
     std[std == 0] = 1.0
     return (values - mean) / std
+
+
+def stratified_fractions(
+    keys: list[str], labels: list[int], fractions: dict[str, float], seed: int
+) -> dict[str, list[str]]:
+    """Cut every class into the named shares (normalised to sum 1) after a seeded permutation
+    of its keys in sorted order, so the result depends only on the keys, labels and seed."""
+    rng = np.random.default_rng(seed)
+    total = sum(fractions.values())
+    by_label: dict[int, list[str]] = {}
+    for key, label in sorted(zip(keys, labels, strict=True)):
+        by_label.setdefault(label, []).append(key)
+    out: dict[str, list[str]] = {name: [] for name in fractions}
+    for label in sorted(by_label):
+        members = [by_label[label][i] for i in rng.permutation(len(by_label[label]))]
+        start = 0.0
+        for name, share in fractions.items():
+            lo = round(start / total * len(members))
+            hi = round((start + share) / total * len(members))
+            out[name].extend(members[lo:hi])
+            start += share
+    return out

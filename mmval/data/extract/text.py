@@ -1,0 +1,180 @@
+"""Text for image-text data sets: the cleaning rules of the reference loaders, a word tokenizer
+whose vocabulary is built on the training split only, and Hugging Face tokenizers read from a
+local path (never downloaded).
+
+Tokenization happens once, at prep time; the data directory keeps the tokenizer it used
+(`tokenizer-<modality>.json`) so new text can be encoded the same way later.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from mmval.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextCleaning(_Strict):
+    """Rules of BalanceBenchmark's Food-101 loader (`clean_text`), each optional."""
+
+    strip_retweet: bool = Field(default=False, description='drop a leading "RT "')
+    strip_urls: bool = Field(default=False, description="drop from http(s):// to the line end")
+    strip_hash: bool = Field(default=False, description="drop '#' characters")
+    collapse_spaces: bool = Field(default=True, description="trim and collapse whitespace")
+
+
+_RETWEET = re.compile(r"^RT\s+")
+_URL = re.compile(r"https?://.*")
+_SPACES = re.compile(r"\s+")
+
+
+def clean_text(text: str, rules: TextCleaning) -> str:
+    if rules.strip_retweet:
+        text = _RETWEET.sub("", text)
+    if rules.strip_urls:
+        text = _URL.sub("", text)
+    if rules.strip_hash:
+        text = text.replace("#", "")
+    if rules.collapse_spaces:
+        text = _SPACES.sub(" ", text).strip()
+    return text
+
+
+class WordTokenizerConfig(_Strict):
+    """Words and punctuation marks, vocabulary from the training split (most frequent first)."""
+
+    kind: Literal["word"] = "word"
+    max_length: int = Field(default=40, ge=1, description="ids kept per text")
+    lowercase: bool = True
+    min_freq: int = Field(default=1, ge=1, description="rarer training words map to [UNK]")
+    max_vocab: int | None = Field(default=30000, ge=3, description="including [PAD] and [UNK]")
+
+
+class HFTokenizerConfig(_Strict):
+    """A Hugging Face tokenizer from disk: a tokenizer.json, or a folder holding one, or a
+    BERT folder with only vocab.txt (WordPiece with [CLS]/[SEP], as BertTokenizer)."""
+
+    kind: Literal["hf"] = "hf"
+    path: Path
+    max_length: int = Field(default=40, ge=1, description="ids kept per text, specials included")
+    lowercase: bool = Field(default=True, description="only for a vocab.txt folder")
+
+
+TokenizerConfig = Annotated[WordTokenizerConfig | HFTokenizerConfig, Field(discriminator="kind")]
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+class WordTokenizer:
+    PAD, UNK = "[PAD]", "[UNK]"
+
+    def __init__(self, tokens: list[str], max_length: int, lowercase: bool) -> None:
+        if tokens[:2] != [self.PAD, self.UNK]:
+            raise ValueError("a word vocabulary starts with [PAD], [UNK]")
+        self.tokens, self.max_length, self.lowercase = tokens, max_length, lowercase
+        self.ids = {token: i for i, token in enumerate(tokens)}
+        self.vocab_size, self.pad_id = len(tokens), 0
+
+    @classmethod
+    def fit(cls, texts: Iterable[str], config: WordTokenizerConfig) -> WordTokenizer:
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(cls._split(text, config.lowercase))
+        kept = sorted(
+            (w for w, c in counts.items() if c >= config.min_freq), key=lambda w: (-counts[w], w)
+        )
+        if config.max_vocab is not None:
+            kept = kept[: config.max_vocab - 2]
+        return cls([cls.PAD, cls.UNK, *kept], config.max_length, config.lowercase)
+
+    @staticmethod
+    def _split(text: str, lowercase: bool) -> list[str]:
+        return _WORD.findall(text.lower() if lowercase else text)
+
+    def encode(self, text: str) -> np.ndarray:
+        words = self._split(text, self.lowercase)[: self.max_length]
+        return np.array([self.ids.get(w, 1) for w in words], dtype=np.int32)
+
+    def to_bytes(self) -> bytes:
+        state = {
+            "kind": "word",
+            "max_length": self.max_length,
+            "lowercase": self.lowercase,
+            "tokens": self.tokens,
+        }
+        return json.dumps(state, ensure_ascii=False).encode("utf-8")
+
+
+class HFTokenizer:
+    def __init__(self, tokenizer: object, max_length: int) -> None:
+        from tokenizers import Tokenizer
+
+        assert isinstance(tokenizer, Tokenizer)
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length)
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        pads = (tokenizer.token_to_id(t) for t in ("[PAD]", "<pad>", "<|pad|>"))
+        self.pad_id = next((i for i in pads if i is not None), 0)
+
+    @classmethod
+    def load(cls, config: HFTokenizerConfig) -> HFTokenizer:
+        from tokenizers import Tokenizer
+        from tokenizers.implementations import BertWordPieceTokenizer
+
+        path = config.path.expanduser()
+        if path.is_dir() and (path / "tokenizer.json").is_file():
+            path = path / "tokenizer.json"
+        try:
+            if path.is_file():
+                return cls(Tokenizer.from_file(str(path)), config.max_length)
+            if path.is_dir() and (path / "vocab.txt").is_file():
+                wordpiece = BertWordPieceTokenizer(
+                    str(path / "vocab.txt"), lowercase=config.lowercase
+                )
+                return cls(wordpiece._tokenizer, config.max_length)
+        except Exception as exc:  # the tokenizers library raises plain Exceptions
+            raise UserError(f"cannot read the tokenizer at {path}: {exc}") from None
+        raise UserError(
+            f"no Hugging Face tokenizer at {config.path}: expected a tokenizer.json file, or a "
+            "folder holding tokenizer.json or vocab.txt (mmval never downloads tokenizers)."
+        )
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.array(self.tokenizer.encode(text).ids, dtype=np.int32)
+
+    def to_bytes(self) -> bytes:
+        return self.tokenizer.to_str().encode("utf-8")
+
+
+def build_tokenizer(
+    config: WordTokenizerConfig | HFTokenizerConfig, train_texts: list[str]
+) -> WordTokenizer | HFTokenizer:
+    """The tokenizer a prep uses: fitted on the training texts, or loaded from disk."""
+    if isinstance(config, HFTokenizerConfig):
+        return HFTokenizer.load(config)
+    return WordTokenizer.fit(train_texts, config)
+
+
+def load_saved_tokenizer(path: Path) -> WordTokenizer | HFTokenizer:
+    """Reload the tokenizer a prep saved in its data directory, to encode new text alike."""
+    state = json.loads(Path(path).read_text(encoding="utf-8"))
+    if state.get("kind") == "word":
+        return WordTokenizer(state["tokens"], state["max_length"], state["lowercase"])
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(json.dumps(state))
+    limit = (state.get("truncation") or {}).get("max_length") or 512
+    return HFTokenizer(tokenizer, limit)
