@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,7 +142,10 @@ def _results(
     if workers <= 1 or len(jobs) <= 1:
         yield from map(_extract_safely, jobs)
         return
-    context = multiprocessing.get_context("spawn")
+    # Forked workers inherit the imported torch and PyAV; spawned ones re-import them, seconds
+    # each, which dominated short jobs (bench/prep.py). Fork is safe here: the parent has decoded
+    # nothing, and each worker resets torch to one thread. Elsewhere fork is not the safe default.
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with context.Pool(workers, initializer=_init_worker) as pool:
         yield from pool.imap(_extract_safely, jobs, chunksize=1)
 
