@@ -243,25 +243,71 @@ def train(
 @user_errors
 def value(
     checkpoint: Annotated[Path, typer.Argument(help="a best.pt or last.pt of a run")],
-    out: Annotated[Path, typer.Option(help="output Parquet file")],
+    out: Annotated[Path | None, typer.Option(help="output Parquet file")] = None,
     split: Annotated[str, typer.Option(help="split to value")] = "test",
     data: Annotated[Path | None, typer.Option(help="data directory if it has moved")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    method: Annotated[
+        str, typer.Option(help="shapley (exact, M <= 10), shapley-mc (sampled) or cmob")
+    ] = "shapley",
+    permutations: Annotated[
+        int | None, typer.Option(help="shapley-mc: orders sampled per sample [default: 100]")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="shapley-mc: seed [default: 0]")] = None,
+    benefit: Annotated[
+        str, typer.Option(help="correct (|S| if right, else 0) or prob (true-class probability)")
+    ] = "correct",
+    mask: Annotated[
+        str, typer.Option(help="feature (zero encoder output), input (zero input) or mean")
+    ] = "feature",
+    wide: Annotated[bool, typer.Option(help="write one row per sample")] = False,
+    summary: Annotated[
+        bool, typer.Option(help="print mean contribution, weakest share and gaps per modality")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="samples per batch")] = 256,
 ) -> None:
-    """Per-sample, per-modality Shapley contributions of a checkpoint.
+    """Per-sample, per-modality contributions of a checkpoint (Shapley values by default).
 
-    Example: mmval value runs/concat-uci-mfeat/seed0/best.pt --out contrib.parquet
+    Example: mmval value runs/concat-uci-mfeat/seed0/best.pt --out contrib.parquet --summary
     """
-    from mmval.valuation.run import contribution_summary, value_checkpoint, write_valuation
-
-    with console.status(f"valuing the {split} split"):
-        result = value_checkpoint(checkpoint, split=split, data_dir=data, device=device)
-        write_valuation(result, out)
-    samples = result.table["sample_id"].nunique()
-    console.print(
-        f"wrote {out}: {samples} samples x {result.table['modality'].nunique()} modalities"
+    from mmval.valuation.config import valuation_config
+    from mmval.valuation.run import (
+        contribution_gaps,
+        contribution_summary,
+        value_checkpoint,
+        write_valuation,
     )
-    _print_frame(contribution_summary(result.table), "mean contribution per modality", "{:.3f}")
+
+    config = valuation_config(
+        method=method, permutations=permutations, seed=seed, benefit=benefit, mask=mask
+    )
+    if out is None and not summary:
+        raise UserError("pass --out FILE to write the table, --summary to print it, or both.")
+    if wide and out is None:
+        raise UserError("--wide shapes the table written to --out; pass --out FILE.")
+    with console.status(f"valuing the {split} split ({config.method}, {config.mask} masking)"):
+        result = value_checkpoint(
+            checkpoint,
+            split=split,
+            data_dir=data,
+            config=config,
+            batch_size=batch_size,
+            device=device,
+        )
+        if out is not None:
+            write_valuation(result, out, wide=wide)
+    samples = result.table["sample_id"].nunique()
+    shape = f"{samples} samples x {len(result.modalities)} modalities"
+    if out is not None:
+        console.print(f"wrote {out}: {shape}")
+    table = contribution_summary(result.table)
+    if not summary:
+        _print_frame(table[["modality", "mean", "std"]], "mean contribution per modality", "{:.3f}")
+        return
+    _print_frame(table, f"contribution per modality ({shape})", "{:.3f}")
+    _print_frame(
+        contribution_gaps(result.table), "mean contribution gap (row minus column)", "{:+.3f}"
+    )
 
 
 @app.command()

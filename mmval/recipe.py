@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from mmval.data.shards import sha256_json
 from mmval.errors import UserError
@@ -17,6 +26,7 @@ from mmval.models import ModelConfig
 from mmval.models.fusion import TWO_MODALITY_ONLY
 from mmval.overrides import apply_overrides
 from mmval.validation import format_problems, problems_of
+from mmval.valuation.config import TrainValuationConfig
 
 
 class _Strict(BaseModel):
@@ -106,6 +116,19 @@ class Recipe(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig
     output: Path = Field(default=Path("runs"), description="runs go to output/name/seed<k>")
+    valuation: TrainValuationConfig | None = Field(
+        default=None,
+        description="write per-sample modality contributions to contrib_epoch<k>.parquet",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_valuation(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A recipe without valuation dumps as before it existed, so finished runs still match
+        their summary.json and resume."""
+        dump = handler(self)
+        if self.valuation is None:
+            dump.pop("valuation", None)
+        return dump
 
     @field_validator("seeds")
     @classmethod
@@ -118,8 +141,9 @@ class Recipe(_Strict):
         return self.model_copy(update={"seeds": [seed]})
 
     def settings_hash(self) -> str:
-        """Identifies the experimental setting: seeds, name, output and host details excluded."""
-        dump = self.model_dump(mode="json", exclude={"seeds", "name", "output"})
+        """Identifies the experimental setting: seeds, name, output, valuation (which does not
+        change training) and host details excluded."""
+        dump = self.model_dump(mode="json", exclude={"seeds", "name", "output", "valuation"})
         dump["train"].pop("device")
         dump["train"].pop("workers")
         return sha256_json(dump)[:12]

@@ -34,6 +34,7 @@ from mmval.errors import UserError
 from mmval.methods import Method, TrainContext, build_method
 from mmval.models import MultimodalModel, build_model
 from mmval.recipe import DataConfig, OptimConfig, Recipe
+from mmval.valuation.training import EpochValuation
 
 LAST, BEST, SUMMARY, METRICS, RECIPE_FILE, LOG = (
     "last.pt",
@@ -169,10 +170,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _resume_key(recipe: dict[str, Any]) -> dict[str, Any]:
-    """What must match to continue a run: everything but the epoch count and host details."""
+    """What must match to continue a run: everything but the epoch count, host details and
+    valuation (which does not change training)."""
     key = json.loads(json.dumps(recipe))
     for name in ("epochs", "device", "workers"):
         key["train"].pop(name, None)
+    key.pop("valuation", None)
     return key
 
 
@@ -190,6 +193,7 @@ class _Session:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     sampler: BlockShuffleSampler
     loader: DataLoader
+    valuation: EpochValuation | None
 
 
 class Trainer:
@@ -246,6 +250,8 @@ class Trainer:
                     if row["val_acc"] > state.best_val:
                         state.best_val, state.best_epoch = row["val_acc"], epoch + 1
                         self._save(BEST, session, {"epoch": epoch + 1, "metrics": row})
+                if session.valuation is not None:
+                    session.valuation.after_epoch(session.model, epoch + 1, run_dir)
                 state.rows.append(row)
                 state.epoch = epoch + 1
                 _write_metrics(run_dir / METRICS, state.rows)
@@ -291,6 +297,19 @@ class Trainer:
             pin_memory=device.type == "cuda",
             collate_fn=collate_batch,
         )
+        valuation = None
+        if recipe.valuation is not None:
+            valuation = EpochValuation(
+                recipe.valuation,
+                data_dir=data_dir,
+                manifest=manifest,
+                modalities=modalities,
+                split=getattr(recipe.data.splits, recipe.valuation.split),
+                train_split=recipe.data.splits.train,
+                seed=self.seed,
+                device=device,
+                batch_size=recipe.train.eval_batch_size,
+            )
         data_info = {
             "path": str(data_dir.resolve()),
             "dataset": manifest.dataset,
@@ -309,6 +328,7 @@ class Trainer:
             scheduler=build_scheduler(recipe.optim, optimizer, recipe.train.epochs),
             sampler=sampler,
             loader=loader,
+            valuation=valuation,
         )
 
     def _train_epoch(self, session: _Session, ctx: TrainContext) -> dict[str, float]:

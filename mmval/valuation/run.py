@@ -1,31 +1,142 @@
-"""`mmval value`: per-sample, per-modality contributions of a checkpoint on one split."""
+"""`mmval value`: per-sample, per-modality contributions of a checkpoint (or a model) on a split."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader
+from pydantic import ValidationError
+from torch import nn
 
-from mmval.atomic import atomic_path
-from mmval.data.dataset import ParquetSamples, collate_batch
-from mmval.data.shards import check_data_dir
+from mmval.data.dataset import ParquetSamples
+from mmval.data.shards import DataManifest, ModalitySpec, check_data_dir
 from mmval.engine.checkpoint import load_checkpoint
 from mmval.errors import UserError
-from mmval.models import ModelConfig, build_model
-from mmval.valuation.shapley import correctness_benefit, exact_shapley, subset_logits, subset_masks
+from mmval.models import ModelConfig, MultimodalModel, build_model
+from mmval.valuation import ValuationConfig, ValuationMethod, build_method
+from mmval.valuation.base import Game
+from mmval.valuation.engine import EvalPath, build_evaluator, mask_fills
+from mmval.valuation.table import (
+    Values,
+    long_table,
+    valuation_metadata,
+    weights_fingerprint,
+    wide_table,
+    write_parquet,
+)
 
-MAX_EXACT_MODALITIES = 10
+
+@torch.no_grad()
+def value_dataset(
+    model: nn.Module,
+    dataset: ParquetSamples,
+    method: ValuationMethod,
+    config: ValuationConfig,
+    *,
+    fills: dict[str, torch.Tensor] | None,
+    device: torch.device,
+    batch_size: int = 256,
+    positions: Sequence[int] | None = None,
+    path: EvalPath = "auto",
+) -> Values:
+    """Value `positions` of the dataset (default: all) in eval mode. Batches are read without
+    a DataLoader, which would draw from the global RNG and so change a training run."""
+    model.eval()
+    modalities = [s.name for s in dataset.specs]
+    evaluator = build_evaluator(model, modalities, config.mask, fills, device=device, path=path)
+    order = np.arange(len(dataset)) if positions is None else np.asarray(positions, np.int64)
+    parts = []
+    for start in range(0, len(order), batch_size):
+        batch = dataset.__getitems__(order[start : start + batch_size].tolist()).to(device)
+        game = Game(evaluator, batch.inputs, batch.label, batch.index, config.benefit)
+        out = method.value(game)
+        parts.append((batch.label, out))
+    stderr = [o.stderr for _, o in parts]
+    return Values(
+        sample_ids=[dataset.sample_ids[i] for i in order.tolist()],
+        labels=torch.cat([label for label, _ in parts]).cpu().numpy(),
+        pred=torch.cat([o.pred for _, o in parts]).cpu().numpy(),
+        v_full=torch.cat([o.v_full for _, o in parts]).cpu().numpy(),
+        contribution=torch.cat([o.contribution for _, o in parts]).cpu().numpy(),
+        stderr=None if stderr[0] is None else torch.cat(stderr).cpu().numpy(),
+    )
+
+
+def split_fills(
+    config: ValuationConfig,
+    root: Path,
+    manifest: DataManifest,
+    specs: list[ModalitySpec],
+    train_split: str,
+) -> dict[str, torch.Tensor] | None:
+    """The stand-in inputs for removed modalities; reads the training split for `mean`."""
+    train = None
+    if config.mask == "mean" and train_split in manifest.splits:
+        train = ParquetSamples(root, train_split, [s.name for s in specs], manifest=manifest)
+    return mask_fills(config.mask, specs, train)
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use cpu or cuda.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available; use --device cpu.")
+    return device
 
 
 @dataclass
 class ValuationResult:
     table: pd.DataFrame  # long format, one row per (sample, modality)
     metadata: dict[str, str]
+    modalities: list[str]
+
+
+def _load_weights(
+    ckpt: dict, specs: list[ModalitySpec], num_classes: int
+) -> tuple[MultimodalModel | None, str]:
+    """The checkpoint's model built for these modality specs, or why its weights do not fit."""
+    try:
+        config = ModelConfig.model_validate(ckpt["recipe"]["model"])
+    except ValidationError:
+        return None, "its recipe's model section is not valid for this mmval version"
+    model = build_model(config, specs, num_classes)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if "size mismatch" in line), lines[-1])
+        return None, f"its weights do not fit the modality shapes of this data ({detail})"
+    return model, ""
+
+
+def _data_problems(ckpt: dict, manifest: DataManifest) -> list[str]:
+    """What differs between the data a checkpoint was trained on and `manifest`."""
+    data = ckpt["data"]
+    names = [s.name for s in manifest.modalities]
+    missing = [m for m in data["modalities"] if m not in names]
+    problems = []
+    if missing:
+        problems.append(
+            f"modalities {', '.join(data['modalities'])} were trained on, the data has "
+            f"{', '.join(names)}"
+        )
+    trained, classes = list(data["classes"]), list(manifest.classes)
+    if len(trained) != len(classes):
+        problems.append(f"{len(trained)} classes were trained on, the data has {len(classes)}")
+    elif trained != classes:
+        problems.append("the class names or their order differ")
+    elif not missing:
+        specs = [manifest.modality(m) for m in data["modalities"]]
+        model, why = _load_weights(ckpt, specs, len(classes))
+        if model is None:
+            problems.append(why)
+    return problems
 
 
 def value_checkpoint(
@@ -33,91 +144,69 @@ def value_checkpoint(
     *,
     split: str = "test",
     data_dir: Path | None = None,
+    config: ValuationConfig | None = None,
     batch_size: int = 256,
     device: str = "cpu",
+    path: EvalPath = "auto",
 ) -> ValuationResult:
+    """Value every sample of `split` with the data the checkpoint was trained on."""
+    config = config or ValuationConfig()
+    torch_device = _device(device)
     ckpt = load_checkpoint(checkpoint)
     data = ckpt["data"]
     root = Path(data_dir) if data_dir is not None else Path(data["path"])
     manifest = check_data_dir(root)
     if manifest.fingerprint() != data["fingerprint"]:
+        detail = "; ".join(_data_problems(ckpt, manifest)) or (
+            "same modalities, shapes and classes, other samples"
+        )
         raise UserError(
             f"the data in {root} is not the data {checkpoint} was trained on (manifest "
-            "fingerprints differ); pass --data with the directory it was trained on."
+            f"fingerprints differ: {detail}); pass --data with the directory it was trained on."
         )
     modalities: list[str] = data["modalities"]
-    if len(modalities) > MAX_EXACT_MODALITIES:
-        raise UserError(
-            f"exact Shapley over {len(modalities)} modalities needs 2^{len(modalities)} subsets; "
-            f"at most {MAX_EXACT_MODALITIES} are supported."
-        )
-    torch_device = torch.device(device)
+    method = build_method(config, modalities)
     specs = [manifest.modality(m) for m in modalities]
-    model_cfg = ModelConfig.model_validate(ckpt["recipe"]["model"])
-    model = build_model(model_cfg, specs, len(manifest.classes))
-    model.load_state_dict(ckpt["model"])
-    model.to(torch_device).eval()
-
+    model, why = _load_weights(ckpt, specs, len(manifest.classes))
+    if model is None:
+        raise UserError(f"{checkpoint} does not match its own recipe: {why}.")
     dataset = ParquetSamples(root, split, modalities, manifest=manifest)
-    masks = subset_masks(len(modalities))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
-    parts = []
-    with torch.no_grad():
-        for batch in loader:
-            batch = batch.to(torch_device)
-            logits = subset_logits(model, model.encode(batch.inputs), masks)
-            benefit = correctness_benefit(logits, batch.label, masks)
-            phi = exact_shapley(benefit, len(modalities)).cpu().numpy()
-            full = logits[-1]
-            pred = full.argmax(1).cpu().numpy()
-            label = batch.label.cpu().numpy()
-            ids = [dataset.sample_ids[i] for i in batch.index.tolist()]
-            for j, name in enumerate(modalities):
-                parts.append(
-                    pd.DataFrame(
-                        {
-                            "sample_id": ids,
-                            "label": label,
-                            "modality": name,
-                            "contribution": phi[:, j],
-                            "pred": pred,
-                            "correct": pred == label,
-                            "v_full": benefit[:, -1].cpu().numpy(),
-                        }
-                    )
-                )
-    table = pd.concat(parts, ignore_index=True)
-    table["modality"] = pd.Categorical(table["modality"], categories=modalities)
-    table = table.sort_values(["sample_id", "modality"], kind="stable").reset_index(drop=True)
-    table["modality"] = table["modality"].astype(str)
-    metadata = {
-        "mmval.valuation": "shapley",
-        "mmval.benefit": "correct",
-        "mmval.mask": "feature",
-        "mmval.split": split,
-        "mmval.checkpoint": str(checkpoint),
-        "mmval.dataset": manifest.dataset,
-        "mmval.data_fingerprint": manifest.fingerprint(),
-    }
-    return ValuationResult(table, metadata)
+    if len(dataset) == 0:
+        raise UserError(f"split {split!r} of {root} has no samples; pick another with --split.")
+    train_split = ckpt["recipe"].get("data", {}).get("splits", {}).get("train", "train")
+    fills = split_fills(config, root, manifest, specs, train_split)
+    values = value_dataset(
+        model.to(torch_device),
+        dataset,
+        method,
+        config,
+        fills=fills,
+        device=torch_device,
+        batch_size=batch_size,
+        path=path,
+    )
+    metadata = valuation_metadata(
+        config, modalities, split, manifest, weights_fingerprint(ckpt["model"])
+    )
+    metadata["mmval.checkpoint"] = str(checkpoint)
+    return ValuationResult(long_table(values, modalities), metadata, modalities)
 
 
-def write_valuation(result: ValuationResult, out: Path) -> None:
-    """Write the table atomically, with how it was computed in the Parquet schema metadata."""
-    table = pa.Table.from_pandas(result.table, preserve_index=False)
-    extra = {key.encode(): value.encode() for key, value in result.metadata.items()}
-    meta = {**(table.schema.metadata or {}), **extra}
-    with atomic_path(Path(out)) as tmp:
-        pq.write_table(table.replace_schema_metadata(meta), tmp)
+def write_valuation(result: ValuationResult, out: Path, *, wide: bool = False) -> None:
+    """Write the long (or wide) table atomically, with how it was computed as metadata."""
+    frame = wide_table(result.table, result.modalities) if wide else result.table
+    write_parquet(frame, {**result.metadata, "mmval.layout": "wide" if wide else "long"}, out)
 
 
 def contribution_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per modality: mean and std of the contribution, and the share of samples in which it
-    alone has the lowest contribution (ties count for no modality)."""
+    """Per modality: mean and std of the contribution; the share of samples in which it alone
+    has the lowest contribution (ties count for no modality: under the `correct` benefit all
+    modalities of a sample often tie); and its gap, the mean contribution of the other
+    modalities minus its own (Wei et al.'s modality-level gap for M > 2; > 0: it lags)."""
     per_sample = table.groupby("sample_id")["contribution"]
     is_min = table["contribution"] == per_sample.transform("min")
     unique_min = is_min & (is_min.groupby(table["sample_id"]).transform("sum") == 1)
-    return (
+    summary = (
         table.assign(weakest=unique_min)
         .groupby("modality", sort=False)
         .agg(
@@ -127,3 +216,19 @@ def contribution_summary(table: pd.DataFrame) -> pd.DataFrame:
         )
         .reset_index()
     )
+    m = len(summary)
+    others = (summary["mean"].sum() - summary["mean"]) / (m - 1) if m > 1 else np.nan
+    summary["gap"] = others - summary["mean"]
+    return summary
+
+
+def contribution_gaps(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean contribution of the row modality minus that of the column modality."""
+    means = table.groupby("modality", sort=False)["contribution"].mean()
+    gaps = pd.DataFrame(
+        means.to_numpy()[:, None] - means.to_numpy()[None, :],
+        index=means.index,
+        columns=means.index,
+    )
+    gaps.index.name = "modality"
+    return gaps.reset_index()

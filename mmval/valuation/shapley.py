@@ -1,9 +1,11 @@
-"""Exact per-sample Shapley values of modalities over all 2^M subsets.
+"""Exact per-sample Shapley values of modalities over all 2^M subsets (`--method shapley`).
 
-Benefit (Wei et al., CVPR 2024): v(S) = |S| if the prediction from the modalities in S is
-correct, else 0, and v(empty) = 0. A modality outside S is removed by zeroing its encoder output
-before the fusion head, as the official valuation code does, so encoders run once per sample and
-each subset costs one head evaluation.
+Benefit of Wei et al. (CVPR 2024) by default: v(S) = |S| if the prediction from the modalities
+in S is correct, else 0, so v(empty) = 0 and the values of a sample sum to v(N). With
+`--benefit prob`, v(S) is the probability of the true class and v(empty) that of the model
+with every modality removed; the values then sum to v(N) - v(empty) and a modality the model
+ignores gets exactly 0. (Under `correct` it does not: |S| grows with the ignored modality, so it
+earns a share wherever the others are right; that is the paper's definition.)
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ from math import factorial
 
 import torch
 
-from mmval.models import MultimodalModel
+from mmval.errors import UserError
+from mmval.valuation.base import BatchValues, Game, ValuationMethod
+from mmval.valuation.config import ValuationConfig
+from mmval.valuation.engine import subset_masks
 
-
-def subset_masks(m: int) -> torch.Tensor:
-    """[2^M, M] booleans; row s has bit j of s set where modality j is in the subset."""
-    codes = torch.arange(2**m)
-    return (codes[:, None] >> torch.arange(m)[None, :]) & 1 == 1
+MAX_EXACT_MODALITIES = 10
 
 
 def shapley_matrix(m: int) -> torch.Tensor:
@@ -40,30 +41,21 @@ def shapley_matrix(m: int) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def subset_logits(
-    model: MultimodalModel, features: dict[str, torch.Tensor], masks: torch.Tensor
-) -> torch.Tensor:
-    """Logits [2^M, B, C] of the fusion head with modalities outside each subset zeroed,
-    evaluated for all subsets in one batched head call."""
-    n_subsets, batch = masks.shape[0], next(iter(features.values())).shape[0]
-    keep = masks.to(next(iter(features.values())).device)
-    stacked = {
-        name: (feat[None] * keep[:, j].view(-1, *[1] * feat.dim()).to(feat.dtype)).flatten(0, 1)
-        for j, (name, feat) in enumerate(features.items())
-    }
-    return model.fuse(stacked).view(n_subsets, batch, -1)
+class ExactShapley(ValuationMethod):
+    name = "shapley"
 
+    def __init__(self, config: ValuationConfig, modalities: list[str]) -> None:
+        super().__init__(config, modalities)
+        if self.m > MAX_EXACT_MODALITIES:
+            raise UserError(
+                f"exact Shapley over {self.m} modalities needs 2^{self.m} subsets per sample; "
+                f"at most {MAX_EXACT_MODALITIES} modalities are supported. Use --method "
+                "shapley-mc (permutation sampling) instead."
+            )
+        self.masks = subset_masks(self.m)
+        self.weights = shapley_matrix(self.m)
 
-def correctness_benefit(
-    logits: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor
-) -> torch.Tensor:
-    """v(S) = |S| * [prediction of S is correct], as [B, 2^M]; v(empty) = 0."""
-    correct = (logits.argmax(-1) == labels[None, :]).to(torch.float64)  # [2^M, B]
-    sizes = masks.sum(1).to(torch.float64).to(correct.device)
-    return (correct * sizes[:, None]).T
-
-
-def exact_shapley(benefit: torch.Tensor, m: int) -> torch.Tensor:
-    """Per-sample Shapley values [B, M] from benefits [B, 2^M]."""
-    return benefit.to(torch.float64) @ shapley_matrix(m).to(benefit.device)
+    def value(self, game: Game) -> BatchValues:
+        out = game.play(self.masks)
+        phi = out.benefit.T @ self.weights.to(out.benefit.device)
+        return BatchValues(contribution=phi, v_full=out.benefit[-1], pred=out.pred[-1])

@@ -1,0 +1,131 @@
+"""Exact Shapley valuation of a split vs one plain evaluation pass over it, for M = 2, 4, 6.
+
+Data: `synthetic` with UCI-Multiple-Features-sized modalities (dims 76, 216, 64, 240, 47, 6,
+the first M of them) and 2000 samples in the valued split. Model: the uci-mfeat recipe's (MLP
+encoders [256] -> 128, concat fusion), one per M, shared by the three contenders, which read
+the same Parquet shards with the same batch size:
+- eval: `mmval.engine.train.predict`, the evaluation the trainer runs each epoch;
+- engine: `value_dataset` (encoders once, all 2^M subsets through the head in batched calls);
+- naive: `value_dataset` with path="naive" (one full forward per subset).
+Each is timed `--repeats` times, interleaved, and the fastest run counts (the machine is
+shared). Run: python bench/valuation.py [--repeats R] [--device cpu|cuda]. Prints one JSON
+object on its last line and writes it to bench/results/valuation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mmval.data.dataset import ParquetSamples
+from mmval.data.prep import prepare
+from mmval.engine.train import predict
+from mmval.models import ModelConfig, build_model
+from mmval.valuation import ValuationConfig, build_method
+from mmval.valuation.engine import EvalPath
+from mmval.valuation.run import value_dataset
+
+DIMS = [76, 216, 64, 240, 47, 6]  # fou, fac, kar, pix, zer, mor
+CLASSES = 10
+
+
+def fastest(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    for run in runs.values():  # warm-up: allocator, row-group cache, lazy imports
+        run()
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+def bench_m(m: int, root: Path, repeats: int, batch_size: int, device: torch.device) -> dict:
+    names = [f"m{j}" for j in range(m)]
+    out = root / f"syn{m}"
+    prepare(
+        "synthetic",
+        out,
+        overrides=[
+            f"modalities=[{','.join(names)}]",
+            f"dims={DIMS[:m]}",
+            f"signal={[1.0] * m}",
+            f"n_classes={CLASSES}",
+            "per_class={train: 20, test: 200}",
+        ],
+    )
+    dataset = ParquetSamples(out, "test", names)
+    torch.manual_seed(0)
+    config = ModelConfig.model_validate(
+        {"encoder": {"kind": "mlp", "hidden": [256], "out_dim": 128, "dropout": 0.2}}
+    )
+    model = build_model(config, dataset.specs, CLASSES).to(device).eval()
+    valuation = ValuationConfig()
+    method = build_method(valuation, names)
+
+    def engine(path: EvalPath) -> Callable[[], object]:
+        return lambda: value_dataset(
+            model,
+            dataset,
+            method,
+            valuation,
+            fills=None,
+            device=device,
+            batch_size=batch_size,
+            path=path,
+        )
+
+    runs = {
+        "eval": lambda: predict(model, dataset, device, batch_size=batch_size),
+        "engine": engine("auto"),
+        "naive": engine("naive"),
+    }
+    times = fastest(runs, repeats)
+    return {
+        f"eval_s_M{m}": round(times["eval"], 4),
+        f"engine_s_M{m}": round(times["engine"], 4),
+        f"naive_s_M{m}": round(times["naive"], 4),
+        f"engine_over_eval_M{m}": round(times["engine"] / times["eval"], 2),
+        f"naive_over_eval_M{m}": round(times["naive"] / times["eval"], 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    result: dict = {
+        "bench": "valuation",
+        "samples": 2000,
+        "method": "shapley (exact), benefit correct, feature masking, concat fusion",
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in (2, 4, 6):
+            result.update(bench_m(m, Path(tmp), args.repeats, args.batch_size, device))
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    result["machine"] = (
+        f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device} "
+        f"(GPU: {gpu})"
+    )
+    out = Path(__file__).parent / "results" / "valuation.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Valuation outputs: the long and wide tables, their Parquet metadata, modality summaries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from mmval.atomic import atomic_path
+from mmval.data.shards import DataManifest
+from mmval.errors import UserError
+from mmval.valuation.config import ValuationConfig
+
+SAMPLE_COLUMNS = ["sample_id", "label", "pred", "correct", "v_full"]
+
+
+@dataclass
+class Values:
+    """Everything a valuation pass computed, one row per valued sample."""
+
+    sample_ids: list[str]
+    labels: np.ndarray  # [N]
+    pred: np.ndarray  # [N]
+    v_full: np.ndarray  # [N]
+    contribution: np.ndarray  # [N, M]
+    stderr: np.ndarray | None  # [N, M], sampled methods only
+
+
+def long_table(values: Values, modalities: list[str]) -> pd.DataFrame:
+    """One row per (sample, modality), sorted by sample_id, modalities in model order:
+    sample_id, label, modality, contribution, pred, correct, v_full[, stderr]."""
+    n, m = values.contribution.shape
+    order = np.array(sorted(range(n), key=values.sample_ids.__getitem__), dtype=np.int64)
+    rows, cols = np.repeat(order, m), np.tile(np.arange(m), n)
+    label, pred = values.labels[rows], values.pred[rows]
+    frame = pd.DataFrame(
+        {
+            "sample_id": np.asarray(values.sample_ids, dtype=object)[rows],
+            "label": label,
+            "modality": np.asarray(modalities, dtype=object)[cols],
+            "contribution": values.contribution[rows, cols],
+            "pred": pred,
+            "correct": pred == label,
+            "v_full": values.v_full[rows],
+        }
+    )
+    if values.stderr is not None:
+        frame["stderr"] = values.stderr[rows, cols]
+    return frame
+
+
+def wide_table(table: pd.DataFrame, modalities: list[str]) -> pd.DataFrame:
+    """One row per sample: the sample columns, one contribution column per modality (named
+    after it) and, for sampled methods, `stderr_<modality>`."""
+    clash = sorted(set(modalities) & set(SAMPLE_COLUMNS))
+    if clash:
+        raise UserError(
+            f"--wide names a column after each modality, and {', '.join(clash)} is already a "
+            "column of the table; write the long table (without --wide) instead."
+        )
+    per_sample = table.drop_duplicates("sample_id")[SAMPLE_COLUMNS].set_index("sample_id")
+    parts = [per_sample, table.pivot(index="sample_id", columns="modality", values="contribution")]
+    if "stderr" in table:
+        stderr = table.pivot(index="sample_id", columns="modality", values="stderr")
+        parts.append(stderr[modalities].add_prefix("stderr_"))
+    wide = pd.concat([parts[0], parts[1][modalities], *parts[2:]], axis=1)
+    wide.columns.name = None
+    return wide.reset_index()
+
+
+def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of the weights (names, dtypes, shapes, bytes), not of the file: a table written
+    during training carries the same fingerprint as a checkpoint saved at that epoch."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def valuation_metadata(
+    config: ValuationConfig,
+    modalities: list[str],
+    split: str,
+    manifest: DataManifest,
+    weights: str,
+) -> dict[str, str]:
+    """How a table was computed, stored as Parquet key-value metadata (keys `mmval.*`)."""
+    meta = {
+        "mmval.method": config.method,
+        "mmval.mask": config.mask,
+        "mmval.benefit": config.benefit,
+        "mmval.modalities": json.dumps(modalities),
+        "mmval.split": split,
+        "mmval.dataset": manifest.dataset,
+        "mmval.data_fingerprint": manifest.fingerprint(),
+        "mmval.checkpoint_fingerprint": weights,
+    }
+    if config.method == "shapley-mc":
+        meta["mmval.permutations"] = str(config.n_permutations)
+        meta["mmval.seed"] = str(config.rng_seed)
+    return meta
+
+
+def write_parquet(frame: pd.DataFrame, metadata: dict[str, str], out: Path) -> None:
+    """Write atomically, with `metadata` in the Parquet schema's key-value metadata."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    extra = {key.encode(): value.encode() for key, value in metadata.items()}
+    with atomic_path(Path(out)) as tmp:
+        pq.write_table(
+            table.replace_schema_metadata({**(table.schema.metadata or {}), **extra}), tmp
+        )
