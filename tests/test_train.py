@@ -215,3 +215,13 @@ def test_two_epochs_resumed_for_two_more_equal_four(recipe_file, tmp_path):
     a = pd.read_parquet(runs / "four/seed0/metrics.parquet").drop(columns="seconds")
     b = pd.read_parquet(runs / "two/seed0/metrics.parquet").drop(columns="seconds")
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_empty_split_is_a_user_error(recipe_file, tmp_path):
+    from mmval.data.prep import prepare
+
+    data = tmp_path / "holes"
+    prepare("synthetic", data, overrides=["per_class={train: 10, val: 4, test: 5, extra: 0}"])
+    path = recipe_file(data__path=str(data), data__splits={"test": "extra"})
+    result = runner.invoke(app, ["train", "--recipe", str(path)])
+    assert result.exit_code == 2 and "no samples in split(s) test (extra)" in result.output

@@ -285,6 +285,13 @@ class Trainer:
             )
             for role in ("train", "val", "test")
         }
+        empty = [f"{role} ({d.split})" for role, d in datasets.items() if len(d) == 0]
+        if empty:
+            raise UserError(
+                f"the data in {data_dir} has no samples in split(s) {', '.join(empty)}; every "
+                "role needs samples (see data.splits in the recipe, or re-run `mmval prep` "
+                "without --limit/--splits)."
+            )
         torch.manual_seed(self.seed)
         model = build_model(recipe.model, specs, len(manifest.classes)).to(device)
         optimizer = build_optimizer(recipe.optim, model.parameters())
