@@ -56,13 +56,16 @@ def checkpoints(tmp_path_factory, synthetic_dir) -> dict[str, Path]:
         "model": {"encoder": {"hidden": [16], "out_dim": 8}, "fusion": "gated"},
         "data": {"path": str(synthetic_dir), "modalities": ["a", "b"]},
     }
+    small = {"encoder": {"hidden": [16], "out_dim": 8}}
     return {
         "concat": train(root, synthetic_dir, "concat"),
         "gated": train(root, synthetic_dir, "gated", **gated),
+        "late": train(root, synthetic_dir, "late", model={**small, "fusion": "late"}),
+        "cosine": train(root, synthetic_dir, "cosine", model={**small, "fusion": "cosine"}),
     }
 
 
-@pytest.mark.parametrize("fusion", ["concat", "gated"])
+@pytest.mark.parametrize("fusion", ["concat", "gated", "late", "cosine"])
 @pytest.mark.parametrize(
     ("method", "mask", "benefit"),
     [

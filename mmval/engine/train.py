@@ -6,11 +6,12 @@ knows about any particular method.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from torch import nn
 from torch.utils.data import DataLoader
 
 from mmval import __version__
 from mmval.atomic import atomic_path, write_text_atomic
-from mmval.data.dataset import BlockShuffleSampler, ParquetSamples, collate_batch
+from mmval.data.dataset import Batch, BlockShuffleSampler, ParquetSamples, collate_batch
 from mmval.data.manifest import load_dataset_manifest
 from mmval.data.prep import prepare
 from mmval.data.shards import MANIFEST, DataManifest, check_data_dir
@@ -32,6 +34,7 @@ from mmval.engine.checkpoint import load_checkpoint, save_checkpoint
 from mmval.engine.metrics import accuracy, macro_f1
 from mmval.errors import UserError
 from mmval.methods import Method, TrainContext, build_method
+from mmval.methods.base import StepTools
 from mmval.models import MultimodalModel, build_model
 from mmval.recipe import DataConfig, OptimConfig, Recipe
 from mmval.valuation.training import EpochValuation
@@ -194,6 +197,7 @@ class _Session:
     sampler: BlockShuffleSampler
     loader: DataLoader
     valuation: EpochValuation | None
+    method_modules: nn.ModuleDict
 
 
 class Trainer:
@@ -240,7 +244,13 @@ class Trainer:
         self.callbacks.on_start(f"{label} seed{self.seed}", epochs, len(session.loader))
         with open(run_dir / LOG, "a", encoding="utf-8") as log:
             for epoch in range(state.epoch, epochs):
-                ctx = TrainContext(epoch=epoch, epochs=epochs, step=state.step)
+                ctx = TrainContext(
+                    epoch=epoch,
+                    epochs=epochs,
+                    step=state.step,
+                    batches=functools.partial(self._ordered_batches, session),
+                    steps_per_epoch=len(session.loader),
+                )
                 row = self._train_epoch(session, ctx)
                 state.step = ctx.step
                 if session.scheduler is not None:
@@ -294,7 +304,10 @@ class Trainer:
             )
         torch.manual_seed(self.seed)
         model = build_model(recipe.model, specs, len(manifest.classes)).to(device)
-        optimizer = build_optimizer(recipe.optim, model.parameters())
+        method_modules = method.build_modules(model).to(device)
+        optimizer = build_optimizer(
+            recipe.optim, [*model.parameters(), *method_modules.parameters()]
+        )
         sampler = BlockShuffleSampler(datasets["train"].block_ids(), seed=self.seed)
         loader = DataLoader(
             datasets["train"],
@@ -336,6 +349,7 @@ class Trainer:
             sampler=sampler,
             loader=loader,
             valuation=valuation,
+            method_modules=method_modules,
         )
 
     def _train_epoch(self, session: _Session, ctx: TrainContext) -> dict[str, float]:
@@ -348,20 +362,18 @@ class Trainer:
         method.on_epoch_start(model, ctx)
         loss_sum, correct, seen = 0.0, 0, 0
         method_sums: dict[str, float] = {}
+        tools = StepTools(
+            optimizer, functools.partial(autocast, session.device, self.recipe.train.precision)
+        )
         for batch in session.loader:
             batch = batch.to(session.device)
-            with autocast(session.device, self.recipe.train.precision):
-                out = model(batch.inputs)
-                loss = method.loss(model, out, batch, ctx)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for key, value in method.after_backward(model, out, batch, ctx).items():
+            result = method.train_step(model, batch, ctx, tools)
+            for key, value in result.figures.items():
                 method_sums[key] = method_sums.get(key, 0.0) + value * len(batch)
-            optimizer.step()
             ctx.step += 1
             session.sampler.advance(len(batch))
-            loss_sum += float(loss.detach()) * len(batch)
-            correct += int((out.logits.argmax(1) == batch.label).sum())
+            loss_sum += float(result.loss) * len(batch)
+            correct += int((result.logits.argmax(1) == batch.label).sum())
             seen += len(batch)
             self.callbacks.on_step()
         row: dict[str, float] = {
@@ -374,6 +386,24 @@ class Trainer:
         row.update({f"method_{k}": v for k, v in method.on_epoch_end(model, ctx).items()})
         row["seconds"] = time.perf_counter() - started
         return row
+
+    def _ordered_batches(self, session: _Session, role: str) -> Iterator[Batch]:
+        """A split in index order without training-time randomness, for methods' epoch hooks;
+        the model's train/eval mode is the method's to set."""
+        dataset = ParquetSamples(
+            session.datasets[role].root,
+            session.datasets[role].split,
+            session.model.modalities,
+            manifest=session.datasets[role].manifest,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=self.recipe.train.eval_batch_size,
+            shuffle=False,
+            collate_fn=collate_batch,
+        )
+        for batch in loader:
+            yield batch.to(session.device)
 
     def _evaluate(self, session: _Session) -> dict[str, float]:
         row: dict[str, float] = {}
@@ -407,6 +437,7 @@ class Trainer:
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "sampler": session.sampler.state_dict(),
             "method": session.method.state_dict(),
+            "method_modules": session.method_modules.state_dict(),
             "rng": _rng_state(),
             "run_state": state.as_dict(),
         }
@@ -424,6 +455,8 @@ class Trainer:
             session.scheduler.load_state_dict(ckpt["scheduler"])
         session.sampler.load_state_dict(ckpt["sampler"])
         session.method.load_state_dict(ckpt["method"])
+        if "method_modules" in ckpt:  # absent from runs started before methods had modules
+            session.method_modules.load_state_dict(ckpt["method_modules"])
         _set_rng_state(ckpt["rng"])
         return _RunState.from_dict(ckpt["run_state"])
 

@@ -1,19 +1,32 @@
 """The method protocol: what a training method may change in plain joint training.
 
-The engine owns the loop (data, forward, backward, optimizer step, evaluation, checkpoints);
-a method overrides only the hooks it needs. The default of every hook is plain training, so
-`Method` itself is the `concat` baseline.
+The engine owns the loop (data, evaluation, checkpoints, resume); a method overrides only the
+hooks it needs. The default of every hook is plain training, so `Method` itself is the `concat`
+baseline. Hooks, from the lightest to the heaviest:
+- `loss` (a different objective), `after_backward` (edit gradients before the step);
+- `forward` (the training forward: masked or dropped modalities, extra heads' outputs);
+- `build_modules` (trainable parts the method adds beside the model, e.g. unimodal heads:
+  optimised, moved and checkpointed with it, never part of its prediction);
+- `train_step` (several backward passes or optimizer steps per batch), through `StepTools`;
+- `train_positions`, `on_epoch_start`, `on_epoch_end` (re-sampling, prototypes, re-init), with
+  `TrainContext.batches` to read a split in evaluation mode.
+Prediction (evaluation, valuation) is always the model's own fusion head: a method that changes
+how predictions are made does so through a fusion (`model.fusion`), so that every method's
+checkpoint is valued the same way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
+from torch import nn
 
 from mmval.data.dataset import Batch
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
@@ -34,11 +47,40 @@ class MethodConfig(BaseModel):
         return []
 
 
+def _no_batches(role: str) -> Iterator[Batch]:
+    raise RuntimeError("this context reads no data")
+
+
 @dataclass
 class TrainContext:
     epoch: int  # 0-based
     epochs: int
     step: int  # optimizer steps taken so far in the run
+    # batches(role): the "train" or "val" split in a fixed order, as the model's device expects,
+    # without training-time randomness (prototypes, re-initialisation, weight estimation)
+    batches: Callable[[str], Iterator[Batch]] = field(default=_no_batches, repr=False)
+    steps_per_epoch: int = 0
+
+
+@dataclass
+class StepTools:
+    """What a method's own `train_step` may do; the engine owns the optimizer and precision."""
+
+    optimizer: torch.optim.Optimizer
+    autocast: Callable[[], AbstractContextManager[Any]]
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # detached, for the epoch log
+    logits: torch.Tensor  # detached fused logits, for the training accuracy
+    figures: dict[str, float] = field(default_factory=dict)
 
 
 class Method:
@@ -58,6 +100,28 @@ class Method:
 
     def on_epoch_start(self, model: MultimodalModel, ctx: TrainContext) -> None:
         """Called before the first step of each epoch."""
+
+    def build_modules(self, model: MultimodalModel) -> nn.ModuleDict:
+        """Trainable parts beside the model (kept by the method; the engine optimises, moves and
+        checkpoints what this returns)."""
+        return nn.ModuleDict()
+
+    def forward(self, model: MultimodalModel, batch: Batch, ctx: TrainContext) -> ModelOutput:
+        """The training forward pass."""
+        return model(batch.inputs)
+
+    def train_step(
+        self, model: MultimodalModel, batch: Batch, ctx: TrainContext, tools: StepTools
+    ) -> StepResult:
+        """One batch: forward, loss, backward, gradient edits, optimizer step."""
+        with tools.autocast():
+            out = self.forward(model, batch, ctx)
+            loss = self.loss(model, out, batch, ctx)
+        tools.zero_grad()
+        loss.backward()
+        figures = self.after_backward(model, out, batch, ctx)
+        tools.step()
+        return StepResult(loss.detach(), out.logits.detach(), figures)
 
     def loss(
         self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext

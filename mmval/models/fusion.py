@@ -6,12 +6,15 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmval.errors import UserError
 
-FusionName = Literal["concat", "sum", "weighted", "film", "gated"]
-DECOMPOSABLE: frozenset[str] = frozenset({"concat", "sum", "weighted"})
+FusionName = Literal["concat", "sum", "weighted", "film", "gated", "late", "cosine"]
+# DECOMPOSABLE heads expose each modality's logits; ADDITIVE ones fuse by summing exactly those
+DECOMPOSABLE: frozenset[str] = frozenset({"concat", "sum", "weighted", "late", "cosine"})
+ADDITIVE: frozenset[str] = frozenset({"concat", "sum", "weighted", "cosine"})
 TWO_MODALITY_ONLY: frozenset[str] = frozenset({"film", "gated"})
 
 
@@ -62,6 +65,37 @@ class WeightedFusion(SumFusion):
         }
 
 
+class LateFusion(SumFusion):
+    """Decision fusion: one head per modality, z = (1/M) sum_m z_m (the logit average of
+    late fusion / UME-style ensembles)."""
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(self.unimodal_logits(feats).values())).mean(0)
+
+
+class CosineFusion(nn.Module):
+    """MMCosine (Xu et al., ICASSP 2023; GeWu-Lab/MMCosine_ICASSP23 `main_CD.py`): each
+    modality's logits are s * cos(h_m, w_{m,c}) against its slice of a bias-free concat head,
+    z = sum_m z_m; features and weights are L2-normalised so no modality wins by norm."""
+
+    def __init__(self, dims: dict[str, int], num_classes: int, scale: float) -> None:
+        super().__init__()
+        self.names = list(dims)
+        self.dims = [dims[m] for m in self.names]
+        self.fc = nn.Linear(sum(self.dims), num_classes, bias=False)
+        self.scale = scale
+
+    def unimodal_logits(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weights = torch.split(self.fc.weight, self.dims, dim=1)
+        return {
+            m: self.scale * F.normalize(feats[m], dim=1) @ F.normalize(w, dim=1).T
+            for m, w in zip(self.names, weights, strict=True)
+        }
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(self.unimodal_logits(feats).values())).sum(0)
+
+
 class FiLMFusion(nn.Module):
     """FiLM (Perez et al. 2018): the first modality conditions the second,
     [gamma; beta] = Linear(h_x), z = Linear(gamma * h_y + beta)."""
@@ -93,7 +127,7 @@ class GatedFusion(nn.Module):
 
 
 def build_fusion(
-    name: FusionName, dims: dict[str, int], num_classes: int, hidden: int
+    name: FusionName, dims: dict[str, int], num_classes: int, hidden: int, scale: float = 10.0
 ) -> nn.Module:
     if name in TWO_MODALITY_ONLY and len(dims) != 2:
         raise UserError(
@@ -106,6 +140,10 @@ def build_fusion(
         return SumFusion(dims, num_classes)
     if name == "weighted":
         return WeightedFusion(dims, num_classes)
+    if name == "late":
+        return LateFusion(dims, num_classes)
+    if name == "cosine":
+        return CosineFusion(dims, num_classes, scale)
     if name == "film":
         return FiLMFusion(dims, num_classes)
     return GatedFusion(dims, num_classes, hidden)

@@ -10,7 +10,7 @@ from torch import nn
 
 from mmval.data.shards import ModalitySpec
 from mmval.models.encoders import EncoderConfig, MLPEncoderConfig, build_encoder
-from mmval.models.fusion import DECOMPOSABLE, FusionName, build_fusion
+from mmval.models.fusion import ADDITIVE, DECOMPOSABLE, FusionName, build_fusion
 
 
 class ModelConfig(BaseModel):
@@ -21,6 +21,9 @@ class ModelConfig(BaseModel):
     )
     fusion: FusionName = "concat"
     fusion_hidden: int = Field(default=128, ge=1, description="hidden size of gated fusion")
+    fusion_scale: float = Field(
+        default=10.0, gt=0, description="cosine fusion: logit scale s (MMCosine official 10)"
+    )
 
 
 @dataclass
@@ -38,8 +41,11 @@ class MultimodalModel(nn.Module):
             {s.name: build_encoder(s, config.encoders.get(s.name, config.encoder)) for s in specs}
         )
         dims = {m: enc.out_dim for m, enc in self.encoders.items()}
-        self.fusion = build_fusion(config.fusion, dims, num_classes, config.fusion_hidden)
+        self.fusion = build_fusion(
+            config.fusion, dims, num_classes, config.fusion_hidden, config.fusion_scale
+        )
         self.decomposable = config.fusion in DECOMPOSABLE
+        self.additive = config.fusion in ADDITIVE
 
     def encode(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.encoders[m](inputs[m]) for m in self.modalities}

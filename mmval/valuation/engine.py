@@ -108,10 +108,10 @@ class SubsetEvaluator(ABC):
 
 
 class LateFusionEvaluator(SubsetEvaluator):
-    """Encoders once per batch. An additive head (concat, sum, weighted: the fused logits are
-    the sum of each modality's share) needs no head call at all: a subset's logits are the sum
-    of the present modalities' shares and the removed ones' replacement shares, K x B x C
-    additions. Other heads (film, gated) get all subsets in one batched call."""
+    """Encoders once per batch. An additive head (concat, sum, weighted, cosine: the fused
+    logits are the sum of each modality's share) needs no head call at all: a subset's logits
+    are the sum of the present modalities' shares and the removed ones' replacement shares,
+    K x B x C additions. Other heads (film, gated, late) get all subsets in one batched call."""
 
     def __init__(
         self,
@@ -121,7 +121,7 @@ class LateFusionEvaluator(SubsetEvaluator):
         device: torch.device,
     ) -> None:
         self.model, self.modalities = model, modalities
-        self.additive = model.decomposable
+        self.additive = model.additive
         if fills is None:
             absent = {
                 m: torch.zeros(1, model.encoders[m].out_dim, device=device) for m in modalities
