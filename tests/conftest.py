@@ -28,6 +28,33 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def synthetic_av_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Kinetics-Sounds layout, 3 classes x 6 clips of 2 s, prepped small: 2 frames of 32x32 and a
+    64 x 32 fbank per clip. For method integration tests on audio-visual shards."""
+    from mmval.data.synthetic_av import SyntheticAVParams, write_synthetic_raw
+
+    root = tmp_path_factory.mktemp("synthetic-av")
+    params = SyntheticAVParams(
+        layout="kinetics-sounds", classes=["0", "1", "2"], clips_per_class=6, seconds=2.0
+    )
+    write_synthetic_raw(root / "raw", params)
+    out = root / "ks"
+    prepare(
+        "kinetics-sounds",
+        out,
+        raw=root / "raw",
+        workers=1,
+        overrides=[
+            "modalities.0.size=[32,32]",
+            "modalities.0.pick=2",
+            "modalities.1.target_frames=64",
+            "modalities.1.num_mel_bins=32",
+        ],
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
 def uci_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("data") / "uci-mfeat"
     prepare("uci-mfeat", out)
