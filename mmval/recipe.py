@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from mmval.data.dataset import FrameAugment
 from mmval.data.shards import sha256_json
 from mmval.errors import UserError
 from mmval.methods import MethodConfigUnion
@@ -49,6 +50,9 @@ class DataConfig(_Strict):
         default=None, min_length=1, description="modalities to use (default: all)"
     )
     splits: SplitNames = Field(default_factory=SplitNames)
+    augment: FrameAugment | None = Field(
+        default=None, description="training-time RandomResizedCrop + flip of RGB frames"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset, Sampler
 
 from mmval.data.extract.video import decode_jpeg, segment_indices
@@ -27,6 +29,57 @@ from mmval.data.shards import (
     decode_tensor_column,
 )
 from mmval.errors import UserError
+
+
+class FrameAugment(BaseModel):
+    """Training-time augmentation of RGB frames, as the GeWu-Lab loaders do for every visual
+    frame: torchvision's RandomResizedCrop (back to the stored size) and RandomHorizontalFlip,
+    drawn independently per frame. Evaluation sees the stored frames unchanged (their
+    `Resize((224, 224))`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    crop_scale: tuple[float, float] = Field(default=(0.08, 1.0), description="area fraction")
+    crop_ratio: tuple[float, float] = Field(default=(3 / 4, 4 / 3), description="aspect range")
+    hflip: float = Field(default=0.5, ge=0, le=1, description="flip probability")
+
+
+def random_resized_crop(
+    frame: np.ndarray, augment: FrameAugment, rng: np.random.Generator
+) -> np.ndarray:
+    """torchvision's RandomResizedCrop.get_params (10 tries, then a central crop of the
+    clamped ratio) with our generator, bilinear antialiased resize back, then the flip."""
+    height, width = frame.shape[:2]
+    area = height * width
+    log_ratio = np.log(augment.crop_ratio)
+    box = None
+    for _ in range(10):
+        target = area * rng.uniform(*augment.crop_scale)
+        ratio = float(np.exp(rng.uniform(*log_ratio)))
+        w, h = round(np.sqrt(target * ratio)), round(np.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            box = (int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w)
+            break
+    if box is None:
+        ratio = width / height
+        w, h = (
+            (width, round(width / min(augment.crop_ratio)))
+            if ratio < min(augment.crop_ratio)
+            else (round(height * max(augment.crop_ratio)), height)
+            if ratio > max(augment.crop_ratio)
+            else (width, height)
+        )
+        box = ((height - h) // 2, (width - w) // 2, h, w)
+    top, left, h, w = box
+    patch = torch.from_numpy(np.ascontiguousarray(frame[top : top + h, left : left + w]))
+    resized = F.interpolate(
+        patch.permute(2, 0, 1)[None].float(),
+        size=(height, width),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )[0]
+    out = resized.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return out[:, ::-1] if rng.random() < augment.hflip else out
 
 
 @dataclass
@@ -62,6 +115,7 @@ class ParquetSamples(Dataset):
         cache_row_groups: int = 8,
         train: bool = False,
         seed: int = 0,
+        augment: FrameAugment | None = None,
     ) -> None:
         self.root = Path(root)
         self.manifest = manifest or check_data_dir(self.root)
@@ -80,6 +134,7 @@ class ParquetSamples(Dataset):
         self.row_of = index["row"].to_numpy(np.int64)
         self.cache_row_groups = cache_row_groups
         self.train, self.seed, self.epoch = train, seed, 0
+        self.augment = augment if train else None
         self._files: dict[int, pq.ParquetFile] = {}
         self._cache: OrderedDict[tuple[int, int], dict[str, Any]] = OrderedDict()
 
@@ -164,7 +219,10 @@ class ParquetSamples(Dataset):
         k = spec.shape[0]
         if spec.encoding == "jpeg":
             picks = segment_indices(len(stored), k, train=self.train, rng=rng)
-            return decode_jpeg([stored[i] for i in picks])
+            frames = decode_jpeg([stored[i] for i in picks])
+            if self.augment is None or frames.shape[-1] != 3:
+                return frames
+            return np.stack([random_resized_crop(f, self.augment, rng) for f in frames])
         picks = segment_indices(len(stored) // 2, k, train=self.train, rng=rng)
         planes = decode_jpeg([stored[j] for i in picks for j in (2 * i, 2 * i + 1)])
         return planes.reshape(k, 2, *planes.shape[1:3]).transpose(0, 2, 3, 1)

@@ -292,6 +292,7 @@ class Trainer:
                 manifest=manifest,
                 train=role == "train",
                 seed=self.seed,
+                augment=recipe.data.augment,
             )
             for role in ("train", "val", "test")
         }
