@@ -7,7 +7,8 @@ frames converted, one pass, Parquet shards). Both use the same number of process
 synthetic 10-s 640x360 25-fps H.264 + AAC clips (one keyframe per clip, like Kinetics cuts).
 
 Train clips are hard-linked under new ids (`--copies`) so that the job is long enough for the
-worker start-up (both pipelines start a spawn pool) to matter less; the wall time includes it.
+worker start-up to matter less; the wall time includes it. Both pipelines fork their worker
+pools (on Linux), so neither pays for re-importing torch in its workers.
 Run: python bench/prep.py [--clips N] [--copies C] [--workers W]. Needs the ffmpeg program.
 Prints one JSON object on its last line and writes it to bench/results/prep.json.
 """
@@ -21,6 +22,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import wave
@@ -88,7 +90,7 @@ def replicate(raw: Path, copies: int) -> list[Path]:
 
 def run_reference(clips: list[Path], out: Path, workers: int) -> float:
     started = time.perf_counter()
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with context.Pool(workers) as pool:
         pool.map(reference_clip, [(str(c), str(out)) for c in clips])
         (out / "spec").mkdir()
