@@ -62,10 +62,13 @@ def checkpoints(tmp_path_factory, synthetic_dir) -> dict[str, Path]:
         "gated": train(root, synthetic_dir, "gated", **gated),
         "late": train(root, synthetic_dir, "late", model={**small, "fusion": "late"}),
         "cosine": train(root, synthetic_dir, "cosine", model={**small, "fusion": "cosine"}),
+        "shared": train(root, synthetic_dir, "shared", model={**small, "fusion": "shared"}),
+        "qmf": train(root, synthetic_dir, "qmf", model={**small, "fusion": "qmf"}),
+        "tmc": train(root, synthetic_dir, "tmc", model={**small, "fusion": "tmc"}),
     }
 
 
-@pytest.mark.parametrize("fusion", ["concat", "gated", "late", "cosine"])
+@pytest.mark.parametrize("fusion", ["concat", "gated", "late", "cosine", "shared", "qmf", "tmc"])
 @pytest.mark.parametrize(
     ("method", "mask", "benefit"),
     [

@@ -510,7 +510,7 @@ def _run_label(recipe: Recipe) -> str:
     if recipe.method.name == "concat":
         return fusion
     label = recipe.method.label()
-    return label if fusion == "concat" else f"{label}+{fusion}"
+    return label if fusion == recipe.method.fusion else f"{label}+{fusion}"
 
 
 def _write_metrics(path: Path, rows: list[dict[str, float]]) -> None:

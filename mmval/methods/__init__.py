@@ -8,13 +8,56 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
+from mmval.methods.agm import AGM
+from mmval.methods.amco import AMCo
 from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.methods.cml import CML
 from mmval.methods.concat import Concat
+from mmval.methods.gblending import GBlending
+from mmval.methods.late_fusion import LateFusionMethod
+from mmval.methods.lfm import LFM
+from mmval.methods.linear_probe import LinearProbe
+from mmval.methods.mbsd import MBSD
+from mmval.methods.mla import MLA
+from mmval.methods.mmcosine import MMCosine
+from mmval.methods.mmpareto import MMPareto
 from mmval.methods.ogm_ge import OGMGE
+from mmval.methods.opm import OPM
+from mmval.methods.pmr import PMR
+from mmval.methods.qmf import QMF
+from mmval.methods.reconboost import ReconBoost
+from mmval.methods.relearning import Relearning
+from mmval.methods.tmc import TMC
+from mmval.methods.ume import UME
+from mmval.methods.umt import UMT
 from mmval.methods.unimodal import Unimodal
 
 METHODS: dict[str, type[Method]] = {
-    cls.Config.model_fields["name"].default: cls for cls in (Concat, Unimodal, OGMGE)
+    cls.Config.model_fields["name"].default: cls
+    for cls in (
+        Concat,
+        Unimodal,
+        OGMGE,
+        AGM,
+        PMR,
+        MMCosine,
+        OPM,
+        CML,
+        MMPareto,
+        Relearning,
+        TMC,
+        QMF,
+        MLA,
+        LateFusionMethod,
+        GBlending,
+        LinearProbe,
+        UME,
+        UMT,
+        MBSD,
+        LFM,
+        AMCo,
+        ReconBoost,
+    )
 }
 
 MethodConfigUnion = Annotated[

@@ -37,6 +37,7 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str
+    fusion: ClassVar[str] = "concat"  # the fusion the method is defined with (report names)
 
     def label(self) -> str:
         """How runs of this method are named in reports."""

@@ -11,9 +11,14 @@ from torch import nn
 
 from mmval.errors import UserError
 
-FusionName = Literal["concat", "sum", "weighted", "film", "gated", "late", "cosine"]
+FusionName = Literal[
+    "concat", "sum", "weighted", "film", "gated", "late", "cosine", "shared", "qmf", "tmc"
+]
+InferenceName = Literal["dynamic", "fixed"]
 # DECOMPOSABLE heads expose each modality's logits; ADDITIVE ones fuse by summing exactly those
-DECOMPOSABLE: frozenset[str] = frozenset({"concat", "sum", "weighted", "late", "cosine"})
+DECOMPOSABLE: frozenset[str] = frozenset(
+    {"concat", "sum", "weighted", "late", "cosine", "shared", "qmf", "tmc"}
+)
 ADDITIVE: frozenset[str] = frozenset({"concat", "sum", "weighted", "cosine"})
 TWO_MODALITY_ONLY: frozenset[str] = frozenset({"film", "gated"})
 
@@ -126,8 +131,121 @@ class GatedFusion(nn.Module):
         return self.fc(gate * self.value(feats[self.y_name]))
 
 
+class SharedFusion(nn.Module):
+    """MLA (Zhang et al., CVPR 2024): one linear head H shared by all modalities, z_m = H(h_m),
+    so every encoder must give features of the same size. Prediction z = sum_m lambda_m z_m,
+    with fixed lambda (official `--av_alpha`; 1/M by default) or, `dynamic`, per-sample weights
+    lambda_m = softmax_m(-entropy(softmax(z_m))), which is the official
+    exp(max_k e_k - e_m) / sum_j exp(max_k e_k - e_j) computed per sample as BalanceBenchmark
+    does (the official code pools the entropy over the batch)."""
+
+    def __init__(
+        self,
+        dims: dict[str, int],
+        num_classes: int,
+        weights: dict[str, float] | None,
+        inference: InferenceName,
+    ) -> None:
+        super().__init__()
+        self.names = list(dims)
+        if len(set(dims.values())) != 1:
+            sizes = ", ".join(f"{m} {d}" for m, d in dims.items())
+            raise UserError(
+                f"model.fusion: shared fusion applies one head to every modality, so all "
+                f"encoders need the same out_dim; they give {sizes} (set model.encoder.out_dim "
+                "or the out_dim of each model.encoders entry)."
+            )
+        if weights is not None and (inference != "fixed" or set(weights) != set(self.names)):
+            raise UserError(
+                "model.fusion_weights: give one weight per modality "
+                f"({', '.join(self.names)}), with model.fusion_inference: fixed."
+            )
+        self.inference = inference
+        fixed = weights or dict.fromkeys(self.names, 1 / len(self.names))
+        self.weights = [fixed[m] for m in self.names]
+        self.fc = nn.Linear(dims[self.names[0]], num_classes)
+
+    def unimodal_logits(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.fc(feats[m]) for m in self.names}
+
+    def lambdas(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fusion weights [M, B]."""
+        z = torch.stack([logits[m] for m in self.names])
+        if self.inference == "fixed":
+            return torch.tensor(self.weights, dtype=z.dtype, device=z.device)[:, None].expand(
+                z.shape[:2]
+            )
+        p, logp = z.softmax(-1), z.log_softmax(-1)
+        return torch.softmax((p * logp).sum(-1), dim=0)  # softmax of minus the entropy
+
+    def combine(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        z = torch.stack([logits[m] for m in self.names])
+        return (self.lambdas(logits)[..., None] * z).sum(0)
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.combine(self.unimodal_logits(feats))
+
+
+class QMFFusion(SumFusion):
+    """QMF (Zhang et al., ICML 2023; QingyangZhang/QMF `src/models/late_fusion.py`, `df=True`):
+    one head per modality, z = sum_m sg(w_m) z_m with the energy confidence
+    w_m = logsumexp(z_m) / T, T = 10 as hard-coded there (sg: no gradient through w_m)."""
+
+    temperature = 10.0
+
+    def confidence(self, logits: torch.Tensor) -> torch.Tensor:
+        """w [B] of one modality's logits [B, C] (with gradient; the rank loss trains it)."""
+        return torch.logsumexp(logits, dim=1) / self.temperature
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.unimodal_logits(feats).values()
+        return torch.stack([self.confidence(z).detach()[:, None] * z for z in logits]).sum(0)
+
+
+def combine_evidence(e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
+    """Dempster-Shafer combination of two subjective opinions, in evidence form. With
+    b_m = e_m / S_m, u_m = C / S_m, TMC's b = (b1 b2 + b1 u2 + b2 u1) / (1 - K),
+    u = u1 u2 / (1 - K), e = b C / u reduce exactly to e = e1 + e2 + e1 e2 / C: the
+    conflict 1 - K cancels, so nothing is divided by it."""
+    return e1 + e2 + e1 * e2 / e1.shape[-1]
+
+
+class TMCFusion(nn.Module):
+    """TMC (Han et al., ICLR 2021; hanmenghan/TMC `TMC ICLR/model.py`): per-modality evidential
+    heads e_m = softplus(W_m h_m + b_m), Dirichlet alpha_m = e_m + 1, the opinions folded by
+    Dempster-Shafer combination ((1 + 2) + 3) + ... The logits returned, fused and per modality,
+    are log(alpha): their argmax is the argmax of the evidence (TMC's prediction) and their
+    softmax is alpha / S, the Dirichlet's expected class probabilities."""
+
+    def __init__(self, dims: dict[str, int], num_classes: int) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in dims.items()})
+
+    def evidence(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: F.softplus(head(feats[m]).float()) for m, head in self.heads.items()}
+
+    @staticmethod
+    def combine(evidence: list[torch.Tensor]) -> torch.Tensor:
+        fused = evidence[0]
+        for e in evidence[1:]:
+            fused = combine_evidence(fused, e)
+        return fused
+
+    def unimodal_logits(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: torch.log1p(e) for m, e in self.evidence(feats).items()}
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.log1p(self.combine(list(self.evidence(feats).values())))
+
+
 def build_fusion(
-    name: FusionName, dims: dict[str, int], num_classes: int, hidden: int, scale: float = 10.0
+    name: FusionName,
+    dims: dict[str, int],
+    num_classes: int,
+    hidden: int,
+    scale: float = 10.0,
+    weights: dict[str, float] | None = None,
+    inference: InferenceName = "dynamic",
 ) -> nn.Module:
     if name in TWO_MODALITY_ONLY and len(dims) != 2:
         raise UserError(
@@ -144,6 +262,12 @@ def build_fusion(
         return LateFusion(dims, num_classes)
     if name == "cosine":
         return CosineFusion(dims, num_classes, scale)
+    if name == "shared":
+        return SharedFusion(dims, num_classes, weights, inference)
+    if name == "qmf":
+        return QMFFusion(dims, num_classes)
+    if name == "tmc":
+        return TMCFusion(dims, num_classes)
     if name == "film":
         return FiLMFusion(dims, num_classes)
     return GatedFusion(dims, num_classes, hidden)

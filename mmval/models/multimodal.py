@@ -10,7 +10,7 @@ from torch import nn
 
 from mmval.data.shards import ModalitySpec
 from mmval.models.encoders import EncoderConfig, MLPEncoderConfig, build_encoder
-from mmval.models.fusion import ADDITIVE, DECOMPOSABLE, FusionName, build_fusion
+from mmval.models.fusion import ADDITIVE, DECOMPOSABLE, FusionName, InferenceName, build_fusion
 
 
 class ModelConfig(BaseModel):
@@ -23,6 +23,15 @@ class ModelConfig(BaseModel):
     fusion_hidden: int = Field(default=128, ge=1, description="hidden size of gated fusion")
     fusion_scale: float = Field(
         default=10.0, gt=0, description="cosine fusion: logit scale s (MMCosine official 10)"
+    )
+    fusion_inference: InferenceName = Field(
+        default="dynamic",
+        description="shared fusion (MLA): per-sample entropy weights, or fixed fusion_weights",
+    )
+    fusion_weights: dict[str, float] | None = Field(
+        default=None,
+        description="shared fusion with fusion_inference fixed: weight by modality (default "
+        "1/M; MLA official 0.5/0.5, three modalities a 0.35, v 0.25, t 0.4)",
     )
 
 
@@ -42,7 +51,13 @@ class MultimodalModel(nn.Module):
         )
         dims = {m: enc.out_dim for m, enc in self.encoders.items()}
         self.fusion = build_fusion(
-            config.fusion, dims, num_classes, config.fusion_hidden, config.fusion_scale
+            config.fusion,
+            dims,
+            num_classes,
+            config.fusion_hidden,
+            config.fusion_scale,
+            config.fusion_weights,
+            config.fusion_inference,
         )
         self.decomposable = config.fusion in DECOMPOSABLE
         self.additive = config.fusion in ADDITIVE

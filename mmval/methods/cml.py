@@ -1,0 +1,89 @@
+"""CML: calibrating multimodal learning (confidence must not grow when a modality is removed).
+
+Paper: Ma, Zhang, Zhang, Wu, Fu, Zhou, Hu, "Calibrating Multimodal Learning", ICML 2023.
+Follows BalanceBenchmark (GeWu-Lab/BalanceBenchmark, `balancemm/trainer/CML_trainer.py`:
+`conf_loss`, `CMLTrainer.training_step`; defaults from `configs/trainer_config.yaml`); spec:
+../shared/specs/methods-baselines.md, section 6.
+
+What it changes: the loss. Each epoch draws a random order of the modalities. Inside the
+modulation window (0-based, inclusive), per batch, starting from the fused logits z^(0) = z,
+the modalities are removed one by one in that order down to a single one: z^(i) is the fused
+logits with the first i modalities' features zeroed before the head (for the concat head this is
+BalanceBenchmark's z - z_removed + b/M). With conf = the largest softmax probability,
+  L = (1/M) sum_{i<M} CE(z^(i), y) + lambda sum_{0<i<M} max(0, sum_b [conf(z^(i)) - conf(z^(i-1))]),
+so a prediction from fewer modalities is penalised for being more confident than the one from
+more. Outside the window, L = CE(z, y).
+
+M > 2: BalanceBenchmark's two- and three-modality branches are one rule, used for any M.
+
+Deviations: as in BalanceBenchmark (and unlike the per-sample penalty of the paper), the
+confidence gap is summed over the batch before the max(0, .), so its scale grows with the batch
+size. Removal is feature zeroing before the fusion head, which is defined for every fusion;
+for non-concat heads that generalises BalanceBenchmark's concat-only formula.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from mmval.data.dataset import Batch
+from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+
+
+class CMLConfig(MethodConfig):
+    name: Literal["cml"] = "cml"
+    lam: float = Field(default=0.1, ge=0, description="weight of the confidence penalty (0.1)")
+    modulation_starts: int = Field(default=0, ge=0, description="first modulated epoch")
+    modulation_ends: int = Field(default=80, ge=0, description="last modulated epoch (80)")
+
+    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
+        found = []
+        if modalities is not None and len(modalities) < 2:
+            found.append(("data.modalities", "cml needs at least two modalities"))
+        if self.modulation_ends < self.modulation_starts:
+            found.append(("method.modulation_ends", "must not be before modulation_starts"))
+        return found
+
+
+def confidence_penalty(fewer: torch.Tensor, more: torch.Tensor) -> torch.Tensor:
+    """max(0, sum_b maxprob(fewer) - maxprob(more)) for logits [B, C]."""
+    gap = fewer.softmax(1).max(1).values - more.softmax(1).max(1).values
+    return gap.sum().clamp_min(0)
+
+
+def cml_loss(nested: list[torch.Tensor], label: torch.Tensor, lam: float) -> torch.Tensor:
+    """`nested`: the logits with all modalities, then with one fewer each, down to one."""
+    ce = sum(F.cross_entropy(z, label) for z in nested) / len(nested)
+    penalty = sum(confidence_penalty(fewer, more) for more, fewer in itertools.pairwise(nested))
+    return ce + lam * penalty
+
+
+class CML(Method):
+    Config: ClassVar[type[MethodConfig]] = CMLConfig
+    config: CMLConfig
+
+    def __init__(self, config: MethodConfig, num_classes: int) -> None:
+        super().__init__(config, num_classes)
+        self.order: list[int] = []
+
+    def on_epoch_start(self, model: MultimodalModel, ctx: TrainContext) -> None:
+        self.order = torch.randperm(len(model.modalities)).tolist()
+
+    def loss(
+        self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
+    ) -> torch.Tensor:
+        if not self.config.modulation_starts <= ctx.epoch <= self.config.modulation_ends:
+            return F.cross_entropy(out.logits, batch.label)
+        names = model.modalities
+        nested = [out.logits]
+        features = dict(out.features)
+        for j in self.order[:-1]:
+            features[names[j]] = torch.zeros_like(features[names[j]])
+            nested.append(model.fuse(features))
+        return cml_loss(nested, batch.label, self.config.lam)

@@ -1,0 +1,64 @@
+"""Late fusion: decision-level averaging of unimodal heads, trained with unimodal supervision.
+
+Source: the `latefusion` baseline of QMF's official code (QingyangZhang/QMF,
+`text-image-classification/src/models/late_fusion.py` with `df=False`, and the loss of
+`train_qmf.py` `model_forward`); spec: ../shared/specs/methods-baselines.md, section 2.
+
+What it changes: the loss only. With the `late` fusion (one head per modality,
+z = (1/M) sum_m z_m, the official 0.5 / 0.5 for two modalities), the objective is
+CE(z) + unimodal_weight * sum_m CE(z_m); unimodal_weight 0 is plain training of that head.
+
+Deviation: the official script adds QMF's ranking loss on the energy confidences in this mode
+too, although with `df=False` the prediction never reads them; it belongs to `qmf` and is left
+out here.
+
+M > 2: native (one head and one loss term per modality).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from mmval.data.dataset import Batch
+from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+
+
+class LateFusionConfig(MethodConfig):
+    fusion: ClassVar[str] = "late"
+    name: Literal["late_fusion"] = "late_fusion"
+    unimodal_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description="weight of the unimodal cross-entropies (QMF's latefusion 1; 0: CE(z) only)",
+    )
+
+    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
+        found = []
+        if model.fusion != "late":
+            found.append(
+                (
+                    "model.fusion",
+                    "late_fusion averages unimodal heads; set model.fusion: late "
+                    f"(got {model.fusion})",
+                )
+            )
+        if modalities is not None and len(modalities) < 2:
+            found.append(("data.modalities", "late_fusion needs at least two modalities"))
+        return found
+
+
+class LateFusionMethod(Method):
+    Config: ClassVar[type[MethodConfig]] = LateFusionConfig
+    config: LateFusionConfig
+
+    def loss(
+        self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
+    ) -> torch.Tensor:
+        assert out.unimodal_logits is not None
+        unimodal = sum(F.cross_entropy(z, batch.label) for z in out.unimodal_logits.values())
+        return F.cross_entropy(out.logits, batch.label) + self.config.unimodal_weight * unimodal

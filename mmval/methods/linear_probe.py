@@ -1,0 +1,73 @@
+"""Linear probe: a new fusion head trained on the frozen encoders of a finished run.
+
+Follows BalanceBenchmark's `balancemm/trainer/LinearProbe_trainer.py` (`LinearProbeTrainer`,
+`NewLinearHead`): the probed run's model is loaded, every encoder is frozen and kept in eval mode,
+and a new concat linear head is trained with cross-entropy on the encoder features. It measures how
+linearly separable the jointly learnt features are (spec: ../shared/specs/methods-baselines.md,
+section 6).
+
+What it changes: `build_modules` copies the encoders of `method.checkpoint` (a local checkpoint of
+any mmval run with these modalities and encoders, e.g. `runs/ogm_ge-uci-mfeat/seed0/best.pt`) into
+the model; `forward` runs them in eval mode without gradient, so only the fusion head (freshly
+initialised; `model.fusion`, concat as BalanceBenchmark's) is trained. BalanceBenchmark finds the
+newest run of a named trainer by directory; here the checkpoint is named explicitly.
+
+M > 2: native.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from mmval.data.dataset import Batch
+from mmval.engine.checkpoint import load_checkpoint
+from mmval.errors import UserError
+from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.models import ModelOutput, MultimodalModel
+
+
+class LinearProbeConfig(MethodConfig):
+    name: Literal["linear_probe"] = "linear_probe"
+    checkpoint: Path = Field(description="checkpoint (.pt) of the run whose encoders are probed")
+
+
+def load_encoder(path: Path, modality: str, encoder: nn.Module, field: str) -> None:
+    """Copy modality's encoder weights from an mmval checkpoint into `encoder` (same config)."""
+    ckpt = load_checkpoint(path)
+    prefix = f"encoders.{modality}."
+    state = {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    if not state:
+        raise UserError(
+            f"{field}: {path} holds no encoder for modality {modality!r} (its run was trained "
+            f"on {', '.join(ckpt['data']['modalities'])})."
+        )
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(
+            f"{field}: the {modality!r} encoder in {path} does not fit this recipe's encoder "
+            f"(use the model.encoder settings of the run that wrote it): "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+
+
+class LinearProbe(Method):
+    Config: ClassVar[type[MethodConfig]] = LinearProbeConfig
+    config: LinearProbeConfig
+
+    def build_modules(self, model: MultimodalModel) -> nn.ModuleDict:
+        for m in model.modalities:
+            load_encoder(self.config.checkpoint, m, model.encoders[m], "method.checkpoint")
+        return nn.ModuleDict()
+
+    def forward(self, model: MultimodalModel, batch: Batch, ctx: TrainContext) -> ModelOutput:
+        model.encoders.eval()
+        with torch.no_grad():
+            features = model.encode(batch.inputs)
+        unimodal = model.fusion.unimodal_logits(features) if model.decomposable else None
+        return ModelOutput(model.fuse(features), features, unimodal)

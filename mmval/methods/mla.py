@@ -1,0 +1,122 @@
+"""MLA: multimodal learning with alternating unimodal adaptation and a shared head.
+
+Paper: Zhang, Latham, Yao, "Multimodal Representation Learning by Alternating Unimodal
+Adaptation", CVPR 2024. Follows the official code (Cecile-hi/Multimodal-Learning-with-
+Alternating-Unimodal-Adaptation, `main.py` `train_epoch` with `gs_flag`, `utils/utils.py`
+`GSPlugin`) and BalanceBenchmark's `balancemm/trainer/MLA_trainer.py`; spec:
+../shared/specs/methods-baselines.md, section 3.7.
+
+What it changes: the step schedule and the head's gradient. The `shared` fusion
+(mmval/models/fusion.py) applies one linear head H to every modality and predicts with fixed or
+entropy-based weights. Per batch, for each modality m in model order: z_m = H(E_m(x_m)),
+backward CE(z_m, y), project the gradient of H's weight, one optimizer step: M steps per batch,
+each encoder trained by its own loss only. The projection (OWM-style `GSPlugin`, one P shared by
+all modalities, P = I at the start, skipped on the run's very first update): r = batch mean of
+h_m (detached), k = P r^T, P <- P - k k^T / (a + r k), P <- P / ||P||_F, grad_W <- grad_W P^T,
+with a = 0.1 ** (1 + batch_idx / batches_per_epoch). The reported loss is the mean of the M
+unimodal losses (official: 0.5 / 0.5).
+
+Deviations: the official `GSPlugin` tests the parameter name "module.weight" on a bare
+nn.Linear, whose weight is named "weight", so as released it never projects; BalanceBenchmark
+fixed the name and this follows the fixed version. Both codes divide by `torch.mm(k, r)`, a
+d x d matrix (element-wise division), where OWM's recursive projector, which they copy, has the
+scalar r k; the scalar is used here, as the spec reads, so that P stays a projector.
+BalanceBenchmark then adds the projected gradient to the raw one (grad + grad P^T); the official
+grad P^T is kept. The encoders run one modality at a time (BalanceBenchmark) rather than all
+before the first step (official); the results are the same, since the steps before modality m's
+forward do not touch encoder m. BalanceBenchmark's modulation window (plain CE on the fused
+output outside epochs 0-80) is not part of the official method and is left out.
+
+M > 2: native (the official code has a three-modality branch, which this generalises).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from mmval.data.dataset import Batch
+from mmval.methods.base import Method, MethodConfig, StepResult, StepTools, TrainContext
+from mmval.models import ModelConfig, MultimodalModel
+from mmval.models.fusion import SharedFusion
+
+
+class MLAConfig(MethodConfig):
+    fusion: ClassVar[str] = "shared"
+    name: Literal["mla"] = "mla"
+
+    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
+        found = []
+        if model.fusion != "shared":
+            found.append(
+                (
+                    "model.fusion",
+                    "mla trains one head shared by all modalities; set model.fusion: shared "
+                    f"(got {model.fusion})",
+                )
+            )
+        if modalities is not None and len(modalities) < 2:
+            found.append(("data.modalities", "mla needs at least two modalities"))
+        return found
+
+
+def update_projection(projection: torch.Tensor, mean_feature: torch.Tensor, a: float) -> None:
+    """One OWM step on P [d, d] in place, for the batch-mean feature r [d]."""
+    r = mean_feature[None, :]
+    k = projection @ r.T
+    projection -= (k @ k.T) / (a + r @ k)
+    projection /= torch.linalg.matrix_norm(projection)
+
+
+class MLA(Method):
+    Config: ClassVar[type[MethodConfig]] = MLAConfig
+    config: MLAConfig
+
+    def __init__(self, config: MethodConfig, num_classes: int) -> None:
+        super().__init__(config, num_classes)
+        self.projection: torch.Tensor | None = None
+        self.updates = 0  # optimizer steps of the run (the official `exp_count`)
+        self.epoch_first_step = 0
+
+    def on_epoch_start(self, model: MultimodalModel, ctx: TrainContext) -> None:
+        self.epoch_first_step = ctx.step
+
+    def train_step(
+        self, model: MultimodalModel, batch: Batch, ctx: TrainContext, tools: StepTools
+    ) -> StepResult:
+        fusion = model.fusion
+        assert isinstance(fusion, SharedFusion)
+        weight = fusion.fc.weight
+        if self.projection is None:
+            self.projection = torch.eye(weight.shape[1], device=weight.device)
+        self.projection = self.projection.to(weight.device)  # a resumed run loads it on the CPU
+        progress = (ctx.step - self.epoch_first_step) / max(ctx.steps_per_epoch, 1)
+        a = 0.1 ** (1 + progress)
+        logits, losses = {}, {}
+        for m in model.modalities:
+            with tools.autocast():
+                features = model.encoders[m](batch.inputs[m])
+                z = fusion.fc(features)
+                loss = F.cross_entropy(z, batch.label)
+            tools.zero_grad()
+            loss.backward()
+            if self.updates > 0:
+                with torch.no_grad():
+                    update_projection(self.projection, features.detach().float().mean(0), a)
+                    weight.grad = weight.grad @ self.projection.T.to(weight.grad.dtype)
+            tools.step()
+            self.updates += 1
+            logits[m], losses[m] = z.detach(), loss.detach()
+        tools.zero_grad()
+        with torch.no_grad():
+            fused = fusion.combine(logits)
+        figures = {f"loss_{m}": float(v) for m, v in losses.items()}
+        return StepResult(torch.stack(list(losses.values())).mean(), fused, figures)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"projection": self.projection, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.projection, self.updates = state["projection"], int(state["updates"])

@@ -1,0 +1,48 @@
+"""MMCosine: modality-wise cosine logits, trained with plain cross-entropy.
+
+Paper: Xu, Feng, Hu, Wei, "MMCosine: Multi-Modal Cosine Loss Towards Balanced Audio-Visual
+Fine-Grained Learning", ICASSP 2023. Follows the official code (GeWu-Lab/MMCosine_ICASSP23,
+`main_CD.py`, `--mmcosine True`); spec: ../shared/specs/methods-baselines.md, section 3.4.
+
+What it changes: only the head. z_m[c] = s cos(h_m, w_{m,c}) against modality m's slice of a
+bias-free concat head, z = sum_m z_m, L = CE(z, y), and the same logits at test time. That head
+is the model option `model.fusion: cosine` (`mmval.models.fusion.CosineFusion`), so every
+method can use it and checkpoints are valued like any other; this method is plain CE and
+refuses any other fusion. The scale s is `model.fusion_scale`: official default 10 (the
+recipes' default), BalanceBenchmark 15.
+
+M > 2: native (the sum runs over all modalities).
+
+Deviations: the official optional NCE term between the two modalities' features (`--lam`,
+default 0, supplementary material only) is not implemented. BalanceBenchmark's
+`MMCosine_trainer.py` trains with the plain concat logits outside its modulation window
+(default epochs 0-80, i.e. the whole run); here the cosine head is used in every epoch, since a
+model's head cannot change between training and evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from mmval.methods.base import Method, MethodConfig
+from mmval.models import ModelConfig
+
+
+class MMCosineConfig(MethodConfig):
+    fusion: ClassVar[str] = "cosine"
+    name: Literal["mmcosine"] = "mmcosine"
+
+    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
+        if model.fusion != "cosine":
+            return [
+                (
+                    "model.fusion",
+                    f"mmcosine trains the cosine head; set model.fusion: cosine (scale s in "
+                    f"model.fusion_scale, official 10), not {model.fusion}",
+                )
+            ]
+        return []
+
+
+class MMCosine(Method):
+    Config: ClassVar[type[MethodConfig]] = MMCosineConfig

@@ -1,0 +1,60 @@
+"""UME: an ensemble of unimodal models, each trained alone, predicting by averaged logits.
+
+Paper: Du, Teng, Wang, Ma, Shen, Li, Zhao, Mo, Cui, Yao, "On Uni-Modal Feature Learning in
+Supervised Multi-Modal Learning", ICML 2023 (Uni-Modal Ensemble). No official code was found and
+BalanceBenchmark has no UME (spec: ../shared/specs/methods-baselines.md, section 3.10); this
+follows the paper's description as the spec gives it.
+
+What it changes: the loss. On a `late` fusion model (one encoder and one linear head per modality,
+prediction z = (1/M) sum_m z_m), the loss is sum_m CE(z_m, y). No parameter is shared between
+modalities and no loss reaches two of them, so each unimodal model gets exactly the gradients it
+would get if trained alone (the optimizers used here act per parameter), and the averaged logits
+are the ensemble's prediction: UME is late fusion trained with unimodal losses only.
+
+Deviation from separate runs: the unimodal models see the same batches in the same order and are
+selected together, at the epoch where the ensemble's validation accuracy is best, rather than
+each at its own best epoch.
+
+M > 2: native.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from mmval.data.dataset import Batch
+from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+
+
+class UMEConfig(MethodConfig):
+    fusion: ClassVar[str] = "late"
+    name: Literal["ume"] = "ume"
+
+    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
+        found = []
+        if model.fusion != "late":
+            found.append(
+                (
+                    "model.fusion",
+                    f"ume trains unimodal models and averages their logits, which is late "
+                    f"fusion; set model.fusion to late (not {model.fusion})",
+                )
+            )
+        if modalities is not None and len(modalities) < 2:
+            found.append(("data.modalities", "ume needs at least two modalities"))
+        return found
+
+
+class UME(Method):
+    Config: ClassVar[type[MethodConfig]] = UMEConfig
+    config: UMEConfig
+
+    def loss(
+        self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
+    ) -> torch.Tensor:
+        assert out.unimodal_logits is not None
+        return sum(F.cross_entropy(z, batch.label) for z in out.unimodal_logits.values())

@@ -1,0 +1,385 @@
+"""MBSD, LFM, AMCo and ReconBoost: their arithmetic against independent computations, recipe
+errors, resume, and short training runs on uci-mfeat (6 modalities) and synthetic audio-visual
+clips (ResNet-18)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmval.data.dataset import Batch
+from mmval.data.shards import ModalitySpec
+from mmval.engine.train import Trainer
+from mmval.errors import UserError
+from mmval.methods.amco import AMCo, AMCoConfig, dependent_shares, mask_ratio
+from mmval.methods.base import StepTools, TrainContext
+from mmval.methods.lfm import LFM, LFMConfig, alignment_loss, alpha_gradient, js_divergence
+from mmval.methods.mbsd import MBSD, MBSDConfig, mbsd_loss
+from mmval.methods.reconboost import ReconBoost, ReconBoostConfig, boosting_loss
+from mmval.models import ModelConfig, build_model
+from mmval.recipe import load_recipe, parse_recipe
+
+
+def _model(names, num_classes=3, seed=0):
+    torch.manual_seed(seed)
+    specs = [ModalitySpec(name=m, dtype="float32", shape=[3]) for m in names]
+    encoder = {"hidden": [5], "out_dim": 4, "dropout": 0.0}
+    return build_model(ModelConfig(encoder=encoder), specs, num_classes)
+
+
+def _batch(names, n=6, num_classes=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(
+        inputs={m: torch.randn(n, 3, generator=g) for m in names},
+        label=torch.arange(n) % num_classes,
+        index=torch.arange(n),
+    )
+
+
+# ---------------------------------------------------------------- MBSD
+
+
+def _softmax(row):
+    e = [math.exp(v) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def _ce(row, y):
+    return -math.log(_softmax(row)[y])
+
+
+def _pair_by_hand(zi, zj, labels):
+    """BalanceBenchmark's per-sample loop on plain floats, with the log its KL misses."""
+    total = 0.0
+    for a, b, y in zip(zi, zj, labels, strict=True):
+        pa, pb = _softmax(a)[y], _softmax(b)[y]
+        right = (
+            max(range(len(a)), key=a.__getitem__) == y or max(range(len(b)), key=b.__getitem__) == y
+        )
+        w = max(pa, pb) - min(pa, pb) if right else 0.0
+        rs = sum((u - v) ** 2 for u, v in zip(a, b, strict=True)) / len(a)
+        kl = min(pa, pb) * (math.log(min(pa, pb)) - math.log(max(pa, pb)))
+        total += w * (rs + kl)
+    return total / len(labels)
+
+
+Z1 = [[2.0, 0.0, -1.0], [0.5, 0.3, 0.1], [-1.0, 1.0, 0.0], [0.0, 0.2, 3.0]]
+Z2 = [[0.1, 0.4, 0.0], [1.5, -0.5, 0.2], [0.0, 0.0, 2.0], [1.0, 0.5, -0.3]]
+Z3 = [[0.0, 2.0, 0.0], [0.2, 0.1, 0.0], [0.3, 0.9, -2.0], [0.5, 0.5, 0.6]]
+Y = [0, 1, 2, 2]  # sample 1: both wrong, so its weight is 0
+
+
+def test_mbsd_two_modality_loss_matches_the_hand_computation():
+    fused = [[a + b for a, b in zip(r1, r2, strict=True)] for r1, r2 in zip(Z1, Z2, strict=True)]
+    want = (
+        sum(_ce(r, y) for r, y in zip(fused, Y, strict=True)) / 4
+        + sum(_ce(r, y) for r, y in zip(Z1, Y, strict=True)) / 4
+        + sum(_ce(r, y) for r, y in zip(Z2, Y, strict=True)) / 4
+        + _pair_by_hand(Z1, Z2, Y)
+    )
+    z1, z2, label = torch.tensor(Z1), torch.tensor(Z2), torch.tensor(Y)
+    got = mbsd_loss(z1 + z2, [z1, z2], label)
+    assert got.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_mbsd_averages_the_pair_terms_over_all_pairs_for_three_modalities():
+    z = [torch.tensor(t) for t in (Z1, Z2, Z3)]
+    label = torch.tensor(Y)
+    fused = z[0] + z[1] + z[2]
+    ce = F.cross_entropy(fused, label) + sum(F.cross_entropy(t, label) for t in z)
+    pairs = (_pair_by_hand(Z1, Z2, Y) + _pair_by_hand(Z1, Z3, Y) + _pair_by_hand(Z2, Z3, Y)) / 3
+    assert mbsd_loss(fused, z, label).item() == pytest.approx(ce.item() + pairs, rel=1e-6)
+
+
+def test_mbsd_stays_finite_when_a_true_class_probability_underflows():
+    z1 = torch.tensor([[200.0, -200.0], [0.0, 1.0]])
+    z2 = torch.tensor([[-200.0, 200.0], [1.0, 0.0]])
+    label = torch.tensor([0, 1])
+    assert torch.isfinite(mbsd_loss(z1 + z2, [z1, z2], label))
+
+
+def test_mbsd_is_plain_cross_entropy_outside_the_window():
+    model, batch = _model("ab"), _batch("ab")
+    method = MBSD(MBSDConfig(modulation_starts=1, modulation_ends=2), 3)
+    out = model(batch.inputs)
+    for epoch, full in ((0, False), (1, True), (2, True), (3, False)):
+        got = method.loss(model, out, batch, TrainContext(epoch=epoch, epochs=4, step=0))
+        plain = F.cross_entropy(out.logits, batch.label)
+        assert torch.allclose(got, plain) is not full
+
+
+# ---------------------------------------------------------------- LFM
+
+
+def test_js_divergence_matches_the_hand_formula():
+    got = js_divergence(torch.tensor(Z1), torch.tensor(Z2)).item()
+    want = 0.0
+    for a, b in zip(Z1, Z2, strict=True):
+        p, q = _softmax(a), _softmax(b)
+        m = [(u + v) / 2 for u, v in zip(p, q, strict=True)]
+        kl_pm = sum(mi * math.log(mi / pi) for mi, pi in zip(m, p, strict=True))
+        kl_qm = sum(mi * math.log(mi / qi) for mi, qi in zip(m, q, strict=True))
+        want += 0.5 * (kl_pm + kl_qm)
+    assert got == pytest.approx(want / len(Z1), rel=1e-6)
+    three = alignment_loss([torch.tensor(t) for t in (Z1, Z2, Z3)]).item()
+    pairs = [(Z1, Z2), (Z1, Z3), (Z2, Z3)]
+    assert three == pytest.approx(
+        sum(js_divergence(torch.tensor(a), torch.tensor(b)).item() for a, b in pairs) / 3
+    )
+
+
+def _losses(model, batch, alpha):
+    out = model(batch.inputs)
+    cls = F.cross_entropy(out.logits, batch.label)
+    align = alignment_loss([out.unimodal_logits[m] for m in model.modalities])
+    return cls, align, (1 - alpha) * cls + alpha * align
+
+
+def test_alpha_gradient_is_the_one_step_hypergradient_by_finite_differences():
+    g = torch.Generator().manual_seed(0)
+    params = [
+        torch.randn(3, 2, generator=g, dtype=torch.float64).requires_grad_(True),
+        torch.randn(4, generator=g, dtype=torch.float64).requires_grad_(True),
+    ]
+    a, b = torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+
+    def losses(w, v):  # two smooth, non-quadratic stand-ins for L_cls and L_align
+        return (w.sin() * a).sum() + (v**2).sum(), (w * a).pow(2).sum() + (v * b).exp().sum()
+
+    got = alpha_gradient(params, *losses(*params))
+    # d/d alpha of L_cls(theta - eta grad L_total(alpha)) by central differences, over eta
+    eta, delta, alpha = 1e-4, 1e-3, 0.3
+
+    def after_step(alpha):
+        cls, align = losses(*params)
+        grads = torch.autograd.grad((1 - alpha) * cls + alpha * align, params)
+        stepped = [p.detach() - eta * gr for p, gr in zip(params, grads, strict=True)]
+        return losses(*stepped)[0].item()
+
+    hyper = (after_step(alpha + delta) - after_step(alpha - delta)) / (2 * delta) / eta
+    assert got * 10 == pytest.approx(hyper, rel=1e-3)  # 10 parameter entries
+
+
+def test_lfm_updates_alpha_on_the_val_batch_with_clip_and_halving():
+    model, batch = _model("abc"), _batch("abc", n=8)
+    method = LFM(LFMConfig(lr_alpha=0.5, val_fraction=0.5), 3)
+    quarter = Batch({m: x[:4] for m, x in batch.inputs.items()}, batch.label[:4], batch.index[:4])
+    cls, align, _ = _losses(model, quarter, 0.0)
+    g = alpha_gradient(list(model.parameters()), cls, align)
+    for epoch, start in ((0, 0.5), (20, 0.5), (45, 0.5)):
+        method.alpha = start
+        ctx = TrainContext(epoch=epoch, epochs=50, step=0, batches=lambda role: iter([batch]))
+        method.on_epoch_start(model, ctx)
+        want = min(0.95, max(0.05, start - 0.5 / 2 ** (epoch // 20) * g))
+        assert method.alpha == pytest.approx(want)
+    method.alpha = 0.05
+    method.config.lr_alpha = 1e6  # any step is clipped into [0.05, 0.95]
+    method.on_epoch_start(model, ctx)
+    assert method.alpha in (0.05, 0.95)
+    out = model(batch.inputs)
+    method.alpha = 0.2
+    loss = method.loss(model, out, batch, ctx)
+    cls, align, _ = _losses(model, batch, 0.0)
+    assert loss.item() == pytest.approx(2 * (0.8 * cls.item() + 0.2 * align.item()), rel=1e-6)
+    assert method.state_dict() == {"alpha": 0.2}
+
+
+# ---------------------------------------------------------------- AMCo
+
+
+def test_amco_mask_ratio_schedule():
+    assert mask_ratio(5, 0, 0.3) == 0.0  # epoch 0: l_t never grows
+    assert mask_ratio(1, 1, 0.3) == pytest.approx(math.sin(math.pi / 6))  # l_t = 0.1
+    assert mask_ratio(3, 1, 0.3) == pytest.approx(1.0)
+    assert mask_ratio(1, 5, 0.3) == pytest.approx(1.0)  # l_t = 0.5, clipped at eps
+
+
+def test_amco_dependent_shares_match_the_joint_softmax_by_hand():
+    za, zb = [[1.0, 0.0], [0.0, 2.0]], [[0.5, 0.5], [1.0, -1.0]]
+    want_a = 0.0
+    for ra, rb in zip(za, zb, strict=True):
+        e = [math.exp(v) for v in ra + rb]
+        want_a += sum(e[:2]) / sum(e) / 2
+    got = dependent_shares([torch.tensor(za), torch.tensor(zb)])
+    assert got.tolist() == pytest.approx([want_a, 1 - want_a])
+
+
+def test_amco_masks_the_flagged_modality_and_flags_by_shares():
+    model, batch = _model("abc", num_classes=4), _batch("abc", n=8, num_classes=4)
+    method = AMCo(AMCoConfig(), 4)
+    ctx = TrainContext(epoch=1, epochs=3, step=0)
+    method.on_epoch_start(model, ctx)
+    plain = model(batch.inputs)
+    method.forward(model, batch, ctx)  # batch 0 of the epoch: ratio 0, nothing flagged yet
+    method.dependent = {"a"}
+    torch.manual_seed(7)
+    out = method.forward(model, batch, ctx)  # batch 1 of epoch 1: ratio 1/2, 2 of 4 classes
+    torch.manual_seed(7)
+    zeroed = torch.randperm(4)[:2]
+    mask = torch.ones(4)
+    mask[zeroed] = 0
+    assert method.ratio == pytest.approx(0.5)
+    assert torch.allclose(out.unimodal_logits["a"], plain.unimodal_logits["a"] * mask)
+    for m in "bc":
+        assert torch.allclose(out.unimodal_logits[m], plain.unimodal_logits[m])
+    assert torch.allclose(out.logits, sum(out.unimodal_logits.values()), atol=1e-6)
+    loss = method.loss(model, out, batch, ctx)
+    want = F.cross_entropy(out.logits, batch.label) + sum(
+        F.cross_entropy(z, batch.label) for z in out.unimodal_logits.values()
+    )
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    method.config.sigma = 0.3
+    figures = method.after_backward(model, out, batch, ctx)
+    shares = dependent_shares([out.unimodal_logits[m] for m in "abc"])
+    assert method.dependent == {m for m, s in zip("abc", shares.tolist(), strict=True) if s > 0.3}
+    assert figures == {"mask_ratio": pytest.approx(0.5), "masked_modalities": 1.0}
+    outside = TrainContext(epoch=90, epochs=91, step=0)
+    method.dependent = {"a", "b", "c"}
+    out = method.forward(model, batch, outside)
+    assert torch.allclose(out.logits, plain.logits)
+    assert method.loss(model, out, batch, outside).item() == pytest.approx(
+        F.cross_entropy(plain.logits, batch.label).item(), rel=1e-6
+    )
+
+
+# ---------------------------------------------------------------- ReconBoost
+
+
+def test_reconboost_boosting_loss_matches_the_hand_computation():
+    want = 0.0
+    for zo, zr, y in zip(Z1, Z2, Y, strict=True):
+        q = _softmax(zr)[y]
+        want += (-5.0 + 1.0 * q) * math.log(_softmax(zo)[y]) / 3
+    got = boosting_loss(torch.tensor(Z1), torch.tensor(Z2), torch.tensor(Y), 5.0, 1.0)
+    assert got.item() == pytest.approx(want / 4, rel=1e-6)
+
+
+@pytest.mark.parametrize(("epoch", "consolidate"), [(1, False), (3, True)])
+def test_reconboost_step_boosts_one_modality_then_rectifies(epoch, consolidate):
+    model, batch = _model("ab"), _batch("ab")
+    ref = copy.deepcopy(model)
+    method = ReconBoost(ReconBoostConfig(), 3)
+    tools = StepTools(torch.optim.SGD(model.parameters(), lr=0.5), contextlib.nullcontext)
+    result = method.train_step(model, batch, TrainContext(epoch=epoch, epochs=5, step=0), tools)
+    # by hand: odd epochs train b, whose predecessor is a; then CE on the fused logits
+    ref.zero_grad()
+    h_a = ref.encoders["a"](batch.inputs["a"]).detach()
+    h_b = ref.encoders["b"](batch.inputs["b"])
+    w_a, w_b = ref.fusion.fc.weight[:, :4], ref.fusion.fc.weight[:, 4:]
+    z_a, z_b = h_a @ w_a.T + ref.fusion.fc.bias / 2, h_b @ w_b.T + ref.fusion.fc.bias / 2
+    q = z_a.detach().softmax(1)[torch.arange(6), batch.label]
+    log_p = z_b.log_softmax(1)[torch.arange(6), batch.label]
+    boost = ((-5 + q) * log_p).mean() / 3
+    if consolidate:
+        boost = boost + 0.5 * ((z_b.softmax(1) - z_a.detach().softmax(1)) ** 2).mean()
+    boost.backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+    assert ref.encoders["a"].net[1].weight.grad is None  # a's encoder ran without gradients
+    ref.zero_grad()
+    ce = F.cross_entropy(ref(batch.inputs).logits, batch.label)
+    ce.backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.5 * p.grad
+    for (name, got), want in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(got, want, atol=1e-6), name
+    assert result.loss.item() == pytest.approx(ce.item(), rel=1e-6)
+    assert result.figures["boost_loss"] == pytest.approx(boost.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------- recipes and runs
+
+
+@pytest.mark.parametrize("method", ["mbsd", "lfm", "amco", "reconboost"])
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"model__fusion": "film", "data__modalities": ["a", "b"]}, "model.fusion"),
+        ({"data__modalities": ["a"]}, "data.modalities"),
+    ],
+)
+def test_recipe_errors(recipe_file, method, changes, field):
+    with pytest.raises(UserError, match=field):
+        load_recipe(recipe_file(method={"name": method}, **changes))
+
+
+def test_amco_needs_an_additive_fusion(recipe_file):
+    with pytest.raises(UserError, match=r"model\.fusion"):
+        load_recipe(recipe_file(method={"name": "amco"}, model__fusion="late"))
+
+
+def test_reconboost_needs_a_summed_ensemble(recipe_file):
+    method = {"name": "reconboost"}
+    with pytest.raises(UserError, match=r"model\.fusion"):
+        load_recipe(recipe_file(method=method, model__fusion="shared"))  # dynamic weights
+    fixed = {"model__fusion": "shared", "model__fusion_inference": "fixed"}
+    assert load_recipe(recipe_file(method=method, **fixed)).method.name == "reconboost"
+
+
+@pytest.mark.parametrize("method", ["mbsd", "amco", "reconboost"])
+def test_window_must_be_ordered(recipe_file, method):
+    bad = {"name": method, "modulation_starts": 3, "modulation_ends": 1}
+    with pytest.raises(UserError, match=r"method\.modulation_ends"):
+        load_recipe(recipe_file(method=bad))
+
+
+def test_lfm_resume_matches_an_uninterrupted_run(recipe_file, tmp_path):
+    method = {"name": "lfm", "lr_alpha": 0.5, "alpha_init": 0.5}
+    straight = load_recipe(recipe_file(method=method, train__epochs=3, name="s"))
+    broken = straight.model_copy(update={"name": "broken"})
+    Trainer(straight, 0).run()
+    Trainer(
+        broken.model_copy(update={"train": broken.train.model_copy(update={"epochs": 2})}), 0
+    ).run()
+    Trainer(broken, 0, resume=True).run()
+    runs = tmp_path / "runs"
+    a = pd.read_parquet(runs / "s/seed0/metrics.parquet").drop(columns="seconds")
+    b = pd.read_parquet(runs / "broken/seed0/metrics.parquet").drop(columns="seconds")
+    pd.testing.assert_frame_equal(a, b)
+    assert a["method_alpha_align"].nunique() > 1  # alpha moved, so resume had state to restore
+
+
+def _train(tmp_path, data, encoder, method, epochs, batch_size, lr):
+    recipe = parse_recipe(
+        {
+            "name": method,
+            "seeds": [0],
+            "data": {"path": str(data)},
+            "model": {"encoder": encoder, "fusion": "concat"},
+            "method": {"name": method},
+            "optim": {"name": "adam", "lr": lr},
+            "train": {"epochs": epochs, "batch_size": batch_size},
+            "output": str(tmp_path / "runs"),
+        },
+        "test",
+    )
+    result = Trainer(recipe, 0).run()
+    return result.summary, pd.read_parquet(result.run_dir / "metrics.parquet")
+
+
+@pytest.mark.parametrize("method", ["mbsd", "lfm", "amco", "reconboost"])
+def test_trains_on_uci_mfeat(tmp_path, uci_dir, method):
+    encoder = {"kind": "mlp", "hidden": [32], "out_dim": 16, "dropout": 0.1}
+    summary, metrics = _train(tmp_path, uci_dir, encoder, method, 3, 128, 3e-3)
+    assert summary["finished"] and len(metrics) == 3
+    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
+    assert summary["test_acc"] > 0.5  # ten classes
+
+
+# reconboost takes two optimizer steps per batch: at 1e-3 its tiny ResNet run is too noisy
+@pytest.mark.parametrize(
+    ("method", "lr"), [("mbsd", 1e-3), ("lfm", 1e-3), ("amco", 1e-3), ("reconboost", 3e-4)]
+)
+def test_trains_on_synthetic_av(tmp_path, synthetic_av_dir, method, lr):
+    summary, metrics = _train(tmp_path, synthetic_av_dir, {"kind": "resnet18"}, method, 2, 4, lr)
+    assert summary["finished"] and len(metrics) == 2
+    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
