@@ -43,7 +43,13 @@ import torch
 from pydantic import Field
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.methods.base import (
+    Method,
+    MethodConfig,
+    TrainContext,
+    too_few_modalities,
+    window_problems,
+)
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.models.fusion import DECOMPOSABLE
 from mmval.valuation.engine import LateFusionEvaluator, subset_masks
@@ -73,10 +79,8 @@ class AGMConfig(MethodConfig):
                     "sum, weighted, late or cosine)",
                 )
             )
-        if modalities is not None and len(modalities) < 2:
-            found.append(("data.modalities", "agm needs at least two modalities"))
-        if self.modulation_ends < self.modulation_starts:
-            found.append(("method.modulation_ends", "must not be before modulation_starts"))
+        found += too_few_modalities(self.name, modalities)
+        found += window_problems(self.modulation_starts, self.modulation_ends)
         return found
 
 

@@ -52,6 +52,20 @@ def _no_batches(role: str) -> Iterator[Batch]:
     raise RuntimeError("this context reads no data")
 
 
+def too_few_modalities(method: str, modalities: list[str] | None) -> list[tuple[str, str]]:
+    """The recipe problem of a balancing method given a single modality."""
+    if modalities is not None and len(modalities) < 2:
+        return [("data.modalities", f"{method} needs at least two modalities")]
+    return []
+
+
+def window_problems(starts: int, ends: int) -> list[tuple[str, str]]:
+    """The recipe problem of an inverted modulation window (inclusive, 0-based epochs)."""
+    if ends < starts:
+        return [("method.modulation_ends", "must not be before modulation_starts")]
+    return []
+
+
 @dataclass
 class TrainContext:
     epoch: int  # 0-based

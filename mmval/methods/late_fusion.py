@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
@@ -47,8 +47,7 @@ class LateFusionConfig(MethodConfig):
                     f"(got {model.fusion})",
                 )
             )
-        if modalities is not None and len(modalities) < 2:
-            found.append(("data.modalities", "late_fusion needs at least two modalities"))
+        found += too_few_modalities(self.name, modalities)
         return found
 
 

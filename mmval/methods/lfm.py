@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.models.fusion import DECOMPOSABLE
 
@@ -76,8 +76,7 @@ class LFMConfig(MethodConfig):
                     "(use concat, sum, weighted, late or cosine)",
                 )
             )
-        if modalities is not None and len(modalities) < 2:
-            found.append(("data.modalities", "lfm needs at least two modalities"))
+        found += too_few_modalities(self.name, modalities)
         return found
 
 

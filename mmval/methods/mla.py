@@ -38,7 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, StepResult, StepTools, TrainContext
+from mmval.methods.base import (
+    Method,
+    MethodConfig,
+    StepResult,
+    StepTools,
+    TrainContext,
+    too_few_modalities,
+)
 from mmval.models import ModelConfig, MultimodalModel
 from mmval.models.fusion import SharedFusion
 
@@ -57,8 +64,7 @@ class MLAConfig(MethodConfig):
                     f"(got {model.fusion})",
                 )
             )
-        if modalities is not None and len(modalities) < 2:
-            found.append(("data.modalities", "mla needs at least two modalities"))
+        found += too_few_modalities(self.name, modalities)
         return found
 
 

@@ -39,7 +39,13 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.methods.base import (
+    Method,
+    MethodConfig,
+    TrainContext,
+    too_few_modalities,
+    window_problems,
+)
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
@@ -61,10 +67,8 @@ class PMRConfig(MethodConfig):
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
         found = []
-        if modalities is not None and len(modalities) < 2:
-            found.append(("data.modalities", "pmr needs at least two modalities"))
-        if self.modulation_ends < self.modulation_starts:
-            found.append(("method.modulation_ends", "must not be before modulation_starts"))
+        found += too_few_modalities(self.name, modalities)
+        found += window_problems(self.modulation_starts, self.modulation_ends)
         return found
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.models.fusion import QMFFusion
 
@@ -57,8 +57,7 @@ class QMFConfig(MethodConfig):
                     f"model.fusion: qmf (got {model.fusion})",
                 )
             )
-        if modalities is not None and len(modalities) < 2:
-            found.append(("data.modalities", "qmf needs at least two modalities"))
+        found += too_few_modalities(self.name, modalities)
         return found
 
 

@@ -46,7 +46,15 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, StepResult, StepTools, TrainContext
+from mmval.methods.base import (
+    Method,
+    MethodConfig,
+    StepResult,
+    StepTools,
+    TrainContext,
+    too_few_modalities,
+    window_problems,
+)
 from mmval.models import ModelConfig, MultimodalModel
 from mmval.models.fusion import ADDITIVE
 
@@ -76,10 +84,8 @@ class ReconBoostConfig(MethodConfig):
                     "fixed and equal weights)",
                 )
             )
-        if modalities is not None and len(modalities) < 2:
-            found.append(("data.modalities", "reconboost needs at least two modalities"))
-        if self.modulation_ends < self.modulation_starts:
-            found.append(("method.modulation_ends", "must not be before modulation_starts"))
+        found += too_few_modalities(self.name, modalities)
+        found += window_problems(self.modulation_starts, self.modulation_ends)
         return found
 
 

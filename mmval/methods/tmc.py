@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.models.fusion import TMCFusion
 
@@ -57,8 +57,7 @@ class TMCConfig(MethodConfig):
                     f"combination; set model.fusion: tmc (got {model.fusion})",
                 )
             )
-        if modalities is not None and len(modalities) < 2:
-            found.append(("data.modalities", "tmc needs at least two modalities"))
+        found += too_few_modalities(self.name, modalities)
         return found
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
@@ -44,8 +44,7 @@ class UMEConfig(MethodConfig):
                     f"fusion; set model.fusion to late (not {model.fusion})",
                 )
             )
-        if modalities is not None and len(modalities) < 2:
-            found.append(("data.modalities", "ume needs at least two modalities"))
+        found += too_few_modalities(self.name, modalities)
         return found
 
 
