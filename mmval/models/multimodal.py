@@ -68,6 +68,15 @@ class MultimodalModel(nn.Module):
     def fuse(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.fusion(features)
 
+    def representation(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The joint representation the head classifies (for distance-correlation analyses):
+        the fusion's own where it builds one, else the concatenated modality features."""
+        features = self.encode(inputs)
+        own = getattr(self.fusion, "representation", None)
+        if own is not None:
+            return own(features)
+        return torch.cat([features[m] for m in self.modalities], dim=1)
+
     def forward(self, inputs: dict[str, torch.Tensor]) -> ModelOutput:
         features = self.encode(inputs)
         unimodal = self.fusion.unimodal_logits(features) if self.decomposable else None
