@@ -175,6 +175,18 @@ def _cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
     return found
 
 
+def check_against_data(recipe: Recipe, modalities: list[str]) -> None:
+    """Re-run the cross-checks once the data set has named the modalities a recipe without
+    `data.modalities` trains on (a two-modality method on six views fails here, not silently)."""
+    if recipe.data.modalities is not None:
+        return
+    data = recipe.data.model_copy(update={"modalities": modalities})
+    found = _cross_checks(recipe.model_copy(update={"data": data}))
+    if found:
+        where = f"recipe {recipe.name} on data with modalities {', '.join(modalities)}"
+        raise UserError(format_problems(found, where))
+
+
 def _fill_placeholders(raw: dict) -> dict:
     """Expand `{dotted.path}` in the name from the (raw) recipe itself."""
 

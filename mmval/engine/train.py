@@ -36,7 +36,7 @@ from mmval.errors import UserError
 from mmval.methods import Method, TrainContext, build_method
 from mmval.methods.base import StepTools
 from mmval.models import MultimodalModel, build_model
-from mmval.recipe import DataConfig, OptimConfig, Recipe
+from mmval.recipe import DataConfig, OptimConfig, Recipe, check_against_data
 from mmval.valuation.training import EpochValuation
 
 LAST, BEST, SUMMARY, METRICS, RECIPE_FILE, LOG = (
@@ -280,6 +280,7 @@ class Trainer:
         manifest = ensure_data(recipe.data)
         data_dir = recipe.data.directory()
         available = recipe.data.modalities or [s.name for s in manifest.modalities]
+        check_against_data(recipe, available)
         specs = [manifest.modality(m) for m in available]
         method = build_method(recipe.method, len(manifest.classes))
         modalities = method.model_modalities(available)

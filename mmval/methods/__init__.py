@@ -14,6 +14,7 @@ from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.methods.cml import CML
 from mmval.methods.concat import Concat
 from mmval.methods.gblending import GBlending
+from mmval.methods.greedy import Greedy
 from mmval.methods.late_fusion import LateFusionMethod
 from mmval.methods.lfm import LFM
 from mmval.methods.linear_probe import LinearProbe
@@ -57,6 +58,7 @@ METHODS: dict[str, type[Method]] = {
         LFM,
         AMCo,
         ReconBoost,
+        Greedy,
     )
 }
 

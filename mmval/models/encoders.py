@@ -12,10 +12,9 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from torch import nn
@@ -106,9 +105,29 @@ class MLPEncoder(nn.Module):
         layers += [nn.Linear(sizes[-1], config.out_dim), nn.ReLU()]
         self.net = nn.Sequential(*layers)
         self.out_dim = config.out_dim
+        # stages for mid-fusion: each hidden block (Linear, ReLU, Dropout), then the output block
+        bounds = [1 + 3 * j for j in range(len(config.hidden) + 1)] + [len(layers)]
+        self.stage_slices = list(itertools.pairwise(bounds))
+        self.stage_channels = [*config.hidden, config.out_dim]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.float())
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().flatten(1)
+
+    def run_stage(self, i: int, t: torch.Tensor) -> torch.Tensor:
+        start, stop = self.stage_slices[i]
+        return self.net[start:stop](t)
+
+    def squeeze(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        return t
+
+    def excite(self, t: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return t * gate
+
+    def pool(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        return t
 
 
 class ResNet18Encoder(nn.Module):
@@ -136,16 +155,38 @@ class ResNet18Encoder(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.out_dim = 512
 
+    # Mid-fusion (MMTM) runs the trunk stage by stage: the stem (conv1 to maxpool), then the
+    # four residual stages. Maps are [B, C, h, w] for spectrograms and [B*K, C, h, w] for frames.
+    stage_channels: ClassVar[list[int]] = [64, 128, 256, 512]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.trunk(self._images(x)), x.shape[0])
+
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
         if not self.frames:
-            return F.adaptive_avg_pool2d(self.trunk(x.float().unsqueeze(1)), 1).flatten(1)
-        batch, k = x.shape[:2]
+            return x.float().unsqueeze(1)
         images = x.flatten(0, 1).permute(0, 3, 1, 2).float().div(255.0)
-        if self.rgb:
-            images = (images - self.mean) / self.std
-        maps = self.trunk(images)  # [B*K, 512, h, w]
-        maps = maps.view(batch, k, *maps.shape[1:]).transpose(1, 2)  # [B, 512, K, h, w]
-        return F.adaptive_avg_pool3d(maps, 1).flatten(1)
+        return (images - self.mean) / self.std if self.rgb else images
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk[:4](self._images(x))
+
+    def run_stage(self, i: int, t: torch.Tensor) -> torch.Tensor:
+        return self.trunk[4 + i](t)
+
+    def _per_sample(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """[B, K, C, h, w] view of the maps (K = 1 for spectrograms)."""
+        return t.view(batch, -1, *t.shape[1:])
+
+    def squeeze(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        return self._per_sample(t, batch).mean(dim=(1, 3, 4))
+
+    def excite(self, t: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return (self._per_sample(t, gate.shape[0]) * gate[:, None, :, None, None]).view_as(t)
+
+    def pool(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """Average over frames, height and width, as the OGM-GE code's adaptive_avg_pool3d."""
+        return self._per_sample(t, batch).mean(dim=(1, 3, 4))
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from torch import nn
 from mmval.data.shards import ModalitySpec
 from mmval.models.encoders import EncoderConfig, MLPEncoderConfig, build_encoder
 from mmval.models.fusion import ADDITIVE, DECOMPOSABLE, FusionName, InferenceName, build_fusion
+from mmval.models.mmtm import MMTMConfig, MMTMFusion
 
 
 class ModelConfig(BaseModel):
@@ -20,6 +21,11 @@ class ModelConfig(BaseModel):
         default_factory=dict, description="per-modality encoders, overriding `encoder`"
     )
     fusion: FusionName = "concat"
+    mmtm: MMTMConfig | None = Field(
+        default=None,
+        description="mid-fusion: MMTM blocks between encoder stages (Greedy's model); "
+        "resnet18 or mlp encoders",
+    )
     fusion_hidden: int = Field(default=128, ge=1, description="hidden size of gated fusion")
     fusion_scale: float = Field(
         default=10.0, gt=0, description="cosine fusion: logit scale s (MMCosine official 10)"
@@ -49,6 +55,7 @@ class MultimodalModel(nn.Module):
         self.encoders = nn.ModuleDict(
             {s.name: build_encoder(s, config.encoders.get(s.name, config.encoder)) for s in specs}
         )
+        self.mid_fusion = None if config.mmtm is None else MMTMFusion(config.mmtm, self.encoders)
         dims = {m: enc.out_dim for m, enc in self.encoders.items()}
         self.fusion = build_fusion(
             config.fusion,
@@ -63,6 +70,8 @@ class MultimodalModel(nn.Module):
         self.additive = config.fusion in ADDITIVE
 
     def encode(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.mid_fusion is not None:
+            return self.mid_fusion.encode(self.encoders, inputs)
         return {m: self.encoders[m](inputs[m]) for m in self.modalities}
 
     def fuse(self, features: dict[str, torch.Tensor]) -> torch.Tensor:

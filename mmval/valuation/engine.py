@@ -7,10 +7,11 @@ A subset is a boolean row over the M modalities; `keep` holds K of them per samp
 - `mean`: its raw input is the training-split mean.
 
 Paths (all give the same logits up to float rounding):
-- `late` (MultimodalModel, whose encoders each see one modality): every encoder runs once per
-  batch; the replacement's encoding is computed once per pass, since in eval mode the encoding
-  of a fixed input is the same for every sample; then all subsets go through the fusion head in
-  one batched call, or, for additive heads, are sums of per-modality logits. The cost is about
+- `late` (MultimodalModel, whose encoders each see one modality; with MMTM mid-fusion, only for
+  feature masking): every encoder runs once per batch; the replacement's encoding is computed
+  once per pass, since in eval mode the encoding of a fixed input is the same for every
+  sample; then all subsets go through the fusion head in one batched call, or, for additive
+  heads, are sums of per-modality logits. The cost is about
   one forward pass plus K cheap head evaluations.
 - `joint` (any other model taking a dict of inputs): the K masked copies of the batch go
   through the model in one forward of K x B samples.
@@ -224,13 +225,18 @@ def build_evaluator(
             "--mask feature zeroes encoder outputs, which needs a model with one encoder per "
             "modality (MultimodalModel); use --mask input or --mask mean for this model."
         )
+    # with mid-fusion (MMTM) encoders see each other: a replaced input must go through all of them
+    mixed = late and fills is not None and model.mid_fusion is not None
     if path == "auto":
-        path = "late" if late else "joint"
+        path = "late" if late and not mixed else "joint"
     if path == "naive":
         return NaiveEvaluator(model, modalities, fills, device)
     if path == "late":
-        if not late:
-            raise UserError("the late-fusion path needs a MultimodalModel; use path joint.")
+        if not late or mixed:
+            raise UserError(
+                "the late-fusion path needs a MultimodalModel whose encoders are independent "
+                "(no model.mmtm) unless --mask feature; use path joint."
+            )
         return LateFusionEvaluator(model, modalities, fills, device)
     if fills is None:
         raise UserError("the joint path masks inputs; use --mask input or --mask mean.")
