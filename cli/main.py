@@ -248,7 +248,11 @@ def value(
     data: Annotated[Path | None, typer.Option(help="data directory if it has moved")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     method: Annotated[
-        str, typer.Option(help="shapley (exact, M <= 10), shapley-mc (sampled) or cmob")
+        str,
+        typer.Option(
+            help="shapley (exact, M <= 10), shapley-mc (sampled), cmob, or dcor (distance "
+            "correlation of the joint representation with each ground-truth group)"
+        ),
     ] = "shapley",
     permutations: Annotated[
         int | None, typer.Option(help="shapley-mc: orders sampled per sample [default: 100]")
@@ -269,7 +273,25 @@ def value(
     """Per-sample, per-modality contributions of a checkpoint (Shapley values by default).
 
     Example: mmval value runs/concat-uci-mfeat/seed0/best.pt --out contrib.parquet --summary
+    Ground truth: mmval value runs/concat-mmlsyndata/seed0/best.pt --method dcor --out dcor.parquet
     """
+    if method == "dcor":
+        unused = [
+            flag
+            for flag, given in (
+                ("--permutations", permutations is not None),
+                ("--seed", seed is not None),
+                ("--benefit", benefit != "correct"),
+                ("--mask", mask != "feature"),
+                ("--wide", wide),
+                ("--summary", summary),
+            )
+            if given
+        ]
+        if unused:
+            raise UserError(f"{', '.join(unused)}: not options of --method dcor.")
+        _value_dcor(checkpoint, out, split, data, device, batch_size)
+        return
     from mmval.valuation.config import valuation_config
     from mmval.valuation.run import (
         contribution_gaps,
@@ -308,6 +330,22 @@ def value(
     _print_frame(
         contribution_gaps(result.table), "mean contribution gap (row minus column)", "{:+.3f}"
     )
+
+
+def _value_dcor(
+    checkpoint: Path, out: Path | None, split: str, data: Path | None, device: str, batch: int
+) -> None:
+    from mmval.valuation.dcor import dcor_checkpoint, write_dcor
+
+    with console.status(f"distance correlation on the {split} split"):
+        result = dcor_checkpoint(
+            checkpoint, split=split, data_dir=data, batch_size=batch, device=device
+        )
+        if out is not None:
+            write_dcor(result, out)
+    if out is not None:
+        console.print(f"wrote {out}: {len(result.table)} ground-truth groups")
+    _print_frame(result.table, "dCor(representation, group)", "{:.3f}")
 
 
 @app.command()

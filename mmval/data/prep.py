@@ -86,10 +86,15 @@ def prepare(
     write_text_atomic(partial_settings, json.dumps(settings))
 
     def header(
-        classes: list[str], modalities: list[ModalitySpec], extraction: dict
+        classes: list[str],
+        modalities: list[ModalitySpec],
+        extraction: dict,
+        ground_truth: list[ModalitySpec] | None = None,
     ) -> DatasetHeader:
         extraction = {"settings": settings, **extraction}
-        return DatasetHeader(dataset, entry.version, entry_sha, classes, modalities, extraction)
+        return DatasetHeader(
+            dataset, entry.version, entry_sha, classes, modalities, extraction, ground_truth or []
+        )
 
     if hasattr(source, "plan"):
         plan = source.plan(entry, params, Path(raw), limit=limit, only_splits=splits)
@@ -103,7 +108,10 @@ def prepare(
         return PrepResult(manifest, wrote=True, summary=summary)
     built = source.build(entry, params, raw)
     manifest = write_dataset(
-        out, header(built.classes, built.modalities, built.extraction), built.splits, built.errors
+        out,
+        header(built.classes, built.modalities, built.extraction, built.ground_truth),
+        built.splits,
+        built.errors,
     )
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     counts = {

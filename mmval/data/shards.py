@@ -24,7 +24,14 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from mmval.atomic import atomic_path, write_text_atomic
 from mmval.errors import UserError
@@ -91,6 +98,31 @@ class DataManifest(_Strict):
     extraction: dict = Field(default_factory=dict)
     extraction_sha256: str
     splits: dict[str, SplitInfo]
+    ground_truth: list[ModalitySpec] = Field(
+        default_factory=list,
+        description="per-sample variables that are not model inputs (a generator's latent "
+        "factors), stored as raw columns beside the modalities; no recipe can pick them",
+    )
+
+    @model_validator(mode="after")
+    def _ground_truth_columns(self) -> DataManifest:
+        taken = {*SMALL_COLUMNS, *(m.name for m in self.modalities)}
+        for spec in self.ground_truth:
+            if spec.encoding != "raw":
+                raise ValueError(f"ground-truth column {spec.name!r} must be raw-encoded")
+            if spec.name in taken:
+                raise ValueError(f"ground-truth column {spec.name!r} clashes with another column")
+            taken.add(spec.name)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_ground_truth(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """A data set without ground truth dumps as before the field existed, so its
+        manifest.json and fingerprint (recorded in checkpoints) do not change."""
+        dump = handler(self)
+        if not self.ground_truth:
+            dump.pop("ground_truth", None)
+        return dump
 
     def modality(self, name: str) -> ModalitySpec:
         for spec in self.modalities:
@@ -163,6 +195,7 @@ class DatasetHeader:
     classes: list[str]
     modalities: list[ModalitySpec]
     extraction: dict
+    ground_truth: list[ModalitySpec] = field(default_factory=list)
 
 
 class ShardResult(_Strict):
@@ -332,6 +365,7 @@ def finalize_dataset(
         extraction=dict(header.extraction),
         extraction_sha256=sha256_json(dict(header.extraction)),
         splits=split_infos,
+        ground_truth=list(header.ground_truth),
     )
     write_text_atomic(out / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
     return manifest
@@ -349,13 +383,14 @@ def write_dataset(
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     results: dict[str, list[ShardResult]] = {}
+    columns = [*header.modalities, *header.ground_truth]  # ground truth: raw columns too
     for split_name, samples in splits.items():
         order = shard_order(samples.sample_ids)
         results[split_name] = []
         for number, start in enumerate(range(0, len(order), ROWS_PER_SHARD)):
             records = samples.records(order[start : start + ROWS_PER_SHARD])
-            table = records_table(records, split_name, header.modalities)
-            info = write_shard(out, shard_path(split_name, number), table, header.modalities)
+            table = records_table(records, split_name, columns)
+            info = write_shard(out, shard_path(split_name, number), table, columns)
             ids = [r.sample_id for r in records]
             labels = [r.label for r in records]
             results[split_name].append(
@@ -439,3 +474,29 @@ def decode_tensor_column(column: pa.ChunkedArray | pa.Array, spec: ModalitySpec)
         )
     data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
     return data.view(np.dtype(spec.dtype).newbyteorder("<")).reshape(len(array), *spec.shape)
+
+
+def read_ground_truth(root: Path, split: str, manifest: DataManifest) -> dict[str, np.ndarray]:
+    """Every ground-truth column of one split as [N, *shape] arrays, row i belonging to item i
+    of `ParquetSamples(root, split, ...)` (the split's rows in index.parquet order)."""
+    if split not in manifest.splits:
+        known = ", ".join(manifest.splits)
+        raise UserError(f"data set {manifest.dataset!r} has no split {split!r} ({known}).")
+    index = pq.read_table(
+        Path(root) / INDEX, columns=["shard", "row_group", "row"], filters=[("split", "=", split)]
+    )
+    shards = np.asarray(index.column("shard").to_pylist(), dtype=object)
+    rows = (
+        index.column("row_group").to_numpy().astype(np.int64) * ROW_GROUP_SIZE
+        + index.column("row").to_numpy()
+    )
+    out = {
+        spec.name: np.empty((len(rows), *spec.shape), np.dtype(spec.dtype))
+        for spec in manifest.ground_truth
+    }
+    for shard in dict.fromkeys(shards.tolist()):
+        where = np.flatnonzero(shards == shard)
+        table = pq.read_table(Path(root) / shard, columns=list(out))
+        for spec in manifest.ground_truth:
+            out[spec.name][where] = decode_tensor_column(table.column(spec.name), spec)[rows[where]]
+    return out

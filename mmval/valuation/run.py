@@ -139,19 +139,20 @@ def _data_problems(ckpt: dict, manifest: DataManifest) -> list[str]:
     return problems
 
 
-def value_checkpoint(
-    checkpoint: Path,
-    *,
-    split: str = "test",
-    data_dir: Path | None = None,
-    config: ValuationConfig | None = None,
-    batch_size: int = 256,
-    device: str = "cpu",
-    path: EvalPath = "auto",
-) -> ValuationResult:
-    """Value every sample of `split` with the data the checkpoint was trained on."""
-    config = config or ValuationConfig()
-    torch_device = _device(device)
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint's model with the data it was trained on."""
+
+    ckpt: dict
+    root: Path
+    manifest: DataManifest
+    model: MultimodalModel
+    modalities: list[str]
+
+
+def load_with_data(checkpoint: Path, data_dir: Path | None = None) -> LoadedCheckpoint:
+    """Load the checkpoint's model and its training data (from `data_dir` if it moved);
+    refuse data whose manifest fingerprint differs, naming what differs."""
     ckpt = load_checkpoint(checkpoint)
     data = ckpt["data"]
     root = Path(data_dir) if data_dir is not None else Path(data["path"])
@@ -165,18 +166,37 @@ def value_checkpoint(
             f"fingerprints differ: {detail}); pass --data with the directory it was trained on."
         )
     modalities: list[str] = data["modalities"]
-    method = build_method(config, modalities)
     specs = [manifest.modality(m) for m in modalities]
     model, why = _load_weights(ckpt, specs, len(manifest.classes))
     if model is None:
         raise UserError(f"{checkpoint} does not match its own recipe: {why}.")
+    return LoadedCheckpoint(ckpt, root, manifest, model, modalities)
+
+
+def value_checkpoint(
+    checkpoint: Path,
+    *,
+    split: str = "test",
+    data_dir: Path | None = None,
+    config: ValuationConfig | None = None,
+    batch_size: int = 256,
+    device: str = "cpu",
+    path: EvalPath = "auto",
+) -> ValuationResult:
+    """Value every sample of `split` with the data the checkpoint was trained on."""
+    config = config or ValuationConfig()
+    torch_device = _device(device)
+    loaded = load_with_data(checkpoint, data_dir)
+    ckpt, root, manifest, modalities = loaded.ckpt, loaded.root, loaded.manifest, loaded.modalities
+    method = build_method(config, modalities)
+    specs = [manifest.modality(m) for m in modalities]
     dataset = ParquetSamples(root, split, modalities, manifest=manifest)
     if len(dataset) == 0:
         raise UserError(f"split {split!r} of {root} has no samples; pick another with --split.")
     train_split = ckpt["recipe"].get("data", {}).get("splits", {}).get("train", "train")
     fills = split_fills(config, root, manifest, specs, train_split)
     values = value_dataset(
-        model.to(torch_device),
+        loaded.model.to(torch_device),
         dataset,
         method,
         config,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mmval.data.sources.av_clips import AVClipsSource
 from mmval.data.sources.base import BuiltData, Source
 from mmval.data.sources.image_text import ImageTextSource
+from mmval.data.sources.mmlsyndata import MMLSynDataSource
 from mmval.data.sources.mult_pickle import MultPickleSource
 from mmval.data.sources.synthetic import SyntheticSource
 from mmval.data.sources.uci_mfeat import UciMfeatSource
@@ -17,6 +18,7 @@ SOURCES: dict[str, Source] = {
         AVClipsSource(),
         ImageTextSource(),
         MultPickleSource(),
+        MMLSynDataSource(),
     )
 }
 

@@ -20,6 +20,9 @@ class BuiltData:
     extraction: dict
     splits: dict[str, SplitSamples]
     errors: list[tuple[str, str]] = field(default_factory=list)
+    # per-sample variables stored beside the inputs but never fed to a model (arrays in
+    # `SplitSamples.arrays` under these names)
+    ground_truth: list[ModalitySpec] = field(default_factory=list)
 
 
 class Source(Protocol):
