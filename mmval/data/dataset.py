@@ -84,11 +84,18 @@ def random_resized_crop(
 
 @dataclass
 class Batch:
-    """A collated batch: inputs by modality name, labels, and positions within the split."""
+    """A collated batch: inputs by modality name, labels, positions within the split, and the
+    tag a re-sampling method gave each entry (`TaggedPositions`; 0, the default, is a plain
+    sample). `to` moves the tags with the labels; the positions stay on the CPU."""
 
     inputs: dict[str, torch.Tensor]
     label: torch.Tensor
     index: torch.Tensor
+    tag: torch.Tensor | None = None  # [B] int64; None is filled with zeros
+
+    def __post_init__(self) -> None:
+        if self.tag is None:
+            self.tag = torch.zeros(len(self.label), dtype=torch.int64, device=self.label.device)
 
     def to(self, device: torch.device) -> Batch:
         non_blocking = device.type == "cuda"
@@ -96,10 +103,38 @@ class Batch:
             inputs={m: x.to(device, non_blocking=non_blocking) for m, x in self.inputs.items()},
             label=self.label.to(device, non_blocking=non_blocking),
             index=self.index,
+            tag=None if self.tag is None else self.tag.to(device, non_blocking=non_blocking),
         )
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
+
+
+@dataclass(frozen=True)
+class TaggedPositions:
+    """One epoch's train-split positions (repeats allowed), each with an integer tag that its
+    batch carries in `Batch.tag`: 0 is a plain sample, other values mean what the method that
+    built them says (e.g. which modality a re-sampled copy keeps). Between the sampler and the
+    dataset an entry travels as the single int `tag * n_rows + position`, so a DataLoader, its
+    workers and the sampler's resume state need nothing new."""
+
+    positions: np.ndarray
+    tags: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.positions.shape != self.tags.shape or self.positions.ndim != 1:
+            raise ValueError("positions and tags must be 1-d arrays of the same length")
+        if len(self.tags) and self.tags.min() < 0:
+            raise ValueError("tags must be >= 0")
+
+    def codes(self, n_rows: int) -> np.ndarray:
+        return self.tags.astype(np.int64) * n_rows + self.positions.astype(np.int64)
+
+
+def decode_entries(codes: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, tags) of sampler entries; plain positions (< n_rows) decode to tag 0."""
+    tags, positions = np.divmod(np.asarray(codes, dtype=np.int64), n_rows)
+    return positions, tags
 
 
 class ParquetSamples(Dataset):
@@ -177,8 +212,11 @@ class ParquetSamples(Dataset):
             self._cache.popitem(last=False)
         return decoded
 
-    def __getitems__(self, positions: Sequence[int]) -> Batch:
-        positions = np.asarray(positions, dtype=np.int64)
+    def __getitems__(self, entries: Sequence[int]) -> Batch:
+        """A batch of positions, or of sampler entries `tag * len(self) + position`. Random
+        frame picks are seeded by the entry, so a tagged copy draws its own."""
+        codes = np.asarray(entries, dtype=np.int64)
+        positions, tags = decode_entries(codes, len(self))
         out = {s.name: np.empty((len(positions), *s.shape), np.dtype(s.dtype)) for s in self.specs}
         shards, groups, rows = (
             self.shard_of[positions],
@@ -200,12 +238,13 @@ class ParquetSamples(Dataset):
                         out[spec.name][at, len(ids) :] = spec.pad_id
                     continue
                 for at, row in zip(where.tolist(), rows[where].tolist(), strict=True):
-                    rng = np.random.default_rng([self.seed, self.epoch, int(positions[at])])
+                    rng = np.random.default_rng([self.seed, self.epoch, int(codes[at])])
                     out[spec.name][at] = self._frames(spec, values[row], rng)
         return Batch(
             inputs={name: torch.from_numpy(values) for name, values in out.items()},
             label=torch.from_numpy(self.labels[positions]),
             index=torch.from_numpy(positions),
+            tag=torch.from_numpy(tags),
         )
 
     def __getitem__(self, position: int) -> Batch:
@@ -240,6 +279,8 @@ class BlockShuffleSampler(Sampler[int]):
     windows of `window` blocks, so a batch touches few row groups. The order is padded by
     wrap-around to a multiple of `num_replicas` and rank r takes the r-th contiguous slice.
     `positions` may repeat or omit samples (re-sampling methods); by default every sample once.
+    With `TaggedPositions` each (position, tag) pair moves as one entry and is yielded encoded
+    (`TaggedPositions.codes`); blocks, windows and ranks are those of the positions alone.
     """
 
     def __init__(
@@ -256,11 +297,18 @@ class BlockShuffleSampler(Sampler[int]):
         self.seed, self.shuffle, self.window = seed, shuffle, window
         self.num_replicas, self.rank = num_replicas, rank
         self.positions = np.arange(len(self.block_ids))
+        self.entries = self.positions  # what is yielded: positions, or tagged codes
         self.epoch = 0
         self.consumed = 0
 
-    def set_positions(self, positions: np.ndarray | None) -> None:
-        self.positions = np.arange(len(self.block_ids)) if positions is None else positions
+    def set_positions(self, positions: np.ndarray | TaggedPositions | None) -> None:
+        """This epoch's positions (None: every sample once), optionally tagged."""
+        if isinstance(positions, TaggedPositions):
+            self.positions = positions.positions
+            self.entries = positions.codes(len(self.block_ids))
+        else:
+            self.positions = np.arange(len(self.block_ids)) if positions is None else positions
+            self.entries = self.positions
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -268,10 +316,10 @@ class BlockShuffleSampler(Sampler[int]):
 
     def epoch_order(self) -> np.ndarray:
         """The whole epoch's order for this rank (before skipping consumed samples)."""
-        order = self.positions
+        order = self.entries
         if self.shuffle and len(order):
             rng = np.random.default_rng([self.seed, self.epoch])
-            unique_blocks, block_of = np.unique(self.block_ids[order], return_inverse=True)
+            unique_blocks, block_of = np.unique(self.block_ids[self.positions], return_inverse=True)
             block_rank = np.empty(len(unique_blocks), np.int64)
             block_rank[rng.permutation(len(unique_blocks))] = np.arange(len(unique_blocks))
             window_of = block_rank[block_of] // self.window

@@ -250,6 +250,7 @@ class Trainer:
                     step=state.step,
                     batches=functools.partial(self._ordered_batches, session),
                     steps_per_epoch=len(session.loader),
+                    train_size=len(session.datasets["train"]),
                 )
                 row = self._train_epoch(session, ctx)
                 state.step = ctx.step
@@ -389,9 +390,11 @@ class Trainer:
         row["seconds"] = time.perf_counter() - started
         return row
 
-    def _ordered_batches(self, session: _Session, role: str) -> Iterator[Batch]:
-        """A split in index order without training-time randomness, for methods' epoch hooks;
-        the model's train/eval mode is the method's to set."""
+    def _ordered_batches(
+        self, session: _Session, role: str, positions: np.ndarray | None = None
+    ) -> Iterator[Batch]:
+        """A split in index order (or `positions`, in their order) without training-time
+        randomness, for methods' epoch hooks; the model's train/eval mode is the method's."""
         dataset = ParquetSamples(
             session.datasets[role].root,
             session.datasets[role].split,
@@ -402,6 +405,7 @@ class Trainer:
             dataset,
             batch_size=self.recipe.train.eval_batch_size,
             shuffle=False,
+            sampler=None if positions is None else positions.tolist(),
             collate_fn=collate_batch,
         )
         for batch in loader:

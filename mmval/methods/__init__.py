@@ -12,6 +12,7 @@ from mmval.methods.agm import AGM
 from mmval.methods.amco import AMCo
 from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.methods.cml import CML
+from mmval.methods.cmob import CMoB
 from mmval.methods.concat import Concat
 from mmval.methods.gblending import GBlending
 from mmval.methods.greedy import Greedy
@@ -20,6 +21,8 @@ from mmval.methods.lfm import LFM
 from mmval.methods.linear_probe import LinearProbe
 from mmval.methods.mbsd import MBSD
 from mmval.methods.mla import MLA
+from mmval.methods.mmcooperation_modality import MMCooperationModality
+from mmval.methods.mmcooperation_sample import MMCooperationSample
 from mmval.methods.mmcosine import MMCosine
 from mmval.methods.mmpareto import MMPareto
 from mmval.methods.ogm_ge import OGMGE
@@ -59,6 +62,9 @@ METHODS: dict[str, type[Method]] = {
         AMCo,
         ReconBoost,
         Greedy,
+        MMCooperationSample,
+        MMCooperationModality,
+        CMoB,
     )
 }
 

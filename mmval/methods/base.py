@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from mmval.data.dataset import Batch
+from mmval.data.dataset import Batch, TaggedPositions
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
@@ -48,7 +48,7 @@ class MethodConfig(BaseModel):
         return []
 
 
-def _no_batches(role: str) -> Iterator[Batch]:
+def _no_batches(role: str, positions: np.ndarray | None = None) -> Iterator[Batch]:
     raise RuntimeError("this context reads no data")
 
 
@@ -71,10 +71,12 @@ class TrainContext:
     epoch: int  # 0-based
     epochs: int
     step: int  # optimizer steps taken so far in the run
-    # batches(role): the "train" or "val" split in a fixed order, as the model's device expects,
-    # without training-time randomness (prototypes, re-initialisation, weight estimation)
-    batches: Callable[[str], Iterator[Batch]] = field(default=_no_batches, repr=False)
+    # batches(role, positions=None): the "train" or "val" split in a fixed order (or only the
+    # given positions, in their order), as the model's device expects, without training-time
+    # randomness (prototypes, re-initialisation, weight estimation, valuation)
+    batches: Callable[..., Iterator[Batch]] = field(default=_no_batches, repr=False)
     steps_per_epoch: int = 0
+    train_size: int = 0  # samples in the train split
 
 
 @dataclass
@@ -109,8 +111,9 @@ class Method:
         """The modalities the model is built on (a unimodal baseline keeps one)."""
         return list(available)
 
-    def train_positions(self, ctx: TrainContext) -> np.ndarray | None:
-        """Sampler hook: the train-split positions for this epoch (repeats allowed), or all."""
+    def train_positions(self, ctx: TrainContext) -> np.ndarray | TaggedPositions | None:
+        """Sampler hook: the train-split positions for this epoch (repeats allowed), or all;
+        `TaggedPositions` also give each entry a tag that its batch carries (`Batch.tag`)."""
         return None
 
     def on_epoch_start(self, model: MultimodalModel, ctx: TrainContext) -> None:

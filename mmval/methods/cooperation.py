@@ -1,0 +1,194 @@
+"""What the methods that value modalities per sample during training share: the valuation pass
+over the train split, tagged re-sampled copies that keep one modality, and input fills.
+
+Used by `mmcooperation_sample` and `mmcooperation_modality` (Wei et al., CVPR 2024), whose
+common base `Cooperation` lives here, and by `cmob` (the valuation pass and the input fill).
+
+Tags (`TaggedPositions`, `Batch.tag`): 0 is a plain sample; a copy that keeps only modality j
+(0-based, of M) carries 1 + j + M k, where k counts the earlier copies of the same sample keeping
+the same modality. The tag decodes to j alone; k only makes the entries differ, so that the
+dataset's random frame picks (seeded by the entry) differ between copies, as the official loader
+draws them afresh for each copy.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from mmval.data.dataset import Batch, TaggedPositions
+from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
+from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.valuation import ValuationConfig, ValuationMethod, build_method
+from mmval.valuation.base import Game
+from mmval.valuation.engine import build_evaluator
+
+Enhancement = Literal["resample", "drop", "mask"]
+UINT8_FILL = 128  # mid-grey (about the ImageNet mean); zero motion for flow stored as 0..255
+
+
+@torch.no_grad()
+def value_train_split(
+    model: MultimodalModel,
+    ctx: TrainContext,
+    valuation: ValuationMethod,
+    positions: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, contributions [N, M]) of the train split (or of `positions`) in eval mode,
+    removing modalities by zeroing their features (the official code's `exec_drop`); the
+    benefit is the paper's, |S| if the prediction from S is right. The model's mode is kept."""
+    training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    evaluator = build_evaluator(model, model.modalities, "feature", None, device=device)
+    index, values = [], []
+    for batch in ctx.batches("train", positions):
+        game = Game(evaluator, batch.inputs, batch.label, batch.index, "correct")
+        values.append(valuation.value(game).contribution.cpu())
+        index.append(batch.index.cpu())
+    model.train(training)
+    return torch.cat(index).numpy(), torch.cat(values).numpy()
+
+
+def kept_modalities(tag: torch.Tensor, m: int) -> torch.Tensor:
+    """[B, M] booleans: every modality for tag 0, only modality (tag - 1) % M otherwise."""
+    alone = torch.nn.functional.one_hot((tag - 1).remainder(m), m).bool()
+    return torch.where((tag == 0)[:, None], torch.ones_like(alone), alone)
+
+
+def fill_value(x: torch.Tensor, encoder: torch.nn.Module) -> int:
+    """What stands in for a removed input value: the padding id for token ids (the encoder's),
+    mid-grey for uint8 frames and flow, 0 for float features and spectrograms."""
+    pad = getattr(encoder, "pad_id", None)
+    if pad is not None and not x.is_floating_point():
+        return int(pad)
+    return UINT8_FILL if x.dtype == torch.uint8 else 0
+
+
+def copy_entries(n: int, pos: np.ndarray, mod: np.ndarray, m: int) -> TaggedPositions:
+    """Every sample once, plus one entry per copy (sample pos[c] keeping only modality mod[c])."""
+    key = pos.astype(np.int64) * m + mod
+    order = np.argsort(key, kind="stable")
+    first = np.searchsorted(key[order], key[order], side="left")
+    repeat = np.empty(len(key), np.int64)
+    repeat[order] = np.arange(len(key)) - first
+    tags = 1 + mod.astype(np.int64) + m * repeat
+    return TaggedPositions(
+        np.concatenate([np.arange(n), pos]).astype(np.int64),
+        np.concatenate([np.zeros(n, np.int64), tags]),
+    )
+
+
+def drop_entries(n: int, pos: np.ndarray, mod: np.ndarray, uniform: np.ndarray) -> TaggedPositions:
+    """Every sample once, as one of its 1 + c entries under `copy_entries` (the plain sample or
+    one of its c copies), picked by uniform [n] in [0, 1): the epoch keeps its size and a sample
+    trains its copies' modalities alone as often, relatively, as re-sampling would."""
+    counts = np.bincount(pos, minlength=n)
+    order = np.argsort(pos, kind="stable")
+    first = np.cumsum(counts) - counts
+    pick = np.floor(uniform * (1 + counts)).astype(np.int64)  # 0: the plain sample
+    tags = np.zeros(n, np.int64)
+    chosen = pick > 0
+    tags[chosen] = 1 + mod[order[first[chosen] + pick[chosen] - 1]]
+    return TaggedPositions(np.arange(n, dtype=np.int64), tags)
+
+
+class CooperationConfig(MethodConfig):
+    """What both strategies of Wei et al. share."""
+
+    warmup: int = Field(
+        default=5,
+        ge=1,
+        description="epochs of plain training; valuation from the end of epoch warmup - 1 "
+        "(official 5)",
+    )
+    enhancement: Enhancement = Field(
+        default="resample",
+        description="resample: extra copies keeping one modality, the others' features zeroed "
+        "(official); drop: no extra entries, each sample trains as one of its copies with the "
+        "copies' share; mask: the copies of resample with the others' inputs blanked instead",
+    )
+
+    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
+        return too_few_modalities(self.name, modalities)
+
+
+class Cooperation(Method, ABC):
+    """Valuation at the end of each epoch from `warmup - 1` on, tagged entries for the next
+    epoch (kept in the state, so a resumed run trains on the same ones), and the training
+    forward that keeps only the tagged modality of a copy."""
+
+    Config: ClassVar[type[MethodConfig]] = CooperationConfig
+    config: CooperationConfig
+
+    def __init__(self, config: MethodConfig, num_classes: int) -> None:
+        super().__init__(config, num_classes)
+        self.entries: TaggedPositions | None = None
+
+    def build_modules(self, model: MultimodalModel) -> torch.nn.ModuleDict:
+        # built here so that a model the valuation cannot handle fails before training
+        self.valuation = build_method(ValuationConfig(method="shapley"), model.modalities)
+        return torch.nn.ModuleDict()
+
+    def train_positions(self, ctx: TrainContext) -> TaggedPositions | None:
+        return self.entries
+
+    def forward(self, model: MultimodalModel, batch: Batch, ctx: TrainContext) -> ModelOutput:
+        assert batch.tag is not None
+        keep = kept_modalities(batch.tag, len(model.modalities))
+        if bool(keep.all()):
+            return model(batch.inputs)
+        if self.config.enhancement == "mask":
+            inputs = {}
+            for j, m in enumerate(model.modalities):
+                x = batch.inputs[m]
+                blank = torch.full_like(x, fill_value(x, model.encoders[m]))
+                inputs[m] = torch.where(keep[:, j].view(-1, *[1] * (x.dim() - 1)), x, blank)
+            return model(inputs)
+        features = model.encode(batch.inputs)
+        kept = {
+            m: features[m] * keep[:, j, None].to(features[m].dtype)
+            for j, m in enumerate(model.modalities)
+        }
+        return ModelOutput(model.fuse(kept), kept, None)
+
+    def on_epoch_end(self, model: MultimodalModel, ctx: TrainContext) -> dict[str, float]:
+        if ctx.epoch < self.config.warmup - 1:
+            return {}
+        started = time.perf_counter()
+        self.entries, figures = self.plan(model, ctx)
+        figures["valuation_seconds"] = time.perf_counter() - started
+        return figures
+
+    @abstractmethod
+    def plan(
+        self, model: MultimodalModel, ctx: TrainContext
+    ) -> tuple[TaggedPositions, dict[str, float]]:
+        """Value, then the next epoch's entries and the figures to log."""
+
+    def entries_from_copies(self, n: int, pos: np.ndarray, mod: np.ndarray) -> TaggedPositions:
+        """The next epoch's entries from the copies (pos[c], mod[c]) under `enhancement`."""
+        if self.config.enhancement == "drop":
+            return drop_entries(n, pos, mod, torch.rand(n, dtype=torch.float64).numpy())
+        return copy_entries(n, pos, mod, self.num_modalities)
+
+    @property
+    def num_modalities(self) -> int:
+        return self.valuation.m
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.entries is None:
+            return {}
+        return {
+            "positions": torch.from_numpy(self.entries.positions),
+            "tags": torch.from_numpy(self.entries.tags),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "positions" in state:
+            self.entries = TaggedPositions(state["positions"].numpy(), state["tags"].numpy())

@@ -1,0 +1,115 @@
+"""Sample-level modality valuation and re-sampling of each sample's low-contributing modalities.
+
+Paper: Wei, Feng, Wang, Hu, "Enhancing Multimodal Cooperation via Sample-level Modality
+Valuation", CVPR 2024 (sample-level strategy, supplement Eq. 7). Follows the official code
+(GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation @7ed12b0: `code/sample_level.py`
+`execute_modulation`, `train_epoch`, `main`; `code/datasets/dataloader.py`
+`AV_KS_Dataset_sample_level`; `code/models/models.py` `AVClassifier.forward`, `exec_drop`);
+spec: ../shared/specs/methods-seeds.md, sections 1 and 5.
+
+What it changes: the epoch's samples and the training forward. Epochs 0 .. warmup - 1 are plain
+training. At the end of every epoch from warmup - 1 on, every training sample is valued (eval
+mode, no gradients, `cooperation.value_train_split`): phi_m is the exact Shapley value of
+modality m (`mmval.valuation.shapley.ExactShapley`) for v(S) = |S| if the prediction from the
+modalities in S alone is right, the others' encoder features zeroed. The next epoch holds every
+sample once plus s copies of sample i for each modality m with phi_m < 1, s = f_s(1 - phi_m); a
+copy keeps only m: the other modalities' features are zeroed before the fusion head, and its
+loss is the ordinary CE of the fused logits (the code's `drop` flag). Evaluation uses every
+modality. The entries are rebuilt every epoch.
+
+f_s (`frequency`):
+- `step` (default, the code's): copies = min(max_copies, ceil(2 (1 - phi))); at M = 2, where
+  phi is one of -0.5, 0, 0.5, 1, 1.5, this is the code's thresholds (0.4 < phi < 1: 1 copy,
+  -0.1 < phi < 0.4: 2, phi < -0.1: 3) on every value phi can take.
+- `linear`, `tanh`, `power` [ours; the supplement only asks for an increasing f_s]: the expected
+  number of copies is max_copies * g(u), u = (1 - phi) / ((M + 1) / 2) in (0, 1] (the gap over
+  its largest value), g(u) = u, tanh(u) or u^1.5 (the functions of the modality-level strategy),
+  rounded stochastically (floor, plus one with the fractional part's probability). At M = 2
+  `linear` gives the same counts as `step`.
+
+Enhancement (`enhancement`, see `cooperation.CooperationConfig`): `resample` is the paper's;
+`drop` [ours] keeps the epoch's size and trains each sample as one of its 1 + c entries under
+`resample`, drawn uniformly (the other modalities dropped with the copies' share); `mask` [ours]
+adds the same copies but blanks the other modalities' inputs (zeros, mid-grey frames, padding)
+instead of their features, as the supplement's wording "inputs are zeroed" reads.
+
+M > 2 [ours, the spec's rule]: copies = min(3, ceil(2 (1 - phi))) per modality with phi < 1,
+each keeping only that modality; exact Shapley values over all 2^M subsets (M <= 10).
+
+Deviations: the valuation reads the train split through `TrainContext.batches` (index order,
+no augmentation); the official code values through a train-split loader whose random crops and
+frame picks are on. Copies of the same sample draw their own random frames and crops (the entry
+seeds them, see `cooperation`). Figures per epoch: `valuation_seconds`, `copies` and
+`copies_<m>` (copies planned for the next epoch), `entries` (its size), `phi_<m>` (mean value).
+
+DDP (not implemented): each rank would value a slice of the split; the phi table (or the copy
+counts) must be all-gathered so that every rank builds the same entries from the same random
+draws (the sampler then slices them), and the figures summed or averaged across ranks.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from mmval.data.dataset import TaggedPositions
+from mmval.methods.base import MethodConfig, TrainContext
+from mmval.methods.cooperation import Cooperation, CooperationConfig, value_train_split
+from mmval.models import MultimodalModel
+
+Frequency = Literal["step", "linear", "tanh", "power"]
+SHAPES = {"linear": lambda u: u, "tanh": np.tanh, "power": lambda u: u**1.5}
+EPS = 1e-9  # Shapley values are sums of float64 weights: 0.5 may come out as 0.4999999999
+
+
+class MMCooperationSampleConfig(CooperationConfig):
+    name: Literal["mmcooperation_sample"] = "mmcooperation_sample"
+    frequency: Frequency = Field(
+        default="step",
+        description="f_s: step (official thresholds), or linear / tanh / power expected counts",
+    )
+    max_copies: int = Field(default=3, ge=1, description="copies for the lowest phi (official 3)")
+
+
+def copy_counts(
+    phi: np.ndarray, frequency: Frequency, max_copies: int, uniform: np.ndarray | None = None
+) -> np.ndarray:
+    """Copies [N, M] of each sample keeping each modality, from phi [N, M]; `uniform` [N, M] in
+    [0, 1) rounds the expected counts of the non-step functions."""
+    gap = 1.0 - phi
+    if frequency == "step":
+        counts = np.ceil(2 * gap - EPS)
+    else:
+        assert uniform is not None
+        u = np.clip(gap / ((phi.shape[1] + 1) / 2), 0.0, 1.0)
+        expected = max_copies * SHAPES[frequency](u)
+        counts = np.floor(expected) + (uniform < expected - np.floor(expected))
+    counts = np.where(gap > EPS, np.clip(counts, 0, max_copies), 0)
+    return counts.astype(np.int64)
+
+
+class MMCooperationSample(Cooperation):
+    Config: ClassVar[type[MethodConfig]] = MMCooperationSampleConfig
+    config: MMCooperationSampleConfig
+
+    def plan(
+        self, model: MultimodalModel, ctx: TrainContext
+    ) -> tuple[TaggedPositions, dict[str, float]]:
+        cfg, m = self.config, self.num_modalities
+        positions, phi = value_train_split(model, ctx, self.valuation)
+        uniform = None
+        if cfg.frequency != "step":
+            uniform = torch.rand(phi.shape, dtype=torch.float64).numpy()
+        copies = copy_counts(phi, cfg.frequency, cfg.max_copies, uniform)
+        flat = copies.ravel()
+        pos = np.repeat(np.repeat(positions, m), flat)
+        mod = np.repeat(np.tile(np.arange(m), len(positions)), flat)
+        entries = self.entries_from_copies(len(positions), pos, mod)
+        figures = {"copies": float(flat.sum()), "entries": float(len(entries.positions))}
+        for j, name in enumerate(model.modalities):
+            figures[f"copies_{name}"] = float(copies[:, j].sum())
+            figures[f"phi_{name}"] = float(phi[:, j].mean())
+        return entries, figures
