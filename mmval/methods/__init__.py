@@ -11,11 +11,13 @@ from pydantic import Field
 from mmval.methods.agm import AGM
 from mmval.methods.amco import AMCo
 from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.methods.c3r import C3R
 from mmval.methods.cml import CML
 from mmval.methods.cmob import CMoB
 from mmval.methods.concat import Concat
 from mmval.methods.gblending import GBlending
 from mmval.methods.greedy import Greedy
+from mmval.methods.imml import IMML
 from mmval.methods.late_fusion import LateFusionMethod
 from mmval.methods.lfm import LFM
 from mmval.methods.linear_probe import LinearProbe
@@ -62,6 +64,8 @@ METHODS: dict[str, type[Method]] = {
         AMCo,
         ReconBoost,
         Greedy,
+        IMML,
+        C3R,
         MMCooperationSample,
         MMCooperationModality,
         CMoB,

@@ -10,14 +10,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmval.errors import UserError
+from mmval.models.fusion_c3r import C3RFusion
+from mmval.models.fusion_imml import IMMLFusion
 
 FusionName = Literal[
-    "concat", "sum", "weighted", "film", "gated", "late", "cosine", "shared", "qmf", "tmc"
+    "concat",
+    "sum",
+    "weighted",
+    "film",
+    "gated",
+    "late",
+    "cosine",
+    "shared",
+    "qmf",
+    "tmc",
+    "c3r",
+    "imml",
 ]
 InferenceName = Literal["dynamic", "fixed"]
 # DECOMPOSABLE heads expose each modality's logits; ADDITIVE ones fuse by summing exactly those
 DECOMPOSABLE: frozenset[str] = frozenset(
-    {"concat", "sum", "weighted", "late", "cosine", "shared", "qmf", "tmc"}
+    {"concat", "sum", "weighted", "late", "cosine", "shared", "qmf", "tmc", "imml"}
 )
 ADDITIVE: frozenset[str] = frozenset({"concat", "sum", "weighted", "cosine"})
 TWO_MODALITY_ONLY: frozenset[str] = frozenset({"film", "gated"})
@@ -246,6 +259,8 @@ def build_fusion(
     scale: float = 10.0,
     weights: dict[str, float] | None = None,
     inference: InferenceName = "dynamic",
+    predominant: str | None = None,
+    bank_size: int = 4096,
 ) -> nn.Module:
     if name in TWO_MODALITY_ONLY and len(dims) != 2:
         raise UserError(
@@ -268,6 +283,10 @@ def build_fusion(
         return QMFFusion(dims, num_classes)
     if name == "tmc":
         return TMCFusion(dims, num_classes)
+    if name == "c3r":
+        return C3RFusion(dims, num_classes)
+    if name == "imml":
+        return IMMLFusion(dims, num_classes, predominant, bank_size)
     if name == "film":
         return FiLMFusion(dims, num_classes)
     return GatedFusion(dims, num_classes, hidden)

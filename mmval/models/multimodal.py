@@ -39,6 +39,14 @@ class ModelConfig(BaseModel):
         description="shared fusion with fusion_inference fixed: weight by modality (default "
         "1/M; MLA official 0.5/0.5, three modalities a 0.35, v 0.25, t 0.4)",
     )
+    fusion_predominant: str | None = Field(
+        default=None,
+        description="imml fusion: the predominant modality (the front-door query); unset, the "
+        "imml method picks the one with the higher unimodal val accuracy after its warm-up",
+    )
+    fusion_bank_size: int = Field(
+        default=4096, ge=1, description="imml fusion: rows of the FIFO feature bank [ours]"
+    )
 
 
 @dataclass
@@ -65,6 +73,8 @@ class MultimodalModel(nn.Module):
             config.fusion_scale,
             config.fusion_weights,
             config.fusion_inference,
+            config.fusion_predominant,
+            config.fusion_bank_size,
         )
         self.decomposable = config.fusion in DECOMPOSABLE
         self.additive = config.fusion in ADDITIVE
