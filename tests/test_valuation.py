@@ -215,6 +215,30 @@ def test_cmob_by_hand():
     assert out.pred.tolist() == [0, 0, 0]
 
 
+def test_cmob_treatment_reading_by_hand():
+    """The same game read with `confidence: treatment`: in ITE_j the full set needs only to be
+    as confident as S minus j; S minus j and {j} count unconditioned."""
+    a, b, c = 1, 2, 4
+    g = table_game(
+        {
+            a | b | c: [0.90, 0.99, 0.99],
+            b | c: [0.80, 0.80, 0.55],
+            a | c: [0.40, 0.40, 0.40],
+            a | b: [0.95, 0.95, 0.95],
+            a: [0.70, 0.70, 0.70],
+            b: [0.60, 0.60, 0.60],
+            c: [0.30, 0.30, 0.30],
+        }
+    )
+    config = ValuationConfig(method="cmob", confidence="treatment")
+    out = build_method(config, ["x0", "x1", "x2"]).value(g)
+    # phi_j = 3 [conf(S) >= conf(S - j)] - B(S - j) + B({j}); B(S - j) = 2, 0, 2; B({j}) = 1, 1, 0
+    assert out.contribution.tolist() == [[2, 4, -2], [2, 4, 1], [2, 4, 1]]
+    assert out.v_full.tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match="cmob only"):
+        ValuationConfig(confidence="treatment")
+
+
 def test_cmob_is_twice_shapley_for_two_modalities_when_the_full_set_is_most_confident():
     gen = torch.Generator().manual_seed(0)
     p = torch.rand(4, 50, generator=gen, dtype=torch.float64) * 0.9

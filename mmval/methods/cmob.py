@@ -55,6 +55,7 @@ from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modal
 from mmval.methods.cooperation import fill_value, value_train_split
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.valuation import ValuationConfig, build_method
+from mmval.valuation.config import ConfidenceName
 
 
 class CMoBConfig(MethodConfig):
@@ -72,6 +73,11 @@ class CMoBConfig(MethodConfig):
         default=0.5, ge=0, le=1, description="phase two from epoch second_phase * epochs (E/2)"
     )
     threshold: float = Field(default=1.0, description="weak iff Phi <= threshold [3rd]")
+    confidence: ConfidenceName = Field(
+        default="subsets",
+        description="reading of the confidence condition of B (mmval/valuation/cmob.py): "
+        "subsets (every evaluated subset) or treatment (S against S minus j only) [ours]",
+    )
     time_axis: dict[str, Literal[0, 1]] = Field(
         default_factory=dict,
         description="time axis of [A, B] inputs by modality (default 0; STFT/PSD: 1)",
@@ -166,7 +172,8 @@ class CMoB(Method):
         self.weak: torch.Tensor | None = None  # [N, M] bool, from the last valuation
 
     def build_modules(self, model: MultimodalModel) -> torch.nn.ModuleDict:
-        self.valuation = build_method(ValuationConfig(method="cmob"), model.modalities)
+        config = ValuationConfig(method="cmob", confidence=self.config.confidence)
+        self.valuation = build_method(config, model.modalities)
         return torch.nn.ModuleDict()
 
     def mask_ratios(self, index: torch.Tensor, epoch: int, epochs: int) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ from mmval.validation import problems_of
 MethodName = Literal["shapley", "shapley-mc", "cmob"]
 MaskName = Literal["feature", "input", "mean"]
 BenefitName = Literal["correct", "prob"]
+ConfidenceName = Literal["subsets", "treatment"]
 DEFAULT_PERMUTATIONS = 100
 
 
@@ -32,6 +33,12 @@ class ValuationConfig(BaseModel):
         description="correct: |S| if the prediction from S is right, else 0; prob: probability "
         "of the true class",
     )
+    confidence: ConfidenceName = Field(
+        default="subsets",
+        description="cmob only: subsets: B(T) needs T at least as confident as every evaluated "
+        "proper subset of T; treatment: in ITE_j, B(S) needs S at least as confident as S "
+        "minus j only, and the smaller sets are unconditioned (both [ours])",
+    )
     permutations: int | None = Field(
         default=None, ge=2, description=f"shapley-mc only (default {DEFAULT_PERMUTATIONS})"
     )
@@ -43,6 +50,8 @@ class ValuationConfig(BaseModel):
             for name in ("permutations", "seed"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name} applies to method shapley-mc only")
+        if self.method != "cmob" and self.confidence != "subsets":
+            raise ValueError("confidence applies to method cmob only")
         return self
 
     @property
