@@ -6,7 +6,8 @@ is its mean training time per epoch (evaluation excluded) over 10 epochs, divide
 periodic work (G-Blending's weight estimation every 10 epochs, Relearning's re-initialisation
 every 5 in its uci-mfeat recipe) is counted at its own cadence. Runs that re-sample (more or
 fewer steps per epoch) are compared per epoch, as a user experiences them.
-Run: python bench/methods.py [--epochs N]. Prints one JSON object on its last line and writes it
+Run: python bench/methods.py [--epochs N] [--methods a,b] (only those, with concat, merged into
+the results file). Prints one JSON object on its last line and writes it
 to bench/results/methods.json.
 """
 
@@ -49,7 +50,13 @@ def ordered(files: list[Path]) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--methods",
+        help="comma-separated methods to time (with concat, always); their figures replace "
+        "those in the results file, the others are kept",
+    )
     args = parser.parse_args()
+    chosen = None if args.methods is None else {"concat", *args.methods.split(",")}
     seconds: dict[str, float] = {}
     here = Path.cwd()
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,6 +64,8 @@ def main() -> None:
         try:
             for f in ordered(list(RECIPES.glob("*-uci-mfeat.yaml"))):
                 name = f.name.removesuffix("-uci-mfeat.yaml")
+                if chosen is not None and name not in chosen:
+                    continue
                 if name == "unimodal":  # every view, for umt's teachers; timed on the first
                     times = [epoch_seconds(f, args.epochs, f"method.modality={v}") for v in VIEWS]
                     seconds[name] = times[0]
@@ -65,20 +74,26 @@ def main() -> None:
         finally:
             os.chdir(here)
     base = seconds["concat"]
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    ratios = {
+        f"{name}_over_concat": round(s / base, 2) for name, s in seconds.items() if name != "concat"
+    }
+    out = Path(__file__).parent / "results" / "methods.json"
+    if chosen is not None and out.is_file():  # a partial run: keep the other methods' figures
+        kept = json.loads(out.read_text())
+        ratios = {k: v for k, v in kept.items() if k.endswith("_over_concat")} | ratios
+        machine = f"{kept.get('machine')}; {', '.join(sorted(chosen - {'concat'}))}: {machine}"
     result = {
         "bench": "methods",
         "data": "uci-mfeat (6 modalities, MLP encoders), recipes/<method>-uci-mfeat.yaml",
         "epochs": args.epochs,
         "concat_epoch_s": round(base, 4),
-        **{
-            f"{name}_over_concat": round(s / base, 2)
-            for name, s in sorted(seconds.items())
-            if name != "concat"
-        },
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        **dict(sorted(ratios.items())),
+        "machine": machine,
     }
-    out = Path(__file__).parent / "results" / "methods.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 

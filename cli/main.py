@@ -118,6 +118,10 @@ def prep(
     max_failures: Annotated[
         float, typer.Option(help="exit 1 if more than this share of clips fail")
     ] = 0.1,
+    clip_timeout: Annotated[
+        float,
+        typer.Option(min=0.001, help="seconds one clip may take before it is listed as an error"),
+    ] = 300.0,
     list_: Annotated[bool, typer.Option("--list", help="list the data sets and exit")] = False,
     raw_out: Annotated[
         Path | None, typer.Option(help="synthetic-av: where to write the raw clips")
@@ -171,6 +175,7 @@ def prep(
             workers=workers,
             limit=limit,
             splits=splits.split(",") if splits else None,
+            clip_timeout=clip_timeout,
             callbacks=PrepCallbacks(on_plan=on_plan, on_clip=on_clip),
         )
     if not result.wrote:
@@ -209,34 +214,77 @@ def _synthetic_av(
 @app.command()
 @user_errors
 def train(
-    recipe: Annotated[Path, typer.Option(help="recipe YAML file")],
+    recipe: Annotated[Path, typer.Option(help="recipe YAML file (a plain recipe or a sweep)")],
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="override a field: --set train.epochs=1 --set seeds=[0]"),
     ] = None,
     resume: Annotated[bool, typer.Option(help="continue runs from their last.pt")] = False,
     overwrite: Annotated[bool, typer.Option(help="delete existing runs and start again")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="check the recipe and list its runs; train nothing")
+    ] = False,
 ) -> None:
-    """Train a recipe, one run per seed, into OUTPUT/NAME/seed<k>/.
+    """Train a recipe, one run per seed, into OUTPUT/NAME/seed<k>/; a sweep (methods:, grid:)
+    trains every combination into OUTPUT/NAME/<label>/seed<k>/. Finished runs are skipped.
 
     Example: mmval train --recipe recipes/ogm_ge-uci-mfeat.yaml --set method.alpha=0.5
+    Sweep: mmval train --recipe recipes/sweep-uci-mfeat.yaml --set train.epochs=5
     """
-    from mmval.engine.train import Trainer
-    from mmval.recipe import load_recipe
+    from mmval.sweep import RunOutcome, load_plan, run_plan, run_statuses
 
-    loaded = load_recipe(recipe, set_ or [])
+    plan = load_plan(recipe, set_ or [])
+    if dry_run:
+        table = Table(title=f"{recipe}: {len(plan.runs())} run(s)")
+        table.add_column("run folder", overflow="fold")
+        table.add_column("status")
+        table.add_column("combination", overflow="fold")
+        for variant, _, run_dir, status in run_statuses(plan):
+            table.add_row(str(run_dir), status, variant.where if plan.is_sweep else "")
+        console.print(table)
+        return
+
+    def on_outcome(outcome: RunOutcome) -> None:
+        if outcome.status == "failed":
+            progress.console.print(f"[red]{outcome.run_dir}: failed[/]", soft_wrap=True)
+            return
+        s = outcome.summary
+        note = "already finished, kept" if outcome.status == "skipped" else "done"
+        progress.console.print(
+            f"{outcome.run_dir}: {note}; best epoch {s['best_epoch']}, "
+            f"val acc {s['val_acc']:.4f}, test acc {s['test_acc']:.4f}"
+        )
+
     with _progress() as progress:
-        callbacks = _train_callbacks(progress)
-        for seed in loaded.seeds:
-            result = Trainer(
-                loaded, seed, resume=resume, overwrite=overwrite, callbacks=callbacks
-            ).run()
-            s = result.summary
-            note = "already finished, kept" if result.skipped else "done"
-            progress.console.print(
-                f"{result.run_dir}: {note}; best epoch {s['best_epoch']}, "
-                f"val acc {s['val_acc']:.4f}, test acc {s['test_acc']:.4f}"
+        outcomes = run_plan(
+            plan,
+            resume=resume,
+            overwrite=overwrite,
+            callbacks=_train_callbacks(progress),
+            on_outcome=on_outcome,
+        )
+    if not plan.is_sweep:
+        return
+    table = Table(title=f"sweep {recipe}")
+    for column in ("run", "seed", "status", "best epoch", "val acc", "test acc"):
+        table.add_column(column, justify="right" if column != "run" else "left")
+    style = {"trained": "green", "skipped": "dim", "failed": "bold red"}
+    for o in outcomes:
+        s = o.summary
+        numbers = (
+            [str(s["best_epoch"]), f"{s['val_acc']:.4f}", f"{s['test_acc']:.4f}"] if s else [""] * 3
+        )
+        table.add_row(o.label, str(o.seed), f"[{style[o.status]}]{o.status}[/]", *numbers)
+    console.print(table)
+    counts = {k: sum(o.status == k for o in outcomes) for k in style}
+    console.print(", ".join(f"{n} {k}" for k, n in counts.items()))
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        for o in failed:
+            err_console.print(
+                f"[bold red]failed:[/] {o.run_dir}: {o.error}", highlight=False, soft_wrap=True
             )
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -352,33 +400,78 @@ def _value_dcor(
 @user_errors
 def report(
     runs: Annotated[Path, typer.Argument(help="a folder of runs (searched recursively)")],
-    format_: Annotated[str, typer.Option("--format", help="table, md, csv or latex")] = "table",
+    format_: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="table, md, csv, latex or html (default: from --out's suffix, else table)",
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="write to this file instead of stdout")] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(help="acc, f1 (macro) or any logged metric (acc_<modality>, ...); repeat"),
+    ] = None,
+    split: Annotated[str, typer.Option(help="test or val")] = "test",
+    baseline: Annotated[
+        str | None, typer.Option(help="method (or row) to difference and test against")
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="significance level of the markers")] = 0.05,
+    resamples: Annotated[int, typer.Option(help="paired bootstrap resamples")] = 1000,
+    figures: Annotated[
+        Path | None, typer.Option(help="also write the figures as PNG into this folder")
+    ] = None,
 ) -> None:
-    """Compare finished runs: test metrics at the best-on-validation epoch, over seeds.
+    """Compare finished runs: metrics at the best-on-validation epoch, over seeds, one row per
+    method and recipe, a column group per data set; significance against --baseline.
 
-    Example: mmval report runs --format md
+    Example: mmval report runs --baseline concat --out report.html
     """
-    from mmval.report import collect_runs, summarize, to_latex, to_markdown, unfinished_runs
+    from mmval.report import (
+        FORMATS,
+        SUFFIX_FORMATS,
+        compare,
+        find_runs,
+        make_figures,
+        render,
+        to_rich,
+        write_figures,
+    )
 
-    if format_ not in ("table", "md", "csv", "latex"):
-        raise UserError(f"--format must be table, md, csv or latex, not {format_!r}.")
-    if not runs.is_dir():
-        raise UserError(f"{runs} is not a folder.")
-    frame = summarize(collect_runs(runs))
-    if frame.empty:
-        raise UserError(f"no finished runs (summary.json) below {runs}.")
-    if format_ == "csv":
-        sys.stdout.write(frame.to_csv(index=False))
-    elif format_ == "md":
-        print(to_markdown(frame))
-    elif format_ == "latex":
-        print(to_latex(frame))
+    fmt = format_ or (SUFFIX_FORMATS.get(out.suffix.lower(), "") if out else "") or "table"
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
+    if fmt == "table" and out is not None:
+        raise UserError("--out needs a file format: --format md, csv, latex or html.")
+    comparison = compare(
+        find_runs(runs),
+        metric,
+        split=split,
+        baseline=baseline,
+        alpha=alpha,
+        resamples=resamples,
+    )
+    drawn = make_figures(comparison) if fmt == "html" or figures is not None else []
+    if fmt == "table":
+        console.print(to_rich(comparison))
     else:
-        _print_frame(frame, f"test split, best-on-validation checkpoint ({runs})")
-    unfinished = unfinished_runs(runs)
-    if unfinished:
-        listing = ", ".join(str(p) for p in unfinished)
-        err_console.print(f"left out {len(unfinished)} unfinished run(s): {listing}")
+        text = render(comparison, fmt, drawn)
+        if out is None:
+            sys.stdout.write(text)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text, encoding="utf-8")
+            err_console.print(f"wrote {out}")
+    if figures is not None:
+        paths = write_figures(drawn, figures)
+        err_console.print(f"wrote {len(paths)} figure(s) to {figures}")
+    for kind in ("unfinished", "duplicate"):
+        left = [x for x in comparison.left_out if x.reason.startswith(kind)]
+        if left:
+            listing = "\n".join(f"  {x.run}: {x.reason}" for x in left)
+            err_console.print(
+                f"left out {len(left)} {kind} run(s), not averaged:\n{listing}", highlight=False
+            )
 
 
 @app.command()

@@ -106,11 +106,34 @@ class TrainConfig(_Strict):
     workers: int = Field(default=0, ge=0, description="DataLoader worker processes")
     eval_every: int = Field(default=1, ge=1, description="epochs between evaluations")
     checkpoint_every: int = Field(default=1, ge=1, description="epochs between last.pt saves")
+    tensorboard: bool = Field(
+        default=False, description="also write per-epoch scalars as TensorBoard events in tb/"
+    )
+    nonfinite: Literal["stop", "skip"] = Field(
+        default="stop",
+        description="a NaN or infinite loss or gradient: stop the run (last.pt keeps the last "
+        "good state) or skip that step (counted per epoch in metrics, as skipped_steps)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_tensorboard_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Off (and nonfinite at stop), it dumps as before the field existed, so finished runs
+        still match their summary.json (and are skipped) and resume."""
+        dump = handler(self)
+        if not self.tensorboard:
+            dump.pop("tensorboard", None)
+        if self.nonfinite == "stop":
+            dump.pop("nonfinite", None)
+        return dump
+
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.{}\-]*$"
+SWEEP_KEYS = ("methods", "grid")
 
 
 class Recipe(_Strict):
     name: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.{}\-]*$",
+        pattern=NAME_PATTERN,
         description="run folder name; may use {dotted.field} placeholders",
     )
     seeds: list[int] = Field(min_length=1)
@@ -150,6 +173,7 @@ class Recipe(_Strict):
         dump = self.model_dump(mode="json", exclude={"seeds", "name", "output", "valuation"})
         dump["train"].pop("device")
         dump["train"].pop("workers")
+        dump["train"].pop("tensorboard", None)
         return sha256_json(dump)[:12]
 
 
@@ -206,6 +230,12 @@ def _fill_placeholders(raw: dict) -> dict:
 def parse_recipe(raw: Any, where: str) -> Recipe:
     if not isinstance(raw, dict):
         raise UserError(f"{where} must be a YAML mapping (name:, seeds:, data:, ...).")
+    sweep_keys = [key for key in SWEEP_KEYS if key in raw]
+    if sweep_keys:
+        raise UserError(
+            f"recipe {where} is a sweep ({', '.join(sweep_keys)}); `mmval train --recipe` runs "
+            "it, and `mmval train --recipe FILE --dry-run` checks it and lists its runs."
+        )
     raw = _fill_placeholders(raw)
     try:
         recipe = Recipe.model_validate(raw)

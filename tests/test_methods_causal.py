@@ -150,7 +150,7 @@ def test_imml_loss_anchors_the_contrast_on_the_predominant_modality():
         method = IMML(IMMLConfig(gamma1=g1, gamma2=g2, temperature=0.1), 3)
         model.eval()  # the bank stays empty, so every pass sees the same context
         out = method.forward(model, batch, ctx)
-        losses[g1, g2] = method.loss(model, out, batch, ctx).item()
+        losses[g1, g2] = method.objective(model, out, batch, ctx)[0].item()
     proj = model.fusion.project(model.encode(batch.inputs))
     plain = F.cross_entropy(model(batch.inputs).logits, batch.label).item()
     assert losses[0.0, 0.0] == pytest.approx(plain, rel=1e-6)

@@ -103,10 +103,3 @@ def test_schema_is_json_with_method_union():
     schema = json.loads(result.output)
     assert "method" in schema["properties"]
     assert {"ConcatConfig", "OGMGEConfig", "UnimodalConfig"} <= set(schema["$defs"])
-
-
-def test_shipped_recipes_validate():
-    from pathlib import Path
-
-    for path in sorted(Path(__file__).parents[1].glob("recipes/*.yaml")):
-        load_recipe(path)

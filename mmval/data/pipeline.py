@@ -3,17 +3,23 @@
 Samples are assigned to shards before anything is extracted (`shard_order`), so a re-run plans
 the same shards; each finished shard leaves a small record in `<out>/.partial/`, and a re-run
 reuses every shard whose record and checksum still agree. Clips that fail go to the errors table
-with a reason and never stop the run.
+with a reason and never stop the run: every clip is extracted in a worker process, and a worker
+that takes longer than the per-clip timeout (a decoder stuck in a broken file) or dies (a crash in
+native code) is killed and replaced, its clip recorded as an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,7 @@ from mmval.data.shards import (
 )
 
 PARTIAL = ".partial"
+CLIP_TIMEOUT = 300.0  # seconds one clip may take; real clips take well under one
 
 
 @dataclass(frozen=True)
@@ -103,11 +110,118 @@ def _extract_safely(job: tuple[Extractor, ClipTask]) -> SampleRecord | tuple[str
 
 
 def _init_worker() -> None:
-    """Each worker extracts one clip at a time on one core: the pool provides the parallelism."""
+    """Each worker extracts one clip at a time on one core: the workers provide the parallelism."""
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(1)
     set_decoder_threads(1)
+
+
+def _worker_loop(conn: Connection, inherited: list[Connection]) -> None:
+    """Extract the jobs the parent sends, one at a time, until it sends None or goes away."""
+    for other in inherited:  # parent ends copied by fork: EOF must come when the parent dies
+        other.close()
+    _init_worker()
+    while True:
+        try:
+            job = conn.recv()
+            if job is None:
+                return
+            conn.send(_extract_safely(job))
+        except (EOFError, OSError):  # the parent is gone (killed): nothing to report to
+            return
+
+
+class _Worker:
+    """One extraction process and the job it is working on."""
+
+    def __init__(self, context: Any, inherited: list[Connection]) -> None:
+        self.conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_worker_loop,
+            args=(child, [*inherited, self.conn]),  # the child must not hold the parent's end
+            daemon=True,
+            name="mmval-prep",
+        )
+        self.process.start()
+        child.close()
+        self.job: int | None = None
+        self.started = 0.0
+
+    def give(self, number: int, job: tuple[Extractor, ClipTask]) -> None:
+        self.conn.send(job)
+        self.job, self.started = number, time.monotonic()
+
+    def stop(self, *, kill: bool) -> None:
+        """End the process: an idle one is asked to return, a busy (or hung) one is killed."""
+        if not kill:
+            try:
+                self.conn.send(None)
+            except OSError:
+                kill = True
+        if kill:
+            self.process.kill()
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+def _results(
+    jobs: Sequence[tuple[Extractor, ClipTask]], workers: int, timeout: float
+) -> Iterator[SampleRecord | tuple[str, str]]:
+    """Outcomes in job order. At most `workers` clips run at once, each in a worker process; a
+    clip past `timeout` seconds, or whose worker dies, becomes (source, reason) and the worker
+    is replaced. Results wait for their turn in a window of a few jobs per worker (memory)."""
+    if not jobs:
+        return
+    # Forked workers inherit the imported torch and PyAV; spawned ones re-import them, seconds
+    # each, which dominated short jobs (bench/prep.py). Fork is safe here: the parent has decoded
+    # nothing, and each worker resets torch to one thread. Elsewhere fork is not the safe default.
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    pool: list[_Worker] = []
+    window = 4 * max(workers, 1)
+    done: dict[int, SampleRecord | tuple[str, str]] = {}
+    given = returned = 0
+    try:
+        for _ in range(min(max(workers, 1), len(jobs))):
+            pool.append(_Worker(context, [w.conn for w in pool]))
+        while returned < len(jobs):
+            if returned in done:
+                yield done.pop(returned)
+                returned += 1
+                continue
+            for worker in pool:
+                if worker.job is None and given < min(len(jobs), returned + window):
+                    worker.give(given, jobs[given])
+                    given += 1
+            busy = [w for w in pool if w.job is not None]
+            deadline = min(w.started for w in busy) + timeout
+            ready = wait([w.conn for w in busy], timeout=max(0.0, deadline - time.monotonic()))
+            for i, worker in enumerate(pool):
+                if worker.job is None:
+                    continue
+                source = jobs[worker.job][1].source
+                if worker.conn in ready:
+                    try:
+                        done[worker.job] = worker.conn.recv()
+                        worker.job = None
+                        continue
+                    except (EOFError, OSError):  # it closed its pipe: it died
+                        worker.process.join(timeout=5)
+                        reason = f"worker process died (exit code {worker.process.exitcode})"
+                elif time.monotonic() - worker.started >= timeout:
+                    reason = f"timeout: no result after {timeout:g} s (worker killed)"
+                else:
+                    continue
+                done[worker.job] = (source, reason)
+                worker.stop(kill=True)
+                pool[i] = _Worker(context, [w.conn for w in pool if w is not worker])
+    finally:
+        for worker in pool:
+            worker.stop(kill=worker.job is not None)
 
 
 def _shard_tasks(plan: PrepPlan) -> dict[str, list[list[ClipTask]]]:
@@ -136,26 +250,13 @@ def _reusable(out: Path, record_path: Path, tasks: list[ClipTask]) -> ShardResul
     return result
 
 
-def _results(
-    jobs: Sequence[tuple[Extractor, ClipTask]], workers: int
-) -> Iterator[SampleRecord | tuple[str, str]]:
-    if workers <= 1 or len(jobs) <= 1:
-        yield from map(_extract_safely, jobs)
-        return
-    # Forked workers inherit the imported torch and PyAV; spawned ones re-import them, seconds
-    # each, which dominated short jobs (bench/prep.py). Fork is safe here: the parent has decoded
-    # nothing, and each worker resets torch to one thread. Elsewhere fork is not the safe default.
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with context.Pool(workers, initializer=_init_worker) as pool:
-        yield from pool.imap(_extract_safely, jobs, chunksize=1)
-
-
 def run_plan(
     plan: PrepPlan,
     out: Path,
     header: DatasetHeader,
     *,
     workers: int | None = None,
+    clip_timeout: float = CLIP_TIMEOUT,
     callbacks: PrepCallbacks | None = None,
 ) -> tuple[DataManifest, PrepSummary]:
     out = Path(out)
@@ -181,34 +282,35 @@ def run_plan(
     callbacks.on_plan(sum(len(tasks) for _, _, tasks in pending))
 
     jobs = [(plan.extractor, task) for _, _, tasks in pending for task in tasks]
-    stream = _results(jobs, workers)
-    for split, number, tasks in pending:
-        records: list[SampleRecord] = []
-        errors: list[tuple[str, str]] = []
-        for _ in tasks:
-            outcome = next(stream)
-            if isinstance(outcome, SampleRecord):
-                records.append(outcome)
-            else:
-                errors.append(outcome)
-            callbacks.on_clip(isinstance(outcome, SampleRecord))
-        rel = shard_path(split, number)
-        info = None
-        if records:
-            info = write_shard(
-                out, rel, records_table(records, split, header.modalities), header.modalities
+    # closed on any exit: an exception (Ctrl-C) must not leave workers running
+    with contextlib.closing(_results(jobs, workers, clip_timeout)) as stream:
+        for split, number, tasks in pending:
+            records: list[SampleRecord] = []
+            errors: list[tuple[str, str]] = []
+            for _ in tasks:
+                outcome = next(stream)
+                if isinstance(outcome, SampleRecord):
+                    records.append(outcome)
+                else:
+                    errors.append(outcome)
+                callbacks.on_clip(isinstance(outcome, SampleRecord))
+            rel = shard_path(split, number)
+            info = None
+            if records:
+                info = write_shard(
+                    out, rel, records_table(records, split, header.modalities), header.modalities
+                )
+            result = ShardResult(
+                tasks=[t.sample_id for t in tasks],
+                shard=info,
+                sample_ids=[r.sample_id for r in records],
+                labels=[r.label for r in records],
+                errors=errors,
             )
-        result = ShardResult(
-            tasks=[t.sample_id for t in tasks],
-            shard=info,
-            sample_ids=[r.sample_id for r in records],
-            labels=[r.label for r in records],
-            errors=errors,
-        )
-        write_text_atomic(out / PARTIAL / f"{rel}.json", result.model_dump_json())
-        results[split][number] = result
-        counts[split].written += len(records)
-        counts[split].failed += len(errors)
+            write_text_atomic(out / PARTIAL / f"{rel}.json", result.model_dump_json())
+            results[split][number] = result
+            counts[split].written += len(records)
+            counts[split].failed += len(errors)
 
     for name, data in plan.files.items():
         write_atomic(out / name, lambda path, data=data: path.write_bytes(data))

@@ -10,11 +10,19 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from mmval.atomic import write_text_atomic
+from mmval.atomic import remove_stale_temps, write_text_atomic
 from mmval.data.manifest import load_dataset_manifest
-from mmval.data.pipeline import PARTIAL, PrepCallbacks, PrepSummary, SplitCounts, run_plan
+from mmval.data.pipeline import (
+    CLIP_TIMEOUT,
+    PARTIAL,
+    PrepCallbacks,
+    PrepSummary,
+    SplitCounts,
+    run_plan,
+)
 from mmval.data.shards import (
     MANIFEST,
+    VERIFIED,
     DataManifest,
     DatasetHeader,
     ModalitySpec,
@@ -45,10 +53,12 @@ def prepare(
     workers: int | None = None,
     limit: int | None = None,
     splits: Sequence[str] | None = None,
+    clip_timeout: float = CLIP_TIMEOUT,
     callbacks: PrepCallbacks | None = None,
 ) -> PrepResult:
     """Prepare `dataset` into `out`. A complete output with the same source manifest and
-    settings is verified and kept; an interrupted one is resumed shard by shard."""
+    settings is verified and kept; an interrupted one (even by `kill -9`) is resumed shard by
+    shard. A clip that takes longer than `clip_timeout` seconds is recorded as an error."""
     entry, entry_sha = load_dataset_manifest(dataset)
     source = SOURCES[entry.source]
     try:
@@ -59,6 +69,7 @@ def prepare(
         where = "pass --raw DIR" if raw is None else f"--raw {raw} is not a folder"
         raise UserError(f"{dataset} is prepared from its raw files: {where}. {entry.description}")
     out = Path(out)
+    _remove_stale_temps(out)
     settings = {
         "params": params.model_dump(mode="json"),
         "limit": limit,
@@ -69,7 +80,9 @@ def prepare(
         same_source = (existing.dataset, existing.source_manifest_sha256) == (dataset, entry_sha)
         same = same_source and existing.extraction.get("settings") == settings
         if same and not overwrite:
-            return PrepResult(check_data_dir(out, verify_checksums=True), wrote=False)
+            manifest = check_data_dir(out, verify_checksums=True)
+            shutil.rmtree(out / PARTIAL, ignore_errors=True)  # killed after its manifest
+            return PrepResult(manifest, wrote=False)
         if not overwrite:
             raise UserError(
                 f"{out} already holds a prepared data set made with other settings; "
@@ -103,6 +116,7 @@ def prepare(
             out,
             header(plan.classes, plan.modalities, plan.extraction),
             workers=workers,
+            clip_timeout=clip_timeout,
             callbacks=callbacks,
         )
         return PrepResult(manifest, wrote=True, summary=summary)
@@ -123,8 +137,19 @@ def prepare(
 
 def _clear(out: Path) -> None:
     """Remove what a previous prep wrote (and only that) before rebuilding."""
-    for name in (MANIFEST, "index.parquet", "errors.parquet"):
+    for name in (MANIFEST, "index.parquet", "errors.parquet", VERIFIED):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     for written in (*out.glob("*/part-*.parquet"), *out.glob("tokenizer-*.json")):
         written.unlink()
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Half-written files of a killed prep: in `out`, its split folders and `.partial`."""
+    if not out.is_dir():
+        return
+    folders = [out, *(p for p in out.iterdir() if p.is_dir())]
+    if (out / PARTIAL).is_dir():
+        folders += [p for p in (out / PARTIAL).iterdir() if p.is_dir()]
+    for folder in folders:
+        remove_stale_temps(folder)

@@ -5,6 +5,7 @@ Layout of a data directory (see docs/shard-format.md):
     index.parquet          sample_id, split, label, shard, row_group, row
     errors.parquet         source, reason (inputs that produced no sample)
     <split>/part-NNNNN.parquet
+    .verified.json         (size, mtime) at which each shard last matched its sha256
 Tensors are stored as raw little-endian bytes in binary columns with their dtype and shape in
 the manifest (and the field metadata): Arrow tensor types and compression on media columns were
 measured to be several times slower to read (../shared/specs/data.md, B.1). Video frames and
@@ -14,6 +15,7 @@ the text they were made from.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -40,9 +42,20 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 ERRORS = "errors.parquet"
+VERIFIED = ".verified.json"
 ROWS_PER_SHARD = 1024
 ROW_GROUP_SIZE = 64
 SMALL_COLUMNS = ("sample_id", "split", "label", "source")
+INDEX_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("split", pa.string()),
+        ("label", pa.int32()),
+        ("shard", pa.string()),
+        ("row_group", pa.int32()),
+        ("row", pa.int32()),
+    ]
+)
 
 
 class _Strict(BaseModel):
@@ -336,17 +349,7 @@ def finalize_dataset(
                 )
             )
         split_infos[split_name] = SplitInfo(samples=sum(s.rows for s in shards), shards=shards)
-    index_schema = pa.schema(
-        [
-            ("sample_id", pa.string()),
-            ("split", pa.string()),
-            ("label", pa.int32()),
-            ("shard", pa.string()),
-            ("row_group", pa.int32()),
-            ("row", pa.int32()),
-        ]
-    )
-    index = pa.concat_tables(index_parts) if index_parts else index_schema.empty_table()
+    index = pa.concat_tables(index_parts) if index_parts else INDEX_SCHEMA.empty_table()
     with atomic_path(out / INDEX) as tmp:
         pq.write_table(index, tmp, compression="zstd")
     error_schema = pa.schema([("source", pa.string()), ("reason", pa.string())])
@@ -419,14 +422,22 @@ def load_manifest(root: Path) -> DataManifest:
     return manifest
 
 
-def check_data_dir(root: Path, *, verify_checksums: bool = False) -> DataManifest:
-    """Check the shards against the manifest; raise a UserError listing every problem found."""
+def check_data_dir(
+    root: Path, *, verify_checksums: bool = False, cached: bool = False
+) -> DataManifest:
+    """Check the shards against the manifest (presence, size, Parquet footer, schema, and with
+    `verify_checksums` the sha256); raise a UserError listing every problem found. `cached`
+    skips the sha256 of shards unchanged (size, mtime) since they last matched it."""
     root = Path(root)
     manifest = load_manifest(root)
     problems: list[str] = []
-    for path in (root / INDEX, root / ERRORS):
-        if not path.is_file():
-            problems.append(f"{path.name} is missing")
+    if not (root / ERRORS).is_file():
+        problems.append(f"{ERRORS} is missing")
+    index_problem = _schema_problem(root / INDEX, INDEX_SCHEMA)
+    if index_problem is not None:
+        problems.append(index_problem)
+    expected = _schema([*manifest.modalities, *manifest.ground_truth])
+    intact: list[ShardInfo] = []
     for split_name, split in manifest.splits.items():
         for shard in split.shards:
             path = root / shard.path
@@ -447,8 +458,14 @@ def check_data_dir(root: Path, *, verify_checksums: bool = False) -> DataManifes
                     f"{shard.path} has {meta.num_rows} rows in {meta.num_row_groups} row groups, "
                     f"the manifest says {shard.rows} in {shard.row_groups}"
                 )
-            elif verify_checksums and sha256_file(path) != shard.sha256:
-                problems.append(f"{shard.path} does not match its sha256 in the manifest")
+                continue
+            schema_problem = _schema_problem(path, expected, shard.path)
+            if schema_problem is not None:
+                problems.append(schema_problem)
+                continue
+            intact.append(shard)
+    if verify_checksums:
+        problems += _verify_checksums(root, intact, cached=cached)
     if problems:
         listing = "; ".join(problems)
         raise UserError(
@@ -456,6 +473,77 @@ def check_data_dir(root: Path, *, verify_checksums: bool = False) -> DataManifes
             "Re-run `mmval prep` with --overwrite to rebuild it."
         )
     return manifest
+
+
+def _schema_problem(path: Path, expected: pa.Schema, name: str | None = None) -> str | None:
+    """What differs between the Parquet schema of `path` and `expected` (None: nothing)."""
+    name = name or path.name
+    if not path.is_file():
+        return f"{name} is missing"
+    try:
+        found = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        return f"{name} is not a readable Parquet file ({exc})"
+    got = {f.name: f for f in found}
+    want = {f.name: f for f in expected}
+    differences = [f"no column {n!r}" for n in want if n not in got]
+    differences += [f"unexpected column {n!r}" for n in got if n not in want]
+    for n, column in want.items():
+        if n in got and _column_key(got[n]) != _column_key(column):
+            differences.append(
+                f"column {n!r} is {got[n].type} {_meta(got[n])}, expected {column.type} "
+                f"{_meta(column)}"
+            )
+    if not differences and found.names != expected.names:
+        differences.append(f"columns in the order {found.names}, expected {expected.names}")
+    if not differences:
+        return None
+    return f"{name} does not have the schema the manifest implies ({'; '.join(differences)})"
+
+
+def _column_key(column: pa.Field) -> tuple:
+    """What must match in a column: type, nullability, metadata (not Parquet's list naming)."""
+    return _plain_type(column.type), column.nullable, column.metadata or {}
+
+
+def _plain_type(kind: pa.DataType) -> pa.DataType:
+    """A list type with its element field named as pyarrow names it (Parquet says element)."""
+    if pa.types.is_list(kind):
+        return pa.list_(_plain_type(kind.value_type))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(_plain_type(kind.value_type))
+    return kind
+
+
+def _meta(column: pa.Field) -> str:
+    meta = {k.decode(): v.decode() for k, v in (column.metadata or {}).items()}
+    return f"{meta or ''}{'' if column.nullable else ' not null'}".strip()
+
+
+def _verify_checksums(root: Path, shards: Sequence[ShardInfo], *, cached: bool) -> list[str]:
+    """Problems of shards whose sha256 differs from the manifest's. The stamps of those that
+    match are saved in VERIFIED when the folder is writable (`cached` trusts them)."""
+    stamp_file = root / VERIFIED
+    known: dict[str, list] = {}
+    if cached and stamp_file.is_file():
+        try:
+            known = json.loads(stamp_file.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            known = {}
+    problems: list[str] = []
+    stamps: dict[str, list] = {}
+    for shard in shards:
+        path = root / shard.path
+        stat = path.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns, shard.sha256]
+        if known.get(shard.path) != stamp and sha256_file(path) != shard.sha256:
+            problems.append(f"{shard.path} does not match its sha256 in the manifest")
+            continue
+        stamps[shard.path] = stamp
+    if stamps != known:
+        with contextlib.suppress(OSError):  # a read-only data folder: verified again next time
+            write_text_atomic(stamp_file, json.dumps(stamps))
+    return problems
 
 
 def decode_tensor_column(column: pa.ChunkedArray | pa.Array, spec: ModalitySpec) -> np.ndarray:

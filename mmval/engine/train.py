@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import shutil
 import time
@@ -24,14 +25,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mmval import __version__
-from mmval.atomic import atomic_path, write_text_atomic
+from mmval.atomic import atomic_path, remove_stale_temps, write_text_atomic
 from mmval.data.dataset import Batch, BlockShuffleSampler, ParquetSamples, collate_batch
 from mmval.data.manifest import load_dataset_manifest
 from mmval.data.prep import prepare
 from mmval.data.shards import MANIFEST, DataManifest, check_data_dir
 from mmval.data.sources import SOURCES
-from mmval.engine.checkpoint import load_checkpoint, save_checkpoint
+from mmval.engine.checkpoint import load_latest_checkpoint, save_checkpoint
 from mmval.engine.metrics import accuracy, macro_f1
+from mmval.engine.tensorboard import epoch_writer
 from mmval.errors import UserError
 from mmval.methods import Method, TrainContext, build_method
 from mmval.methods.base import StepTools
@@ -47,6 +49,37 @@ LAST, BEST, SUMMARY, METRICS, RECIPE_FILE, LOG = (
     "recipe.yaml",
     "train.log",
 )
+PREDICTIONS = "predictions.parquet"
+PREVIOUS = "last.prev.pt"  # the last.pt before the newest: resume falls back on it
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(UserError):
+    """A NaN or infinite loss or gradient stopped the run (`train.nonfinite: stop`)."""
+
+
+class _NonFiniteStep(Exception):
+    """Raised by `_GuardedTools.step` before the update; `_train_epoch` names where."""
+
+
+@dataclass
+class _GuardedTools(StepTools):
+    """`StepTools` whose step never applies a NaN or infinite gradient: it raises
+    (`train.nonfinite: stop`) or drops the step (`skip`), before the optimizer changes anything."""
+
+    skip: bool = False
+    skipped: int = 0
+
+    def step(self) -> None:
+        params = (p for group in self.optimizer.param_groups for p in group["params"])
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            if not self.skip:
+                raise _NonFiniteStep
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            return
+        self.optimizer.step()
 
 
 @dataclass
@@ -86,7 +119,7 @@ def ensure_data(data: DataConfig) -> DataManifest:
         prepare(data.dataset, directory)
     if data.path is not None and not directory.is_dir():
         raise UserError(f"data.path {directory} does not exist.")
-    return check_data_dir(directory)
+    return check_data_dir(directory, verify_checksums=True, cached=True)
 
 
 def build_optimizer(cfg: OptimConfig, params: Any) -> torch.optim.Optimizer:
@@ -176,7 +209,7 @@ def _resume_key(recipe: dict[str, Any]) -> dict[str, Any]:
     """What must match to continue a run: everything but the epoch count, host details and
     valuation (which does not change training)."""
     key = json.loads(json.dumps(recipe))
-    for name in ("epochs", "device", "workers"):
+    for name in ("epochs", "device", "workers", "tensorboard", "nonfinite"):
         key["train"].pop(name, None)
     key.pop("valuation", None)
     return key
@@ -219,31 +252,45 @@ class Trainer:
         self.callbacks = callbacks or TrainCallbacks()
         self.run_dir = Path(recipe.output) / recipe.name / f"seed{seed}"
         self.recipe_dump = self.recipe.model_dump(mode="json")
+        self._saved_epoch: int | None = None  # epoch of the newest last.pt, for messages
+
+    def finished_summary(self) -> dict[str, Any] | None:
+        """The summary of this very run if it already finished (same recipe), else None."""
+        summary_path = self.run_dir / SUMMARY
+        if not summary_path.is_file():
+            return None
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        return summary if summary.get("recipe") == self.recipe_dump else None
 
     def run(self) -> RunResult:
         run_dir, epochs = self.run_dir, self.recipe.train.epochs
         summary_path = run_dir / SUMMARY
-        if summary_path.is_file() and not self.overwrite:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-            if summary.get("recipe") == self.recipe_dump:
-                return RunResult(run_dir, skipped=True, summary=summary)
+        if not self.overwrite and (summary := self.finished_summary()) is not None:
+            return RunResult(run_dir, skipped=True, summary=summary)
         if self.overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
-        if (run_dir / LAST).is_file() and not self.resume:
+        started = (run_dir / LAST).is_file() or (run_dir / PREVIOUS).is_file()
+        if started and not self.resume:
             raise UserError(
                 f"{run_dir} already holds a run of this name; pass --resume to continue it, "
                 "--overwrite to start again, or --set name=... for a new run."
             )
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(run_dir)  # left by a killed run's interrupted writes
         write_text_atomic(run_dir / RECIPE_FILE, yaml.safe_dump(self.recipe_dump, sort_keys=False))
         session = self._build()
         state = _RunState()
-        if self.resume and (run_dir / LAST).is_file():
-            state = self._restore(run_dir / LAST, session)
+        if self.resume and started:
+            state = self._restore(session)
         label = _run_label(self.recipe)
+        session.sampler.set_epoch(state.epoch)  # len(loader): a whole epoch, also after resume
         self.callbacks.on_start(f"{label} seed{self.seed}", epochs, len(session.loader))
-        with open(run_dir / LOG, "a", encoding="utf-8") as log:
+        with (
+            open(run_dir / LOG, "a", encoding="utf-8") as log,
+            epoch_writer(run_dir, state.rows, enabled=self.recipe.train.tensorboard) as tensorboard,
+        ):
             for epoch in range(state.epoch, epochs):
+                session.sampler.set_epoch(epoch)  # else len(loader) counts the last epoch's rest
                 ctx = TrainContext(
                     epoch=epoch,
                     epochs=epochs,
@@ -257,10 +304,14 @@ class Trainer:
                 if session.scheduler is not None:
                     session.scheduler.step()
                 if (epoch + 1) % self.recipe.train.eval_every == 0 or epoch + 1 == epochs:
-                    row.update(self._evaluate(session))
+                    metrics, test_preds = self._evaluate(session)
+                    row.update(metrics)
                     if row["val_acc"] > state.best_val:
                         state.best_val, state.best_epoch = row["val_acc"], epoch + 1
                         self._save(BEST, session, {"epoch": epoch + 1, "metrics": row})
+                        _write_predictions(
+                            run_dir / PREDICTIONS, session.datasets["test"].sample_ids, test_preds
+                        )
                 if session.valuation is not None:
                     session.valuation.after_epoch(session.model, epoch + 1, run_dir)
                 state.rows.append(row)
@@ -268,6 +319,7 @@ class Trainer:
                 _write_metrics(run_dir / METRICS, state.rows)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
+                tensorboard(row)
                 if state.epoch % self.recipe.train.checkpoint_every == 0 or state.epoch == epochs:
                     self._save(LAST, session, self._training_state(session, state))
                 self.callbacks.on_epoch(row)
@@ -365,30 +417,64 @@ class Trainer:
         method.on_epoch_start(model, ctx)
         loss_sum, correct, seen = 0.0, 0, 0
         method_sums: dict[str, float] = {}
-        tools = StepTools(
-            optimizer, functools.partial(autocast, session.device, self.recipe.train.precision)
+        tools = _GuardedTools(
+            optimizer,
+            functools.partial(autocast, session.device, self.recipe.train.precision),
+            skip=self.recipe.train.nonfinite == "skip",
         )
-        for batch in session.loader:
+        for number, batch in enumerate(session.loader, 1):
             batch = batch.to(session.device)
-            result = method.train_step(model, batch, ctx, tools)
-            for key, value in result.figures.items():
-                method_sums[key] = method_sums.get(key, 0.0) + value * len(batch)
+            skipped = tools.skipped
+            try:
+                result = method.train_step(model, batch, ctx, tools)
+            except _NonFiniteStep:
+                raise self._non_finite(ctx, number, "gradient") from None
+            loss = float(result.loss)
+            if not math.isfinite(loss):
+                if not tools.skip:
+                    raise self._non_finite(ctx, number, "loss")
+                tools.skipped = max(tools.skipped, skipped + 1)  # and left out of the figures
+            else:
+                for key, value in result.figures.items():
+                    method_sums[key] = method_sums.get(key, 0.0) + value * len(batch)
+                loss_sum += loss * len(batch)
+                correct += int((result.logits.argmax(1) == batch.label).sum())
+                seen += len(batch)
             ctx.step += 1
             session.sampler.advance(len(batch))
-            loss_sum += float(result.loss) * len(batch)
-            correct += int((result.logits.argmax(1) == batch.label).sum())
-            seen += len(batch)
             self.callbacks.on_step()
         row: dict[str, float] = {
             "epoch": ctx.epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1),
+            "train_loss": loss_sum / seen if seen else math.nan,  # nan: every step skipped
+            "train_acc": correct / seen if seen else math.nan,
         }
+        if tools.skip:
+            row["skipped_steps"] = tools.skipped
+            if tools.skipped:
+                logger.warning(
+                    "warning: epoch %d: %d step(s) with a NaN or infinite loss or gradient "
+                    "skipped (train.nonfinite: skip).",
+                    ctx.epoch + 1,
+                    tools.skipped,
+                )
         row.update({f"method_{k}": v / max(seen, 1) for k, v in method_sums.items()})
         row.update({f"method_{k}": v for k, v in method.on_epoch_end(model, ctx).items()})
         row["seconds"] = time.perf_counter() - started
         return row
+
+    def _non_finite(self, ctx: TrainContext, batch: int, what: str) -> NonFiniteLoss:
+        kept = (
+            f"{self.run_dir / LAST} keeps the last good state (epoch {self._saved_epoch})"
+            if self._saved_epoch is not None
+            else "no checkpoint was written yet"
+        )
+        return NonFiniteLoss(
+            f"the training {what} became NaN or infinite at epoch {ctx.epoch + 1}, step "
+            f"{ctx.step + 1} (batch {batch} of {ctx.steps_per_epoch}); the run stopped and "
+            f"{kept}. Lower optim.lr, or set train.nonfinite: skip to drop such steps "
+            "(--resume continues from last.pt)."
+        )
 
     def _ordered_batches(
         self, session: _Session, role: str, positions: np.ndarray | None = None
@@ -411,7 +497,8 @@ class Trainer:
         for batch in loader:
             yield batch.to(session.device)
 
-    def _evaluate(self, session: _Session) -> dict[str, float]:
+    def _evaluate(self, session: _Session) -> tuple[dict[str, float], Predictions]:
+        """Validation and test metrics, and the test predictions (saved beside best.pt)."""
         row: dict[str, float] = {}
         for role in ("val", "test"):
             preds = predict(
@@ -422,7 +509,7 @@ class Trainer:
                 precision=self.recipe.train.precision,
             )
             row.update(preds.metrics(role))
-        return row
+        return row, preds
 
     def _save(self, file_name: str, session: _Session, extra: dict[str, Any]) -> None:
         """A checkpoint names its recipe and data, so `mmval value` needs nothing else."""
@@ -432,7 +519,10 @@ class Trainer:
             "model": session.model.state_dict(),
             **extra,
         }
-        save_checkpoint(self.run_dir / file_name, payload)
+        previous = self.run_dir / PREVIOUS if file_name == LAST else None
+        save_checkpoint(self.run_dir / file_name, payload, previous=previous)
+        if file_name == LAST:
+            self._saved_epoch = int(extra["epoch"])
 
     @staticmethod
     def _training_state(session: _Session, state: _RunState) -> dict[str, Any]:
@@ -448,13 +538,17 @@ class Trainer:
             "run_state": state.as_dict(),
         }
 
-    def _restore(self, path: Path, session: _Session) -> _RunState:
-        ckpt = load_checkpoint(path)
+    def _restore(self, session: _Session) -> _RunState:
+        last = self.run_dir / LAST
+        ckpt, used = load_latest_checkpoint(last, self.run_dir / PREVIOUS)
         if _resume_key(ckpt["recipe"]) != _resume_key(self.recipe_dump):
             raise UserError(
-                f"cannot resume {path.parent}: the recipe differs from the one the run was "
-                "started with (only train.epochs, train.device and train.workers may change)."
+                f"cannot resume {self.run_dir}: the recipe differs from the one the run was "
+                "started with (only train.epochs, train.device, train.workers, "
+                "train.tensorboard and train.nonfinite may change)."
             )
+        if used != last and last.is_file():  # set aside, so the next save cannot keep it
+            last.replace(last.with_name(LAST + ".corrupt"))
         session.model.load_state_dict(ckpt["model"])
         session.optimizer.load_state_dict(ckpt["optimizer"])
         if session.scheduler is not None and ckpt["scheduler"] is not None:
@@ -464,6 +558,7 @@ class Trainer:
         if "method_modules" in ckpt:  # absent from runs started before methods had modules
             session.method_modules.load_state_dict(ckpt["method_modules"])
         _set_rng_state(ckpt["rng"])
+        self._saved_epoch = int(ckpt["epoch"])
         return _RunState.from_dict(ckpt["run_state"])
 
     def _summary(self, manifest: DataManifest, label: str, state: _RunState) -> dict[str, Any]:
@@ -516,6 +611,15 @@ def _run_label(recipe: Recipe) -> str:
         return fusion
     label = recipe.method.label()
     return label if fusion == recipe.method.fusion else f"{label}+{fusion}"
+
+
+def _write_predictions(path: Path, sample_ids: list[str], preds: Predictions) -> None:
+    """Per-sample test predictions of best.pt, for `mmval report`'s paired bootstrap."""
+    frame = pd.DataFrame(
+        {"sample_id": sample_ids, "label": preds.labels, "pred": preds.logits.argmax(1)}
+    )
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 def _write_metrics(path: Path, rows: list[dict[str, float]]) -> None:

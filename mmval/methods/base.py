@@ -3,7 +3,8 @@
 The engine owns the loop (data, evaluation, checkpoints, resume); a method overrides only the
 hooks it needs. The default of every hook is plain training, so `Method` itself is the `concat`
 baseline. Hooks, from the lightest to the heaviest:
-- `loss` (a different objective), `after_backward` (edit gradients before the step);
+- `loss` (a different objective; `objective` when its parts should be logged too),
+  `after_backward` (edit gradients before the step);
 - `forward` (the training forward: masked or dropped modalities, extra heads' outputs);
 - `build_modules` (trainable parts the method adds beside the model, e.g. unimodal heads:
   optimised, moved and checkpointed with it, never part of its prediction);
@@ -134,12 +135,19 @@ class Method:
         """One batch: forward, loss, backward, gradient edits, optimizer step."""
         with tools.autocast():
             out = self.forward(model, batch, ctx)
-            loss = self.loss(model, out, batch, ctx)
+            loss, figures = self.objective(model, out, batch, ctx)
         tools.zero_grad()
         loss.backward()
-        figures = self.after_backward(model, out, batch, ctx)
+        figures = figures | self.after_backward(model, out, batch, ctx)
         tools.step()
         return StepResult(loss.detach(), out.logits.detach(), figures)
+
+    def objective(
+        self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss and figures for the epoch log (the parts of a composite loss); override
+        this instead of `loss` when the parts are worth logging."""
+        return self.loss(model, out, batch, ctx), {}
 
     def loss(
         self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext

@@ -61,8 +61,6 @@ from mmval.data.dataset import Batch
 from mmval.methods.base import (
     Method,
     MethodConfig,
-    StepResult,
-    StepTools,
     TrainContext,
     too_few_modalities,
 )
@@ -200,7 +198,7 @@ class C3R(Method):
         return C3ROutput(fusion.head(z), features, None, z)
 
     def objective(
-        self, model: MultimodalModel, out: ModelOutput, batch: Batch
+        self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The total loss and the epoch-log figures (hard C3 risk and the two penalties)."""
         assert isinstance(out, C3ROutput) and isinstance(model.fusion, C3RFusion)
@@ -222,19 +220,3 @@ class C3R(Method):
         ).tolist()
         names = ("c3_risk", "sufficiency_risk", "necessity_risk", "loss_v", "loss_fe")
         return loss, dict(zip(names, values, strict=True))
-
-    def loss(
-        self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
-    ) -> torch.Tensor:
-        return self.objective(model, out, batch)[0]
-
-    def train_step(
-        self, model: MultimodalModel, batch: Batch, ctx: TrainContext, tools: StepTools
-    ) -> StepResult:
-        with tools.autocast():
-            out = self.forward(model, batch, ctx)
-            loss, figures = self.objective(model, out, batch)
-        tools.zero_grad()
-        loss.backward()
-        tools.step()
-        return StepResult(loss.detach(), out.logits.detach(), figures)

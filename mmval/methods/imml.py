@@ -48,8 +48,6 @@ from mmval.data.dataset import Batch
 from mmval.methods.base import (
     Method,
     MethodConfig,
-    StepResult,
-    StepTools,
     TrainContext,
     too_few_modalities,
 )
@@ -116,7 +114,7 @@ class IMML(Method):
         return IMMLOutput(logits, features, fusion.heads_of(proj), proj)
 
     def objective(
-        self, model: MultimodalModel, out: ModelOutput, batch: Batch
+        self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The total loss and the epoch-log figures (the two auxiliary losses)."""
         fusion = model.fusion
@@ -138,22 +136,6 @@ class IMML(Method):
         )
         con, uni = torch.stack([loss_con.detach().float(), loss_uni.detach().float()]).tolist()
         return loss, {"loss_con": con, "loss_uni": uni}
-
-    def loss(
-        self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
-    ) -> torch.Tensor:
-        return self.objective(model, out, batch)[0]
-
-    def train_step(
-        self, model: MultimodalModel, batch: Batch, ctx: TrainContext, tools: StepTools
-    ) -> StepResult:
-        with tools.autocast():
-            out = self.forward(model, batch, ctx)
-            loss, figures = self.objective(model, out, batch)
-        tools.zero_grad()
-        loss.backward()
-        tools.step()
-        return StepResult(loss.detach(), out.logits.detach(), figures)
 
     def on_epoch_end(self, model: MultimodalModel, ctx: TrainContext) -> dict[str, float]:
         fusion = model.fusion

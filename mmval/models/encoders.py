@@ -31,7 +31,9 @@ class MLPEncoderConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["mlp"] = "mlp"
-    hidden: list[int] = Field(default=[256], description="hidden layer sizes")
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(
+        default=[256], description="hidden layer sizes"
+    )
     out_dim: int = Field(default=128, ge=1, description="size of the feature h_m")
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
 

@@ -156,7 +156,7 @@ def load_with_data(checkpoint: Path, data_dir: Path | None = None) -> LoadedChec
     ckpt = load_checkpoint(checkpoint)
     data = ckpt["data"]
     root = Path(data_dir) if data_dir is not None else Path(data["path"])
-    manifest = check_data_dir(root)
+    manifest = check_data_dir(root, verify_checksums=True, cached=True)
     if manifest.fingerprint() != data["fingerprint"]:
         detail = "; ".join(_data_problems(ckpt, manifest)) or (
             "same modalities, shapes and classes, other samples"

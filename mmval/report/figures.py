@@ -1,0 +1,362 @@
+"""The report's figures (matplotlib, PNG): accuracy and per-modality unimodal accuracy per
+epoch, the distribution of per-sample modality contributions (`mmval value` tables) and its
+evolution over training (contrib_epoch<k>.parquet), and how often each modality is the
+weakest. One figure per data set; curves are means over seeds, bands one std (IQR for
+contributions).
+
+Figures are drawn on `matplotlib.figure.Figure` objects, never through pyplot, so no GUI
+backend or global figure state is involved.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from mmval.engine.train import METRICS, PREDICTIONS
+from mmval.report.runs import RunTree
+from mmval.report.tables import Comparison
+from mmval.valuation.run import contribution_summary
+
+_EPOCH_FILE = re.compile(r"contrib_epoch(\d+)\.parquet$")
+_DPI = 100
+
+
+@dataclass(frozen=True)
+class ReportFigure:
+    """A finished figure: file stem, title, what it shows, and the PNG bytes."""
+
+    name: str
+    title: str
+    caption: str
+    png: bytes
+
+
+@dataclass(frozen=True)
+class ValueTable:
+    """A `mmval value` table in long form (sample_id, modality, contribution), with where it
+    came from."""
+
+    path: Path
+    dataset: str
+    source: str  # the report row (and seed) or the file name
+    split: str
+    method: str
+    table: pd.DataFrame
+
+
+def make_figures(comparison: Comparison) -> list[ReportFigure]:
+    """Every figure the runs below the comparison's root have data for."""
+    tree, split = comparison.tree, comparison.split
+    figures: list[ReportFigure] = []
+    histories = {run: tree.history(run) for run in tree.runs["run"]}
+    tables = find_value_tables(tree)
+    for dataset in comparison.datasets:
+        runs = tree.runs[tree.runs["dataset"] == dataset]
+        rows = [r for r in comparison.rows if r in set(runs["row"])]
+        figures += _accuracy_curves(dataset, runs, rows, histories, split)
+        figures += _unimodal_curves(dataset, runs, rows, histories, split)
+        figures += _contribution_epochs(dataset, runs, rows)
+        on_dataset = [t for t in tables if t.dataset == dataset]
+        figures += _contribution_distribution(dataset, on_dataset)
+        figures += _weakest_share(dataset, on_dataset)
+    return figures
+
+
+def write_figures(figures: list[ReportFigure], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for figure in figures:
+        path = folder / f"{figure.name}.png"
+        path.write_bytes(figure.png)
+        paths.append(path)
+    return paths
+
+
+def find_value_tables(tree: RunTree) -> list[ValueTable]:
+    """`mmval value` outputs anywhere below the root, recognised by their `mmval.method`
+    metadata (training-time tables are plotted per epoch instead). A table inside a finished
+    run folder is named after that run's row and seed."""
+    by_run = {Path(r.run): r for r in tree.runs.itertuples(index=False)}
+    found = []
+    for path in sorted(tree.root.rglob("*.parquet")):
+        if path.name in (METRICS, PREDICTIONS) or _EPOCH_FILE.search(path.name):
+            continue
+        meta = pq.read_schema(path).metadata or {}
+        if b"mmval.method" not in meta:
+            continue
+        info = {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"mmval.")}
+        run = by_run.get(path.parent)
+        dataset = info.get("mmval.dataset") or (run.dataset if run is not None else "?")
+        source = f"{run.row} seed{run.seed}" if run is not None else path.stem
+        found.append(
+            ValueTable(
+                path=path,
+                dataset=dataset,
+                source=source,
+                split=info.get("mmval.split", "?"),
+                method=info["mmval.method"],
+                table=_long(pd.read_parquet(path), info),
+            )
+        )
+    return found
+
+
+def _long(frame: pd.DataFrame, info: dict[str, str]) -> pd.DataFrame:
+    """A `--wide` table back to one row per (sample, modality)."""
+    if "modality" in frame.columns:
+        return frame[["sample_id", "modality", "contribution"]]
+    modalities = json.loads(info["mmval.modalities"])
+    return frame.melt(
+        id_vars="sample_id", value_vars=modalities, var_name="modality", value_name="contribution"
+    )
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _grid(count: int, width: float = 4.2, height: float = 3.2) -> tuple[Figure, list[Axes]]:
+    cols = min(3, count)
+    rows = math.ceil(count / cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for extra in axes[count:]:
+        extra.set_visible(False)
+    return fig, axes[:count]
+
+
+def _seed_curves(histories: list[pd.DataFrame], column: str) -> pd.DataFrame | None:
+    """Epoch x seed values of `column` (epochs without an evaluation dropped)."""
+    parts = [
+        h.set_index("epoch")[column].dropna().rename(i)
+        for i, h in enumerate(histories)
+        if column in h
+    ]
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, axis=1) if parts else None
+
+
+def _epochs_axis(ax: Axes, title: str, ylabel: str) -> None:
+    ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _plot_mean_std(ax: Axes, curves: pd.DataFrame, label: str, scale: float, **style) -> None:
+    mean = curves.mean(axis=1) * scale
+    std = curves.std(axis=1, ddof=1).fillna(0) * scale
+    (line,) = ax.plot(mean.index, mean.to_numpy(), label=label, **style)
+    if curves.shape[1] > 1:
+        ax.fill_between(
+            mean.index,
+            (mean - std).to_numpy(),
+            (mean + std).to_numpy(),
+            alpha=0.15,
+            lw=0,
+            color=line.get_color(),
+        )
+
+
+def _accuracy_curves(
+    dataset: str,
+    runs: pd.DataFrame,
+    rows: list[str],
+    histories: dict[str, pd.DataFrame],
+    split: str,
+) -> list[ReportFigure]:
+    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    drawn = 0
+    for row in rows:
+        curves = _seed_curves(
+            [histories[r] for r in runs[runs["row"] == row]["run"]], f"{split}_acc"
+        )
+        if curves is not None:
+            _plot_mean_std(ax, curves, row, 100)
+            drawn += 1
+    if not drawn:
+        return []
+    _epochs_axis(ax, dataset, f"{split} accuracy (%)")
+    ax.legend(fontsize="small", loc="lower right")
+    return [
+        ReportFigure(
+            f"accuracy-{_slug(dataset)}",
+            f"{dataset}: {split} accuracy per epoch",
+            f"{split} accuracy of the fused prediction after every evaluated epoch, mean over "
+            "seeds with a band of one standard deviation.",
+            _png(fig),
+        )
+    ]
+
+
+def _unimodal_curves(
+    dataset: str,
+    runs: pd.DataFrame,
+    rows: list[str],
+    histories: dict[str, pd.DataFrame],
+    split: str,
+) -> list[ReportFigure]:
+    """Rows whose fusion has per-modality logits log `<split>_acc_<modality>`; a single
+    modality (unimodal baselines) has nothing to compare and is skipped."""
+    prefix = f"{split}_acc_"
+    panels = []
+    for row in rows:
+        row_histories = [histories[r] for r in runs[runs["row"] == row]["run"]]
+        modalities = list(
+            dict.fromkeys(
+                c.removeprefix(prefix) for h in row_histories for c in h if c.startswith(prefix)
+            )
+        )
+        if len(modalities) >= 2:
+            panels.append((row, row_histories, modalities))
+    if not panels:
+        return []
+    fig, axes = _grid(len(panels))
+    for ax, (row, row_histories, modalities) in zip(axes, panels, strict=True):
+        for modality in modalities:
+            curves = _seed_curves(row_histories, prefix + modality)
+            if curves is not None:
+                _plot_mean_std(ax, curves, modality, 100)
+        fused = _seed_curves(row_histories, f"{split}_acc")
+        if fused is not None:
+            _plot_mean_std(ax, fused, "fused", 100, color="black", ls="--")
+        _epochs_axis(ax, row, f"{split} accuracy (%)")
+        ax.legend(fontsize="x-small")
+    return [
+        ReportFigure(
+            f"unimodal-{_slug(dataset)}",
+            f"{dataset}: unimodal accuracy per epoch",
+            f"{split} accuracy of each modality's own logits inside the trained model (fusions "
+            "with per-modality logits), mean over seeds; dashed: the fused prediction.",
+            _png(fig),
+        )
+    ]
+
+
+def _contribution_epochs(dataset: str, runs: pd.DataFrame, rows: list[str]) -> list[ReportFigure]:
+    """Training-time valuation: per row, each modality's mean contribution per epoch (pooled
+    over seeds), with its interquartile range."""
+    panels = []
+    for row in rows:
+        frames = []
+        for run in runs[runs["row"] == row]["run"]:
+            for path in Path(run).glob("contrib_epoch*.parquet"):
+                match = _EPOCH_FILE.search(path.name)
+                if match:
+                    part = pd.read_parquet(path, columns=["modality", "contribution"])
+                    frames.append(part.assign(epoch=int(match.group(1))))
+        if frames:
+            panels.append((row, pd.concat(frames, ignore_index=True)))
+    if not panels:
+        return []
+    fig, axes = _grid(len(panels))
+    for ax, (row, frame) in zip(axes, panels, strict=True):
+        stats = frame.groupby(["modality", "epoch"], sort=False)["contribution"]
+        summary = stats.agg(
+            mean="mean", q1=lambda x: x.quantile(0.25), q3=lambda x: x.quantile(0.75)
+        ).reset_index()
+        for modality, part in summary.groupby("modality", sort=False):
+            part = part.sort_values("epoch")
+            (line,) = ax.plot(part["epoch"], part["mean"], marker="o", ms=3, label=modality)
+            ax.fill_between(
+                part["epoch"], part["q1"], part["q3"], alpha=0.12, lw=0, color=line.get_color()
+            )
+        _epochs_axis(ax, row, "contribution")
+        ax.legend(fontsize="x-small")
+    return [
+        ReportFigure(
+            f"contribution-epochs-{_slug(dataset)}",
+            f"{dataset}: modality contribution during training",
+            "Per-sample contribution of each modality from the training-time valuation "
+            "(contrib_epoch<k>.parquet of the recipe's valuation section): mean over the valued "
+            "samples and seeds, band from the first to the third quartile.",
+            _png(fig),
+        )
+    ]
+
+
+def _grouped(tables: list[ValueTable]) -> list[tuple[str, pd.DataFrame]]:
+    """Tables of one row, split and valuation method pooled (e.g. several seeds)."""
+    groups: dict[str, list[ValueTable]] = {}
+    for t in tables:
+        groups.setdefault(f"{t.source} ({t.method}, {t.split})", []).append(t)
+    return [
+        (label, pd.concat([t.table for t in group], ignore_index=True))
+        for label, group in groups.items()
+    ]
+
+
+def _contribution_distribution(dataset: str, tables: list[ValueTable]) -> list[ReportFigure]:
+    groups = _grouped(tables)
+    if not groups:
+        return []
+    fig, axes = _grid(len(groups), width=max(4.2, 0.9 * _most_modalities(groups)))
+    for ax, (label, frame) in zip(axes, groups, strict=True):
+        modalities = list(dict.fromkeys(frame["modality"]))
+        data = [frame.loc[frame["modality"] == m, "contribution"].to_numpy() for m in modalities]
+        ax.boxplot(data, tick_labels=modalities, showmeans=True, flierprops={"ms": 2})
+        ax.set(title=label, ylabel="contribution")
+        ax.title.set_fontsize("small")
+        ax.grid(alpha=0.3, axis="y")
+    return [
+        ReportFigure(
+            f"contribution-{_slug(dataset)}",
+            f"{dataset}: distribution of per-sample modality contributions",
+            "Per-sample contribution of each modality from `mmval value` tables below the "
+            "report folder (box: quartiles, whiskers 1.5 IQR, triangle: mean).",
+            _png(fig),
+        )
+    ]
+
+
+def _weakest_share(dataset: str, tables: list[ValueTable]) -> list[ReportFigure]:
+    groups = _grouped(tables)
+    if not groups:
+        return []
+    shares = [(label, contribution_summary(frame)) for label, frame in groups]
+    modalities = list(dict.fromkeys(m for _, s in shares for m in s["modality"]))
+    fig = Figure(figsize=(max(6.0, 1.2 * len(groups) + 0.5 * len(modalities)), 4.0))
+    fig.set_layout_engine("constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(modalities)
+    x = np.arange(len(shares))
+    for i, modality in enumerate(modalities):
+        heights = [
+            100 * float(s.loc[s["modality"] == modality, "weakest_share"].sum()) for _, s in shares
+        ]
+        ax.bar(x + (i - (len(modalities) - 1) / 2) * width, heights, width, label=modality)
+    ax.set_xticks(x, [label for label, _ in shares], fontsize="small", rotation=10)
+    ax.set(ylabel="samples where it is the weakest (%)", title=dataset)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), title="modality")
+    return [
+        ReportFigure(
+            f"weakest-{_slug(dataset)}",
+            f"{dataset}: how often each modality is the weakest",
+            "Share of valued samples in which the modality alone has the lowest contribution "
+            "(samples where several modalities tie for the lowest count for none).",
+            _png(fig),
+        )
+    ]
+
+
+def _most_modalities(groups: list[tuple[str, pd.DataFrame]]) -> int:
+    return max(frame["modality"].nunique() for _, frame in groups)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)

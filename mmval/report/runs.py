@@ -1,0 +1,227 @@
+"""Finding the runs below a folder and reading their numbers at the selected checkpoint.
+
+A run folder is one with `recipe.yaml` and `train.log` (written when training starts) or a
+`summary.json`. It counts only when its summary says finished; every other one is listed as
+left out, never averaged.
+Runs are grouped into report rows by data set, method label, recipe hash (seed excluded) and
+mmval version, so two recipes of one method on one data set are never averaged together.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from mmval.engine.train import LOG, METRICS, PREDICTIONS, RECIPE_FILE, SUMMARY
+from mmval.errors import UserError
+
+# Recipe fields that do not make a different experiment (as in Recipe.settings_hash).
+_NOT_SETTINGS = ("seeds", "name", "output", "valuation", "train.device", "train.workers")
+_MAX_VARIANT_LABEL = 48
+_ALIASES = {"acc": "acc", "accuracy": "acc", "f1": "f1", "macro-f1": "f1", "macro_f1": "f1"}
+META = [
+    "run",
+    "dataset",
+    "method",
+    "variant",
+    "row",
+    "recipe_name",
+    "settings_hash",
+    "mmval_version",
+    "seed",
+    "epochs",
+    "best_epoch",
+]
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A run folder the report does not average in, and why."""
+
+    run: Path
+    reason: str
+
+
+@dataclass
+class RunTree:
+    """Finished runs (one row each: META columns, then every logged metric at the best
+    epoch) and the run folders left out."""
+
+    root: Path
+    runs: pd.DataFrame
+    left_out: list[LeftOut]
+
+    def history(self, run: str) -> pd.DataFrame:
+        """Every epoch's metrics of one run."""
+        return pd.read_parquet(Path(run) / METRICS)
+
+    def predictions(self, run: str) -> pd.DataFrame | None:
+        """Test-split predictions of the selected checkpoint, when the run saved them."""
+        path = Path(run) / PREDICTIONS
+        return pd.read_parquet(path) if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A reported metric: its short key (CSV prefix), the metrics.parquet column it reads,
+    whether it is a fraction shown in percent and which direction is better."""
+
+    key: str
+    column: str
+    label: str
+    percent: bool
+    higher_is_better: bool
+
+
+def find_runs(root: Path) -> RunTree:
+    """Every run folder below `root`, finished or not."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder.")
+    started = {p.parent for p in root.rglob(LOG) if (p.parent / RECIPE_FILE).is_file()}
+    folders = sorted(started | {p.parent for p in root.rglob(SUMMARY)})
+    records: list[dict[str, Any]] = []
+    left_out: list[LeftOut] = []
+    for folder in folders:
+        summary = _read_summary(folder / SUMMARY)
+        if summary is None or not summary.get("finished"):
+            left_out.append(LeftOut(folder, _unfinished_reason(folder)))
+            continue
+        records.append(_record(folder, summary))
+    runs = pd.DataFrame(records)
+    if runs.empty:
+        return RunTree(root, pd.DataFrame(columns=META), left_out)
+    runs = _label_variants(runs)
+    duplicate = runs.duplicated(["dataset", "row", "seed"], keep="first")
+    for _, dup in runs[duplicate].iterrows():
+        first = runs[
+            ~duplicate
+            & (runs["dataset"] == dup["dataset"])
+            & (runs["row"] == dup["row"])
+            & (runs["seed"] == dup["seed"])
+        ]["run"].iloc[0]
+        left_out.append(LeftOut(Path(dup["run"]), f"duplicate: same recipe and seed as {first}"))
+    runs = runs[~duplicate].drop(columns="_recipe").reset_index(drop=True)
+    return RunTree(root, runs, sorted(left_out, key=lambda x: str(x.run)))
+
+
+def collect_runs(root: Path) -> pd.DataFrame:
+    """One row per finished run found anywhere below `root`."""
+    return find_runs(root).runs
+
+
+def resolve_metric(name: str, split: str, columns: Iterable[str]) -> Metric:
+    """`acc`, `f1` (macro-F1) or any metric the runs logged: `acc_<modality>` and other
+    per-split names are read from the `split`, anything else (`train_loss`, `method_*`) as
+    written in metrics.parquet."""
+    key = _ALIASES.get(name.lower(), name)
+    available = set(columns)
+    for column in (f"{split}_{key}", key):
+        if column in available:
+            percent = re.search(r"(^|_)(acc|f1)(_|$)", key) is not None
+            label = {"acc": "Acc", "f1": "F1"}.get(key, key)
+            return Metric(key, column, label, percent, "loss" not in key)
+    logged = sorted(c.removeprefix(f"{split}_") for c in available if c not in META)
+    raise UserError(
+        f"--metric {name}: no run logged it on the {split} split; logged: {', '.join(logged)}."
+    )
+
+
+def metric_columns(runs: pd.DataFrame) -> list[str]:
+    """The logged metric columns of a run table."""
+    return [c for c in runs.columns if c not in META]
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _unfinished_reason(folder: Path) -> str:
+    """How far an unfinished run got, from its metrics and recipe."""
+    done = len(pd.read_parquet(folder / METRICS)) if (folder / METRICS).is_file() else 0
+    planned = "?"
+    if (folder / RECIPE_FILE).is_file():
+        recipe = yaml.safe_load((folder / RECIPE_FILE).read_text(encoding="utf-8")) or {}
+        planned = str(recipe.get("train", {}).get("epochs", "?"))
+    return f"unfinished: {done} of {planned} epochs, no final summary"
+
+
+def _record(folder: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's identity and every metric at its best (selected) epoch."""
+    history = pd.read_parquet(folder / METRICS)
+    best = history[history["epoch"] == summary["best_epoch"]]
+    values = best.iloc[0].drop(labels=["epoch"]).to_dict() if len(best) else {}
+    meta = {
+        "run": str(folder),
+        "dataset": summary["dataset"],
+        "method": summary["method"],
+        "recipe_name": summary.get("recipe_name", folder.parent.name),
+        "settings_hash": summary.get("settings_hash", "-"),
+        "mmval_version": summary.get("mmval_version", "-"),
+        "seed": summary["seed"],
+        "epochs": summary["epochs"],
+        "best_epoch": summary["best_epoch"],
+        "_recipe": summary.get("recipe", {}),
+    }
+    return meta | {k: v for k, v in values.items() if k not in meta}
+
+
+def _label_variants(runs: pd.DataFrame) -> pd.DataFrame:
+    """Name each recipe of a method so that rows with different recipes stay apart: by the
+    fields that differ between its recipes on some data set (`ogm_ge (method.alpha=0.5)`),
+    or by hash when that list is long. The same fields label the method's recipes on every
+    data set, so `ogm_ge (method.alpha=0.5)` is one row across them; a method with one recipe
+    per data set keeps its plain name."""
+    runs = runs.copy()
+    runs["variant"] = ""
+    config = ["settings_hash", "mmval_version"]
+    for method, group in runs.groupby("method", sort=False):
+        configs = group.drop_duplicates(["dataset", *config])
+        flat = {
+            (h, v): _flatten(r) | {"mmval": v}
+            for h, v, r in configs[[*config, "_recipe"]].itertuples(index=False)
+        }
+        differing: set[str] = set()
+        for _, on_dataset in configs.groupby("dataset"):
+            variants = [flat[(h, v)] for h, v in on_dataset[config].itertuples(index=False)]
+            keys = {k for f in variants for k in f}
+            differing |= {k for k in keys if len({f.get(k, "-") for f in variants}) > 1}
+        if not differing:
+            continue
+        for (h, v), f in flat.items():
+            label = ", ".join(f"{k}={f.get(k, '-')}" for k in sorted(differing))
+            if len(label) > _MAX_VARIANT_LABEL:
+                label = h if "mmval" not in differing else f"{h}, mmval={v}"
+            mask = (
+                (runs["method"] == method)
+                & (runs["settings_hash"] == h)
+                & (runs["mmval_version"] == v)
+            )
+            runs.loc[mask, "variant"] = label
+    runs["row"] = [
+        f"{m} ({v})" if v else m for m, v in zip(runs["method"], runs["variant"], strict=True)
+    ]
+    return runs
+
+
+def _flatten(recipe: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted keys to JSON-encoded leaves, without the fields that are not settings."""
+    flat: dict[str, str] = {}
+    for key, value in recipe.items():
+        dotted = f"{prefix}{key}"
+        if dotted in _NOT_SETTINGS:
+            continue
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{dotted}.")
+        else:
+            flat[dotted] = value if isinstance(value, str) else json.dumps(value)
+    return flat

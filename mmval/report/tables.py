@@ -1,0 +1,506 @@
+"""The comparison: numbers over seeds per report row and data set, ranks, differences to a
+baseline with their significance, and the table formats (rich, Markdown, CSV, LaTeX).
+
+Layout as in the balancing papers: one row per method (recipe), a column group per data set
+with one column per metric (plus the difference to the baseline when one is given), best bold
+and second underlined per column. Every row ends with the hash of its resolved recipe (seed
+excluded; one per data set) and the mmval version that trained it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.table import Table
+from rich.text import Text
+
+from mmval.errors import UserError
+from mmval.report.runs import LeftOut, Metric, RunTree, metric_columns, resolve_metric
+from mmval.report.significance import (
+    PairedPredictions,
+    paired_bootstrap,
+    paired_t_test,
+    wilcoxon_signed_rank,
+)
+
+COLUMNS = ["dataset", "method", "n_seeds", "acc_mean", "acc_std", "f1_mean", "f1_std"]
+SEED_MARK, SAMPLE_MARK = "†", "‡"
+_LATEX_MARKS = {SEED_MARK: r"\dagger", SAMPLE_MARK: r"\ddagger"}
+_BOOTSTRAP_METRICS = ("acc", "f1")
+
+
+@dataclass
+class Cell:
+    """One (row, data set, metric): mean and sample std over seeds; rank 1 (best) or 2
+    (second) in its column, else 0; the difference to the baseline and its tests."""
+
+    mean: float
+    std: float
+    n: int
+    rank: int = 0
+    delta: float = math.nan
+    p_ttest: float = math.nan
+    p_wilcoxon: float = math.nan
+    p_bootstrap: float = math.nan
+    marker: str = ""
+
+
+@dataclass
+class Comparison:
+    """Everything every format shows."""
+
+    tree: RunTree
+    split: str
+    metrics: list[Metric]
+    datasets: list[str]
+    rows: list[str]
+    cells: dict[tuple[str, str, str], Cell]
+    recipes: dict[tuple[str, str], str]  # (row, data set) -> settings hash
+    versions: dict[str, str]  # row -> mmval version(s)
+    long: pd.DataFrame  # one line per (data set, row): the CSV
+    baseline: str | None = None
+    baselines: dict[str, str] = field(default_factory=dict)  # data set -> baseline row
+    alpha: float = 0.05
+    resamples: int = 1000
+
+    @property
+    def left_out(self) -> list[LeftOut]:
+        return self.tree.left_out
+
+
+def summarize(runs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """The short table (quickstart): COLUMNS, accuracy and macro-F1 in percent, mean and
+    sample std over seeds, one line per data set and report row (method, with its recipe
+    variant when it has several)."""
+    if runs.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    columns = metric_columns(runs)
+    metrics = [resolve_metric(m, split, columns) for m in ("acc", "f1")]
+    return _aggregate(runs, metrics).assign(method=lambda t: t["row"])[COLUMNS]
+
+
+def compare(
+    tree: RunTree,
+    metrics: list[str] | None = None,
+    *,
+    split: str = "test",
+    baseline: str | None = None,
+    alpha: float = 0.05,
+    resamples: int = 1000,
+) -> Comparison:
+    """The comparison of every finished run below the tree's root on `metrics` (default
+    accuracy and macro-F1) of `split`, at each run's best-on-validation epoch."""
+    runs = tree.runs
+    if runs.empty:
+        raise UserError(f"no finished runs (summary.json) below {tree.root}.")
+    if split not in ("test", "val"):
+        raise UserError(f"--split must be test or val, not {split!r}.")
+    if not 0 < alpha < 1 or resamples < 1:
+        raise UserError("--alpha must lie between 0 and 1 and --resamples be at least 1.")
+    columns = metric_columns(runs)
+    shown = _unique([resolve_metric(m, split, columns) for m in (metrics or ["acc", "f1"])])
+    every = _unique([*(resolve_metric(m, split, columns) for m in ("acc", "f1")), *shown])
+    long = _aggregate(runs, every)
+    datasets = sorted(long["dataset"].unique())
+    baselines = _baselines(long, baseline) if baseline else {}
+    first = sorted(set(baselines.values()))
+    rows = first + sorted(set(long["row"]) - set(first))
+    cells: dict[tuple[str, str, str], Cell] = {}
+    for line in long.itertuples(index=False):
+        for m in every:
+            cells[(line.row, line.dataset, m.key)] = Cell(
+                getattr(line, f"{m.key}_mean"), getattr(line, f"{m.key}_std"), line.n_seeds
+            )
+    comparison = Comparison(
+        tree=tree,
+        split=split,
+        metrics=shown,
+        datasets=datasets,
+        rows=rows,
+        cells=cells,
+        recipes={(r.row, r.dataset): r.settings_hash for r in long.itertuples(index=False)},
+        versions={
+            row: ", ".join(sorted(set(g["mmval_version"]))) for row, g in long.groupby("row")
+        },
+        long=long,
+        baseline=baseline,
+        baselines=baselines,
+        alpha=alpha,
+        resamples=resamples,
+    )
+    _rank(comparison, every)
+    if baseline:
+        _test_against_baseline(comparison, every)
+    return comparison
+
+
+def _unique(metrics: list[Metric]) -> list[Metric]:
+    return list(dict.fromkeys(metrics))
+
+
+def _aggregate(runs: pd.DataFrame, metrics: list[Metric]) -> pd.DataFrame:
+    lines = []
+    for (dataset, row), group in runs.groupby(["dataset", "row"], sort=True):
+        line: dict[str, object] = {
+            "dataset": dataset,
+            "method": group["method"].iloc[0],
+            "n_seeds": len(group),
+        }
+        for m in metrics:
+            values = group[m.column].astype(np.float64) * (100 if m.percent else 1)
+            line[f"{m.key}_mean"] = values.mean()
+            line[f"{m.key}_std"] = values.std(ddof=1)
+        line |= {
+            "variant": group["variant"].iloc[0],
+            "settings_hash": group["settings_hash"].iloc[0],
+            "mmval_version": group["mmval_version"].iloc[0],
+            "seeds": " ".join(str(s) for s in sorted(group["seed"])),
+            "row": row,
+        }
+        lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def _baselines(long: pd.DataFrame, baseline: str) -> dict[str, str]:
+    """The baseline's row on each data set: the row of that name, else the one row of that
+    method; a method with several recipes on a data set must be named by its row."""
+    found: dict[str, str] = {}
+    for dataset, group in long.groupby("dataset"):
+        named = group[group["row"] == baseline]
+        if named.empty:
+            named = group[group["method"] == baseline]
+        if len(named) > 1:
+            options = ", ".join(repr(r) for r in named["row"])
+            raise UserError(
+                f"--baseline {baseline} has {len(named)} recipes on {dataset}; name one "
+                f"of {options}."
+            )
+        if len(named) == 1:
+            found[str(dataset)] = named["row"].iloc[0]
+    if not found:
+        raise UserError(f"--baseline {baseline}: no finished run of that method or row.")
+    return found
+
+
+def _display(value: float, metric: Metric) -> str:
+    return f"{value:.2f}" if metric.percent else f"{value:.4f}"
+
+
+def _rank(comparison: Comparison, metrics: list[Metric]) -> None:
+    """Best (1) in every column with two rows or more, second (2) with three or more; equal
+    displayed values share a rank."""
+    for dataset in comparison.datasets:
+        for m in metrics:
+            shown = {
+                row: float(_display(cell.mean, m))
+                for row in comparison.rows
+                if (cell := comparison.cells.get((row, dataset, m.key))) is not None
+                and not math.isnan(cell.mean)
+            }
+            order = sorted(set(shown.values()), reverse=m.higher_is_better)
+            for row, value in shown.items():
+                place = order.index(value) + 1
+                if (place == 1 and len(shown) >= 2) or (place == 2 and len(shown) >= 3):
+                    comparison.cells[(row, dataset, m.key)].rank = place
+
+
+def _test_against_baseline(comparison: Comparison, metrics: list[Metric]) -> None:
+    runs, long = comparison.tree.runs, comparison.long
+    long["baseline"] = long["dataset"].map(comparison.baselines).fillna("")
+    long["matched_seeds"] = 0
+    for m in metrics:
+        for column in ("delta", "p_ttest", "p_wilcoxon", "p_bootstrap"):
+            long[f"{m.key}_{column}"] = math.nan
+        long[f"{m.key}_marker"] = ""
+    predictions: dict[str, pd.DataFrame | None] = {}
+    for index, line in long.iterrows():
+        base_row = comparison.baselines.get(line["dataset"])
+        if base_row is None or base_row == line["row"]:
+            continue
+        on_dataset = runs[runs["dataset"] == line["dataset"]]
+        mine = on_dataset[on_dataset["row"] == line["row"]].set_index("seed")
+        base = on_dataset[on_dataset["row"] == base_row].set_index("seed")
+        seeds = sorted(set(mine.index) & set(base.index))
+        long.loc[index, "matched_seeds"] = len(seeds)
+        for m in metrics:
+            cell = comparison.cells[(line["row"], line["dataset"], m.key)]
+            base_cell = comparison.cells[(base_row, line["dataset"], m.key)]
+            scale = 100 if m.percent else 1
+            diffs = (mine.loc[seeds, m.column] - base.loc[seeds, m.column]).to_numpy(
+                np.float64
+            ) * scale
+            cell.delta = cell.mean - base_cell.mean
+            cell.p_ttest = paired_t_test(diffs)
+            cell.p_wilcoxon = wilcoxon_signed_rank(diffs)
+            if m.key in _BOOTSTRAP_METRICS and m.column == f"test_{m.key}":
+                pairs = _paired_predictions(comparison.tree, mine, base, seeds, predictions)
+                if pairs:
+                    _, cell.p_bootstrap = paired_bootstrap(
+                        pairs, m.key, resamples=comparison.resamples
+                    )
+            cell.marker = (SEED_MARK if cell.p_ttest < comparison.alpha else "") + (
+                SAMPLE_MARK if cell.p_bootstrap < comparison.alpha else ""
+            )
+            for column in ("delta", "p_ttest", "p_wilcoxon", "p_bootstrap", "marker"):
+                long.loc[index, f"{m.key}_{column}"] = getattr(cell, column)
+
+
+def _paired_predictions(
+    tree: RunTree,
+    mine: pd.DataFrame,
+    base: pd.DataFrame,
+    seeds: list[int],
+    cache: dict[str, pd.DataFrame | None],
+) -> list[PairedPredictions]:
+    """Matched seeds whose two runs both saved test predictions, on the samples common to
+    all of them (so one bootstrap resample serves every seed)."""
+    loaded = []
+    for seed in seeds:
+        a, b = (_cached(tree, str(frame.loc[seed, "run"]), cache) for frame in (mine, base))
+        if a is not None and b is not None:
+            loaded.append(a.merge(b, on=["sample_id", "label"], suffixes=("", "_base")))
+    if not loaded:
+        return []
+    common = sorted(set.intersection(*(set(f["sample_id"]) for f in loaded)))
+    pairs = []
+    for frame in loaded:
+        frame = frame.set_index("sample_id").loc[common]
+        pairs.append(
+            PairedPredictions(
+                frame["label"].to_numpy(), frame["pred"].to_numpy(), frame["pred_base"].to_numpy()
+            )
+        )
+    return pairs if common else []
+
+
+def _cached(tree: RunTree, run: str, cache: dict[str, pd.DataFrame | None]) -> pd.DataFrame | None:
+    if run not in cache:
+        cache[run] = tree.predictions(run)
+    return cache[run]
+
+
+# ---- formats -------------------------------------------------------------------------------
+
+
+def value_text(cell: Cell | None, metric: Metric) -> str:
+    """`mean ± std` (just the mean for one seed); `-` when the row has no such run."""
+    if cell is None or math.isnan(cell.mean):
+        return "-"
+    if math.isnan(cell.std):
+        return _display(cell.mean, metric)
+    return f"{_display(cell.mean, metric)} ± {_display(cell.std, metric)}"
+
+
+def delta_text(cell: Cell | None, metric: Metric) -> str:
+    if cell is None or math.isnan(cell.delta):
+        return ""
+    return f"{cell.delta:+.2f}" if metric.percent else f"{cell.delta:+.4f}"
+
+
+def header_columns(comparison: Comparison) -> list[tuple[str, Metric, bool]]:
+    """The value columns of one data set group: (label, metric, is the Δ column)."""
+    columns = []
+    for m in comparison.metrics:
+        columns.append((m.label, m, False))
+        if comparison.baseline:
+            columns.append((f"Δ {m.label}", m, True))
+    return columns
+
+
+def recipe_text(comparison: Comparison, row: str) -> str:
+    """The row's recipe hash on each data set, in column order."""
+    return " / ".join(comparison.recipes.get((row, d), "-") for d in comparison.datasets)
+
+
+def legend(comparison: Comparison) -> list[str]:
+    """The sentences under every table."""
+    percent = any(m.percent for m in comparison.metrics)
+    lines = [
+        f"{comparison.split} split, checkpoint with the best validation accuracy; mean ± "
+        "sample std over seeds" + (" (accuracy and F1 in %)" if percent else "") + "; "
+        "best bold, second underlined per column.",
+        "Recipe: sha256 (12 hex) of the resolved recipe without seed, per data set in column "
+        "order; rows with different recipes are never averaged together.",
+    ]
+    if comparison.baseline:
+        lines += [
+            f"Δ: mean difference to {comparison.baseline}. {SEED_MARK} paired t-test over "
+            f"matched seeds, p < {comparison.alpha:g}; {SAMPLE_MARK} paired bootstrap over test "
+            f"samples ({comparison.resamples} resamples, runs with saved predictions), "
+            f"p < {comparison.alpha:g}. The CSV has every p-value and the Wilcoxon "
+            "signed-rank p.",
+        ]
+    return lines
+
+
+def left_out_lines(comparison: Comparison) -> list[str]:
+    root = comparison.tree.root
+    return [f"{_relative(x.run, root)}: {x.reason}" for x in comparison.left_out]
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def to_csv(comparison: Comparison) -> str:
+    """The long table: COLUMNS, then any other metric's mean/std, variant, settings_hash,
+    mmval_version, seeds and, with a baseline, the differences and tests per metric."""
+    return comparison.long.drop(columns="row").to_csv(index=False, float_format="%.6g")
+
+
+def to_markdown(comparison: Comparison) -> str:
+    columns = header_columns(comparison)
+    header = ["Method"] + [f"{d} {label}" for d in comparison.datasets for label, _, _ in columns]
+    header += ["Recipe", "mmval"]
+    lines = [
+        _md_row(header),
+        _md_row([":--", *("--:" for _ in header[1:-2]), ":--", ":--"]),
+    ]
+    for row in comparison.rows:
+        cells = [_md_escape(row)]
+        for dataset in comparison.datasets:
+            for _, m, is_delta in columns:
+                cell = comparison.cells.get((row, dataset, m.key))
+                cells.append(delta_text(cell, m) if is_delta else _md_value(cell, m))
+        cells += [recipe_text(comparison, row), comparison.versions[row]]
+        lines.append(_md_row(cells))
+    lines += ["", *legend(comparison)]
+    left = left_out_lines(comparison)
+    if left:
+        lines += ["", "Left out (not averaged):", "", *(f"- {_md_escape(x)}" for x in left)]
+    return "\n".join(lines)
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;")
+
+
+def _md_value(cell: Cell | None, metric: Metric) -> str:
+    text = value_text(cell, metric)
+    if cell is not None and cell.rank == 1:
+        text = f"**{text}**"
+    elif cell is not None and cell.rank == 2:
+        text = f"<u>{text}</u>"
+    return text + (cell.marker if cell is not None else "")
+
+
+_LATEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "<": r"$<$",
+    ">": r"$>$",
+    "|": r"\textbar{}",
+    "±": r"$\pm$",
+    "Δ": r"$\Delta$",
+    SEED_MARK: r"$^{\dagger}$",
+    SAMPLE_MARK: r"$^{\ddagger}$",
+}
+
+
+def latex_escape(text: str) -> str:
+    """Text as LaTeX source: the special characters escaped, ± Δ † ‡ as math."""
+    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
+
+
+def to_latex(comparison: Comparison) -> str:
+    """A booktabs tabular (\\usepackage{booktabs}) to \\input inside a table float. The
+    legend (for the caption) and the runs left out are comments above it, so the fragment
+    keeps its natural width."""
+    columns = header_columns(comparison)
+    width = len(columns)
+    spec = "l" + "".join("c" * width for _ in comparison.datasets) + "ll"
+    groups = " & ".join(
+        rf"\multicolumn{{{width}}}{{c}}{{{latex_escape(d)}}}" for d in comparison.datasets
+    )
+    rules = " ".join(
+        rf"\cmidrule(lr){{{2 + i * width}-{1 + (i + 1) * width}}}"
+        for i in range(len(comparison.datasets))
+    )
+    names = " & ".join(latex_escape(label) for _ in comparison.datasets for label, _, _ in columns)
+    lines = [f"% {latex_escape(sentence)}" for sentence in legend(comparison)]
+    lines += [f"% left out (not averaged): {latex_escape(x)}" for x in left_out_lines(comparison)]
+    lines += [
+        f"\\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        f" & {groups} & & \\\\",
+        rules,
+        f"Method & {names} & Recipe & mmval \\\\",
+        r"\midrule",
+    ]
+    for row in comparison.rows:
+        cells = [latex_escape(row)]
+        for dataset in comparison.datasets:
+            for _, m, is_delta in columns:
+                cell = comparison.cells.get((row, dataset, m.key))
+                delta = delta_text(cell, m)
+                cells.append((f"${delta}$" if delta else "") if is_delta else _latex_value(cell, m))
+        hashes = " / ".join(
+            rf"\texttt{{{latex_escape(comparison.recipes.get((row, d), '-'))}}}"
+            for d in comparison.datasets
+        )
+        cells += [hashes, latex_escape(comparison.versions[row])]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines)
+
+
+def _latex_value(cell: Cell | None, metric: Metric) -> str:
+    text = latex_escape(value_text(cell, metric))
+    if cell is not None and cell.rank == 1:
+        text = rf"\textbf{{{text}}}"
+    elif cell is not None and cell.rank == 2:
+        text = rf"\underline{{{text}}}"
+    if cell is not None and cell.marker:
+        text += "$^{" + "".join(_LATEX_MARKS[ch] for ch in cell.marker) + "}$"
+    return text
+
+
+def to_rich(comparison: Comparison) -> Table:
+    """The terminal table: two-line headers (data set, metric), bold best, underlined
+    second."""
+    columns = header_columns(comparison)
+    table = Table(
+        title=f"{comparison.split} split, best-on-validation checkpoint ({comparison.tree.root})",
+        caption="\n".join(legend(comparison)),
+        caption_justify="left",
+    )
+    table.add_column("Method")
+    for dataset in comparison.datasets:
+        for label, _, _ in columns:
+            table.add_column(f"{dataset}\n{label}", justify="right")
+    table.add_column("Recipe")
+    table.add_column("mmval")
+    for row in comparison.rows:
+        cells: list[Text | str] = [Text(row)]
+        for dataset in comparison.datasets:
+            for _, m, is_delta in columns:
+                cell = comparison.cells.get((row, dataset, m.key))
+                if is_delta:
+                    cells.append(Text(delta_text(cell, m)))
+                    continue
+                style = {1: "bold", 2: "underline"}.get(cell.rank if cell else 0, "")
+                text = Text(value_text(cell, m), style=style)
+                text.append(cell.marker if cell else "")
+                cells.append(text)
+        cells += [Text(recipe_text(comparison, row)), Text(comparison.versions[row])]
+        table.add_row(*cells)
+    return table
