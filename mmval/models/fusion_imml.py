@@ -99,9 +99,11 @@ class IMMLFusion(nn.Module):
         memory = self.bank[:filled]
         if self.training:  # the batch is enqueued before backward reads the keys' input
             memory = memory.clone()
-        keys, values = self.key(memory), self.value(memory)
-        scores = self.query(query) @ keys.T / math.sqrt(self.width)
-        return torch.softmax(scores, dim=-1) @ values
+        # q k_j = (q W_k) b_j + q b_k and sum_j a_j (W_v b_j + b_v) = W_v (sum_j a_j b_j) + b_v:
+        # the keys and values of the whole bank are never formed (N x D x width multiplies less)
+        q = self.query(query) / math.sqrt(self.width)
+        scores = (q @ self.key.weight) @ memory.T + (q @ self.key.bias)[:, None]
+        return self.value(torch.softmax(scores, dim=-1) @ memory)
 
     def joint(self, proj: dict[str, torch.Tensor]) -> torch.Tensor:
         """[m_1; ...; m_M; ctx], what the fusion/target head classifies."""
