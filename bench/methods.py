@@ -62,7 +62,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
         try:
-            for f in ordered(list(RECIPES.glob("*-uci-mfeat.yaml"))):
+            singles = [
+                f for f in RECIPES.glob("*-uci-mfeat.yaml") if not f.name.startswith("sweep")
+            ]
+            for f in ordered(singles):
                 name = f.name.removesuffix("-uci-mfeat.yaml")
                 if chosen is not None and name not in chosen:
                     continue
