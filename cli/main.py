@@ -229,7 +229,7 @@ def train(
     trains every combination into OUTPUT/NAME/<label>/seed<k>/. Finished runs are skipped.
 
     Example: mmval train --recipe recipes/ogm_ge-uci-mfeat.yaml --set method.alpha=0.5
-    Sweep: mmval train --recipe recipes/sweep-uci-mfeat.yaml --set train.epochs=5
+    Sweep: mmval train --recipe recipes/sweep-seed-methods.yaml --set train.epochs=5
     """
     from mmval.sweep import RunOutcome, load_plan, run_plan, run_statuses
 

@@ -165,7 +165,7 @@ def test_a_plain_recipe_loader_points_to_the_sweep(tmp_path):
 
 
 def test_shipped_sweep_expands_to_valid_runs():
-    plan = load_plan(RECIPES / "sweep-uci-mfeat.yaml")
+    plan = load_plan(RECIPES / "sweep-seed-methods.yaml")
     labels = [v.label for v in plan.variants]
     assert labels == ["concat", "ogm_ge", "mmcooperation_sample", "cmob", "imml", "c3r"]
     assert len(plan.runs()) == 18
