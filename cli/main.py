@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,11 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., object])
 
 
+def _main_process() -> bool:
+    """False in the torchrun processes of rank > 0, which print nothing (rank 0 speaks)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def user_errors(func: F) -> F:
     """Print a user mistake as one paragraph and exit 2, without a traceback."""
 
@@ -45,7 +51,8 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except UserError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            if _main_process():
+                err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -122,6 +129,16 @@ def prep(
         float,
         typer.Option(min=0.001, help="seconds one clip may take before it is listed as an error"),
     ] = 300.0,
+    shard_index: Annotated[
+        int | None,
+        typer.Option(help="prepare only part I of --num-shards, into OUT/part-IIIII-of-NNNNN"),
+    ] = None,
+    num_shards: Annotated[
+        int | None, typer.Option(help="number of parts the prep is split into (machines, jobs)")
+    ] = None,
+    merge: Annotated[
+        bool, typer.Option(help="merge the finished parts in OUT into one data set")
+    ] = False,
     list_: Annotated[bool, typer.Option("--list", help="list the data sets and exit")] = False,
     raw_out: Annotated[
         Path | None, typer.Option(help="synthetic-av: where to write the raw clips")
@@ -135,10 +152,30 @@ def prep(
     """Turn raw data into Parquet shards (shard format v1), resumably and in parallel.
 
     Example: mmval prep kinetics-sounds --raw /data/kinetics --out data/ks --workers 16
+    On 8 machines: mmval prep kinetics-sounds --raw /data/kinetics --out data/ks
+    --shard-index $I --num-shards 8 (I = 0..7), then mmval prep kinetics-sounds --out data/ks
+    --merge.
     Test data: mmval prep synthetic-av --raw-out raw/ks --layout kinetics-sounds --clips 8
     """
     from mmval.data.manifest import load_dataset_manifest, manifest_names
-    from mmval.data.prep import prepare
+    from mmval.data.pipeline import PartSpec, PrepCallbacks, PrepSummary
+    from mmval.data.prep import merge_parts, prepare
+
+    def print_counts(summary: PrepSummary) -> None:
+        for name, c in summary.splits.items():
+            reused = f", {c.reused_shards} shard(s) reused" if c.reused_shards else ""
+            console.print(f"{name}: {c.written} written, {c.failed} failed of {c.planned}{reused}")
+        if summary.planning_errors:
+            console.print(f"{summary.planning_errors} listed clip(s) have no raw file")
+
+    def check_failures(share: float) -> None:
+        """Exit 1 when more than --max-failures of the inputs failed (the rest is written)."""
+        if share > max_failures:
+            err_console.print(
+                f"[bold red]error:[/] {share:.1%} of the clips failed (more than --max-failures "
+                f"{max_failures:.0%}); everything that could be extracted was written."
+            )
+            raise typer.Exit(1)
 
     if list_ or dataset is None:
         for name in manifest_names():
@@ -150,6 +187,35 @@ def prep(
         _synthetic_av(raw_out, layout, clips, seed, set_ or [])
         return
     target = out or Path("data") / dataset
+    split_list = splits.split(",") if splits else None
+    if merge:
+        if shard_index is not None:
+            raise UserError("--merge merges all parts: leave out --shard-index.")
+        merged = merge_parts(
+            dataset,
+            target,
+            count=num_shards,
+            raw=raw,
+            overrides=set_,
+            limit=limit,
+            splits=split_list,
+        )
+        assert merged.summary is not None
+        count = merged.manifest.extraction["parts"]["count"]
+        if merged.wrote:
+            print_counts(merged.summary)
+            console.print(
+                f"merged {count} parts into {target} (the shards stay in the part folders); "
+                f"failures are listed in {target / 'errors.parquet'}"
+            )
+        else:
+            console.print(f"{target} already holds the merge of these {count} parts (verified)")
+        check_failures(merged.summary.failure_share)
+        return
+    if (shard_index is None) != (num_shards is None):
+        raise UserError("--shard-index and --num-shards go together (part I of N).")
+    part = None if num_shards is None else PartSpec(shard_index or 0, num_shards)
+    written = target if part is None else target / part.name
     with _progress() as progress:
         task = progress.add_task(f"prep {dataset}", total=None, status="")
         failed = [0]
@@ -164,8 +230,6 @@ def prep(
             status = f"{speed:.1f} clips/s" + (f", {failed[0]} failed" if failed[0] else "")
             progress.update(task, status=status)
 
-        from mmval.data.pipeline import PrepCallbacks
-
         result = prepare(
             dataset,
             target,
@@ -174,28 +238,24 @@ def prep(
             overwrite=overwrite,
             workers=workers,
             limit=limit,
-            splits=splits.split(",") if splits else None,
+            splits=split_list,
             clip_timeout=clip_timeout,
             callbacks=PrepCallbacks(on_plan=on_plan, on_clip=on_clip),
+            part=part,
         )
     if not result.wrote:
         counts = ", ".join(f"{n} {s.samples}" for n, s in result.manifest.splits.items())
-        console.print(f"{target} already prepared (checksums verified): {counts}")
+        console.print(f"{written} already prepared (checksums verified): {counts}")
         return
     assert result.summary is not None
-    for name, c in result.summary.splits.items():
-        reused = f", {c.reused_shards} shard(s) reused" if c.reused_shards else ""
-        console.print(f"{name}: {c.written} written, {c.failed} failed of {c.planned}{reused}")
-    if result.summary.planning_errors:
-        console.print(f"{result.summary.planning_errors} listed clip(s) have no raw file")
-    console.print(f"wrote {target}; failures are listed in {target / 'errors.parquet'}")
-    share = result.summary.failure_share
-    if share > max_failures:
-        err_console.print(
-            f"[bold red]error:[/] {share:.1%} of the clips failed (more than --max-failures "
-            f"{max_failures:.0%}); everything that could be extracted was written."
+    print_counts(result.summary)
+    console.print(f"wrote {written}; failures are listed in {written / 'errors.parquet'}")
+    if part is not None:
+        console.print(
+            f"part {part.index} of {part.count}: once every part is done, run "
+            f"`mmval prep {dataset} --out {target} --merge`"
         )
-        raise typer.Exit(1)
+    check_failures(result.summary.failure_share)
 
 
 def _synthetic_av(
@@ -224,16 +284,41 @@ def train(
     dry_run: Annotated[
         bool, typer.Option(help="check the recipe and list its runs; train nothing")
     ] = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="train each run with N local processes (DDP: NCCL on GPUs, one per GPU; gloo "
+            "on the CPU); train.batch_size stays the global batch",
+        ),
+    ] = 1,
 ) -> None:
     """Train a recipe, one run per seed, into OUTPUT/NAME/seed<k>/; a sweep (methods:, grid:)
     trains every combination into OUTPUT/NAME/<label>/seed<k>/. Finished runs are skipped.
 
     Example: mmval train --recipe recipes/ogm_ge-uci-mfeat.yaml --set method.alpha=0.5
     Sweep: mmval train --recipe recipes/sweep-seed-methods.yaml --set train.epochs=5
+    Multi-GPU: mmval train --recipe recipes/ogm_ge-synthetic-av.yaml --nproc 4 (the same as
+    torchrun --nproc-per-node 4 -m mmval train --recipe ...; docs/distributed.md)
     """
     from mmval.sweep import RunOutcome, load_plan, run_plan, run_statuses
 
     plan = load_plan(recipe, set_ or [])
+    if nproc > 1 and not dry_run:
+        from mmval.distributed import launched, spawn_local
+
+        if launched():
+            raise UserError("--nproc starts processes itself; under torchrun leave it out.")
+        args = ["train", "--recipe", str(recipe)]
+        args += [part for value in set_ or [] for part in ("--set", value)]
+        args += ["--resume"] * resume + ["--overwrite"] * overwrite
+        raise typer.Exit(spawn_local(nproc, args))
+    if not _main_process():  # another rank of a torchrun job: train, print nothing
+        if not dry_run and any(
+            o.status == "failed" for o in run_plan(plan, resume=resume, overwrite=overwrite)
+        ):
+            raise typer.Exit(1)
+        return
     if dry_run:
         table = Table(title=f"{recipe}: {len(plan.runs())} run(s)")
         table.add_column("run folder", overflow="fold")

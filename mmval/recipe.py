@@ -104,6 +104,19 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: autocast")
     workers: int = Field(default=0, ge=0, description="DataLoader worker processes")
+    prefetch: int = Field(
+        default=2, ge=1, description="batches each DataLoader worker loads ahead (workers > 0)"
+    )
+    channels_last: bool = Field(
+        default=False,
+        description="channels-last memory format for the 4-D maps of resnet18 encoders (faster "
+        "convolutions on tensor-core GPUs, with bf16 especially)",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile each encoder (first steps slower while compiling; needs a C++ "
+        "compiler on the CPU)",
+    )
     eval_every: int = Field(default=1, ge=1, description="epochs between evaluations")
     checkpoint_every: int = Field(default=1, ge=1, description="epochs between last.pt saves")
     tensorboard: bool = Field(
@@ -117,14 +130,27 @@ class TrainConfig(_Strict):
 
     @model_serializer(mode="wrap")
     def _omit_tensorboard_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Off (and nonfinite at stop), it dumps as before the field existed, so finished runs
-        still match their summary.json (and are skipped) and resume."""
+        """Off (and nonfinite at stop, the loader and speed settings at their defaults), it
+        dumps as before those fields existed, so finished runs still match their summary.json
+        (and are skipped) and resume."""
         dump = handler(self)
-        if not self.tensorboard:
-            dump.pop("tensorboard", None)
+        for name, default in HOST_DEFAULTS.items():
+            if getattr(self, name) == default:
+                dump.pop(name, None)
         if self.nonfinite == "stop":
             dump.pop("nonfinite", None)
         return dump
+
+
+# Settings that change how fast a run goes, not what it computes (beyond floating-point
+# rounding): left out of the settings hash and free to change on resume, and dumped only when
+# they differ from these defaults.
+HOST_DEFAULTS: dict[str, Any] = {
+    "tensorboard": False,
+    "prefetch": 2,
+    "channels_last": False,
+    "compile": False,
+}
 
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.{}\-]*$"
@@ -173,7 +199,8 @@ class Recipe(_Strict):
         dump = self.model_dump(mode="json", exclude={"seeds", "name", "output", "valuation"})
         dump["train"].pop("device")
         dump["train"].pop("workers")
-        dump["train"].pop("tensorboard", None)
+        for name in HOST_DEFAULTS:
+            dump["train"].pop(name, None)
         return sha256_json(dump)[:12]
 
 

@@ -45,7 +45,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from mmval.engine.train import LAST, TrainCallbacks, Trainer, ensure_data
+from mmval.engine.train import LAST, TrainCallbacks, Trainer, ensure_data, join_ranks
 from mmval.errors import UserError
 from mmval.methods import METHODS, MethodConfigUnion
 from mmval.overrides import apply_overrides
@@ -366,6 +366,7 @@ def run_plan(
     In a sweep a run's user error is recorded and the next run goes on; in a plain recipe it
     stops there, as it always has.
     """
+    join_ranks([v.recipe for v in plan.variants])  # under torchrun: each run distributed
     check_plan(plan, resume=resume, overwrite=overwrite)
     outcomes: list[RunOutcome] = []
     callbacks = callbacks or TrainCallbacks()

@@ -185,7 +185,7 @@ def _recipe(tmp_path: Path, synthetic_dir: Path, name: str, epochs: int) -> Path
 
 
 def _metrics(run: Path) -> pd.DataFrame:
-    return pd.read_parquet(run / "metrics.parquet").drop(columns="seconds")
+    return pd.read_parquet(run / "metrics.parquet").drop(columns=["seconds", "data_seconds"])
 
 
 def test_train_killed_mid_epoch_then_resumed_matches_an_uninterrupted_run(tmp_path, synthetic_dir):

@@ -48,8 +48,12 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(recipe_file, tmp_path
         Trainer(broken, 0).run()
     Trainer(broken, 0, resume=True).run()
     runs = tmp_path / "runs"
-    a = pd.read_parquet(runs / "straight/seed0/metrics.parquet").drop(columns="seconds")
-    b = pd.read_parquet(runs / "broken/seed0/metrics.parquet").drop(columns="seconds")
+    a = pd.read_parquet(runs / "straight/seed0/metrics.parquet").drop(
+        columns=["seconds", "data_seconds"]
+    )
+    b = pd.read_parquet(runs / "broken/seed0/metrics.parquet").drop(
+        columns=["seconds", "data_seconds"]
+    )
     assert len(a) == 4
     pd.testing.assert_frame_equal(a, b)
     wa = load_checkpoint(runs / "straight/seed0/last.pt")["model"]
@@ -212,8 +216,12 @@ def test_two_epochs_resumed_for_two_more_equal_four(recipe_file, tmp_path):
     longer = two.model_copy(update={"train": four.train})
     Trainer(longer, 0, resume=True).run()
     runs = tmp_path / "runs"
-    a = pd.read_parquet(runs / "four/seed0/metrics.parquet").drop(columns="seconds")
-    b = pd.read_parquet(runs / "two/seed0/metrics.parquet").drop(columns="seconds")
+    a = pd.read_parquet(runs / "four/seed0/metrics.parquet").drop(
+        columns=["seconds", "data_seconds"]
+    )
+    b = pd.read_parquet(runs / "two/seed0/metrics.parquet").drop(
+        columns=["seconds", "data_seconds"]
+    )
     pd.testing.assert_frame_equal(a, b)
 
 

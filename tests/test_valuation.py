@@ -324,8 +324,12 @@ def test_valuation_during_training_leaves_training_unchanged(recipe_file, tmp_pa
     Trainer(plain, 0).run()
     Trainer(valued, 0).run()
     runs = tmp_path / "runs"
-    a = pd.read_parquet(runs / "plain/seed0/metrics.parquet").drop(columns="seconds")
-    b = pd.read_parquet(runs / "valued/seed0/metrics.parquet").drop(columns="seconds")
+    a = pd.read_parquet(runs / "plain/seed0/metrics.parquet").drop(
+        columns=["seconds", "data_seconds"]
+    )
+    b = pd.read_parquet(runs / "valued/seed0/metrics.parquet").drop(
+        columns=["seconds", "data_seconds"]
+    )
     pd.testing.assert_frame_equal(a, b)
     run = runs / "valued/seed0"
     assert sorted(p.name for p in run.glob("contrib_*")) == [

@@ -106,6 +106,17 @@ class Batch:
             tag=None if self.tag is None else self.tag.to(device, non_blocking=non_blocking),
         )
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies, which the DataLoader's pin_memory=True asks for (a batch that is
+        not a tensor, tuple or mapping is pinned only through this method), so that `to` can
+        copy to the GPU asynchronously."""
+        return Batch(
+            inputs={m: x.pin_memory() for m, x in self.inputs.items()},
+            label=self.label.pin_memory(),
+            index=self.index,
+            tag=None if self.tag is None else self.tag.pin_memory(),
+        )
+
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
@@ -168,7 +179,9 @@ class ParquetSamples(Dataset):
         self.row_group_of = index["row_group"].to_numpy(np.int64)
         self.row_of = index["row"].to_numpy(np.int64)
         self.cache_row_groups = cache_row_groups
-        self.train, self.seed, self.epoch = train, seed, 0
+        self.train, self.seed = train, seed
+        # in shared memory, so that persistent DataLoader workers see set_epoch
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.augment = augment if train else None
         self._files: dict[int, pq.ParquetFile] = {}
         self._cache: OrderedDict[tuple[int, int], dict[str, Any]] = OrderedDict()
@@ -176,7 +189,11 @@ class ParquetSamples(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Frame picks in training mode depend on (seed, epoch, sample): resumable, and the
         same whichever worker loads the sample."""
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -277,7 +294,10 @@ class BlockShuffleSampler(Sampler[int]):
 
     Each epoch, `rng([seed, epoch])` permutes the row-group blocks and shuffles samples within
     windows of `window` blocks, so a batch touches few row groups. The order is padded by
-    wrap-around to a multiple of `num_replicas` and rank r takes the r-th contiguous slice.
+    wrap-around to a multiple of `num_replicas` and cut into global batches of
+    `num_replicas * batch_size` entries (the last one shorter); rank r takes the r-th of the
+    `num_replicas` equal parts of each, so that the ranks' batches together are the global
+    batches of a single process that reads the padded order with the global batch size.
     `positions` may repeat or omit samples (re-sampling methods); by default every sample once.
     With `TaggedPositions` each (position, tag) pair moves as one entry and is yielded encoded
     (`TaggedPositions.codes`); blocks, windows and ranks are those of the positions alone.
@@ -292,10 +312,11 @@ class BlockShuffleSampler(Sampler[int]):
         window: int = 8,
         num_replicas: int = 1,
         rank: int = 0,
+        batch_size: int = 1,
     ) -> None:
         self.block_ids = np.asarray(block_ids)
         self.seed, self.shuffle, self.window = seed, shuffle, window
-        self.num_replicas, self.rank = num_replicas, rank
+        self.num_replicas, self.rank, self.batch_size = num_replicas, rank, batch_size
         self.positions = np.arange(len(self.block_ids))
         self.entries = self.positions  # what is yielded: positions, or tagged codes
         self.epoch = 0
@@ -324,9 +345,13 @@ class BlockShuffleSampler(Sampler[int]):
             block_rank[rng.permutation(len(unique_blocks))] = np.arange(len(unique_blocks))
             window_of = block_rank[block_of] // self.window
             order = order[np.lexsort((rng.random(len(order)), window_of))]
-        per_rank = self._per_rank()
-        padded = np.resize(order, per_rank * self.num_replicas) if len(order) else order
-        return padded[self.rank * per_rank : (self.rank + 1) * per_rank]
+        replicas = self.num_replicas
+        if replicas == 1:
+            return order
+        padded = np.resize(order, self._per_rank() * replicas) if len(order) else order
+        full = len(padded) // (replicas * self.batch_size) * replicas * self.batch_size
+        head = padded[:full].reshape(-1, replicas, self.batch_size)[:, self.rank].ravel()
+        return np.concatenate([head, padded[full:].reshape(replicas, -1)[self.rank]])
 
     def _per_rank(self) -> int:
         return -(-len(self.positions) // self.num_replicas)

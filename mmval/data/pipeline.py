@@ -2,23 +2,26 @@
 
 Samples are assigned to shards before anything is extracted (`shard_order`), so a re-run plans
 the same shards; each finished shard leaves a small record in `<out>/.partial/`, and a re-run
-reuses every shard whose record and checksum still agree. Clips that fail go to the errors table
-with a reason and never stop the run: every clip is extracted in a worker process, and a worker
-that takes longer than the per-clip timeout (a decoder stuck in a broken file) or dies (a crash in
-native code) is killed and replaced, its clip recorded as an error.
+reuses every shard whose record and checksum still agree. A prep split across machines runs the
+same plan on each and extracts only the shards of its part (`assign_parts`). Clips that fail go
+to the errors table with a reason and never stop the run: every clip is extracted in a worker
+process, and a worker that takes longer than the per-clip timeout (a decoder stuck in a broken
+file) or dies (a crash in native code) is killed and replaced, its clip recorded as an error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import multiprocessing
 import os
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ from mmval.data.shards import (
     shard_path,
     write_shard,
 )
+from mmval.errors import UserError
 
 PARTIAL = ".partial"
 CLIP_TIMEOUT = 300.0  # seconds one clip may take; real clips take well under one
@@ -70,6 +74,85 @@ class PrepPlan:
     rows_per_shard: int
     errors: list[tuple[str, str]] = field(default_factory=list)  # found while planning
     files: dict[str, bytes] = field(default_factory=dict)  # written beside the shards (tokenizers)
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """Part `index` of `count`: one machine's share of a prep split across machines. Each part
+    is a complete data directory named `name` inside the output folder."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise UserError(
+                f"--shard-index {self.index} --num-shards {self.count}: the index must be in "
+                f"0..{self.count - 1} (and --num-shards at least 1)."
+            )
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}-of-{self.count:05d}"
+
+
+def assign_parts(shard_counts: Mapping[str, int], count: int) -> dict[str, list[int]]:
+    """The part that prepares each planned shard. The shards of all splits, split by split in
+    shard order, are cut into `count` contiguous runs whose sizes differ by at most one shard:
+    every part gets work as long as there are as many shards as parts, and shard numbers grow
+    with the part index, so the merged index lists samples exactly as a one-machine prep."""
+    total = sum(shard_counts.values())
+    owners: dict[str, list[int]] = {}
+    at = 0
+    for split, n in shard_counts.items():
+        owners[split] = [(at + j) * count // total for j in range(n)]
+        at += n
+    return owners
+
+
+def part_ranges(shard_counts: Mapping[str, int], part: PartSpec) -> dict[str, list[int]]:
+    """The shard numbers [first, stop) of each split that `part` prepares (`assign_parts`)."""
+    owners = assign_parts(shard_counts, part.count)
+    return {
+        split: [sum(o < part.index for o in owned), sum(o <= part.index for o in owned)]
+        for split, owned in owners.items()
+    }
+
+
+def plan_digest(plan: PrepPlan) -> str:
+    """sha256 of what a plan lists (ids, labels, sources relative to the raw folder, windows,
+    inline values, planning errors): equal on two machines iff both saw the same inputs."""
+    digest = hashlib.sha256()
+
+    def line(value: object) -> None:
+        text = json.dumps(value, sort_keys=True, default=lambda v: v.tolist())
+        digest.update(text.encode("utf-8") + b"\n")
+
+    for split, tasks in plan.splits.items():
+        for t in tasks:
+            line([split, t.sample_id, t.label, t.source, t.window, t.inline])
+    for error in plan.errors:
+        line(list(error))
+    return digest.hexdigest()
+
+
+def part_record(plan: PrepPlan, part: PartSpec) -> dict[str, Any]:
+    """What a part's manifest says about its share (`extraction.part`), for the merge to check
+    that the parts come from one plan and together account for every input exactly once."""
+    shards = _shard_tasks(plan)
+    ranges = part_ranges({s: len(v) for s, v in shards.items()}, part)
+    return {
+        "index": part.index,
+        "count": part.count,
+        "plan_sha256": plan_digest(plan),
+        "plan": {
+            "clips": {s: len(tasks) for s, tasks in plan.splits.items()},
+            "shards": {s: len(v) for s, v in shards.items()},
+            "planning_errors": len(plan.errors),
+        },
+        "shards": ranges,
+        "clips": {s: sum(len(t) for t in shards[s][a:b]) for s, (a, b) in ranges.items()},
+    }
 
 
 @dataclass
@@ -258,21 +341,37 @@ def run_plan(
     workers: int | None = None,
     clip_timeout: float = CLIP_TIMEOUT,
     callbacks: PrepCallbacks | None = None,
+    part: PartSpec | None = None,
 ) -> tuple[DataManifest, PrepSummary]:
+    """Extract the plan's shards into `out` (with `part`, only that part's shards, keeping their
+    numbers, and the planning errors only in part 0) and write its manifest last."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     callbacks = callbacks or PrepCallbacks()
     workers = workers if workers is not None else (os.cpu_count() or 1)
     shards = _shard_tasks(plan)
-    counts = {split: SplitCounts(planned=len(tasks)) for split, tasks in plan.splits.items()}
-    results: dict[str, list[ShardResult | None]] = {}
+    planning_errors = plan.errors
+    if part is not None:
+        record = part_record(plan, part)
+        header = replace(header, extraction={**header.extraction, "part": record})
+        shards = {
+            s: {j: shards[s][j] for j in range(a, b)} for s, (a, b) in record["shards"].items()
+        }
+        planning_errors = plan.errors if part.index == 0 else []
+    else:
+        shards = {s: dict(enumerate(v)) for s, v in shards.items()}
+    counts = {
+        split: SplitCounts(planned=sum(len(tasks) for tasks in shards[split].values()))
+        for split in plan.splits
+    }
+    results: dict[str, dict[int, ShardResult | None]] = {}
     pending: list[tuple[str, int, list[ClipTask]]] = []
     for split, shard_list in shards.items():
-        results[split] = []
-        for number, tasks in enumerate(shard_list):
+        results[split] = {}
+        for number, tasks in shard_list.items():
             reused = _reusable(out, out / PARTIAL / f"{shard_path(split, number)}.json", tasks)
-            results[split].append(reused)
+            results[split][number] = reused
             if reused is None:
                 pending.append((split, number, tasks))
             else:
@@ -314,7 +413,9 @@ def run_plan(
 
     for name, data in plan.files.items():
         write_atomic(out / name, lambda path, data=data: path.write_bytes(data))
-    completed = {split: [r for r in rs if r is not None] for split, rs in results.items()}
-    manifest = finalize_dataset(out, header, completed, plan.errors)
+    completed = {
+        split: [r for _, r in sorted(rs.items()) if r is not None] for split, rs in results.items()
+    }
+    manifest = finalize_dataset(out, header, completed, planning_errors)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
-    return manifest, PrepSummary(splits=counts, planning_errors=len(plan.errors))
+    return manifest, PrepSummary(splits=counts, planning_errors=len(planning_errors))

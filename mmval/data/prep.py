@@ -1,26 +1,35 @@
-"""`mmval prep`: run a source adapter and write its output in shard format v1."""
+"""`mmval prep`: run a source adapter and write its output in shard format v1, in one piece or
+in parts on several machines (`part`), then merged into one data set (`merge_parts`)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pydantic import ValidationError
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ValidationError
 
 from mmval.atomic import remove_stale_temps, write_text_atomic
-from mmval.data.manifest import load_dataset_manifest
+from mmval.data.manifest import DatasetManifest, load_dataset_manifest
 from mmval.data.pipeline import (
     CLIP_TIMEOUT,
     PARTIAL,
+    PartSpec,
     PrepCallbacks,
     PrepSummary,
     SplitCounts,
+    part_ranges,
+    plan_digest,
     run_plan,
 )
 from mmval.data.shards import (
+    ERRORS,
+    INDEX,
     MANIFEST,
     VERIFIED,
     DataManifest,
@@ -28,9 +37,12 @@ from mmval.data.shards import (
     ModalitySpec,
     check_data_dir,
     load_manifest,
+    merge_data_dirs,
+    sha256_file,
+    shard_path,
     write_dataset,
 )
-from mmval.data.sources import SOURCES
+from mmval.data.sources import SOURCES, Source
 from mmval.errors import UserError
 from mmval.overrides import apply_overrides
 from mmval.validation import format_validation_error
@@ -55,26 +67,38 @@ def prepare(
     splits: Sequence[str] | None = None,
     clip_timeout: float = CLIP_TIMEOUT,
     callbacks: PrepCallbacks | None = None,
+    part: PartSpec | None = None,
 ) -> PrepResult:
     """Prepare `dataset` into `out`. A complete output with the same source manifest and
     settings is verified and kept; an interrupted one (even by `kill -9`) is resumed shard by
-    shard. A clip that takes longer than `clip_timeout` seconds is recorded as an error."""
-    entry, entry_sha = load_dataset_manifest(dataset)
-    source = SOURCES[entry.source]
-    try:
-        params = source.Params.model_validate(apply_overrides(entry.params, overrides))
-    except ValidationError as exc:
-        raise UserError(format_validation_error(exc, f"parameters of {dataset}")) from None
+    shard. A clip that takes longer than `clip_timeout` seconds is recorded as an error.
+    With `part`, only that part's shards are extracted, into the data directory
+    `out/<part.name>`; `merge_parts` then makes one data set of all parts."""
+    entry, entry_sha, source, params = _parameters(dataset, overrides)
     if source.needs_raw and (raw is None or not Path(raw).is_dir()):
         where = "pass --raw DIR" if raw is None else f"--raw {raw} is not a folder"
         raise UserError(f"{dataset} is prepared from its raw files: {where}. {entry.description}")
-    out = Path(out)
+    root = out = Path(out)
+    if part is not None:
+        if not hasattr(source, "plan"):
+            raise UserError(
+                f"{dataset} is built in one piece in memory: --shard-index/--num-shards apply "
+                "to data sets extracted clip by clip (audio-visual, image-text)."
+            )
+        if (root / MANIFEST).is_file() and not _is_merged(root):
+            raise UserError(
+                f"{root} holds a data set prepared in one piece; prepare the parts into "
+                "another --out."
+            )
+        out = root / part.name
+    elif part_dirs(root) and not (root / MANIFEST).is_file() and not overwrite:
+        raise UserError(
+            f"{root} holds parts of a prep split across machines ({', '.join(part_dirs(root))}): "
+            f"merge them with `mmval prep {dataset} --out {root} --merge`, or pass --overwrite "
+            "to discard them and prepare in one piece."
+        )
     _remove_stale_temps(out)
-    settings = {
-        "params": params.model_dump(mode="json"),
-        "limit": limit,
-        "splits": list(splits) if splits else None,
-    }
+    settings = _settings(params, limit, splits)
     if (out / MANIFEST).is_file():
         existing = load_manifest(out)
         same_source = (existing.dataset, existing.source_manifest_sha256) == (dataset, entry_sha)
@@ -97,6 +121,8 @@ def prepare(
             "discard it, or re-run with the same settings to resume it."
         )
     write_text_atomic(partial_settings, json.dumps(settings))
+    if part is not None:  # the merged data set no longer matches this part: merge again
+        (root / MANIFEST).unlink(missing_ok=True)
 
     def header(
         classes: list[str],
@@ -118,6 +144,7 @@ def prepare(
             workers=workers,
             clip_timeout=clip_timeout,
             callbacks=callbacks,
+            part=part,
         )
         return PrepResult(manifest, wrote=True, summary=summary)
     built = source.build(entry, params, raw)
@@ -136,19 +163,315 @@ def prepare(
 
 
 def _clear(out: Path) -> None:
-    """Remove what a previous prep wrote (and only that) before rebuilding."""
+    """Remove what a previous prep wrote (and only that) before rebuilding, parts included."""
     for name in (MANIFEST, "index.parquet", "errors.parquet", VERIFIED):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     for written in (*out.glob("*/part-*.parquet"), *out.glob("tokenizer-*.json")):
         written.unlink()
+    for name in part_dirs(out):
+        shutil.rmtree(out / name)
 
 
-def _remove_stale_temps(out: Path) -> None:
-    """Half-written files of a killed prep: in `out`, its split folders and `.partial`."""
+PART_DIR = re.compile(r"part-(\d{5,})-of-(\d{5,})")
+
+
+def part_dirs(out: Path) -> dict[str, tuple[int, int]]:
+    """The part folders in `out`: name -> (index, count)."""
+    if not Path(out).is_dir():
+        return {}
+    found = {}
+    for path in sorted(Path(out).iterdir()):
+        match = PART_DIR.fullmatch(path.name)
+        if match and path.is_dir():
+            found[path.name] = (int(match[1]), int(match[2]))
+    return found
+
+
+def _is_merged(out: Path) -> bool:
+    """Whether `out/manifest.json` was written by a merge of parts (not by a one-piece prep)."""
+    try:
+        return "parts" in json.loads((out / MANIFEST).read_text(encoding="utf-8"))["extraction"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def merge_parts(
+    dataset: str,
+    out: Path,
+    *,
+    count: int | None = None,
+    raw: Path | None = None,
+    overrides: Sequence[str] | None = None,
+    limit: int | None = None,
+    splits: Sequence[str] | None = None,
+) -> PrepResult:
+    """Make one data set in `out` of the parts `out/part-IIIII-of-NNNNN/` of a prep split
+    across machines: a manifest, index and errors table over the parts' shards, which stay where
+    they are. Refused, naming each part concerned, when a part is missing, incomplete or
+    corrupt, was prepared with other parameters or from other raw inputs, or when the parts do
+    not account for every planned input exactly once. `overrides`, `limit` and `splits`, when
+    given, must be what the parts were prepared with; with `raw`, the raw folder is planned again
+    and must list what the parts saw. Merging again over the same parts changes nothing."""
+    out = Path(out)
+    found = part_dirs(out)
+    if not found:
+        raise UserError(
+            f"{out} holds no parts to merge (folders part-IIIII-of-NNNNN that `mmval prep "
+            f"{dataset} --raw RAW --out {out} --shard-index I --num-shards N` writes)."
+        )
+    counts = sorted({n for _, n in found.values()})
+    if count is None and len(counts) == 1:
+        count = counts[0]
+    if count is None or counts != [count]:
+        other = [name for name, (_, n) in found.items() if n != count]
+        raise UserError(
+            f"{out} holds parts of preps split in different numbers of parts ({', '.join(other)});"
+            " remove the stale ones, or pass --num-shards to say which to merge."
+            if count is None
+            else f"{out} holds parts of a prep in another number of parts than --num-shards "
+            f"{count}: {', '.join(other)}; remove them before merging."
+        )
+    if (out / MANIFEST).is_file() and not _is_merged(out):
+        raise UserError(
+            f"{out} holds a data set prepared in one piece besides the parts; merge the parts "
+            "into a folder of their own."
+        )
+    parts = [PartSpec(i, count) for i in range(count)]
+    usage = f"`mmval prep {dataset} --raw RAW --out {out} --shard-index I --num-shards {count}`"
+    manifests = _complete_parts(out, parts, usage)
+    reference = _same_parameters(dataset, out, parts, manifests)
+    record = reference.extraction["part"]
+    if overrides or limit is not None or splits:
+        asked = _settings(_parameters(dataset, overrides or ())[3], limit, splits)
+        if asked != reference.extraction["settings"]:
+            found_diff = _differences(asked, reference.extraction["settings"], "settings")
+            raise UserError(
+                f"the parts in {out} were prepared with other settings than this command asks "
+                f"for: {'; '.join(found_diff[:3])} (this command first, the parts second). "
+                "Leave out --set/--limit/--splits to merge what the parts hold."
+            )
+    _accounted(out, parts, manifests, record)
+    if raw is not None:
+        _same_raw(dataset, Path(raw), reference, record["plan_sha256"])
+    extraction = {k: v for k, v in reference.extraction.items() if k != "part"}
+    extraction["parts"] = {"count": count, "plan_sha256": record["plan_sha256"]}
+    files = extraction.get("files", {})
+    for name, digest in files.items():
+        path = out / parts[0].name / name
+        if not path.is_file() or sha256_file(path) != digest:
+            raise UserError(
+                f"{path} is missing or does not match its sha256 in the part's manifest; "
+                "prepare that part again with --overwrite."
+            )
+    header = DatasetHeader(
+        reference.dataset,
+        reference.version,
+        reference.source_manifest_sha256,
+        reference.classes,
+        reference.modalities,
+        extraction,
+        reference.ground_truth,
+    )
+    _remove_stale_temps(out, parts=False)
+    manifest, wrote = merge_data_dirs(out, header, [p.name for p in parts], list(files))
+    planned = record["plan"]["clips"]
+    summary = PrepSummary(
+        {
+            split: SplitCounts(
+                planned=planned[split],
+                written=info.samples,
+                failed=planned[split] - info.samples,
+            )
+            for split, info in manifest.splits.items()
+        },
+        record["plan"]["planning_errors"],
+    )
+    return PrepResult(manifest, wrote=wrote, summary=summary)
+
+
+def _complete_parts(out: Path, parts: Sequence[PartSpec], usage: str) -> list[DataManifest]:
+    """Each part's manifest, its shards checked (sha256 included); every missing, unfinished or
+    damaged part is named in one error."""
+    problems: list[str] = []
+    manifests: list[DataManifest] = []
+    for part in parts:
+        folder = out / part.name
+        what = f"part {part.index} of {part.count} ({part.name})"
+        if not folder.is_dir():
+            problems.append(f"{what} is missing")
+        elif not (folder / MANIFEST).is_file():
+            problems.append(
+                f"{what} is incomplete: it has no {MANIFEST} (still running, or interrupted: "
+                "run its command again to resume it)"
+            )
+        else:
+            try:
+                manifests.append(check_data_dir(folder, verify_checksums=True, cached=True))
+            except UserError as exc:
+                problems.append(f"{what}: {exc}")
+    if problems:
+        raise UserError(
+            f"cannot merge {out}: {'; '.join(problems)}. Prepare each missing or incomplete part "
+            f"with {usage} (the same --set, --limit and --splits as the other parts)."
+        )
+    return manifests
+
+
+def _part_key(manifest: DataManifest) -> dict[str, Any]:
+    """What must be equal in every part: the manifest without its shards and its own share."""
+    dump = manifest.model_dump(mode="json", exclude={"splits", "extraction_sha256"})
+    record = dump["extraction"].pop("part", None)
+    dump["plan"] = (
+        None if record is None else {k: record[k] for k in ("count", "plan", "plan_sha256")}
+    )
+    return dump
+
+
+def _same_parameters(
+    dataset: str, out: Path, parts: Sequence[PartSpec], manifests: Sequence[DataManifest]
+) -> DataManifest:
+    """The manifest most parts agree on (ties: the one part 0 has); any part that differs from
+    it is named with what differs."""
+    keys = [_part_key(m) for m in manifests]
+    texts = [json.dumps(k, sort_keys=True) for k in keys]
+    best = max(dict.fromkeys(texts), key=texts.count)  # first seen wins a tie: part 0's
+    agree = [p.index for p, t in zip(parts, texts, strict=True) if t == best]
+    reference = keys[texts.index(best)]
+    problems = []
+    for part, key, text in zip(parts, keys, texts, strict=True):
+        if text == best:
+            continue
+        found = sorted(_differences(key, reference), key=lambda d: "settings" not in d)
+        hint = (
+            " (it saw other raw inputs)"
+            if any(d.startswith("plan.plan_sha256") for d in found)
+            else ""
+        )
+        if key["plan"] is None:
+            found, hint = ["extraction.part: absent"], " (it was not prepared as a part)"
+        problems.append(
+            f"part {part.index} ({part.name}) was prepared with other parameters than part(s) "
+            f"{', '.join(map(str, agree))}{hint}: {'; '.join(found[:3])}"
+        )
+    if problems:
+        raise UserError(
+            f"cannot merge {out}: {'; '.join(problems)} (the part named first, the others "
+            "second). Prepare it again with the others' arguments and --overwrite."
+        )
+    manifest = manifests[texts.index(best)]
+    if manifest.dataset != dataset:
+        raise UserError(f"the parts in {out} hold {manifest.dataset!r}, not {dataset!r}.")
+    return manifest
+
+
+def _differences(a: object, b: object, path: str = "") -> list[str]:
+    """Dotted paths at which two JSON-like values differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        found = []
+        for key in dict.fromkeys([*a, *b]):
+            where = f"{path}.{key}" if path else str(key)
+            found += _differences(a.get(key, "absent"), b.get(key, "absent"), where)
+        return found
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in _differences(x, y, f"{path}.{i}")
+        ]
+    return [] if a == b else [f"{path}: {json.dumps(a)[:80]} vs {json.dumps(b)[:80]}"]
+
+
+def _accounted(
+    out: Path, parts: Sequence[PartSpec], manifests: Sequence[DataManifest], record: dict
+) -> None:
+    """Check that the parts hold exactly the shares the plan gives them and that every planned
+    input is in exactly one part: a sample of its shards or a row of its errors table."""
+    plan = record["plan"]
+    problems: list[str] = []
+    seen: dict[tuple[str, str], int] = {}
+    for part, manifest in zip(parts, manifests, strict=True):
+        share = manifest.extraction["part"]
+        what = f"part {part.index} ({part.name})"
+        ranges = part_ranges(plan["shards"], part)
+        if (share["index"], share["shards"]) != (part.index, ranges):
+            problems.append(f"{what} holds the share of part {share['index']} ({share['shards']})")
+            continue
+        for split, info in manifest.splits.items():
+            allowed = {shard_path(split, j) for j in range(*ranges[split])}
+            stray = [s.path for s in info.shards if s.path not in allowed]
+            if stray:
+                problems.append(f"{what} holds shards outside its share: {', '.join(stray[:3])}")
+        folder = out / part.name
+        index = pq.read_table(folder / INDEX, columns=["sample_id", "split"])
+        errors = pq.read_metadata(folder / ERRORS).num_rows
+        inputs = sum(share["clips"].values()) + (plan["planning_errors"] if part.index == 0 else 0)
+        if index.num_rows + errors != inputs:
+            problems.append(
+                f"{what} accounts for {index.num_rows} samples and {errors} errors, but its share "
+                f"is {inputs} inputs"
+            )
+        ids = zip(
+            index.column("split").to_pylist(), index.column("sample_id").to_pylist(), strict=True
+        )
+        for key in ids:
+            if key in seen:
+                problems.append(
+                    f"sample {key[1]!r} ({key[0]}) is in parts {seen[key]} and {part.index}"
+                )
+            seen[key] = part.index
+    if problems:
+        raise UserError(
+            f"cannot merge {out}: {'; '.join(problems[:5])}. Prepare the parts named again with "
+            "--overwrite."
+        )
+
+
+def _parameters(
+    dataset: str, overrides: Sequence[str]
+) -> tuple[DatasetManifest, str, Source, BaseModel]:
+    """The data set's manifest entry, its sha256, its source and the validated parameters."""
+    entry, entry_sha = load_dataset_manifest(dataset)
+    source = SOURCES[entry.source]
+    try:
+        params = source.Params.model_validate(apply_overrides(entry.params, overrides))
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, f"parameters of {dataset}")) from None
+    return entry, entry_sha, source, params
+
+
+def _settings(params: BaseModel, limit: int | None, splits: Sequence[str] | None) -> dict[str, Any]:
+    """What a prep records as `extraction.settings`: a re-run or a part must match it."""
+    return {
+        "params": params.model_dump(mode="json"),
+        "limit": limit,
+        "splits": list(splits) if splits else None,
+    }
+
+
+def _same_raw(dataset: str, raw: Path, reference: DataManifest, digest: str) -> None:
+    """Plan `raw` again with the parts' settings: it must list exactly what the parts saw."""
+    if not raw.is_dir():
+        raise UserError(f"--raw {raw} is not a folder.")
+    entry, _, source, _ = _parameters(dataset, ())
+    settings = reference.extraction["settings"]
+    params = source.Params.model_validate(settings["params"])
+    plan = source.plan(entry, params, raw, limit=settings["limit"], only_splits=settings["splits"])
+    if plan_digest(plan) != digest:
+        raise UserError(
+            f"{raw} lists other inputs than the parts were prepared from (clips added, removed "
+            "or renamed since); prepare every part again with --overwrite."
+        )
+
+
+def _remove_stale_temps(out: Path, *, parts: bool = True) -> None:
+    """Half-written files of a killed prep: in `out`, its split folders and `.partial`. Part
+    folders are left alone (`parts=False`, or a part's own run): another machine may be writing."""
     if not out.is_dir():
         return
-    folders = [out, *(p for p in out.iterdir() if p.is_dir())]
+    folders = [out, *(p for p in out.iterdir() if p.is_dir() and p.name not in part_dirs(out))]
+    if not parts:
+        folders = [out]
     if (out / PARTIAL).is_dir():
         folders += [p for p in (out / PARTIAL).iterdir() if p.is_dir()]
     for folder in folders:

@@ -5,6 +5,8 @@ Layout of a data directory (see docs/shard-format.md):
     index.parquet          sample_id, split, label, shard, row_group, row
     errors.parquet         source, reason (inputs that produced no sample)
     <split>/part-NNNNN.parquet
+    part-IIIII-of-NNNNN/   a part of a prep split across machines (a data directory itself); a
+                           merged manifest and index reference the parts' shards where they lie
     .verified.json         (size, mtime) at which each shard last matched its sha256
 Tensors are stored as raw little-endian bytes in binary columns with their dtype and shape in
 the manifest (and the field metadata): Arrow tensor types and compression on media columns were
@@ -25,6 +27,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import (
     BaseModel,
@@ -400,6 +403,88 @@ def write_dataset(
                 ShardResult(tasks=ids, shard=info, sample_ids=ids, labels=labels)
             )
     return finalize_dataset(out, header, results, errors)
+
+
+def merge_data_dirs(
+    out: Path, header: DatasetHeader, parts: Sequence[str], files: Sequence[str] = ()
+) -> tuple[DataManifest, bool]:
+    """Write one index, errors table and manifest in `out` over the complete data directories
+    `out/<part>`, each holding a contiguous run of one plan's shards, given in shard order.
+    Shards stay where they are, referenced as `<part>/<split>/part-NNNNN.parquet` (nothing is
+    copied), so `out` reads as one data set whose rows come in the order one prep of all the
+    shards gives. `files` (tokenizers) are copied from the first part. The manifest is written
+    last, after the old one is removed; an output identical to the existing one is kept (False)."""
+    out = Path(out)
+    manifests = [load_manifest(out / part) for part in parts]
+    indexes = [pq.read_table(out / part / INDEX) for part in parts]
+    split_infos: dict[str, SplitInfo] = {}
+    index_parts: list[pa.Table] = []
+    for split in manifests[0].splits:
+        shards: list[ShardInfo] = []
+        for part, manifest, index in zip(parts, manifests, indexes, strict=True):
+            info = manifest.splits.get(split)
+            shards += [
+                shard.model_copy(update={"path": f"{part}/{shard.path}"})
+                for shard in (info.shards if info else [])
+            ]
+            rows = index.filter(pc.equal(index.column("split"), split))
+            where = [f"{part}/{path}" for path in rows.column("shard").to_pylist()]
+            index_parts.append(
+                rows.set_column(
+                    rows.schema.get_field_index("shard"), "shard", pa.array(where, pa.string())
+                )
+            )
+        split_infos[split] = SplitInfo(samples=sum(s.rows for s in shards), shards=shards)
+    index = (
+        pa.concat_tables(index_parts).cast(INDEX_SCHEMA).combine_chunks()
+        if index_parts
+        else INDEX_SCHEMA.empty_table()
+    )
+    errors = pa.concat_tables([pq.read_table(out / part / ERRORS) for part in parts])
+    errors = errors.combine_chunks()
+    manifest = DataManifest(
+        dataset=header.dataset,
+        version=header.version,
+        source_manifest_sha256=header.source_manifest_sha256,
+        classes=list(header.classes),
+        modalities=list(header.modalities),
+        extraction=dict(header.extraction),
+        extraction_sha256=sha256_json(dict(header.extraction)),
+        splits=split_infos,
+        ground_truth=list(header.ground_truth),
+    )
+    text = manifest.model_dump_json(indent=2) + "\n"
+    if _holds(out, text, index, errors, [(out / parts[0] / name, out / name) for name in files]):
+        return manifest, False
+    (out / MANIFEST).unlink(missing_ok=True)
+    with atomic_path(out / INDEX) as tmp:
+        pq.write_table(index, tmp, compression="zstd")
+    with atomic_path(out / ERRORS) as tmp:
+        pq.write_table(errors, tmp)
+    for name in files:
+        data = (out / parts[0] / name).read_bytes()
+        with atomic_path(out / name) as tmp:
+            tmp.write_bytes(data)
+    write_text_atomic(out / MANIFEST, text)
+    return manifest, True
+
+
+def _holds(
+    out: Path, manifest: str, index: pa.Table, errors: pa.Table, copies: Sequence[tuple[Path, Path]]
+) -> bool:
+    """Whether `out` already holds exactly this manifest, index, errors table and copies."""
+    paths = [out / MANIFEST, out / INDEX, out / ERRORS, *(target for _, target in copies)]
+    if not all(path.is_file() for path in paths):
+        return False
+    try:
+        same = (
+            (out / MANIFEST).read_text(encoding="utf-8") == manifest
+            and pq.read_table(out / INDEX).equals(index)
+            and pq.read_table(out / ERRORS).equals(errors)
+        )
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError):
+        return False
+    return same and all(a.read_bytes() == b.read_bytes() for a, b in copies)
 
 
 def load_manifest(root: Path) -> DataManifest:

@@ -2,6 +2,14 @@
 
 Methods change training only through the hooks of `mmval.methods.base.Method`; nothing here
 knows about any particular method.
+
+Under torchrun (or `mmval train --nproc N`) the same loop runs in every process: each rank
+trains on its part of every global batch (`train.batch_size` is the global batch), gradients
+are averaged over ranks by `StepTools` (no DistributedDataParallel wrapper, so that methods keep
+reading the model's parts, running several backward passes and editing gradients), evaluation
+is split over the ranks and gathered, epoch figures are reduced, and only rank 0 writes files.
+After every epoch the ranks are checked to hold the same weights, buffers and random state.
+docs/distributed.md has the design.
 """
 
 from __future__ import annotations
@@ -12,7 +20,8 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,21 +33,21 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mmval import __version__
+from mmval import __version__, distributed
 from mmval.atomic import atomic_path, remove_stale_temps, write_text_atomic
 from mmval.data.dataset import Batch, BlockShuffleSampler, ParquetSamples, collate_batch
 from mmval.data.manifest import load_dataset_manifest
 from mmval.data.prep import prepare
 from mmval.data.shards import MANIFEST, DataManifest, check_data_dir
 from mmval.data.sources import SOURCES
-from mmval.engine.checkpoint import load_latest_checkpoint, save_checkpoint
+from mmval.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
 from mmval.engine.metrics import accuracy, macro_f1
 from mmval.engine.tensorboard import epoch_writer
 from mmval.errors import UserError
 from mmval.methods import Method, TrainContext, build_method
 from mmval.methods.base import StepTools
 from mmval.models import MultimodalModel, build_model
-from mmval.recipe import DataConfig, OptimConfig, Recipe, check_against_data
+from mmval.recipe import HOST_DEFAULTS, DataConfig, OptimConfig, Recipe, check_against_data
 from mmval.valuation.training import EpochValuation
 
 LAST, BEST, SUMMARY, METRICS, RECIPE_FILE, LOG = (
@@ -65,12 +74,14 @@ class _NonFiniteStep(Exception):
 @dataclass
 class _GuardedTools(StepTools):
     """`StepTools` whose step never applies a NaN or infinite gradient: it raises
-    (`train.nonfinite: stop`) or drops the step (`skip`), before the optimizer changes anything."""
+    (`train.nonfinite: stop`) or drops the step (`skip`), before the optimizer changes anything.
+    Under DDP the check reads the averaged gradients, so every rank decides alike."""
 
     skip: bool = False
     skipped: int = 0
 
     def step(self) -> None:
+        self.reduce_gradients()
         params = (p for group in self.optimizer.param_groups for p in group["params"])
         grads = [p.grad for p in params if p.grad is not None]
         if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
@@ -107,7 +118,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def ensure_data(data: DataConfig) -> DataManifest:
-    """Check the data directory; prepare a built-in data set that needs no raw files."""
+    """Check the data directory; prepare a built-in data set that needs no raw files (under
+    DDP rank 0 prepares, then the others check)."""
+    return distributed.main_first(lambda: _ensure_data(data))
+
+
+def _ensure_data(data: DataConfig) -> DataManifest:
     directory = data.directory()
     if data.dataset is not None and not (directory / MANIFEST).is_file():
         entry, _ = load_dataset_manifest(data.dataset)
@@ -147,6 +163,21 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def join_ranks(recipes: Sequence[Recipe]) -> torch.device | None:
+    """Under torchrun, join the process group for these runs (NCCL on CUDA, gloo on the CPU:
+    one kind for all of them) before anything reads or prepares data; the device of this rank,
+    or None outside torchrun."""
+    if not distributed.launched():
+        return None
+    kinds = {resolve_device(r.train.device).type for r in recipes}
+    if len(kinds) > 1:
+        raise UserError(
+            "under torchrun every run of one command must train on the same device kind; "
+            f"these recipes use {', '.join(sorted(kinds))} (see train.device)."
+        )
+    return distributed.setup(resolve_device(recipes[0].train.device))
+
+
 @dataclass
 class Predictions:
     logits: np.ndarray
@@ -163,6 +194,18 @@ class Predictions:
             row[f"{prefix}_acc_{m}"] = accuracy(upred, self.labels)
         return row
 
+    def gathered(self) -> Predictions:
+        """Every rank's predictions in rank order (each rank predicted its share of a split)."""
+
+        def cat(values: np.ndarray) -> np.ndarray:
+            return distributed.gather_rows(torch.from_numpy(values)).numpy()
+
+        return Predictions(
+            logits=cat(self.logits),
+            labels=cat(self.labels),
+            unimodal_pred={m: cat(v) for m, v in self.unimodal_pred.items()},
+        )
+
 
 @torch.no_grad()
 def predict(
@@ -172,9 +215,17 @@ def predict(
     *,
     batch_size: int,
     precision: str = "fp32",
+    positions: Sequence[int] | None = None,
 ) -> Predictions:
+    """Predictions for the dataset in order, or for `positions` only."""
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        sampler=None if positions is None else list(positions),
+        collate_fn=collate_batch,
+    )
     logits, labels, unimodal = [], [], {m: [] for m in model.modalities}
     for batch in loader:
         batch = batch.to(device)
@@ -192,16 +243,24 @@ def predict(
     )
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        if device.type == "cuda" and distributed.world_size() > 1:
+            # the state of the GPU rank 0 trains on: every rank's own GPU is in lockstep with it
+            state["cuda_rank"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" not in state or not torch.cuda.is_available():
+        return
+    if device.type == "cuda" and distributed.world_size() > 1:
+        # each rank's own GPU continues the stream of the GPU the saved run trained on
+        torch.cuda.set_rng_state(state.get("cuda_rank", state["cuda"][0]), device)
+    else:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -209,7 +268,7 @@ def _resume_key(recipe: dict[str, Any]) -> dict[str, Any]:
     """What must match to continue a run: everything but the epoch count, host details and
     valuation (which does not change training)."""
     key = json.loads(json.dumps(recipe))
-    for name in ("epochs", "device", "workers", "tensorboard", "nonfinite"):
+    for name in ("epochs", "device", "workers", "nonfinite", *HOST_DEFAULTS):
         key["train"].pop(name, None)
     key.pop("valuation", None)
     return key
@@ -231,6 +290,7 @@ class _Session:
     loader: DataLoader
     valuation: EpochValuation | None
     method_modules: nn.ModuleDict
+    gradients: distributed.GradientSync | None  # under DDP: averages gradients over ranks
 
 
 class Trainer:
@@ -264,9 +324,79 @@ class Trainer:
 
     def run(self) -> RunResult:
         run_dir, epochs = self.run_dir, self.recipe.train.epochs
-        summary_path = run_dir / SUMMARY
-        if not self.overwrite and (summary := self.finished_summary()) is not None:
+        device = distributed.setup(resolve_device(self.recipe.train.device))
+        main = distributed.is_main()
+        summary, started = distributed.on_main(self._open_run_dir)
+        if summary is not None:
             return RunResult(run_dir, skipped=True, summary=summary)
+        session = self._build(device)
+        state = _RunState()
+        if self.resume and started:
+            state = self._restore(session)
+        label = _run_label(self.recipe)
+        session.sampler.set_epoch(state.epoch)  # len(loader): a whole epoch, also after resume
+        self.callbacks.on_start(f"{label} seed{self.seed}", epochs, len(session.loader))
+        self._check_ranks(session, "after building the model")
+        with (
+            open(run_dir / LOG, "a", encoding="utf-8") if main else nullcontext() as log,
+            epoch_writer(
+                run_dir, state.rows, enabled=self.recipe.train.tensorboard and main
+            ) as tensorboard,
+        ):
+            for epoch in range(state.epoch, epochs):
+                session.sampler.set_epoch(epoch)  # else len(loader) counts the last epoch's rest
+                ctx = TrainContext(
+                    epoch=epoch,
+                    epochs=epochs,
+                    step=state.step,
+                    batches=functools.partial(self._ordered_batches, session),
+                    steps_per_epoch=len(session.loader),
+                    train_size=len(session.datasets["train"]),
+                    sizes={role: len(d) for role, d in session.datasets.items()},
+                )
+                row = self._train_epoch(session, ctx)
+                state.step = ctx.step
+                self._check_ranks(session, f"after epoch {epoch + 1}")
+                if session.scheduler is not None:
+                    session.scheduler.step()
+                if (epoch + 1) % self.recipe.train.eval_every == 0 or epoch + 1 == epochs:
+                    metrics, test_preds = self._evaluate(session)
+                    row.update(metrics)
+                    if row["val_acc"] > state.best_val:
+                        state.best_val, state.best_epoch = row["val_acc"], epoch + 1
+                        self._save(BEST, session, {"epoch": epoch + 1, "metrics": row})
+                        if main:
+                            _write_predictions(
+                                run_dir / PREDICTIONS,
+                                session.datasets["test"].sample_ids,
+                                test_preds,
+                            )
+                if session.valuation is not None and main:
+                    session.valuation.after_epoch(session.model, epoch + 1, run_dir)
+                state.rows.append(row)
+                state.epoch = epoch + 1
+                if main:
+                    _write_metrics(run_dir / METRICS, state.rows)
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                tensorboard(row)
+                if state.epoch % self.recipe.train.checkpoint_every == 0 or state.epoch == epochs:
+                    self._save(LAST, session, self._training_state(session, state))
+                self.callbacks.on_epoch(row)
+        summary = self._summary(session.manifest, label, state)
+        if main:
+            write_text_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        if session.gradients is not None:
+            session.gradients.close()
+        distributed.barrier()  # the run's files are complete when any rank returns
+        return RunResult(run_dir, skipped=False, summary=summary)
+
+    def _open_run_dir(self) -> tuple[dict[str, Any] | None, bool]:
+        """(the summary of this very run if it finished, else None; whether a run was started
+        here): prepares the run folder. Under DDP only rank 0 calls it."""
+        run_dir = self.run_dir
+        if not self.overwrite and (summary := self.finished_summary()) is not None:
+            return summary, False
         if self.overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
         started = (run_dir / LAST).is_file() or (run_dir / PREVIOUS).is_file()
@@ -278,58 +408,16 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(run_dir)  # left by a killed run's interrupted writes
         write_text_atomic(run_dir / RECIPE_FILE, yaml.safe_dump(self.recipe_dump, sort_keys=False))
-        session = self._build()
-        state = _RunState()
-        if self.resume and started:
-            state = self._restore(session)
-        label = _run_label(self.recipe)
-        session.sampler.set_epoch(state.epoch)  # len(loader): a whole epoch, also after resume
-        self.callbacks.on_start(f"{label} seed{self.seed}", epochs, len(session.loader))
-        with (
-            open(run_dir / LOG, "a", encoding="utf-8") as log,
-            epoch_writer(run_dir, state.rows, enabled=self.recipe.train.tensorboard) as tensorboard,
-        ):
-            for epoch in range(state.epoch, epochs):
-                session.sampler.set_epoch(epoch)  # else len(loader) counts the last epoch's rest
-                ctx = TrainContext(
-                    epoch=epoch,
-                    epochs=epochs,
-                    step=state.step,
-                    batches=functools.partial(self._ordered_batches, session),
-                    steps_per_epoch=len(session.loader),
-                    train_size=len(session.datasets["train"]),
-                )
-                row = self._train_epoch(session, ctx)
-                state.step = ctx.step
-                if session.scheduler is not None:
-                    session.scheduler.step()
-                if (epoch + 1) % self.recipe.train.eval_every == 0 or epoch + 1 == epochs:
-                    metrics, test_preds = self._evaluate(session)
-                    row.update(metrics)
-                    if row["val_acc"] > state.best_val:
-                        state.best_val, state.best_epoch = row["val_acc"], epoch + 1
-                        self._save(BEST, session, {"epoch": epoch + 1, "metrics": row})
-                        _write_predictions(
-                            run_dir / PREDICTIONS, session.datasets["test"].sample_ids, test_preds
-                        )
-                if session.valuation is not None:
-                    session.valuation.after_epoch(session.model, epoch + 1, run_dir)
-                state.rows.append(row)
-                state.epoch = epoch + 1
-                _write_metrics(run_dir / METRICS, state.rows)
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                tensorboard(row)
-                if state.epoch % self.recipe.train.checkpoint_every == 0 or state.epoch == epochs:
-                    self._save(LAST, session, self._training_state(session, state))
-                self.callbacks.on_epoch(row)
-        summary = self._summary(session.manifest, label, state)
-        write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
-        return RunResult(run_dir, skipped=False, summary=summary)
+        return None, started
 
-    def _build(self) -> _Session:
+    def _build(self, device: torch.device) -> _Session:
         recipe = self.recipe
-        device = resolve_device(recipe.train.device)
+        world, rank = distributed.world_size(), distributed.rank()
+        if recipe.train.batch_size % world:
+            raise UserError(
+                f"train.batch_size {recipe.train.batch_size} is the global batch, split evenly "
+                f"over the {world} processes: make it a multiple of {world}."
+            )
         manifest = ensure_data(recipe.data)
         data_dir = recipe.data.directory()
         available = recipe.data.modalities or [s.name for s in manifest.modalities]
@@ -350,27 +438,47 @@ class Trainer:
             )
             for role in ("train", "val", "test")
         }
-        empty = [f"{role} ({d.split})" for role, d in datasets.items() if len(d) == 0]
+        empty = [f"{role} ({d.split})" for role, d in datasets.items() if len(d) < world]
         if empty:
             raise UserError(
                 f"the data in {data_dir} has no samples in split(s) {', '.join(empty)}; every "
                 "role needs samples (see data.splits in the recipe, or re-run `mmval prep` "
                 "without --limit/--splits)."
+                if world == 1
+                else f"the data in {data_dir} has fewer samples than the {world} processes in "
+                f"split(s) {', '.join(empty)}; each process evaluates a share of every split."
             )
-        torch.manual_seed(self.seed)
-        model = build_model(recipe.model, specs, len(manifest.classes)).to(device)
-        method_modules = method.build_modules(model).to(device)
-        optimizer = build_optimizer(
-            recipe.optim, [*model.parameters(), *method_modules.parameters()]
+        torch.manual_seed(self.seed)  # on every rank: the same weights everywhere
+        model = _for_ranks(build_model(recipe.model, specs, len(manifest.classes)), device)
+        model = model.to(device)
+        if recipe.train.channels_last:  # the conv weights; resnet18 inputs arrive channels-last
+            model = model.to(memory_format=torch.channels_last)
+        method_modules = _for_ranks(method.build_modules(model), device).to(device)
+        if recipe.train.compile:
+            for encoder in model.encoders.values():
+                encoder.compile()  # in place: state_dict keys, and checkpoints, are unchanged
+        params = [*model.parameters(), *method_modules.parameters()]
+        optimizer = build_optimizer(recipe.optim, params)
+        per_rank = recipe.train.batch_size // world
+        sampler = BlockShuffleSampler(
+            datasets["train"].block_ids(),
+            seed=self.seed,
+            num_replicas=world,
+            rank=rank,
+            batch_size=per_rank,
         )
-        sampler = BlockShuffleSampler(datasets["train"].block_ids(), seed=self.seed)
+        workers = recipe.train.workers
         loader = DataLoader(
             datasets["train"],
-            batch_size=recipe.train.batch_size,
+            batch_size=per_rank,
             sampler=sampler,
-            num_workers=recipe.train.workers,
+            num_workers=workers,
             pin_memory=device.type == "cuda",
             collate_fn=collate_batch,
+            persistent_workers=workers > 0,
+            prefetch_factor=recipe.train.prefetch if workers else None,
+            # its own generator: persistent workers must not change the global random stream
+            generator=torch.Generator().manual_seed(self.seed) if workers else None,
         )
         valuation = None
         if recipe.valuation is not None:
@@ -405,32 +513,49 @@ class Trainer:
             loader=loader,
             valuation=valuation,
             method_modules=method_modules,
+            gradients=distributed.GradientSync(params) if world > 1 else None,
         )
 
     def _train_epoch(self, session: _Session, ctx: TrainContext) -> dict[str, float]:
         started = time.perf_counter()
         model, method, optimizer = session.model, session.method, session.optimizer
         session.sampler.set_epoch(ctx.epoch)
-        session.datasets["train"].set_epoch(ctx.epoch)  # workers are re-created each epoch
+        session.datasets["train"].set_epoch(ctx.epoch)
         session.sampler.set_positions(method.train_positions(ctx))
+        if session.loader.persistent_workers:
+            # the draw a new loader iterator takes from the global generator (a persistent one
+            # is reused): the random stream, and with it the run, does not depend on workers
+            torch.empty((), dtype=torch.int64).random_()
         model.train()
         method.on_epoch_start(model, ctx)
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, correct, seen, data_seconds = 0.0, 0, 0, 0.0
         method_sums: dict[str, float] = {}
         tools = _GuardedTools(
             optimizer,
             functools.partial(autocast, session.device, self.recipe.train.precision),
+            session.gradients,
             skip=self.recipe.train.nonfinite == "skip",
         )
-        for number, batch in enumerate(session.loader, 1):
+        batches = iter(session.loader)
+        number = 0
+        while True:
+            waiting = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
             batch = batch.to(session.device)
+            data_seconds += time.perf_counter() - waiting
+            number += 1
             skipped = tools.skipped
             try:
                 result = method.train_step(model, batch, ctx, tools)
             except _NonFiniteStep:
                 raise self._non_finite(ctx, number, "gradient") from None
             loss = float(result.loss)
-            if not math.isfinite(loss):
+            finite = math.isfinite(loss)
+            if distributed.world_size() > 1:  # every rank stops or skips alike
+                finite = not bool(distributed.all_reduce(torch.tensor(not finite), "max"))
+            if not finite:
                 if not tools.skip:
                     raise self._non_finite(ctx, number, "loss")
                 tools.skipped = max(tools.skipped, skipped + 1)  # and left out of the figures
@@ -443,25 +568,53 @@ class Trainer:
             ctx.step += 1
             session.sampler.advance(len(batch))
             self.callbacks.on_step()
+        totals = distributed.sum_dict(
+            {"loss": loss_sum, "correct": correct, "seen": seen}
+            | {f"method_{k}": v for k, v in method_sums.items()}
+        )
+        seen = int(totals.pop("seen"))
         row: dict[str, float] = {
             "epoch": ctx.epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / seen if seen else math.nan,  # nan: every step skipped
-            "train_acc": correct / seen if seen else math.nan,
+            "train_loss": totals.pop("loss") / seen if seen else math.nan,  # nan: all skipped
+            "train_acc": totals.pop("correct") / seen if seen else math.nan,
         }
         if tools.skip:
             row["skipped_steps"] = tools.skipped
-            if tools.skipped:
+            if tools.skipped and distributed.is_main():
                 logger.warning(
                     "warning: epoch %d: %d step(s) with a NaN or infinite loss or gradient "
                     "skipped (train.nonfinite: skip).",
                     ctx.epoch + 1,
                     tools.skipped,
                 )
-        row.update({f"method_{k}": v / max(seen, 1) for k, v in method_sums.items()})
+        row.update({k: v / max(seen, 1) for k, v in totals.items()})
         row.update({f"method_{k}": v for k, v in method.on_epoch_end(model, ctx).items()})
         row["seconds"] = time.perf_counter() - started
+        # the longest any rank waited for its batches (loading, and the call of the copy to
+        # the device): with row["seconds"], the share of the epoch spent waiting for data
+        row["data_seconds"] = float(
+            distributed.all_reduce(torch.tensor(data_seconds, dtype=torch.float64), "max")
+        )
         return row
+
+    def _check_ranks(self, session: _Session, when: str) -> None:
+        """Under DDP, stop if the ranks no longer hold the same weights, buffers and random
+        state: training keeps them identical by construction, so a difference is a bug (a
+        method that edits gradients or draws random numbers differently on each rank)."""
+        if distributed.world_size() == 1:
+            return
+        modules = [session.model, session.method_modules]
+        for what, digest in (
+            ("weights and buffers", distributed.module_digest(modules)),
+            ("random generator states", distributed.rng_digest(session.device)),
+        ):
+            if not distributed.ranks_agree(digest):
+                raise RuntimeError(
+                    f"the {distributed.world_size()} processes hold different {what} {when} "
+                    f"({self.recipe.method.name}); this is a bug in how the method runs under "
+                    "DDP (docs/distributed.md)."
+                )
 
     def _non_finite(self, ctx: TrainContext, batch: int, what: str) -> NonFiniteLoss:
         kept = (
@@ -498,21 +651,32 @@ class Trainer:
             yield batch.to(session.device)
 
     def _evaluate(self, session: _Session) -> tuple[dict[str, float], Predictions]:
-        """Validation and test metrics, and the test predictions (saved beside best.pt)."""
+        """Validation and test metrics, and the test predictions (saved beside best.pt); under
+        DDP each rank predicts its share of a split and the shares are gathered."""
         row: dict[str, float] = {}
         for role in ("val", "test"):
+            dataset = session.datasets[role]
+            share = None
+            if distributed.world_size() > 1:
+                share = range(*distributed.shard_bounds(len(dataset)))
             preds = predict(
                 session.model,
-                session.datasets[role],
+                dataset,
                 session.device,
                 batch_size=self.recipe.train.eval_batch_size,
                 precision=self.recipe.train.precision,
-            )
+                positions=share,
+            ).gathered()
             row.update(preds.metrics(role))
         return row, preds
 
     def _save(self, file_name: str, session: _Session, extra: dict[str, Any]) -> None:
-        """A checkpoint names its recipe and data, so `mmval value` needs nothing else."""
+        """A checkpoint names its recipe and data, so `mmval value` needs nothing else. Under
+        DDP rank 0 writes it."""
+        if file_name == LAST:
+            self._saved_epoch = int(extra["epoch"])
+        if not distributed.is_main():
+            return
         payload = {
             "recipe": self.recipe_dump,
             "data": session.data_info,
@@ -521,8 +685,6 @@ class Trainer:
         }
         previous = self.run_dir / PREVIOUS if file_name == LAST else None
         save_checkpoint(self.run_dir / file_name, payload, previous=previous)
-        if file_name == LAST:
-            self._saved_epoch = int(extra["epoch"])
 
     @staticmethod
     def _training_state(session: _Session, state: _RunState) -> dict[str, Any]:
@@ -534,21 +696,32 @@ class Trainer:
             "sampler": session.sampler.state_dict(),
             "method": session.method.state_dict(),
             "method_modules": session.method_modules.state_dict(),
-            "rng": _rng_state(),
+            "rng": _rng_state(session.device),
             "run_state": state.as_dict(),
         }
 
     def _restore(self, session: _Session) -> _RunState:
-        last = self.run_dir / LAST
-        ckpt, used = load_latest_checkpoint(last, self.run_dir / PREVIOUS)
-        if _resume_key(ckpt["recipe"]) != _resume_key(self.recipe_dump):
-            raise UserError(
-                f"cannot resume {self.run_dir}: the recipe differs from the one the run was "
-                "started with (only train.epochs, train.device, train.workers, "
-                "train.tensorboard and train.nonfinite may change)."
-            )
-        if used != last and last.is_file():  # set aside, so the next save cannot keep it
-            last.replace(last.with_name(LAST + ".corrupt"))
+        """Continue from last.pt (or last.prev.pt); under DDP rank 0 picks the file and checks
+        it, then every rank loads it."""
+        loaded: dict[str, Any] = {}
+
+        def pick() -> str:
+            last = self.run_dir / LAST
+            ckpt, used = load_latest_checkpoint(last, self.run_dir / PREVIOUS)
+            if _resume_key(ckpt["recipe"]) != _resume_key(self.recipe_dump):
+                raise UserError(
+                    f"cannot resume {self.run_dir}: the recipe differs from the one the run was "
+                    "started with (only train.epochs, train.device, train.workers, "
+                    "train.prefetch, train.channels_last, train.compile, train.tensorboard and "
+                    "train.nonfinite may change)."
+                )
+            if used != last and last.is_file():  # set aside, so the next save cannot keep it
+                last.replace(last.with_name(LAST + ".corrupt"))
+            loaded["ckpt"] = ckpt
+            return str(used)
+
+        used = distributed.on_main(pick)
+        ckpt = loaded["ckpt"] if "ckpt" in loaded else load_checkpoint(Path(used))
         session.model.load_state_dict(ckpt["model"])
         session.optimizer.load_state_dict(ckpt["optimizer"])
         if session.scheduler is not None and ckpt["scheduler"] is not None:
@@ -557,7 +730,7 @@ class Trainer:
         session.method.load_state_dict(ckpt["method"])
         if "method_modules" in ckpt:  # absent from runs started before methods had modules
             session.method_modules.load_state_dict(ckpt["method_modules"])
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(ckpt["rng"], session.device)
         self._saved_epoch = int(ckpt["epoch"])
         return _RunState.from_dict(ckpt["run_state"])
 
@@ -578,8 +751,26 @@ class Trainer:
             "final_test_acc": final["test_acc"],
             "final_test_f1": final["test_f1"],
             "train_seconds": sum(r["seconds"] for r in state.rows),
+            "processes": distributed.world_size(),
             "recipe": self.recipe_dump,
         }
+
+
+def _for_ranks(module: nn.Module, device: torch.device) -> nn.Module:
+    """Under DDP, BatchNorm layers become SyncBatchNorm, so that batch statistics (and the
+    running ones) are the global batch's, as in one process; PyTorch synchronises them on GPUs
+    only, so on the CPU a model with BatchNorm is refused."""
+    if distributed.world_size() == 1:
+        return module
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        return module
+    if device.type != "cuda":
+        raise UserError(
+            "the model has BatchNorm layers (resnet18 encoders), which multi-process training "
+            "keeps exact only as SyncBatchNorm, and PyTorch synchronises BatchNorm on GPUs "
+            "only: train it on CUDA devices, or in one process on the CPU."
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
 
 
 @dataclass

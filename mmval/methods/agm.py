@@ -32,6 +32,12 @@ required. Our modulation window is 0-based (the official counts epochs from 1). 
 forwards reuse the valuation engine's late-fusion path: encoders once per batch in eval mode,
 the zero input encoded once, all 2^M subsets from the per-modality logits, so the extra cost is
 one no-grad forward plus O(2^M B C) additions.
+
+DDP: each rank runs the masked forwards on its share of the batch; the scores s_m (means over
+the batch) are averaged over the ranks weighted by their samples (`batch_mean`), so the running
+means, ratios and coefficients are the global batch's and the same on every rank. The gradients
+scaled and the head gradients tested for clipping are already averaged over the ranks, so the
+scaling and the clipping norm are those of the global batch.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch
 from pydantic import Field
 
 from mmval.data.dataset import Batch
+from mmval.distributed import batch_mean
 from mmval.methods.base import (
     Method,
     MethodConfig,
@@ -161,7 +168,7 @@ class AGM(Method):
     ) -> dict[str, float]:
         names = model.modalities
         phi = unimodal_outputs(self.subset_logits(model, batch.inputs, out.logits))
-        scores = agm_scores(phi, batch.label).double().cpu()
+        scores = batch_mean(agm_scores(phi, batch.label), len(batch)).double().cpu()
         if self.running is None:
             self.running = torch.zeros(len(names), dtype=torch.float64)
         coeffs = coefficients(scores, self.running, self.config.alpha, self.config.cap)

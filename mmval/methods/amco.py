@@ -32,6 +32,11 @@ Deviations from BalanceBenchmark:
   logits by class, which is followed, so `U` (and the unused `alpha`, `method`) are not kept.
 
 Needs the fused logits to be the sum of per-modality logits, so the fusion must be additive.
+
+DDP: the shares that flag dependent modalities are averaged over the ranks (`batch_mean`), so
+every rank flags the same modalities; the class mask is drawn from the global generator, in
+lockstep on every rank, so the whole global batch shares one mask as in one process. The loss is
+a batch mean, so the averaged gradients are the global batch's.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
+from mmval.distributed import batch_mean
 from mmval.methods.base import (
     Method,
     MethodConfig,
@@ -141,6 +147,7 @@ class AMCo(Method):
         masked = len(self.dependent)
         with torch.no_grad():
             shares = dependent_shares([out.unimodal_logits[m].float() for m in model.modalities])
+            shares = batch_mean(shares, len(batch))  # DDP: the global batch's
         names = model.modalities
         self.dependent = {
             m for m, s in zip(names, shares.tolist(), strict=True) if s > self.config.sigma

@@ -11,6 +11,11 @@ baseline. Hooks, from the lightest to the heaviest:
 - `train_step` (several backward passes or optimizer steps per batch), through `StepTools`;
 - `train_positions`, `on_epoch_start`, `on_epoch_end` (re-sampling, prototypes, re-init), with
   `TrainContext.batches` to read a split in evaluation mode.
+Under DDP (docs/distributed.md) every hook runs on every rank with its share of the global batch;
+the gradients are averaged over ranks before `after_backward` (and at the latest in
+`StepTools.step`), so gradient edits see the global batch's gradient and must be identical on
+every rank: statistics they depend on are reduced with `mmval.distributed`. Each method's
+docstring says what it reduces.
 Prediction (evaluation, valuation) is always the model's own fusion head: a method that changes
 how predictions are made does so through a fusion (`model.fusion`), so that every method's
 checkpoint is valued the same way.
@@ -30,6 +35,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from mmval.data.dataset import Batch, TaggedPositions
+from mmval.distributed import GradientSync, shard_bounds, world_size
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
@@ -78,19 +84,40 @@ class TrainContext:
     batches: Callable[..., Iterator[Batch]] = field(default=_no_batches, repr=False)
     steps_per_epoch: int = 0
     train_size: int = 0  # samples in the train split
+    sizes: dict[str, int] = field(default_factory=dict)  # samples per split role
+
+    def rank_batches(self, role: str, positions: np.ndarray | None = None) -> Iterator[Batch]:
+        """This rank's contiguous share of `batches(role, positions)` under DDP (shares in rank
+        order make the split's order), for a pass whose results the method then reduces or
+        gathers; in one process the whole of it."""
+        if world_size() == 1:
+            return self.batches(role) if positions is None else self.batches(role, positions)
+        chosen = np.arange(self.sizes[role]) if positions is None else np.asarray(positions)
+        lo, hi = shard_bounds(len(chosen))
+        return self.batches(role, chosen[lo:hi])
 
 
 @dataclass
 class StepTools:
-    """What a method's own `train_step` may do; the engine owns the optimizer and precision."""
+    """What a method's own `train_step` may do; the engine owns the optimizer and precision,
+    and under DDP the averaging of the gradients over ranks (`gradients`)."""
 
     optimizer: torch.optim.Optimizer
     autocast: Callable[[], AbstractContextManager[Any]]
+    gradients: GradientSync | None = None
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def reduce_gradients(self) -> None:
+        """Average the gradients over DDP ranks now (nothing in one process, nor when nothing
+        was back-propagated since the last call): from here they are the global batch's, and a
+        method that edits them must do so identically on every rank."""
+        if self.gradients is not None:
+            self.gradients.reduce()
+
     def step(self) -> None:
+        self.reduce_gradients()
         self.optimizer.step()
 
 
@@ -138,6 +165,7 @@ class Method:
             loss, figures = self.objective(model, out, batch, ctx)
         tools.zero_grad()
         loss.backward()
+        tools.reduce_gradients()
         figures = figures | self.after_backward(model, out, batch, ctx)
         tools.step()
         return StepResult(loss.detach(), out.logits.detach(), figures)
@@ -157,7 +185,8 @@ class Method:
     def after_backward(
         self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
     ) -> dict[str, float]:
-        """Edit `.grad` before the optimizer step; returns figures averaged into the epoch log."""
+        """Edit `.grad` before the optimizer step (under DDP: the gradients averaged over ranks,
+        to be edited identically on every rank); returns figures averaged into the epoch log."""
         return {}
 
     def on_epoch_end(self, model: MultimodalModel, ctx: TrainContext) -> dict[str, float]:

@@ -44,6 +44,10 @@ learnable per-dimension vector and uses no omega; the vt code gates two modaliti
 neither is followed.
 
 M > 2: native; the instrument attends over all M modality tokens and Z reads the concatenation.
+
+DDP: nothing is reduced: every term is a batch mean of per-sample terms (the counterfactual
+step is per sample), so the gradients averaged over the ranks are the global batch's; the
+instrument's parameters are averaged with the model's.
 """
 
 from __future__ import annotations

@@ -20,6 +20,11 @@ Deviations: as in BalanceBenchmark (and unlike the per-sample penalty of the pap
 confidence gap is summed over the batch before the max(0, .), so its scale grows with the batch
 size. Removal is feature zeroing before the fusion head, which is defined for every fusion;
 for non-concat heads that generalises BalanceBenchmark's concat-only formula.
+
+DDP: the removal order is drawn from the global generator, in lockstep on every rank, so all
+ranks remove the same modalities. The confidence gap is summed over the global batch before
+the max(0, .) (`differentiable_sum`), with a backward that makes the averaged gradient the
+one-process gradient of the global batch's penalty; the cross-entropies are batch means.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
+from mmval.distributed import differentiable_sum
 from mmval.methods.base import (
     Method,
     MethodConfig,
@@ -56,9 +62,10 @@ class CMLConfig(MethodConfig):
 
 
 def confidence_penalty(fewer: torch.Tensor, more: torch.Tensor) -> torch.Tensor:
-    """max(0, sum_b maxprob(fewer) - maxprob(more)) for logits [B, C]."""
+    """max(0, sum_b maxprob(fewer) - maxprob(more)) for logits [B, C] (under DDP the sum runs
+    over the global batch)."""
     gap = fewer.softmax(1).max(1).values - more.softmax(1).max(1).values
-    return gap.sum().clamp_min(0)
+    return differentiable_sum(gap.sum()).clamp_min(0)
 
 
 def cml_loss(nested: list[torch.Tensor], label: torch.Tensor, lam: float) -> torch.Tensor:

@@ -37,8 +37,11 @@ M > 2: native (2M + 1 subset evaluations per sample, one encoder pass).
 Figures per valuation epoch: `valuation_seconds`, `phi_<m>` (mean Phi), `weak_<m>` (samples
 whose m is masked with alpha next epoch), `masked` (samples with at least one weak modality).
 
-DDP (not implemented): each rank would value a slice of the split; the weak table [N, M] must
-be all-gathered so that every rank looks up its samples' weak modalities, and the figures summed.
+DDP: each rank values its share of the split and the values are gathered
+(`cooperation.value_train_split`), so every rank holds the whole weak table and logs the same
+figures. The masks are drawn per sample from the global generator, in lockstep on every rank,
+on each rank's own samples: the same distribution as one process, other draws. The loss is a
+batch mean, so the averaged gradients are the global batch's.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Plain joint training with cross-entropy on the fused logits (the fusion comes from
-`model.fusion`): the baseline every balancing method is compared to."""
+`model.fusion`): the baseline every balancing method is compared to.
+
+DDP: nothing is reduced: the loss is a batch mean of per-sample terms, so the gradients
+averaged over the ranks are the global batch's.
+"""
 
 from __future__ import annotations
 

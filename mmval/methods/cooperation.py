@@ -9,6 +9,11 @@ Tags (`TaggedPositions`, `Batch.tag`): 0 is a plain sample; a copy that keeps on
 the same modality. The tag decodes to j alone; k only makes the entries differ, so that the
 dataset's random frame picks (seeded by the entry) differ between copies, as the official loader
 draws them afresh for each copy.
+
+DDP: `value_train_split` values each rank's share of the samples and gathers the shares in rank
+order (the split's order), so every rank holds the whole table; the random draws that turn it
+into entries then come from the global generator, in lockstep on every rank, so every rank
+builds the same entries, which the sampler splits over the ranks like any epoch.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from pydantic import Field
 
 from mmval.data.dataset import Batch, TaggedPositions
+from mmval.distributed import gather_rows
 from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.valuation import ValuationConfig, ValuationMethod, build_method
@@ -41,18 +47,20 @@ def value_train_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(positions, contributions [N, M]) of the train split (or of `positions`) in eval mode,
     removing modalities by zeroing their features (the official code's `exec_drop`); the
-    benefit is the paper's, |S| if the prediction from S is right. The model's mode is kept."""
+    benefit is the paper's, |S| if the prediction from S is right. The model's mode is kept.
+    Under DDP each rank values its share and every rank gets the whole table."""
     training = model.training
     model.eval()
     device = next(model.parameters()).device
     evaluator = build_evaluator(model, model.modalities, "feature", None, device=device)
-    index, values = [], []
-    for batch in ctx.batches("train", positions):
+    index = [torch.zeros(0, dtype=torch.int64)]
+    values = [torch.zeros(0, len(model.modalities), dtype=torch.float64)]
+    for batch in ctx.rank_batches("train", positions):
         game = Game(evaluator, batch.inputs, batch.label, batch.index, "correct")
         values.append(valuation.value(game).contribution.cpu())
         index.append(batch.index.cpu())
     model.train(training)
-    return torch.cat(index).numpy(), torch.cat(values).numpy()
+    return gather_rows(torch.cat(index)).numpy(), gather_rows(torch.cat(values)).numpy()
 
 
 def kept_modalities(tag: torch.Tensor, m: int) -> torch.Tensor:

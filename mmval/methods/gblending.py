@@ -29,6 +29,12 @@ Losses are measured in eval mode (MultiBench leaves dropout on). |dO| is clamped
 as MultiBench clamps its overfitting term. The weights are logged as `gb_w_<m>` and `gb_w_mm`.
 
 M > 2: native; an estimate costs (M + 1) N epochs of sub-model training.
+
+DDP: the estimate is replicated: every rank trains the same copies on the whole of T and V
+(inside `replicated()`, so nothing in it is reduced over the ranks), with the global batch size,
+and the weights of rank 0 are then broadcast, so every rank trains the main model with the same
+ones. Its cost therefore does not shrink with the number of processes. The main step's loss is a
+batch mean of per-sample terms, so the averaged gradients are the global batch's.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from pydantic import Field
 from torch import nn
 
 from mmval.data.dataset import Batch
+from mmval.distributed import broadcast_object, replicated, world_size
 from mmval.methods.base import Method, MethodConfig, StepResult, StepTools, TrainContext
 from mmval.models import ModelConfig, MultimodalModel
 
@@ -120,7 +127,10 @@ class GBlending(Method):
     ) -> StepResult:
         figures = {}
         if self._due(ctx.epoch) and self.estimated_at != ctx.epoch:
-            self.weights = self.estimate(model, ctx, tools, len(batch))
+            size = len(batch) * world_size()  # the global batch (a first batch is whole)
+            with replicated():  # every rank estimates alike, on the whole split
+                weights = self.estimate(model, ctx, tools, size)
+            self.weights = broadcast_object(weights)
             self.estimated_at = ctx.epoch
             figures = {f"gb_w_{k}": w for k, w in self.weights.items()}
         with tools.autocast():

@@ -30,6 +30,10 @@ and re-balances from the first epoch.
 
 M > 2: not defined (BDR differences are pairwise, the caring modality is one of two); a recipe
 with other than two modalities is refused.
+DDP: nothing is reduced here. The gradients the speeds are computed from are already averaged
+over the ranks (and the parameters are the same on every rank), so the accumulators, d and the
+re-balancing decisions are the global batch's and the same everywhere; the MMTM blocks update
+their running gates from the global batch's mean gate (mmval/models/mmtm.py).
 """
 
 from __future__ import annotations

@@ -33,6 +33,12 @@ and ranking loss are absent.
 
 M > 2: one predominant modality, every other one auxiliary; L_con pairs p with each auxiliary
 modality (averaged, so gamma_1 does not grow with M), L_uni sums over all modalities.
+
+DDP: the InfoNCE negatives are the whole global batch: each rank gathers every rank's
+normalised projections with their gradients (`gather_rows_with_grad`) and scores its own
+samples against all of them, so the averaged gradient is the one-process one. The bank receives
+the global batch's rows on every rank (mmval/models/fusion_imml.py). The validation accuracies
+that pick the predominant modality are counted on each rank's share of the split and summed.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
+from mmval.distributed import all_reduce, gather_rows_with_grad
 from mmval.methods.base import (
     Method,
     MethodConfig,
@@ -90,10 +97,15 @@ class IMMLConfig(MethodConfig):
 
 
 def info_nce(anchor: torch.Tensor, other: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE between two views [B, D] of the same samples (cosine similarities)."""
-    sims = F.normalize(anchor.float(), dim=1) @ F.normalize(other.float(), dim=1).T / temperature
-    targets = torch.arange(sims.shape[0], device=sims.device)
-    return (F.cross_entropy(sims, targets) + F.cross_entropy(sims.T, targets)) / 2
+    """Symmetric InfoNCE between two views [B, D] of the same samples (cosine similarities);
+    under DDP this rank's samples against the whole global batch."""
+    u, w = F.normalize(anchor.float(), dim=1), F.normalize(other.float(), dim=1)
+    all_u, offset = gather_rows_with_grad(u)
+    all_w, _ = gather_rows_with_grad(w)
+    targets = torch.arange(offset, offset + u.shape[0], device=u.device)
+    sims = u @ all_w.T / temperature
+    sims_t = (all_u @ w.T).T / temperature  # in one process: sims.T
+    return (F.cross_entropy(sims, targets) + F.cross_entropy(sims_t, targets)) / 2
 
 
 @dataclass
@@ -155,10 +167,12 @@ def unimodal_accuracy(
     model.eval()
     correct = dict.fromkeys(fusion.names, 0)
     seen = 0
-    for batch in ctx.batches("val"):
+    for batch in ctx.rank_batches("val"):
         logits = fusion.unimodal_logits(model.encode(batch.inputs))
         for m, z in logits.items():
             correct[m] += int((z.argmax(1) == batch.label).sum())
         seen += len(batch)
     model.train(was_training)
-    return {m: c / max(seen, 1) for m, c in correct.items()}
+    counts = all_reduce(torch.tensor([*correct.values(), seen]))  # DDP: every rank's share
+    *hits, total = counts.tolist()
+    return {m: c / max(total, 1) for m, c in zip(correct, hits, strict=True)}

@@ -13,6 +13,9 @@ too, although with `df=False` the prediction never reads them; it belongs to `qm
 out here.
 
 M > 2: native (one head and one loss term per modality).
+
+DDP: nothing is reduced: the loss is a sum of batch means of per-sample terms, so the
+gradients averaged over the ranks are the global batch's.
 """
 
 from __future__ import annotations

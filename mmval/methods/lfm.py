@@ -34,6 +34,11 @@ M > 2: the alignment is averaged over all pairs of modalities (BalanceBenchmark'
 BalanceBenchmark's LFM and are not carried over.
 
 Needs per-modality logits, so the fusion must be decomposable.
+
+DDP: every rank computes the hypergradient on the same validation batch with the same weights,
+and alpha_1 is then taken from rank 0 (`broadcast_object`), so all ranks train with the same
+weight whatever the kernels' rounding; the loss is a batch mean, so the averaged gradients are
+the global batch's.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
+from mmval.distributed import broadcast_object
 from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.models.fusion import DECOMPOSABLE
@@ -123,7 +129,7 @@ class LFM(Method):
         align = alignment_loss([out.unimodal_logits[m] for m in model.modalities])
         grad = alpha_gradient([p for p in model.parameters() if p.requires_grad], cls, align)
         lr = self.config.lr_alpha / 2 ** (ctx.epoch // self.config.lr_alpha_halve_every)
-        self.alpha = min(ALPHA_MAX, max(ALPHA_MIN, self.alpha - lr * grad))
+        self.alpha = broadcast_object(min(ALPHA_MAX, max(ALPHA_MIN, self.alpha - lr * grad)))
 
     def loss(
         self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext

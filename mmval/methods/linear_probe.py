@@ -13,6 +13,9 @@ initialised; `model.fusion`, concat as BalanceBenchmark's) is trained. BalanceBe
 newest run of a named trainer by directory; here the checkpoint is named explicitly.
 
 M > 2: native.
+
+DDP: nothing is reduced: every rank loads the same encoders and the head's loss is a batch
+mean, so the gradients averaged over the ranks are the global batch's.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ Deviations from BalanceBenchmark, each a bug there:
   the logits of the two-modality branch (and the spec's ||z_1 - z_2||^2) are used for every M.
 
 Needs per-modality logits, so the fusion must be decomposable.
+
+DDP: nothing is reduced: every term is a batch mean of per-sample terms (the weights w are
+per sample), so the gradients averaged over the ranks are the global batch's.
 """
 
 from __future__ import annotations

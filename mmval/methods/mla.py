@@ -28,6 +28,10 @@ forward do not touch encoder m. BalanceBenchmark's modulation window (plain CE o
 output outside epochs 0-80) is not part of the official method and is left out.
 
 M > 2: native (the official code has a three-modality branch, which this generalises).
+
+DDP: after each modality's backward the gradients are averaged over the ranks
+(`StepTools.reduce_gradients`) before H's is projected, and r is the global batch's mean
+feature (`batch_mean`), so every rank updates the same P and steps with the same gradient.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from mmval.data.dataset import Batch
+from mmval.distributed import batch_mean
 from mmval.methods.base import (
     Method,
     MethodConfig,
@@ -108,9 +113,11 @@ class MLA(Method):
                 loss = F.cross_entropy(z, batch.label)
             tools.zero_grad()
             loss.backward()
+            tools.reduce_gradients()  # DDP: the projection edits the global batch's gradient
             if self.updates > 0:
                 with torch.no_grad():
-                    update_projection(self.projection, features.detach().float().mean(0), a)
+                    mean = batch_mean(features.detach().float().mean(0), len(batch))
+                    update_projection(self.projection, mean, a)
                     weight.grad = weight.grad @ self.projection.T.to(weight.grad.dtype)
             tools.step()
             self.updates += 1

@@ -36,9 +36,10 @@ Draws come from the global torch generator, which the engine seeds and checkpoin
 epoch: `valuation_seconds`, `valued` (distinct samples valued), `phi_<m>` (mean over the draw),
 `p`, `copies`, `entries` (size of the next epoch).
 
-DDP (not implemented): the draw must be the same on every rank (same seed), each rank would
-value its share of it, and the per-modality sums of phi and the draw count must be all-reduced
-before p is computed; the copies are then drawn identically on every rank.
+DDP: the draws come from the global generator, in lockstep on every rank, so every rank draws
+the same samples; each values its share of the distinct ones and the values are gathered
+(`cooperation.value_train_split`), so p, the weakest modality and the copies are the same on
+every rank. The loss is a batch mean, so the averaged gradients are the global batch's.
 """
 
 from __future__ import annotations

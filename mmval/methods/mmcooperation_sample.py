@@ -42,9 +42,11 @@ frame picks are on. Copies of the same sample draw their own random frames and c
 seeds them, see `cooperation`). Figures per epoch: `valuation_seconds`, `copies` and
 `copies_<m>` (copies planned for the next epoch), `entries` (its size), `phi_<m>` (mean value).
 
-DDP (not implemented): each rank would value a slice of the split; the phi table (or the copy
-counts) must be all-gathered so that every rank builds the same entries from the same random
-draws (the sampler then slices them), and the figures summed or averaged across ranks.
+DDP: each rank values its share of the split and the phi table is gathered
+(`cooperation.value_train_split`), so every rank holds all of it; the rounding draws come from
+the global generator, in lockstep on every rank, so every rank builds the same entries (which
+the sampler splits over the ranks) and logs the same figures. The loss is a batch mean, so the
+averaged gradients are the global batch's.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ default 0, supplementary material only) is not implemented. BalanceBenchmark's
 `MMCosine_trainer.py` trains with the plain concat logits outside its modulation window
 (default epochs 0-80, i.e. the whole run); here the cosine head is used in every epoch, since a
 model's head cannot change between training and evaluation.
+
+DDP: nothing is reduced: the loss is a batch mean of per-sample terms, so the gradients
+averaged over the ranks are the global batch's.
 """
 
 from __future__ import annotations

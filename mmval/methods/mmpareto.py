@@ -29,6 +29,11 @@ multimodal weight of encoder m, averaged over the epoch.
 
 M > 2: native; each encoder is combined from its own two gradients only. Any fusion works, since
 the unimodal heads read the encoder features.
+
+DDP: g_mm and g_u are each averaged over the ranks right after their backward pass
+(`StepTools.reduce_gradients`), so the cosines, the min-norm weights and the rescaling use the
+global batch's gradients and every rank writes the same combined gradient (one all-reduce more
+per step than plain training).
 """
 
 from __future__ import annotations
@@ -104,10 +109,12 @@ class MMPareto(Method):
             }
         tools.zero_grad()
         loss_mm.backward(retain_graph=True)
+        tools.reduce_gradients()  # DDP: the global batch's g_mm
         g_mm = {n: p.grad for n, p in model.encoders.named_parameters()}
         head_grads = [p.grad for p in model.fusion.parameters()]
         tools.zero_grad()
         sum(loss_u.values()).backward()
+        tools.reduce_gradients()  # DDP: the global batch's g_u
         figures = {}
         for m in model.modalities:
             # the parameters of encoder m that either loss reaches, with both gradients

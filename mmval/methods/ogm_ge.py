@@ -22,6 +22,12 @@ weight matrix of the encoder (BalanceBenchmark modulates all non-1-D parameters)
 encoder has no conv weights and the method would otherwise do nothing.
 
 Needs per-modality logits, so the fusion must be additive (concat, sum or weighted).
+
+DDP: the scores s_m are summed over the ranks (`all_reduce`), so every rank has the global
+batch's coefficients; the gradients it edits are already averaged over the ranks (the global
+batch's, std(g) included), and the GE noise comes from the global generator, which is in
+lockstep on every rank, so every rank adds the same noise. The edit is therefore the
+one-process edit of the global batch.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 from pydantic import Field
 
 from mmval.data.dataset import Batch
+from mmval.distributed import all_reduce
 from mmval.methods.base import (
     Method,
     MethodConfig,
@@ -96,6 +103,7 @@ class OGMGE(Method):
                     for m in names
                 ]
             )
+            scores = all_reduce(scores)  # the global batch's
             coeffs = modulation_coefficients(scores, self.config.alpha)
         if not self.config.modulation_starts <= ctx.epoch <= self.config.modulation_ends:
             return {}

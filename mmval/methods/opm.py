@@ -23,6 +23,13 @@ them; BalanceBenchmark's removal of such samples therefore never acts and is lef
 
 Deviations: outside the window BalanceBenchmark has no loss at all (a bug); here it is plain CE.
 Needs per-modality logits for the scores, so the fusion must be decomposable.
+
+DDP: the scores s_m are summed over the ranks (`all_reduce`, before the batch's draw, so every
+rank takes part whether or not the batch is modulated), giving every rank the global batch's
+q_m; whether a batch is modulated is drawn from the global generator, in lockstep on every rank,
+so the global batch is modulated as a whole, as in one process. The per-sample keep draws come
+from the same lockstep stream on each rank's own samples, so they differ from a one-process
+run's draws (same distribution).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import torch
 from pydantic import Field
 
 from mmval.data.dataset import Batch
+from mmval.distributed import all_reduce
 from mmval.methods.base import (
     Method,
     MethodConfig,
@@ -97,8 +105,6 @@ class OPM(Method):
         cfg = self.config
         if not cfg.modulation_starts <= ctx.epoch <= cfg.modulation_ends:
             return ModelOutput(model.fuse(features), features, unimodal)
-        if float(torch.rand(())) >= cfg.p_exe:  # the batch is modulated with probability p_exe
-            return ModelOutput(model.fuse(features), features, unimodal)
         with torch.no_grad():
             scores = torch.stack(
                 [
@@ -106,6 +112,10 @@ class OPM(Method):
                     for m in model.modalities
                 ]
             )
+            scores = all_reduce(scores)  # DDP: the global batch's
+        if float(torch.rand(())) >= cfg.p_exe:  # the batch is modulated with probability p_exe
+            return ModelOutput(model.fuse(features), features, unimodal)
+        with torch.no_grad():
             q = drop_probabilities(scores, cfg.q_base, cfg.alpha)
             keep = {
                 m: torch.bernoulli((1 - q[j]).expand(len(batch)))

@@ -28,17 +28,25 @@ tenth in the split's order, and the split's size is learned by counting the firs
 training samples, so the prototypes before epoch 0 (from the random-init model) use the whole
 split. A class absent from the samples read keeps its previous prototype (zero at first; the
 official divides by zero). Works with any fusion: it needs only the encoder features.
+
+DDP: each rank reads its share of the prototype samples (`TrainContext.rank_batches`; the same
+first tenth or whole split) and the per-class feature sums and counts are summed over the ranks,
+so every rank holds the global prototypes. The prototype scores s^p_m of a step are summed over
+the ranks before the weakest modalities are picked, and the epoch's sample count (for the
+tenth) too: the weights are the global batch's on every rank.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
+from mmval.distributed import all_reduce, world_size
 from mmval.methods.base import (
     Method,
     MethodConfig,
@@ -106,13 +114,20 @@ class PMR(Method):
         limit = None
         if self.config.prototype_data == "tenth" and self.train_size is not None:
             limit = max(1, self.train_size // 10)
+        positions = None  # under DDP the ranks share the samples read: name them
+        if limit is not None and world_size() > 1:
+            positions = np.arange(min(limit, ctx.train_size))
         was_training = model.training
         model.eval()
-        sums: dict[str, torch.Tensor] = {}
-        counts: torch.Tensor | None = None
+        device = next(model.parameters()).device
+        counts = torch.zeros(self.num_classes, device=device)
+        sums = {
+            m: torch.zeros(self.num_classes, model.encoders[m].out_dim, device=device)
+            for m in model.modalities
+        }
         read = 0
         try:
-            for batch in ctx.batches("train"):
+            for batch in ctx.rank_batches("train", positions):
                 if limit is not None and read >= limit:
                     break
                 labels, inputs = batch.label, batch.inputs
@@ -121,13 +136,14 @@ class PMR(Method):
                     labels, inputs = labels[:keep], {m: x[:keep] for m, x in inputs.items()}
                 read += len(labels)
                 onehot = F.one_hot(labels, self.num_classes).float()
-                counts = onehot.sum(0) if counts is None else counts + onehot.sum(0)
+                counts = counts + onehot.sum(0)
                 for m, h in model.encode(inputs).items():
-                    part = onehot.T @ h.float()
-                    sums[m] = part if m not in sums else sums[m] + part
+                    sums[m] = sums[m] + onehot.T @ h.float()
         finally:
             model.train(was_training)
-        assert counts is not None, "the training split is empty"
+        counts = all_reduce(counts)
+        sums = {m: all_reduce(s) for m, s in sums.items()}
+        assert counts.sum() > 0, "the training split is empty"
         old = self.prototypes
         new = {m: class_means(s, counts, None if old is None else old[m]) for m, s in sums.items()}
         if old is not None and ctx.epoch >= 1:
@@ -156,6 +172,7 @@ class PMR(Method):
             scores = torch.stack(
                 [q[m].softmax(1).gather(1, batch.label[:, None]).sum() for m in names]
             )
+            scores = all_reduce(scores)  # the global batch's
             weights = prototype_weights(scores, self.config.alpha).tolist()
         for m, w in zip(names, weights, strict=True):
             if w > 0:
@@ -164,7 +181,7 @@ class PMR(Method):
 
     def on_epoch_end(self, model: MultimodalModel, ctx: TrainContext) -> dict[str, float]:
         if ctx.epoch == 0:
-            self.train_size = self._seen
+            self.train_size = int(all_reduce(torch.tensor(self._seen)))
         self.compute_prototypes(model, ctx)
         return {}
 

@@ -24,6 +24,12 @@ the normalised values are 0 instead of the official 0/0. The confidence history 
 `History` also stores is never read there, and is not kept.
 
 M > 2: native (one head, confidence, history and rank loss per modality).
+
+DDP: every rank records the whole global batch (its positions and per-sample losses are
+gathered from all ranks), so the histories, and their normalisation, are the same everywhere.
+The confidences are gathered with their gradients (`gather_rows_with_grad`): each rank takes
+the ranking terms of its own samples, paired with their successors in the global batch, so the
+averaged gradient is the one-process gradient of the global batch's ranking loss.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
+from mmval.distributed import gather_rows, gather_rows_with_grad
 from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.models.fusion import QMFFusion
@@ -72,15 +79,18 @@ def normalise_history(values: torch.Tensor, history: torch.Tensor, complete: boo
 
 
 def rank_loss(
-    confidence: torch.Tensor, past: torch.Tensor, past_next: torch.Tensor
+    confidence: torch.Tensor,
+    past: torch.Tensor,
+    past_next: torch.Tensor,
+    rows: slice = slice(None),
 ) -> torch.Tensor:
     """QMF's ranking loss for confidences [B] paired with roll(-1), given the normalised
-    histories of the samples and of their partners."""
+    histories of the samples and of their partners; the mean over `rows` (a rank's samples)."""
     target = torch.sign(past - past_next).to(confidence.dtype)
     margin = (past - past_next).abs().to(confidence.dtype)
     nonzero = torch.where(target == 0, torch.ones_like(target), target)
     partner = torch.roll(confidence, -1) + margin / nonzero
-    return F.margin_ranking_loss(confidence, partner, -target, margin=0.0)
+    return F.margin_ranking_loss(confidence[rows], partner[rows], -target[rows], margin=0.0)
 
 
 class QMF(Method):
@@ -112,14 +122,15 @@ class QMF(Method):
         assert isinstance(fusion, QMFFusion) and out.unimodal_logits is not None
         logits = [out.unimodal_logits[m] for m in model.modalities]
         unimodal = torch.stack([F.cross_entropy(z, batch.label, reduction="none") for z in logits])
-        index = batch.index.cpu()
-        self.record(index, unimodal.detach().float().cpu())
+        index = gather_rows(batch.index.cpu())  # DDP: the global batch, in rank order
+        self.record(index, gather_rows(unimodal.detach().float().cpu().T).T)
         total = F.cross_entropy(out.logits, batch.label) + unimodal.mean(1).sum()
         for m, z in enumerate(logits):
             past = normalise_history(self.history[m, index], self.history[m], self.complete)
             past = past.to(z.device)
+            confidence, offset = gather_rows_with_grad(fusion.confidence(z))
             total = total + self.config.rank_weight * rank_loss(
-                fusion.confidence(z), past, torch.roll(past, -1)
+                confidence, past, torch.roll(past, -1), slice(offset, offset + len(batch))
             )
         return total
 

@@ -26,6 +26,10 @@ theta_init is the model as built; it is not checkpointed, because the engine see
 before building it, so a resumed run snapshots the same weights again.
 
 M > 2: native, one weight per modality.
+
+DDP: each rank computes the features of its share of each split (`TrainContext.rank_batches`)
+and the shares are gathered in rank order, i.e. the split's order, so every rank clusters the
+same arrays (k-means is deterministic) and moves its encoders by the same weights.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from mmval.distributed import gather_rows
 from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.models import ModelConfig, MultimodalModel
 
@@ -153,13 +158,17 @@ class Relearning(Method):
         model: MultimodalModel, ctx: TrainContext, role: str
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         model.eval()
-        feats: dict[str, list[np.ndarray]] = {m: [] for m in model.modalities}
-        labels = []
-        for batch in ctx.batches(role):
+        feats: dict[str, list[torch.Tensor]] = {m: [] for m in model.modalities}
+        labels = [torch.zeros(0, dtype=torch.int64)]
+        for batch in ctx.rank_batches(role):
             for m, h in model.encode(batch.inputs).items():
-                feats[m].append(h.float().cpu().numpy())
-            labels.append(batch.label.cpu().numpy())
-        return {m: np.concatenate(v) for m, v in feats.items()}, np.concatenate(labels)
+                feats[m].append(h.float().cpu())
+            labels.append(batch.label.cpu())
+        out = {
+            m: gather_rows(torch.cat(v or [torch.zeros(0, model.encoders[m].out_dim)])).numpy()
+            for m, v in feats.items()
+        }
+        return out, gather_rows(torch.cat(labels)).numpy()
 
     def state_dict(self) -> dict[str, Any]:
         return {"reinits": self.reinits}

@@ -21,6 +21,9 @@ without its division by 1 - K. The official `data.py` MinMax-scales each view to
 mmval's uci-mfeat shards are standardised on the training split instead (data manifest).
 
 M > 2: native, as in the official code (sequential folding over the modalities, model order).
+
+DDP: nothing is reduced: the loss is a batch mean of per-sample terms, so the gradients
+averaged over the ranks are the global batch's.
 """
 
 from __future__ import annotations

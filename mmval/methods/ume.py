@@ -16,6 +16,9 @@ selected together, at the epoch where the ensemble's validation accuracy is best
 each at its own best epoch.
 
 M > 2: native.
+
+DDP: nothing is reduced: the loss is a sum of batch means of per-sample terms, so the
+gradients averaged over the ranks are the global batch's.
 """
 
 from __future__ import annotations

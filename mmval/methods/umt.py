@@ -17,6 +17,9 @@ always on) is left out. The teachers are not checkpointed with the run: a resume
 from the same files.
 
 M > 2: native, one teacher per modality.
+
+DDP: nothing is reduced: the loss is a batch mean of per-sample terms and every rank loads
+the same frozen teachers, so the gradients averaged over the ranks are the global batch's.
 """
 
 from __future__ import annotations

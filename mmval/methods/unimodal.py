@@ -1,4 +1,8 @@
-"""One modality alone, through the same encoder and head as the multimodal model."""
+"""One modality alone, through the same encoder and head as the multimodal model.
+
+DDP: nothing is reduced: the loss is a batch mean of per-sample terms, so the gradients
+averaged over the ranks are the global batch's.
+"""
 
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ import math
 import torch
 from torch import nn
 
+from mmval.distributed import gather_rows
 from mmval.errors import UserError
 
 PROJECTION_DIM = 256
@@ -112,8 +113,10 @@ class IMMLFusion(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, feats: dict[str, torch.Tensor]) -> None:
-        """Write the batch's [h_1; ...; h_M] into the FIFO bank (oldest rows overwritten)."""
+        """Write the batch's [h_1; ...; h_M] into the FIFO bank (oldest rows overwritten); under
+        DDP the global batch's rows, in rank order, so every rank keeps the same bank."""
         rows = torch.cat([feats[m].detach() for m in self.names], dim=1).to(self.bank.dtype)
+        rows = gather_rows(rows)
         size = self.bank.shape[0]
         if rows.shape[0] >= size:
             self.bank.copy_(rows[-size:])

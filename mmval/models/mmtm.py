@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from mmval.distributed import batch_mean
 from mmval.errors import UserError
 
 
@@ -65,7 +66,8 @@ class MMTMBlock(nn.Module):
             n = self.steps.item()
             for m in self.names:
                 avg = self.running_gate(m)
-                avg.copy_((gates[m].float().mean(0) + avg * n) / (n + 1))
+                mean = batch_mean(gates[m].float().mean(0), len(gates[m]))  # DDP: global batch
+                avg.copy_((mean + avg * n) / (n + 1))
             self.steps += 1
         if caring is not None:
             gates[caring] = (
