@@ -213,6 +213,20 @@ class DatasetHeader:
     extraction: dict
     ground_truth: list[ModalitySpec] = field(default_factory=list)
 
+    def manifest(self, splits: dict[str, SplitInfo]) -> DataManifest:
+        """The data folder's manifest once its splits are written."""
+        return DataManifest(
+            dataset=self.dataset,
+            version=self.version,
+            source_manifest_sha256=self.source_manifest_sha256,
+            classes=list(self.classes),
+            modalities=list(self.modalities),
+            extraction=dict(self.extraction),
+            extraction_sha256=sha256_json(dict(self.extraction)),
+            splits=splits,
+            ground_truth=list(self.ground_truth),
+        )
+
 
 class ShardResult(_Strict):
     """What one planned shard became; kept while a prep runs so that a re-run can resume."""
@@ -362,17 +376,7 @@ def finalize_dataset(
     )
     with atomic_path(out / ERRORS) as tmp:
         pq.write_table(error_table, tmp)
-    manifest = DataManifest(
-        dataset=header.dataset,
-        version=header.version,
-        source_manifest_sha256=header.source_manifest_sha256,
-        classes=list(header.classes),
-        modalities=list(header.modalities),
-        extraction=dict(header.extraction),
-        extraction_sha256=sha256_json(dict(header.extraction)),
-        splits=split_infos,
-        ground_truth=list(header.ground_truth),
-    )
+    manifest = header.manifest(split_infos)
     write_text_atomic(out / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
     return manifest
 
@@ -442,17 +446,7 @@ def merge_data_dirs(
     )
     errors = pa.concat_tables([pq.read_table(out / part / ERRORS) for part in parts])
     errors = errors.combine_chunks()
-    manifest = DataManifest(
-        dataset=header.dataset,
-        version=header.version,
-        source_manifest_sha256=header.source_manifest_sha256,
-        classes=list(header.classes),
-        modalities=list(header.modalities),
-        extraction=dict(header.extraction),
-        extraction_sha256=sha256_json(dict(header.extraction)),
-        splits=split_infos,
-        ground_truth=list(header.ground_truth),
-    )
+    manifest = header.manifest(split_infos)
     text = manifest.model_dump_json(indent=2) + "\n"
     if _holds(out, text, index, errors, [(out / parts[0] / name, out / name) for name in files]):
         return manifest, False

@@ -55,6 +55,7 @@ from mmval.methods.base import (
     MethodConfig,
     TrainContext,
     too_few_modalities,
+    unimodal_cross_entropy,
     window_problems,
 )
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
@@ -135,8 +136,7 @@ class AMCo(Method):
         loss = F.cross_entropy(out.logits, batch.label)
         if not self._active(ctx):
             return loss
-        assert out.unimodal_logits is not None
-        return loss + sum(F.cross_entropy(z, batch.label) for z in out.unimodal_logits.values())
+        return loss + unimodal_cross_entropy(out, batch.label)
 
     def after_backward(
         self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext

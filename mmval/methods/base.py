@@ -37,6 +37,7 @@ from torch import nn
 from mmval.data.dataset import Batch, TaggedPositions
 from mmval.distributed import GradientSync, shard_bounds, world_size
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.models.fusion import DECOMPOSABLE
 
 
 class MethodConfig(BaseModel):
@@ -64,6 +65,27 @@ def too_few_modalities(method: str, modalities: list[str] | None) -> list[tuple[
     if modalities is not None and len(modalities) < 2:
         return [("data.modalities", f"{method} needs at least two modalities")]
     return []
+
+
+def logits_problems(
+    method: str, model: ModelConfig, use: str = "concat, sum, weighted, late or cosine"
+) -> list[tuple[str, str]]:
+    """The recipe problem of a method that reads each modality's logits, given a fusion that has
+    none."""
+    if model.fusion in DECOMPOSABLE:
+        return []
+    return [
+        (
+            "model.fusion",
+            f"{method} needs per-modality logits; {model.fusion} fusion has none (use {use})",
+        )
+    ]
+
+
+def unimodal_cross_entropy(out: ModelOutput, label: torch.Tensor) -> torch.Tensor:
+    """sum_m CE(z_m, y) over the fusion's per-modality logits (unimodal supervision)."""
+    assert out.unimodal_logits is not None
+    return torch.stack([F.cross_entropy(z, label) for z in out.unimodal_logits.values()]).sum()
 
 
 def window_problems(starts: int, ends: int) -> list[tuple[str, str]]:

@@ -47,7 +47,7 @@ from pydantic import Field
 from torch import nn
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.methods.base import Method, MethodConfig, TrainContext, unimodal_cross_entropy
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.models.fusion import DECOMPOSABLE
 
@@ -154,11 +154,7 @@ class Greedy(Method):
     ) -> torch.Tensor:
         if self.config.loss == "fused":
             return F.cross_entropy(out.logits, batch.label)
-        assert out.unimodal_logits is not None
-        return sum(
-            (F.cross_entropy(z, batch.label) for z in out.unimodal_logits.values()),
-            start=torch.zeros((), device=batch.label.device),
-        )
+        return unimodal_cross_entropy(out, batch.label)
 
     def after_backward(
         self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext

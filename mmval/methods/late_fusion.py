@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
+from mmval.methods.base import (
+    Method,
+    MethodConfig,
+    TrainContext,
+    too_few_modalities,
+    unimodal_cross_entropy,
+)
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
@@ -61,6 +67,5 @@ class LateFusionMethod(Method):
     def loss(
         self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
     ) -> torch.Tensor:
-        assert out.unimodal_logits is not None
-        unimodal = sum(F.cross_entropy(z, batch.label) for z in out.unimodal_logits.values())
+        unimodal = unimodal_cross_entropy(out, batch.label)
         return F.cross_entropy(out.logits, batch.label) + self.config.unimodal_weight * unimodal

@@ -52,9 +52,14 @@ from pydantic import Field
 
 from mmval.data.dataset import Batch
 from mmval.distributed import broadcast_object
-from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
+from mmval.methods.base import (
+    Method,
+    MethodConfig,
+    TrainContext,
+    logits_problems,
+    too_few_modalities,
+)
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
-from mmval.models.fusion import DECOMPOSABLE
 
 ALPHA_MIN, ALPHA_MAX = 0.05, 0.95
 
@@ -73,15 +78,7 @@ class LFMConfig(MethodConfig):
     )
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = []
-        if model.fusion not in DECOMPOSABLE:
-            found.append(
-                (
-                    "model.fusion",
-                    f"lfm needs per-modality logits; {model.fusion} fusion has none "
-                    "(use concat, sum, weighted, late or cosine)",
-                )
-            )
+        found = logits_problems(self.name, model)
         found += too_few_modalities(self.name, modalities)
         return found
 

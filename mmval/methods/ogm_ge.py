@@ -43,11 +43,11 @@ from mmval.methods.base import (
     Method,
     MethodConfig,
     TrainContext,
+    logits_problems,
     too_few_modalities,
     window_problems,
 )
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
-from mmval.models.fusion import DECOMPOSABLE
 
 
 class OGMGEConfig(MethodConfig):
@@ -61,15 +61,7 @@ class OGMGEConfig(MethodConfig):
     )
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = []
-        if model.fusion not in DECOMPOSABLE:
-            found.append(
-                (
-                    "model.fusion",
-                    f"ogm_ge needs per-modality logits; {model.fusion} fusion has "
-                    "none (use concat, sum or weighted)",
-                )
-            )
+        found = logits_problems(self.name, model, "concat, sum or weighted")
         found += too_few_modalities(self.name, modalities)
         found += window_problems(self.modulation_starts, self.modulation_ends)
         return found

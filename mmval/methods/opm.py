@@ -45,11 +45,11 @@ from mmval.methods.base import (
     Method,
     MethodConfig,
     TrainContext,
+    logits_problems,
     too_few_modalities,
     window_problems,
 )
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
-from mmval.models.fusion import DECOMPOSABLE
 
 
 class OPMConfig(MethodConfig):
@@ -63,15 +63,7 @@ class OPMConfig(MethodConfig):
     modulation_ends: int = Field(default=80, ge=0, description="last modulated epoch (80)")
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = []
-        if model.fusion not in DECOMPOSABLE:
-            found.append(
-                (
-                    "model.fusion",
-                    f"opm scores modalities by their own logits; {model.fusion} fusion has "
-                    "none (use concat, sum, weighted, late or cosine)",
-                )
-            )
+        found = logits_problems(self.name, model)
         found += too_few_modalities(self.name, modalities)
         found += window_problems(self.modulation_starts, self.modulation_ends)
         return found

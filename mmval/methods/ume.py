@@ -26,10 +26,15 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
+from mmval.methods.base import (
+    Method,
+    MethodConfig,
+    TrainContext,
+    too_few_modalities,
+    unimodal_cross_entropy,
+)
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
@@ -58,5 +63,4 @@ class UME(Method):
     def loss(
         self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
     ) -> torch.Tensor:
-        assert out.unimodal_logits is not None
-        return sum(F.cross_entropy(z, batch.label) for z in out.unimodal_logits.values())
+        return unimodal_cross_entropy(out, batch.label)
