@@ -10,7 +10,7 @@ Layout of a data directory (see docs/shard-format.md):
     .verified.json         (size, mtime) at which each shard last matched its sha256
 Tensors are stored as raw little-endian bytes in binary columns with their dtype and shape in
 the manifest (and the field metadata): Arrow tensor types and compression on media columns were
-measured to be several times slower to read (../shared/specs/data.md, B.1). Video frames and
+measured to be several times slower to read (docs/data.md#why-parquet-shards). Video frames and
 optical flow are stored as lists of JPEG images with their timestamps; text as token ids with
 the text they were made from.
 """

@@ -1,4 +1,4 @@
-"""Small synthetic audio-visual raw data sets laid out like the real ones (data.md A.2, A.3).
+"""Small synthetic audio-visual raw data sets in the real ones' layouts (docs/data.md#raw-layouts).
 
 Tests run `mmval prep <dataset> --raw DIR` on these instead of downloading gigabytes, so the
 file names, containers, codecs and split lists copy the real distributions (Kinetics-Sounds as

@@ -3,7 +3,7 @@
 Paper: Li, Li, Hu, Xu, "Boosting Multi-modal Model Performance with Adaptive Gradient
 Modulation", ICCV 2023. Follows the official code (Lingy12/AGM_ICCV2023: `model/CREMAD_net.py`
 `GradMod`, `run/CREMAD_main.py` `train`; the M-way ratio of `run/MOSEI_main.py`); spec:
-../shared/specs/methods-baselines.md, section 3.2.
+docs/methods.md#agm.
 
 What it changes: after backward, encoder m's gradients are multiplied by k_m, then the gradient
 norm is clipped when the head's gradient is large. Per batch:

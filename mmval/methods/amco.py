@@ -4,7 +4,7 @@ Paper: Zhou et al., "Adaptive Mask Co-Optimization for Modal Dependence in Multi
 ICASSP 2023. Follows BalanceBenchmark (GeWu-Lab/BalanceBenchmark,
 `balancemm/trainer/AMCo_trainer.py`, `train_loop` and `training_step`, and
 `BaseClassifierAMCoModel` in `balancemm/models/avclassify_model.py`; defaults from
-`configs/trainer_config.yaml`, AMCo); spec: ../shared/specs/methods-baselines.md, section 6.
+`configs/trainer_config.yaml`, AMCo); spec: docs/methods.md#amco.
 No official repository of the paper was found.
 
 What it changes: the training forward and the loss. Inside the modulation window (0-based,

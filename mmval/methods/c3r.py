@@ -7,7 +7,7 @@ App. G (placement); parent method CaSN (Yang et al., NeurIPS 2023; ymy4323460/Ca
 `domainbed/algorithms.py::CaSN`). Official code read: WangJingyao07/Multi-Modal-Base
 `models/base_vt_causal.py` and `models/base_vta_causal.py`, a sketch that cannot train the
 regulariser (the risk is made of argmax indicators, the counterfactual is cut from the graph,
-shapes mismatch, neither model is registered); spec: ../shared/specs/methods-seeds.md, section 4.
+shapes mismatch, neither model is registered); spec: docs/methods.md#c3r.
 
 What it changes: the head and the loss. The `c3r` fusion (mmval/models/fusion_c3r.py) predicts
 with h(Z), Z = MLP([h_1; ...; h_M]) in R^64. Per batch, with p = softmax(h(Z)) and W the weight

@@ -3,7 +3,7 @@
 Paper: Ma, Zhang, Zhang, Wu, Fu, Zhou, Hu, "Calibrating Multimodal Learning", ICML 2023.
 Follows BalanceBenchmark (GeWu-Lab/BalanceBenchmark, `balancemm/trainer/CML_trainer.py`:
 `conf_loss`, `CMLTrainer.training_step`; defaults from `configs/trainer_config.yaml`); spec:
-../shared/specs/methods-baselines.md, section 6.
+docs/methods.md#cml.
 
 What it changes: the loss. Each epoch draws a random order of the modalities. Inside the
 modulation window (0-based, inclusive), per batch, starting from the fused logits z^(0) = z,

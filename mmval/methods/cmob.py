@@ -2,7 +2,7 @@
 
 Paper: Wang, Cao, Xue, Zhao, Liang, NeurIPS 2025 (OpenReview ygHWfrwFmO). No official code was
 found; this follows the spec built from the poster and a third-party summary
-(../shared/specs/methods-seeds.md, sections 2 and 5). What is neither in the poster nor in the
+(docs/methods.md#cmob). What is neither in the poster nor in the
 summary is marked [ours] and exposed in the config.
 
 What it changes: the training forward (inputs). At the end of every epoch from warmup - 1 on

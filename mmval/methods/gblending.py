@@ -2,7 +2,7 @@
 
 Paper: Wang, Tran, Feiszli, "What Makes Training Multi-Modal Classification Networks Hard?",
 CVPR 2020. There is no official code; this is the spec's variant
-(../shared/specs/methods-baselines.md, section 3.5): separate unimodal heads, a held-out set V
+(docs/methods.md#gblending): separate unimodal heads, a held-out set V
 carved from the train split, and the paper's delta form of the weights. The data split, the
 sub-model training and the schedule follow MultiBench (pliang279/MultiBench,
 `training_structures/gradient_blend.py`: `train`, `gb_estimate`, `train_unimodal`,

@@ -4,7 +4,7 @@ Paper: Wu, Jastrzebski, Cho, Geras, "Characterizing and Overcoming the Greedy Na
 in Multi-modal Deep Neural Networks", ICML 2022. Follows the official code
 (nyukat/greedy_multimodal_learning: `src/callbacks.py::Bias_Mitigation_Strong`,
 `src/balanced_mmtm.py`, `src/model.py`, `train.py`, `configs/training_guided.gin`); spec:
-../shared/specs/methods-baselines.md, section 3.6. BalanceBenchmark's `Greedy_trainer.py` was
+docs/methods.md#greedy. BalanceBenchmark's `Greedy_trainer.py` was
 read for comparison.
 
 The model: two branches exchanging information through MMTM blocks (`model.mmtm`, see

@@ -7,8 +7,7 @@ method section: the components are the paper's (a modality discriminative knowle
 network, per-modality discriminative features and heads aligned by a contrastive loss; a
 beta-generalised front-door adjustment of the predominant modality's effect on Y that also
 ranges over the auxiliary modality; loss weights gamma_1, gamma_2; plug-in on a fusion + target
-head such as QMF's), every formula below is [ours]. Spec: ../shared/specs/methods-seeds.md,
-section 3.
+head such as QMF's), every formula below is [ours]. Spec: docs/methods.md#imml.
 
 What it changes: the head and the loss. The `imml` fusion (mmval/models/fusion_imml.py) holds
 the projectors m_k = D_k(h_k) (R^256), the front-door context attention of W_q m_p over a FIFO

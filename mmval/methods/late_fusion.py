@@ -2,7 +2,7 @@
 
 Source: the `latefusion` baseline of QMF's official code (QingyangZhang/QMF,
 `text-image-classification/src/models/late_fusion.py` with `df=False`, and the loss of
-`train_qmf.py` `model_forward`); spec: ../shared/specs/methods-baselines.md, section 2.
+`train_qmf.py` `model_forward`); spec: docs/methods.md#late_fusion.
 
 What it changes: the loss only. With the `late` fusion (one head per modality,
 z = (1/M) sum_m z_m, the official 0.5 / 0.5 for two modalities), the objective is

@@ -3,7 +3,7 @@
 Follows BalanceBenchmark (GeWu-Lab/BalanceBenchmark, `balancemm/trainer/LFM_trainer.py`:
 `Alignment`, `getAlpha_Learnable`, `LFMTrainer.fit` and `training_step`; defaults from
 `configs/trainer_config.yaml`, LFM, and the initial weights in `fit`); spec:
-../shared/specs/methods-baselines.md, section 6. BalanceBenchmark's README lists LFM without a
+docs/methods.md#lfm. BalanceBenchmark's README lists LFM without a
 citation and no official repository was found, so its code is the only source followed.
 
 What it changes: the loss, with a weight learned on validation data. With z the fused logits

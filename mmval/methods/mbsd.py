@@ -2,7 +2,7 @@
 
 Follows BalanceBenchmark (GeWu-Lab/BalanceBenchmark, `balancemm/trainer/MBSD_trainer.py`,
 `MBSDTrainer.training_step`; defaults from `configs/trainer_config.yaml`, MBSD); spec:
-../shared/specs/methods-baselines.md, section 6. BalanceBenchmark's README lists MBSD without a
+docs/methods.md#mbsd. BalanceBenchmark's README lists MBSD without a
 citation and no official repository was found, so its code is the only source followed.
 
 What it changes: the loss. Inside the modulation window (0-based, inclusive), with z_m the

@@ -4,7 +4,7 @@ Paper: Zhang, Latham, Yao, "Multimodal Representation Learning by Alternating Un
 Adaptation", CVPR 2024. Follows the official code (Cecile-hi/Multimodal-Learning-with-
 Alternating-Unimodal-Adaptation, `main.py` `train_epoch` with `gs_flag`, `utils/utils.py`
 `GSPlugin`) and BalanceBenchmark's `balancemm/trainer/MLA_trainer.py`; spec:
-../shared/specs/methods-baselines.md, section 3.7.
+docs/methods.md#mla.
 
 What it changes: the step schedule and the head's gradient. The `shared` fusion
 (mmval/models/fusion.py) applies one linear head H to every modality and predicts with fixed or

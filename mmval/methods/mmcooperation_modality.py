@@ -4,7 +4,7 @@ Paper: Wei, Feng, Wang, Hu, "Enhancing Multimodal Cooperation via Sample-level M
 Valuation", CVPR 2024 (modality-level strategy, supplement Eq. 8). Follows the official code
 (GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation @7ed12b0: `code/modality_level.py`
 `execute_modulation`, `main`; `code/datasets/dataloader.py` `AV_KS_Dataset_modality_level`);
-spec: ../shared/specs/methods-seeds.md, sections 1 and 5.
+spec: docs/methods.md#mmcooperation_modality.
 
 What it changes: the epoch's samples and the training forward. Epochs 0 .. warmup - 1 are plain
 training. At the end of every epoch from warmup - 1 on:

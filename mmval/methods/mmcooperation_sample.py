@@ -5,7 +5,7 @@ Valuation", CVPR 2024 (sample-level strategy, supplement Eq. 7). Follows the off
 (GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation @7ed12b0: `code/sample_level.py`
 `execute_modulation`, `train_epoch`, `main`; `code/datasets/dataloader.py`
 `AV_KS_Dataset_sample_level`; `code/models/models.py` `AVClassifier.forward`, `exec_drop`);
-spec: ../shared/specs/methods-seeds.md, sections 1 and 5.
+spec: docs/methods.md#mmcooperation_sample.
 
 What it changes: the epoch's samples and the training forward. Epochs 0 .. warmup - 1 are plain
 training. At the end of every epoch from warmup - 1 on, every training sample is valued (eval

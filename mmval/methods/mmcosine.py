@@ -2,7 +2,7 @@
 
 Paper: Xu, Feng, Hu, Wei, "MMCosine: Multi-Modal Cosine Loss Towards Balanced Audio-Visual
 Fine-Grained Learning", ICASSP 2023. Follows the official code (GeWu-Lab/MMCosine_ICASSP23,
-`main_CD.py`, `--mmcosine True`); spec: ../shared/specs/methods-baselines.md, section 3.4.
+`main_CD.py`, `--mmcosine True`); spec: docs/methods.md#mmcosine.
 
 What it changes: only the head. z_m[c] = s cos(h_m, w_{m,c}) against modality m's slice of a
 bias-free concat head, z = sum_m z_m, L = CE(z, y), and the same logits at test time. That head

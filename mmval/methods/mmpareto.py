@@ -2,8 +2,7 @@
 
 Paper: Wei, Hu, "MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance",
 ICML 2024. Follows the official code (GeWu-Lab/MMPareto_ICML2024, `code/MMPareto.py`,
-`train_epoch`, and `code/min_norm_solvers.py`); spec: ../shared/specs/methods-baselines.md,
-section 3.8.
+`train_epoch`, and `code/min_norm_solvers.py`); spec: docs/methods.md#mmpareto.
 
 What it changes: each modality gets its own linear head (from `build_modules`, trained with its
 own cross-entropy, never used for prediction). Per batch, the multimodal loss L_mm = CE(z) and

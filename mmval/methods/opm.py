@@ -4,7 +4,7 @@ Paper: Wei, Hu, Wang, Peng, Hu, "On-the-fly Modulation for Balanced Multimodal L
 TPAMI 2024 (the companion of OGM-GE). No official OPM code was found; follows BalanceBenchmark
 (GeWu-Lab/BalanceBenchmark, `balancemm/trainer/OPM_trainer.py`: `Modality_drop`,
 `OPMTrainer.training_step`; defaults from `configs/trainer_config.yaml`); spec:
-../shared/specs/methods-baselines.md, section 6.
+docs/methods.md#opm.
 
 What it changes: the training forward. Per batch, inside the modulation window (0-based,
 inclusive):

@@ -3,7 +3,7 @@
 Paper: Fan, Xu, Wei, Wu, Guo, "PMR: Prototypical Modal Rebalance for Multimodal Learning",
 CVPR 2023. Follows the official code (fanyunfeng-bit/Modal-Imbalance-PMR,
 `main_Prototype_grad.py`: `calculate_prototype`, `train_epoch` with `--modulation Proto`); spec:
-../shared/specs/methods-baselines.md, section 3.3.
+docs/methods.md#pmr.
 
 What it changes: the loss, plus an epoch hook for prototypes.
 - Prototypes c_m^k: the mean encoder-m feature of the training samples of class k, computed in

@@ -4,7 +4,7 @@ Paper: Zhang, Wu, Zhang, Zhu, Hu, Zhou, Peng, "Provable Dynamic Fusion for Low-Q
 Multimodal Data", ICML 2023. Follows the official code (QingyangZhang/QMF,
 `text-image-classification/train_qmf.py`: `model_forward`, `rank_loss`; `History` of
 `src/utils/utils.py`; `src/models/late_fusion.py` with `df=True`); spec:
-../shared/specs/methods-baselines.md, section 3.11.
+docs/methods.md#qmf.
 
 What it changes: the head and the loss. The `qmf` fusion (mmval/models/fusion.py) gives each
 modality its own head z_m and predicts z = sum_m sg(w_m) z_m, w_m = logsumexp(z_m) / 10. The

@@ -9,7 +9,7 @@ ICML 2024. Follows the official code (huacong/ReconBoost: `train.py` `main` for 
 (GeWu-Lab/BalanceBenchmark `balancemm/trainer/ReconBoost_trainer.py`,
 `BaseClassifierReconBoostModel` in `balancemm/models/avclassify_model.py`,
 `configs/trainer_config.yaml` ReconBoost); spec:
-../shared/specs/methods-baselines.md, section 6. Of the paper only the abstract was read; the
+docs/methods.md#reconboost. Of the paper only the abstract was read; the
 code has three parts, which its names tie to the paper's: the boosting loss (the KL-based
 reconcilement in gradient-boosting form), `ga_loss` (memory consolidation, by elimination) and
 phase 2 (commented "global rectification scheme" in `train_MSA.py`).

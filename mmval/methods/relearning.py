@@ -3,7 +3,7 @@
 Paper: Wei, Li, Hu, "Diagnosing and Re-learning for Balanced Multimodal Learning", ECCV 2024.
 Follows the official code (GeWu-Lab/Diagnosing_Relearning_ECCV2024, `code/ours.py`: `main`,
 `get_feature`, `reinit_score`, `purity_score`, `reinit`); spec:
-../shared/specs/methods-baselines.md, section 3.9.
+docs/methods.md#relearning.
 
 What it changes: nothing in the step. After epoch e (0-based) with e > 0 and e % R == 0 has been
 trained and evaluated (so at the start of epoch e + 1, as the official loop orders it), at most

@@ -2,7 +2,7 @@
 
 Paper: Han, Zhang, Fu, Zhou, "Trusted Multi-View Classification", ICLR 2021. Follows the
 official code (hanmenghan/TMC, `TMC ICLR/model.py`: `TMC.forward`, `ce_loss`, `KL`; `train.py`);
-spec: ../shared/specs/methods-baselines.md, section 3.12.
+spec: docs/methods.md#tmc.
 
 What it changes: the head and the loss. The `tmc` fusion (mmval/models/fusion.py) gives each
 modality a Dirichlet alpha_m = softplus(W_m h_m + b_m) + 1 and folds the opinions by

@@ -2,7 +2,7 @@
 
 Paper: Du, Teng, Wang, Ma, Shen, Li, Zhao, Mo, Cui, Yao, "On Uni-Modal Feature Learning in
 Supervised Multi-Modal Learning", ICML 2023 (Uni-Modal Ensemble). No official code was found and
-BalanceBenchmark has no UME (spec: ../shared/specs/methods-baselines.md, section 3.10); this
+BalanceBenchmark has no UME (docs/methods.md#ume); this
 follows the paper's description as the spec gives it.
 
 What it changes: the loss. On a `late` fusion model (one encoder and one linear head per modality,

@@ -7,7 +7,7 @@ and no evaluated proper subset of T is more confident, else 0. A sample costs 2M
 evaluations (the full set, the M leave-one-out sets, the M singletons). Without the condition,
 Phi is twice the Shapley value for M = 2. Modality j is weak for sample i when Phi_j <= 1.
 
-Ambiguities of the poster and how this reads them (see shared/specs/methods-seeds.md):
+Ambiguities of the poster and how this reads them (see docs/methods.md#cmob):
 - Conf is the softmax probability of the true class (for a correct prediction, the maximum).
 - "Conf(C) <= Conf(T) for subsets C of T" is checked against the proper, non-empty subsets of T
   that are evaluated for the sample anyway: for the full set, every leave-one-out set and every

@@ -1,7 +1,7 @@
 """Audio decoding with PyAV and the two spectrograms the reference recipes use.
 
 `kaldi_fbank` is the Kinetics-Sounds/AST feature and `stft_log_magnitude` the OGM-GE CREMA-D and
-VGGSound one (../shared/specs/data.md, A.1 and A.2); both follow the reference code step for step
+VGGSound one (docs/data.md#audio-features); both follow the reference code step for step
 so that published numbers stay comparable.
 """
 

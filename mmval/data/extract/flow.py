@@ -2,7 +2,7 @@
 
 The UCF-101 references read TV-L1 flow stored as grayscale JPEGs, `clip(flow, ±bound)` mapped
 linearly to 0..255 (dense_flow `-b 20`). TV-L1 costs ~0.5 s per 224×224 pair on a CPU core and
-needs opencv-contrib, so DIS (medium preset, ~3 ms) is the default (../shared/specs/data.md, C).
+needs opencv-contrib, so DIS (medium preset, ~3 ms) is the default (docs/data.md#optical-flow).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Frame sampling from video files with PyAV, JPEG coding, and the reference segment picker.
 
-Decoding is the dominant cost of `mmval prep` (../shared/specs/data.md, C): frames are decoded
+Decoding is the dominant cost of `mmval prep` (docs/data.md#preparation-cost): frames are decoded
 in-process, only the kept ones are converted to RGB (and resized in the same swscale call), decoding
 stops after the last needed frame, and the decoder seeks only when a keyframe lies between the
 current position and the next target (seeking on every target re-decodes whole GOPs).

@@ -18,9 +18,9 @@ by the spurious degree s:
 Deviations and resolved gaps:
 - Both papers print x = sigmoid(Phi1(t) * Phi2(t)). Element-wise that product is identically 0
   (Phi1 is nonzero only for t > 0, Phi2 only for t < 0), so every x would be 0.5. We use the sum,
-  a piecewise shift of t by -0.5 sign(t) ([ours], spec methods-seeds.md).
+  a piecewise shift of t by -0.5 sign(t) ([ours]).
 - C3R's "different parameters per modality": optional fixed random mixing A_m with i.i.d.
-  N(0, 1/(4d)) entries (the spec's N(0, 1/20) for d = 5), drawn once from the seed
+  N(0, 1/(4d)) entries (N(0, 1/20) for d = 5), drawn once from the seed
   (`mixing: true`; default off, A_m = I).
 - C3R draws each modality's SNC from Bern(theta_m) with theta lost; by default every modality
   shares sn [ours]. `theta: [...]` draws sn_m ~ Bern(theta_m) independently and takes y from the
