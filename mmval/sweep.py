@@ -45,10 +45,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from mmval.compose import compose_recipe
 from mmval.engine.train import LAST, TrainCallbacks, Trainer, ensure_data, join_ranks
 from mmval.errors import UserError
 from mmval.methods import METHODS, MethodConfigUnion
-from mmval.overrides import apply_overrides
 from mmval.recipe import (
     NAME_PATTERN,
     SWEEP_KEYS,
@@ -56,7 +56,6 @@ from mmval.recipe import (
     _fill_placeholders,
     check_against_data,
     parse_recipe,
-    read_recipe_yaml,
 )
 from mmval.validation import format_problems, problems_of
 
@@ -130,11 +129,8 @@ class RunOutcome:
 
 
 def load_plan(path: Path, overrides: Sequence[str] = ()) -> SweepPlan:
-    """A recipe file (sweep or not) and its `--set` overrides -> the runs it asks for."""
-    raw = read_recipe_yaml(path)
-    if overrides and isinstance(raw, dict):
-        raw = apply_overrides(raw, overrides)
-    return plan_from_raw(raw, str(path))
+    """A recipe file (sweep or not), its bases and its `--set` overrides -> the runs it asks for."""
+    return plan_from_raw(compose_recipe(path, overrides), str(path))
 
 
 def plan_from_raw(raw: Any, where: str) -> SweepPlan:
