@@ -26,6 +26,9 @@ that set it themselves (`{name: pmr, alpha: 2.0}` keeps its alpha). A sweep whos
 `model.fusion` out gives each method the fusion it is defined with (imml, c3r, cosine for
 mmcosine, ...; concat for most).
 
+A sweep file may name bases (`base: base/uci-mfeat.yaml`, mmval.compose) like any recipe;
+they are merged in before the sweep is expanded.
+
 Finished runs are skipped, so a stopped sweep is restarted by running it again (with `--resume`
 for the run it stopped in). A run that fails with a user error does not stop the others: the
 sweep lists it at the end and the CLI exits 1. Anything else (a bug, Ctrl-C) stops the sweep at
