@@ -589,7 +589,7 @@ def recipe_validate(
     file: Annotated[Path, typer.Argument(help="recipe YAML file")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a field")] = None,
 ) -> None:
-    """Check a recipe and print it with every default filled in.
+    """Check a recipe and print it with its bases merged in and every default filled in.
 
     Example: mmval recipe validate recipes/concat-uci-mfeat.yaml --set train.epochs=1
     """

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from mmval.compose import compose_recipe
 from mmval.data.prep import prepare
 from mmval.engine.train import BEST, TrainCallbacks, Trainer
-from mmval.overrides import apply_overrides
-from mmval.recipe import Recipe, parse_recipe, read_recipe_yaml
+from mmval.recipe import Recipe, parse_recipe
 from mmval.report import collect_runs, summarize
 from mmval.valuation.run import contribution_summary, value_checkpoint, write_valuation
 
@@ -32,8 +32,9 @@ class QuickstartResult:
 
 
 def packaged_recipe(file_name: str, overrides: list[str]) -> Recipe:
+    """A recipe shipped in the package; its bases (recipes/base/) are shipped next to it."""
     with resources.as_file(resources.files("mmval.recipes") / file_name) as path:
-        raw = apply_overrides(read_recipe_yaml(path), overrides)
+        raw = compose_recipe(path, overrides)
     return parse_recipe(raw, file_name)
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from mmval.compose import compose_recipe
 from mmval.data.dataset import FrameAugment
 from mmval.data.shards import sha256_json
 from mmval.errors import UserError
@@ -25,7 +26,6 @@ from mmval.methods import MethodConfigUnion
 from mmval.methods.concat import ConcatConfig
 from mmval.models import ModelConfig
 from mmval.models.fusion import TWO_MODALITY_ONLY
-from mmval.overrides import apply_overrides
 from mmval.validation import format_problems, problems_of
 from mmval.valuation.config import TrainValuationConfig
 
@@ -274,21 +274,9 @@ def parse_recipe(raw: Any, where: str) -> Recipe:
     return recipe
 
 
-def read_recipe_yaml(path: Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe file {path} does not exist.")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"recipe {path} is not valid YAML: {exc}") from None
-
-
-def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    raw = read_recipe_yaml(path)
-    if overrides and isinstance(raw, dict):
-        raw = apply_overrides(raw, overrides)
-    return parse_recipe(raw, str(path))
+def load_recipe(path: Path, overrides: Sequence[str] = ()) -> Recipe:
+    """A recipe file, its bases composed (mmval.compose) and `--set` applied, validated."""
+    return parse_recipe(compose_recipe(path, overrides), str(path))
 
 
 def recipe_json_schema() -> dict:

@@ -26,6 +26,9 @@ that set it themselves (`{name: pmr, alpha: 2.0}` keeps its alpha). A sweep whos
 `model.fusion` out gives each method the fusion it is defined with (imml, c3r, cosine for
 mmcosine, ...; concat for most).
 
+A sweep file may name bases (`base: base/uci-mfeat.yaml`, mmval.compose) like any recipe;
+they are merged in before the sweep is expanded.
+
 Finished runs are skipped, so a stopped sweep is restarted by running it again (with `--resume`
 for the run it stopped in). A run that fails with a user error does not stop the others: the
 sweep lists it at the end and the CLI exits 1. Anything else (a bug, Ctrl-C) stops the sweep at
@@ -45,10 +48,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from mmval.compose import compose_recipe
 from mmval.engine.train import LAST, TrainCallbacks, Trainer, ensure_data, join_ranks
 from mmval.errors import UserError
 from mmval.methods import METHODS, MethodConfigUnion
-from mmval.overrides import apply_overrides
 from mmval.recipe import (
     NAME_PATTERN,
     SWEEP_KEYS,
@@ -56,7 +59,6 @@ from mmval.recipe import (
     _fill_placeholders,
     check_against_data,
     parse_recipe,
-    read_recipe_yaml,
 )
 from mmval.validation import format_problems, problems_of
 
@@ -130,11 +132,8 @@ class RunOutcome:
 
 
 def load_plan(path: Path, overrides: Sequence[str] = ()) -> SweepPlan:
-    """A recipe file (sweep or not) and its `--set` overrides -> the runs it asks for."""
-    raw = read_recipe_yaml(path)
-    if overrides and isinstance(raw, dict):
-        raw = apply_overrides(raw, overrides)
-    return plan_from_raw(raw, str(path))
+    """A recipe file (sweep or not), its bases and its `--set` overrides -> the runs it asks for."""
+    return plan_from_raw(compose_recipe(path, overrides), str(path))
 
 
 def plan_from_raw(raw: Any, where: str) -> SweepPlan:

@@ -2,7 +2,8 @@
 `mmval recipe validate` does (schema, then the method's and the model's cross-checks), also
 against the modalities of the data set it names; every method has its uci-mfeat and
 synthetic-av recipes; and the balancing methods have CREMA-D and Kinetics-Sounds recipes in the
-published setting (SGD with momentum 0.9, ResNet-18 encoders)."""
+published setting (SGD with momentum 0.9, ResNet-18 encoders). The bases in recipes/base/ are
+no recipes of their own: each must be a base of some recipe."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mmval.compose import compose_recipe
 from mmval.data.manifest import load_dataset_manifest
 from mmval.methods import METHODS
 from mmval.recipe import Recipe, StepSchedule, load_recipe
 
 RECIPES = Path(__file__).parents[1] / "recipes"
-# sweep-*.yaml are sweeps (methods:, grid:), expanded and validated in test_sweep.py
+# sweep-*.yaml are sweeps (methods:, grid:), expanded and validated in test_sweep.py; the bases
+# (recipes/base/) are checked through the recipes that name them
 FILES = sorted(p for p in RECIPES.glob("*.yaml") if not p.stem.startswith("sweep-"))
+BASES = sorted((RECIPES / "base").glob("*.yaml"))
 
 # The baselines of the balancing literature, each with CREMA-D / Kinetics-Sounds recipes in its
 # published setting; every method needs its uci-mfeat and synthetic-av recipes (over METHODS).
@@ -57,11 +61,19 @@ def header_commands(path: Path) -> str:
     return "\n".join(comments).replace("\\\n", " ")
 
 
+def bases_of(path: Path) -> list[Path]:
+    """The base files a recipe composes, its bases' bases included."""
+    names = yaml.safe_load(path.read_text()).get("base", [])
+    direct = [(path.parent / n).resolve() for n in ([names] if isinstance(names, str) else names)]
+    return [p for base in direct for p in (base, *bases_of(base))]
+
+
 def prepared_by(path: Path) -> dict[str, str]:
     """data directory -> data set, from the `mmval prep <dataset> ... --out <dir>` commands that
-    the recipe's header shows."""
+    the headers of the recipe and its bases show."""
     found = {}
-    for match in re.finditer(r"mmval prep (\S+)([^\n]*)", header_commands(path)):
+    headers = "\n".join(header_commands(p) for p in (path, *bases_of(path)))
+    for match in re.finditer(r"mmval prep (\S+)([^\n]*)", headers):
         out = re.search(r"(?:^|\s)--out\s+(\S+)", match.group(2))
         if out:
             found[out.group(1)] = match.group(1)
@@ -70,13 +82,14 @@ def prepared_by(path: Path) -> dict[str, str]:
 
 def data_set_of(path: Path) -> str:
     """The built-in data set a recipe trains on: data.dataset, or the data set whose prep
-    command in the header writes data.path."""
-    data = yaml.safe_load(path.read_text())["data"]
+    command in the headers of the recipe or its bases writes data.path."""
+    data = compose_recipe(path)["data"]
     if data.get("dataset"):
         return str(data["dataset"])
     outputs = prepared_by(path)
     assert str(data["path"]) in outputs, (
-        f"{path.name}: its header shows no `mmval prep <dataset> ... --out {data['path']}`"
+        f"{path.name}: no header of it or its bases shows `mmval prep <dataset> ... --out "
+        f"{data['path']}`"
     )
     return outputs[str(data["path"])]
 
@@ -99,6 +112,13 @@ def test_recipe_validates(path: Path):
     if recipe.data.modalities is None and modalities is not None:
         # as the run sees it: the method's cross-checks against the data's modalities
         load_recipe(path, [f"data.modalities=[{', '.join(modalities)}]"])
+
+
+@pytest.mark.parametrize("base", BASES, ids=[p.stem for p in BASES])
+def test_every_base_is_used(base: Path):
+    users = [p.name for p in RECIPES.glob("*.yaml") if base.resolve() in bases_of(p)]
+    assert users, f"no recipe names recipes/base/{base.name}"
+    assert isinstance(compose_recipe(base), dict)
 
 
 def test_recipe_names_are_distinct():

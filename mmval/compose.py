@@ -1,0 +1,106 @@
+"""Composed recipes: `base: [path, ...]` at the top of a recipe or sweep file.
+
+Each base is read (its path relative to the file that names it; bases may name bases), the bases
+are merged in order, then the file's own fields on top, then the `--set` overrides. Mappings merge
+key by key; lists and scalars replace. A mapping whose discriminator (`name` of a method, a
+scheduler or a fusion, `kind` of an encoder) differs from the base's replaces the base's mapping
+whole, so that the fields of one method or encoder kind never leak into another. `base` itself
+never reaches the schema.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmval.errors import UserError
+from mmval.overrides import apply_overrides
+
+BASE_KEY = "base"
+
+# Recipe paths whose mapping is one of several configs told apart by a key ("*": any key).
+DISCRIMINATORS: dict[tuple[str, ...], str] = {
+    ("method",): "name",
+    ("optim", "scheduler"): "name",
+    ("model", "fusion"): "name",
+    ("model", "encoder"): "kind",
+    ("model", "encoders", "*"): "kind",
+}
+
+
+def _discriminator(path: tuple[str, ...]) -> str | None:
+    for pattern, key in DISCRIMINATORS.items():
+        if len(pattern) != len(path):
+            continue
+        if all(want in ("*", got) for want, got in zip(pattern, path, strict=True)):
+            return key
+    return None
+
+
+def merge(base: Any, over: Any, path: tuple[str, ...] = ()) -> Any:
+    """`over` on top of `base` (neither is changed), by the rule of the module docstring."""
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return copy.deepcopy(over)
+    key = _discriminator(path)
+    if key is not None and key in base and key in over and base[key] != over[key]:
+        return copy.deepcopy(over)
+    merged = copy.deepcopy(base)
+    for name, value in over.items():
+        merged[name] = merge(base.get(name), value, (*path, str(name)))
+    return merged
+
+
+def _read(path: Path, chain: tuple[Path, ...]) -> Any:
+    what = f"recipe base {path} (named by {chain[-1]})" if chain else f"recipe {path}"
+    if not path.is_file():
+        raise UserError(f"{what if chain else f'recipe file {path}'} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"{what} is not valid YAML: {exc}") from None
+    if chain and not isinstance(raw, dict):
+        raise UserError(f"{what} must be a YAML mapping of recipe fields.")
+    return raw
+
+
+def _base_paths(raw: dict[str, Any], path: Path) -> list[Path]:
+    names = raw[BASE_KEY]
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise UserError(
+            f"{path}: base must be a file name or a list of file names, relative to "
+            f"{path.parent}; it is {names!r}."
+        )
+    return [path.parent / name for name in names]
+
+
+def _compose(path: Path, chain: tuple[Path, ...]) -> Any:
+    """The file at `path` with its bases merged in; `chain`: the files that led to it."""
+    raw = _read(path, chain)
+    if not isinstance(raw, dict) or BASE_KEY not in raw:
+        return raw
+    here = (*chain, path)
+    composed: dict[str, Any] = {}
+    for base in _base_paths(raw, path):
+        if base.resolve() in {p.resolve() for p in here}:
+            cycle = " -> ".join(str(p) for p in (*here, base))
+            raise UserError(f"recipe bases form a cycle: {cycle}.")
+        composed = merge(composed, _compose(base, here))
+    return merge(composed, {k: v for k, v in raw.items() if k != BASE_KEY})
+
+
+def compose_recipe(path: Path, overrides: Sequence[str] = ()) -> Any:
+    """A recipe or sweep file as the schema reads it: its bases, its own fields, then `--set`.
+
+    The one reader of recipe files (`load_recipe`, `load_plan`, the quickstart's packaged
+    recipes); a file that is not a mapping comes back as read, for the caller to report.
+    """
+    raw = _compose(Path(path), ())
+    if overrides and isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides)
+    return raw
