@@ -23,7 +23,7 @@ from mmval.methods.mla import MLA, MLAConfig, update_projection
 from mmval.methods.qmf import QMF, QMFConfig, normalise_history, rank_loss
 from mmval.methods.tmc import TMC, TMCConfig, dirichlet_kl_to_uniform, evidential_loss
 from mmval.models import ModelConfig, build_model
-from mmval.models.fusion import combine_evidence
+from mmval.models.fusions.tmc import combine_evidence
 from mmval.recipe import load_recipe, parse_recipe
 
 
@@ -240,7 +240,7 @@ def test_shared_fusion_refuses_unequal_sizes_and_stray_weights():
     with pytest.raises(UserError, match="out_dim"):
         build_model(sizes, specs, 3)
     stray = ModelConfig(fusion="shared", fusion_weights={"a": 1.0, "b": 0.0})
-    with pytest.raises(UserError, match="fusion_weights"):
+    with pytest.raises(UserError, match=r"model\.fusion\.weights"):
         build_model(stray, specs, 3)  # dynamic inference reads no weights
 
 
