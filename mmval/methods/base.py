@@ -38,6 +38,7 @@ from mmval.data.dataset import Batch, TaggedPositions
 from mmval.distributed import GradientSync, shard_bounds, world_size
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.models.fusions import FUSIONS, FusionConfig, count_phrase
+from mmval.registry import tag_of
 
 
 class MethodConfig(BaseModel):
@@ -68,22 +69,24 @@ class MethodConfig(BaseModel):
         ClassVars declare."""
         return []
 
-    def lacks(self, fusion: type[FusionConfig] | FusionConfig) -> str | None:
+    @classmethod
+    def lacks(cls, fusion: type[FusionConfig]) -> str | None:
         """What this method needs that the fusion does not offer (None: nothing)."""
-        if self.fusions is not None and fusion.name not in self.fusions:
+        if cls.fusions is not None and tag_of(fusion) not in cls.fusions:
             return "fusion"
-        if self.needs_additive and not fusion.additive:
+        if cls.needs_additive and not fusion.additive:
             return "additive"
-        if self.needs_unimodal_logits and not fusion.decomposable:
+        if cls.needs_unimodal_logits and not fusion.decomposable:
             return "logits"
         return None
 
-    def fitting_fusions(self, count: int | None) -> str:
+    @classmethod
+    def fitting_fusions(cls, count: int | None) -> str:
         """The registered fusions this method can train on `count` modalities, as a list."""
         names = [
             tag
             for tag, fusion in FUSIONS.items()
-            if self.lacks(fusion) is None and (count is None or fusion.takes(count))
+            if cls.lacks(fusion) is None and (count is None or fusion.takes(count))
         ]
         return " or ".join(", ".join(names).rsplit(", ", 1))
 
@@ -97,7 +100,7 @@ class MethodConfig(BaseModel):
         built_on = None if modalities is None else self.model_modalities(modalities)
         count = None if built_on is None else len(built_on)
         fusion = model.fusion
-        lacking = None if fusion is None else self.lacks(fusion)
+        lacking = None if fusion is None else self.lacks(type(fusion))
         if fusion is not None and lacking is not None:
             found.append(("model.fusion", self._lacking(lacking, fusion.name, count)))
         if modalities is not None and not (

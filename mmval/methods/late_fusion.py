@@ -36,7 +36,7 @@ from mmval.methods.base import (
 from mmval.models import ModelOutput, MultimodalModel
 
 
-class LateFusionConfig(MethodConfig):
+class LateFusionMethodConfig(MethodConfig):
     fusion: ClassVar[str] = "late"
     fusions: ClassVar[tuple[str, ...] | None] = ("late",)
     min_modalities: ClassVar[int] = 2
@@ -49,8 +49,8 @@ class LateFusionConfig(MethodConfig):
 
 
 class LateFusionMethod(Method):
-    Config: ClassVar[type[MethodConfig]] = LateFusionConfig
-    config: LateFusionConfig
+    Config: ClassVar[type[MethodConfig]] = LateFusionMethodConfig
+    config: LateFusionMethodConfig
 
     def loss(
         self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
