@@ -197,8 +197,8 @@ class Recipe(_Strict):
         else:
             return data  # the method is invalid, and named so
         model = data.get("model", {})
-        if isinstance(model, ModelConfig):
-            model = model.model_dump(exclude_unset=True)
+        if isinstance(model, ModelConfig) and model.fusion is None:
+            model = model.model_dump(exclude={"fusion"})
         if not isinstance(model, dict):
             return data
         fusion = model.get("fusion")
