@@ -80,7 +80,7 @@ class GreedyConfig(MethodConfig):
                 (
                     "model.fusion",
                     f"greedy's branch loss needs per-modality logits; {model.fusion.name} fusion "
-                    f"has none (use {self.fitting_fusions(None)}; official: late)",
+                    "has none (official: late)",
                 )
             )
         return found
