@@ -185,17 +185,18 @@ class Recipe(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _method_fusion(cls, data: Any) -> Any:
-        """A model without `fusion` (or a fusion mapping without `name`) gets the method's own
-        fusion, the one it is defined with."""
+        """A model without `fusion` gets the method's own fusion, the one it is defined with; a
+        fusion mapping without `name` gives settings of that fusion."""
         if not isinstance(data, dict):
             return data
         method = data.get("method", ConcatConfig())
         if isinstance(method, dict) and method.get("name") in METHODS:
-            own = METHODS[method["name"]].Config.fusion
+            config = METHODS[method["name"]].Config
         elif isinstance(method, MethodConfig):
-            own = method.fusion
+            config = type(method)
         else:
             return data  # the method is invalid, and named so
+        own = {"name": config.fusion, **config.fusion_settings}
         model = data.get("model", {})
         if isinstance(model, ModelConfig) and model.fusion is None:
             model = model.model_dump(exclude={"fusion"})
@@ -205,7 +206,7 @@ class Recipe(_Strict):
         if fusion is None:
             model = {**model, "fusion": own}
         elif isinstance(fusion, dict) and "name" not in fusion:
-            model = {**model, "fusion": {**fusion, "name": own}}
+            model = {**model, "fusion": {**own, **fusion}}
         return {**data, "model": model}
 
     @field_validator("seeds")

@@ -95,6 +95,13 @@ def test_shorthand_and_the_methods_own_fusion(recipe_file):
             recipe_file(method={"name": method}, **changes, data__modalities=["a", "b"])
         )
         assert recipe.model.fusion == FUSIONS[fusion](), method
+    # with the settings it is defined with
+    recipe = load_recipe(recipe_file(method={"name": "reconboost"}))
+    assert recipe.model.fusion == SharedFusionConfig(inference="fixed")
+    recipe = load_recipe(recipe_file(method={"name": "reconboost"}, model__fusion_weights=None))
+    assert recipe.model.fusion == SharedFusionConfig(inference="fixed")
+    with pytest.raises(UserError, match="reconboost needs fused logits"):  # flat ones win
+        load_recipe(recipe_file(method={"name": "reconboost"}, model__fusion_inference="dynamic"))
     # a mapping without a name, and the old flat fields, are the method's fusion's settings
     for model in ({"fusion": {"scale": 15.0}}, {"fusion_scale": 15.0}):
         recipe = load_recipe(recipe_file(method={"name": "mmcosine"}, model=model))

@@ -48,8 +48,10 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str
-    # the fusion the method is defined with: model.fusion when a recipe gives none, report names
+    # the fusion the method is defined with: model.fusion when a recipe gives none (with these
+    # settings), and report names
     fusion: ClassVar[str] = "concat"
+    fusion_settings: ClassVar[dict[str, Any]] = {}
     fusions: ClassVar[tuple[str, ...] | None] = None  # the fusions it can train (None: any)
     needs_unimodal_logits: ClassVar[bool] = False  # reads each modality's logits
     needs_additive: ClassVar[bool] = False  # needs fused logits that are the sum of those

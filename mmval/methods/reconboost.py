@@ -90,7 +90,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +122,7 @@ class Phase:
 
 class ReconBoostConfig(MethodConfig):
     fusion: ClassVar[str] = "shared"
+    fusion_settings: ClassVar[dict[str, Any]] = {"inference": "fixed"}  # equal weights
     min_modalities: ClassVar[int] = 2
     name: Literal["reconboost"] = "reconboost"
     weight1: float = Field(default=5.0, description="w1, weight of the plain log-likelihood (5)")

@@ -63,8 +63,8 @@ class ModelConfig(BaseModel):
         if config is not None and own:
             checked = _flat_model(config).model_validate(own)  # errors name model.fusion_<x>
             nested = dict(fusion) if isinstance(fusion, dict) else {"name": name}
-            for key in own:
-                nested.setdefault(config.flat_fields[key], getattr(checked, key))
+            for key in own:  # over a mapping's (the method's default settings, say)
+                nested[config.flat_fields[key]] = getattr(checked, key)
             rest["fusion"] = nested
         model = handler(rest)
         model._stray_flat = {
