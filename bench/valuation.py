@@ -66,7 +66,10 @@ def bench_m(m: int, root: Path, repeats: int, batch_size: int, device: torch.dev
     dataset = ParquetSamples(out, "test", names)
     torch.manual_seed(0)
     config = ModelConfig.model_validate(
-        {"encoder": {"kind": "mlp", "hidden": [256], "out_dim": 128, "dropout": 0.2}}
+        {
+            "encoder": {"kind": "mlp", "hidden": [256], "out_dim": 128, "dropout": 0.2},
+            "fusion": "concat",
+        }
     )
     model = build_model(config, dataset.specs, CLASSES).to(device).eval()
     valuation = ValuationConfig()

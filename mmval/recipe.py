@@ -22,10 +22,9 @@ from mmval.compose import compose_recipe
 from mmval.data.dataset import FrameAugment
 from mmval.data.shards import sha256_json
 from mmval.errors import UserError
-from mmval.methods import MethodConfigUnion
+from mmval.methods import METHODS, MethodConfig, MethodConfigUnion
 from mmval.methods.concat import ConcatConfig
 from mmval.models import ModelConfig
-from mmval.models.fusion import TWO_MODALITY_ONLY
 from mmval.validation import format_problems, problems_of
 from mmval.valuation.config import TrainValuationConfig
 
@@ -183,6 +182,33 @@ class Recipe(_Strict):
             dump.pop("valuation", None)
         return dump
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_fusion(cls, data: Any) -> Any:
+        """A model without `fusion` gets the method's own fusion, the one it is defined with; a
+        fusion mapping without `name` gives settings of that fusion."""
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method", ConcatConfig())
+        if isinstance(method, dict) and method.get("name") in METHODS:
+            config = METHODS[method["name"]].Config
+        elif isinstance(method, MethodConfig):
+            config = type(method)
+        else:
+            return data  # the method is invalid, and named so
+        own = {"name": config.fusion, **config.fusion_settings}
+        model = data.get("model", {})
+        if isinstance(model, ModelConfig) and model.fusion is None:
+            model = model.model_dump(exclude={"fusion"})
+        if not isinstance(model, dict):
+            return data
+        fusion = model.get("fusion")
+        if fusion is None:
+            model = {**model, "fusion": own}
+        elif isinstance(fusion, dict) and "name" not in fusion:
+            model = {**model, "fusion": {**own, **fusion}}
+        return {**data, "model": model}
+
     @field_validator("seeds")
     @classmethod
     def _distinct(cls, value: list[int]) -> list[int]:
@@ -197,6 +223,7 @@ class Recipe(_Strict):
         """Identifies the experimental setting: seeds, name, output, valuation (which does not
         change training) and host details excluded."""
         dump = self.model_dump(mode="json", exclude={"seeds", "name", "output", "valuation"})
+        dump["model"] = self.model.flat_dump()  # the layout the hashes of earlier runs read
         dump["train"].pop("device")
         dump["train"].pop("workers")
         for name in HOST_DEFAULTS:
@@ -206,20 +233,9 @@ class Recipe(_Strict):
 
 def _cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
     modalities = recipe.data.modalities
-    found = recipe.method.problems(recipe.model, modalities)
+    found = recipe.method.recipe_problems(recipe.model, modalities)
+    found += recipe.model.flat_problems()
     if modalities is not None:
-        if (
-            recipe.model.fusion in TWO_MODALITY_ONLY
-            and len(modalities) != 2
-            and (recipe.method.name != "unimodal")
-        ):
-            found.append(
-                (
-                    "model.fusion",
-                    f"{recipe.model.fusion} fusion takes exactly 2 "
-                    f"modalities; data.modalities has {len(modalities)}",
-                )
-            )
         for name in recipe.model.encoders:
             if name not in modalities:
                 found.append((f"model.encoders.{name}", "not one of data.modalities"))
@@ -236,6 +252,16 @@ def check_against_data(recipe: Recipe, modalities: list[str]) -> None:
     if found:
         where = f"recipe {recipe.name} on data with modalities {', '.join(modalities)}"
         raise UserError(format_problems(found, where))
+
+
+def current_dump(stored: Any) -> Any:
+    """A recipe dump written by an earlier mmval (summary.json, checkpoints: flat `fusion_*`
+    fields) in today's layout, to compare with a recipe's `model_dump(mode="json")`; a dump that
+    no longer validates comes back unchanged (and so differs)."""
+    try:
+        return Recipe.model_validate(stored).model_dump(mode="json")
+    except ValidationError:
+        return stored
 
 
 def _fill_placeholders(raw: dict) -> dict:

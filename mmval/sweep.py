@@ -178,9 +178,6 @@ def _expand(raw: dict[str, Any], where: str) -> list[Variant]:
                 variant_raw["output"] = str(Path(output) / axes.name)
             if index is not None:
                 variant_raw["method"] = copy.deepcopy(entry)
-            model = variant_raw.setdefault("model", {})
-            if isinstance(model, dict) and "fusion" not in model and entry["name"] in METHODS:
-                model["fusion"] = METHODS[entry["name"]].Config.fusion
             for key, value in swept:
                 _assign(variant_raw, key, value, where)
             try:

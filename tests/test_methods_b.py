@@ -282,7 +282,7 @@ def _save_model(path, names, seed, shape=(3,)):
     """An mmval checkpoint of a freshly built model on `names`."""
     torch.manual_seed(seed)
     specs = [ModalitySpec(name=m, dtype="float32", shape=list(shape)) for m in names]
-    config = ModelConfig(encoder={"hidden": [5], "out_dim": 4, "dropout": 0.5})
+    config = ModelConfig(encoder={"hidden": [5], "out_dim": 4, "dropout": 0.5}, fusion="concat")
     model = build_model(config, specs, 3)
     save_checkpoint(path, {"model": model.state_dict(), "data": {"modalities": list(names)}})
     return model
@@ -379,7 +379,7 @@ def test_umt_distils_frozen_teachers(tmp_path):
         ({"name": "gblending", "v_rate": 1.0}, {}, "v_rate"),
         ({"name": "gblending", "schedule": "sometimes"}, {}, "schedule"),
         ({"name": "linear_probe"}, {}, "checkpoint"),
-        ({"name": "ume"}, {}, "model.fusion"),
+        ({"name": "ume"}, {"model__fusion": "concat"}, "model.fusion"),
         ({"name": "ume"}, {"model__fusion": "late", "data__modalities": ["a"]}, "data.modalities"),
         ({"name": "umt", "teachers": {"a": "a.pt"}}, {"data__modalities": ["a", "b"]}, "teachers"),
         ({"name": "umt", "teachers": {}, "scaling": -1}, {}, "scaling"),
@@ -435,7 +435,7 @@ def _with_checkpoints(method, tmp_path, data, encoder):
 
     def save(name, chosen):
         torch.manual_seed(7)
-        model = build_model(ModelConfig(encoder=encoder), chosen, classes)
+        model = build_model(ModelConfig(encoder=encoder, fusion="concat"), chosen, classes)
         path = tmp_path / f"{name}.pt"
         save_checkpoint(path, {"model": model.state_dict(), "data": {"modalities": []}})
         return str(path)

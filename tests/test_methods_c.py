@@ -18,12 +18,12 @@ from mmval.data.shards import ModalitySpec
 from mmval.engine.train import Trainer
 from mmval.errors import UserError
 from mmval.methods.base import StepTools, TrainContext
-from mmval.methods.late_fusion import LateFusionConfig, LateFusionMethod
+from mmval.methods.late_fusion import LateFusionMethod, LateFusionMethodConfig
 from mmval.methods.mla import MLA, MLAConfig, update_projection
 from mmval.methods.qmf import QMF, QMFConfig, normalise_history, rank_loss
 from mmval.methods.tmc import TMC, TMCConfig, dirichlet_kl_to_uniform, evidential_loss
 from mmval.models import ModelConfig, build_model
-from mmval.models.fusion import combine_evidence
+from mmval.models.fusions.tmc import combine_evidence
 from mmval.recipe import load_recipe, parse_recipe
 
 
@@ -240,7 +240,7 @@ def test_shared_fusion_refuses_unequal_sizes_and_stray_weights():
     with pytest.raises(UserError, match="out_dim"):
         build_model(sizes, specs, 3)
     stray = ModelConfig(fusion="shared", fusion_weights={"a": 1.0, "b": 0.0})
-    with pytest.raises(UserError, match="fusion_weights"):
+    with pytest.raises(UserError, match=r"model\.fusion\.weights"):
         build_model(stray, specs, 3)  # dynamic inference reads no weights
 
 
@@ -294,7 +294,7 @@ def test_late_fusion_loss_adds_the_unimodal_cross_entropies():
     ctx = TrainContext(epoch=0, epochs=1, step=0)
     unimodal = sum(F.cross_entropy(z[m], batch.label) for m in "abc")
     for weight in (1.0, 0.0):
-        method = LateFusionMethod(LateFusionConfig(unimodal_weight=weight), 3)
+        method = LateFusionMethod(LateFusionMethodConfig(unimodal_weight=weight), 3)
         want = F.cross_entropy(fused, batch.label) + weight * unimodal
         assert method.loss(model, out, batch, ctx).item() == pytest.approx(want.item(), rel=1e-6)
 

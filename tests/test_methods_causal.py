@@ -29,7 +29,7 @@ from mmval.methods.c3r import (
 )
 from mmval.methods.imml import IMML, IMMLConfig, info_nce
 from mmval.models import ModelConfig, build_model
-from mmval.models.fusion_imml import IMMLFusion
+from mmval.models.fusions.imml import IMMLFusion
 from mmval.recipe import load_recipe, parse_recipe
 
 
@@ -271,7 +271,7 @@ def test_c3r_model_representation_is_z_of_the_head():
                 "model__fusion_predominant": "c",
                 "data__modalities": ["a", "b"],
             },
-            "model.fusion_predominant",
+            "model.fusion.predominant",
         ),
     ],
 )
@@ -284,7 +284,7 @@ def test_unknown_predominant_modality_is_refused_when_the_model_is_built(recipe_
     recipe = load_recipe(
         recipe_file(method={"name": "imml"}, model__fusion="imml", model__fusion_predominant="z")
     )
-    with pytest.raises(UserError, match=r"model\.fusion_predominant"):
+    with pytest.raises(UserError, match=r"model\.fusion\.predominant"):
         Trainer(recipe, 0).run()
 
 

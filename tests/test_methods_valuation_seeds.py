@@ -215,7 +215,7 @@ def _model(names, num_classes=3, seed=0):
     torch.manual_seed(seed)
     specs = [ModalitySpec(name=m, dtype="float32", shape=[3]) for m in names]
     encoder = {"hidden": [5], "out_dim": 4, "dropout": 0.0}
-    return build_model(ModelConfig(encoder=encoder), specs, num_classes)
+    return build_model(ModelConfig(encoder=encoder, fusion="concat"), specs, num_classes)
 
 
 def _batch(names, n=6, seed=1, tag=None):

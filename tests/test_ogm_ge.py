@@ -40,7 +40,9 @@ def _setup(generalization: bool, params: str = "auto"):
     torch.manual_seed(0)
     specs = [ModalitySpec(name=m, dtype="float32", shape=[3]) for m in ("a", "v")]
     model = build_model(
-        ModelConfig(encoder={"hidden": [4], "out_dim": 4, "dropout": 0.0}), specs, 2
+        ModelConfig(encoder={"hidden": [4], "out_dim": 4, "dropout": 0.0}, fusion="concat"),
+        specs,
+        2,
     )
     batch = Batch(
         inputs={"a": torch.randn(5, 3), "v": torch.randn(5, 3)},

@@ -31,7 +31,9 @@ def brute_force(value: dict[frozenset, float], m: int) -> list[float]:
 def random_model(m: int, seed: int, classes: int = 4):
     torch.manual_seed(seed)
     specs = [ModalitySpec(name=f"x{j}", dtype="float32", shape=[5]) for j in range(m)]
-    config = ModelConfig.model_validate({"encoder": {"hidden": [16], "out_dim": 8}})
+    config = ModelConfig.model_validate(
+        {"encoder": {"hidden": [16], "out_dim": 8}, "fusion": "concat"}
+    )
     model = build_model(config, specs, classes).eval()
     inputs = {s.name: torch.randn(12, 5) for s in specs}
     labels = torch.randint(0, classes, (12,))

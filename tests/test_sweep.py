@@ -85,7 +85,7 @@ def test_expansion_is_the_product_with_readable_names(tmp_path):
     ogm = plan.variants[5].recipe
     assert (ogm.method.name, ogm.method.alpha, ogm.optim.lr) == ("ogm_ge", 0.5, 0.001)
     assert plan.variants[7].recipe.method.momentum == 0.5  # the entry's own setting is kept
-    assert plan.variants[10].recipe.model.fusion == "cosine"  # the method's own fusion
+    assert plan.variants[10].recipe.model.fusion.name == "cosine"  # the method's own fusion
     assert plan.variants[13].recipe.method.alpha == 2.0
     assert ogm.output == tmp_path / "runs" / "sw" and ogm.name == "ogm_ge-alpha0.5-lr0.001"
     # each grid point is its own setting, so the report keeps them apart
@@ -145,7 +145,7 @@ def test_an_invalid_combination_is_named_and_nothing_trains(tmp_path, synthetic_
     raw["data"]["modalities"] = ["a", "b", "c"]  # now concat + film is wrong too (3 modalities)
     message = error_of(raw)
     assert 'run concat-fusion_film (methods[0] concat, model.fusion="film")' in message
-    assert "model.fusion: film fusion takes exactly 2 modalities" in message
+    assert "model.fusion: film fusion takes exactly two modalities" in message
     assert "(2 of 4 combinations are invalid: concat-fusion_film, ogm_ge-fusion_film)" in message
     result = runner.invoke(app, ["train", "--recipe", str(write(tmp_path, raw))])
     assert result.exit_code == 2 and "model.fusion" in result.output
@@ -154,7 +154,7 @@ def test_an_invalid_combination_is_named_and_nothing_trains(tmp_path, synthetic_
     two = sweep_raw(tmp_path, synthetic_dir, grid={"model.fusion": ["concat", "gated"]})
     two["methods"] = ["concat"]
     result = runner.invoke(app, ["train", "--recipe", str(write(tmp_path, two))])
-    assert result.exit_code == 2 and "exactly 2" in result.output
+    assert result.exit_code == 2 and "exactly two" in result.output
     assert not (tmp_path / "runs").exists()
 
 

@@ -188,7 +188,7 @@ def test_two_modality_fusions_train_and_refuse_more(recipe_file):
         summary = Trainer(recipe, 0).run().summary
         assert summary["method"] == fusion and summary["test_acc"] > 0.25
     result = runner.invoke(app, ["train", "--recipe", str(recipe_file(model__fusion="film"))])
-    assert result.exit_code == 2 and "exactly 2 modalities" in result.output
+    assert result.exit_code == 2 and "exactly two modalities" in result.output
 
 
 def test_workers_and_bf16_give_a_finished_run(recipe_file):

@@ -103,7 +103,7 @@ def _synthetic(synthetic_dir: Path) -> tuple[ParquetSamples, list[ModalitySpec]]
 def test_joint_path_matches_late_fusion(synthetic_dir, mask):
     dataset, specs = _synthetic(synthetic_dir)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(), specs, 4)
+    model = build_model(ModelConfig(fusion="concat"), specs, 4)
     train = ParquetSamples(synthetic_dir, "train", ["a", "b", "c"])
     fills = mask_fills(mask, specs, train)
     config = ValuationConfig(mask=mask, benefit="prob")
@@ -118,7 +118,7 @@ def test_joint_path_matches_late_fusion(synthetic_dir, mask):
 
 def test_input_masking_encodes_each_batch_once_and_the_zero_input_once(synthetic_dir):
     dataset, specs = _synthetic(synthetic_dir)
-    model = build_model(ModelConfig(), specs, 4)
+    model = build_model(ModelConfig(fusion="concat"), specs, 4)
     calls: Counter[str] = Counter()
     for name, encoder in model.encoders.items():
         encoder.register_forward_hook(lambda *_, name=name: calls.update([name]))

@@ -47,7 +47,14 @@ from mmval.errors import UserError
 from mmval.methods import Method, TrainContext, build_method
 from mmval.methods.base import StepTools
 from mmval.models import MultimodalModel, build_model
-from mmval.recipe import HOST_DEFAULTS, DataConfig, OptimConfig, Recipe, check_against_data
+from mmval.recipe import (
+    HOST_DEFAULTS,
+    DataConfig,
+    OptimConfig,
+    Recipe,
+    check_against_data,
+    current_dump,
+)
 from mmval.valuation.training import EpochValuation
 
 LAST, BEST, SUMMARY, METRICS, RECIPE_FILE, LOG = (
@@ -320,7 +327,7 @@ class Trainer:
         if not summary_path.is_file():
             return None
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        return summary if summary.get("recipe") == self.recipe_dump else None
+        return summary if current_dump(summary.get("recipe")) == self.recipe_dump else None
 
     def run(self) -> RunResult:
         run_dir, epochs = self.run_dir, self.recipe.train.epochs
@@ -708,7 +715,7 @@ class Trainer:
         def pick() -> str:
             last = self.run_dir / LAST
             ckpt, used = load_latest_checkpoint(last, self.run_dir / PREVIOUS)
-            if _resume_key(ckpt["recipe"]) != _resume_key(self.recipe_dump):
+            if _resume_key(current_dump(ckpt["recipe"])) != _resume_key(self.recipe_dump):
                 raise UserError(
                     f"cannot resume {self.run_dir}: the recipe differs from the one the run was "
                     "started with (only train.epochs, train.device, train.workers, "
@@ -797,7 +804,8 @@ class _RunState:
 
 def _run_label(recipe: Recipe) -> str:
     """Report name: plain training is named after its fusion (concat, sum, film, ...)."""
-    fusion = recipe.model.fusion
+    assert recipe.model.fusion is not None  # a recipe gives the method's own fusion
+    fusion = recipe.model.fusion.name
     if recipe.method.name == "concat":
         return fusion
     label = recipe.method.label()

@@ -1,12 +1,11 @@
 """Training methods. Each file holds one method: its config (the recipe's `method:` section,
-tagged by `name`) and the hooks it overrides. To add a method, write its file and list its
-class in METHODS; the training loop does not change."""
+tagged by `name`, with what the method needs declared in ClassVars) and the hooks it overrides.
+To add a method, write its file and list its class in METHODS (or `register_method` it at run
+time); the training loop does not change."""
 
 from __future__ import annotations
 
-from typing import Annotated, Union
-
-from pydantic import Field
+from typing import Annotated
 
 from mmval.methods.agm import AGM
 from mmval.methods.amco import AMCo
@@ -37,9 +36,10 @@ from mmval.methods.tmc import TMC
 from mmval.methods.ume import UME
 from mmval.methods.umt import UMT
 from mmval.methods.unimodal import Unimodal
+from mmval.registry import Tagged, register, tag_of
 
 METHODS: dict[str, type[Method]] = {
-    cls.Config.model_fields["name"].default: cls
+    tag_of(cls.Config): cls
     for cls in (
         Concat,
         Unimodal,
@@ -72,14 +72,30 @@ METHODS: dict[str, type[Method]] = {
     )
 }
 
+# `method:` of a recipe (and the entries of a sweep's `methods:`): one of the methods registered
+# when it is validated
 MethodConfigUnion = Annotated[
-    Union[tuple(cls.Config for cls in METHODS.values())],  # noqa: UP007
-    Field(discriminator="name"),
+    MethodConfig, Tagged(lambda: {tag: cls.Config for tag, cls in METHODS.items()})
 ]
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Make a method available to recipes and sweeps (under its config's `name`); returns the
+    class, so that it can decorate it."""
+    register(METHODS, cls, cls.Config)
+    return cls
 
 
 def build_method(config: MethodConfig, num_classes: int) -> Method:
     return METHODS[config.name](config, num_classes)
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "MethodConfigUnion", "TrainContext", "build_method"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "MethodConfig",
+    "MethodConfigUnion",
+    "TrainContext",
+    "build_method",
+    "register_method",
+]

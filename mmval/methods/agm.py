@@ -54,15 +54,15 @@ from mmval.methods.base import (
     Method,
     MethodConfig,
     TrainContext,
-    too_few_modalities,
     window_problems,
 )
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
-from mmval.models.fusion import DECOMPOSABLE
 from mmval.valuation.engine import LateFusionEvaluator, subset_masks
 
 
 class AGMConfig(MethodConfig):
+    needs_unimodal_logits: ClassVar[bool] = True
+    min_modalities: ClassVar[int] = 2
     name: Literal["agm"] = "agm"
     alpha: float = Field(default=1.0, gt=0, description="modulation strength (official 1.0)")
     modulation_starts: int = Field(default=0, ge=0, description="first modulated epoch")
@@ -76,19 +76,7 @@ class AGMConfig(MethodConfig):
     clip_norm: float = Field(default=1.0, gt=0, description="max_norm of the clipping (official 1)")
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = []
-        if model.fusion not in DECOMPOSABLE:
-            found.append(
-                (
-                    "model.fusion",
-                    f"agm scales each encoder's gradient, which matches the official method only "
-                    f"for a head additive over modalities; {model.fusion} is not (use concat, "
-                    "sum, weighted, late or cosine)",
-                )
-            )
-        found += too_few_modalities(self.name, modalities)
-        found += window_problems(self.modulation_starts, self.modulation_ends)
-        return found
+        return window_problems(self.modulation_starts, self.modulation_ends)
 
 
 def shapley_weights(m: int) -> torch.Tensor:

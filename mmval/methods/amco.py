@@ -54,15 +54,15 @@ from mmval.methods.base import (
     Method,
     MethodConfig,
     TrainContext,
-    too_few_modalities,
     unimodal_cross_entropy,
     window_problems,
 )
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
-from mmval.models.fusion import ADDITIVE
 
 
 class AMCoConfig(MethodConfig):
+    needs_additive: ClassVar[bool] = True
+    min_modalities: ClassVar[int] = 2
     name: Literal["amco"] = "amco"
     sigma: float = Field(
         default=0.5, gt=0, lt=1, description="joint-softmax share above which a modality is masked"
@@ -72,18 +72,7 @@ class AMCoConfig(MethodConfig):
     modulation_ends: int = Field(default=80, ge=0, description="last modulated epoch (80)")
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = []
-        if model.fusion not in ADDITIVE:
-            found.append(
-                (
-                    "model.fusion",
-                    f"amco masks per-modality logits inside a sum; {model.fusion} fusion is not "
-                    "a sum of them (use concat, sum, weighted or cosine)",
-                )
-            )
-        found += too_few_modalities(self.name, modalities)
-        found += window_problems(self.modulation_starts, self.modulation_ends)
-        return found
+        return window_problems(self.modulation_starts, self.modulation_ends)
 
 
 def mask_ratio(batch_in_epoch: int, epoch: int, eps: float) -> float:

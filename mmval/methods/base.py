@@ -37,49 +37,118 @@ from torch import nn
 from mmval.data.dataset import Batch, TaggedPositions
 from mmval.distributed import GradientSync, shard_bounds, world_size
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
-from mmval.models.fusion import DECOMPOSABLE
+from mmval.models.fusions import FUSIONS, FusionConfig, count_phrase
+from mmval.registry import tag_of
 
 
 class MethodConfig(BaseModel):
-    """Base of every method's config; subclasses fix `name` to a Literal (the union's tag)."""
+    """Base of every method's config; subclasses fix `name` to a Literal (the registry's tag)
+    and declare what they need in the ClassVars below, from which `recipe_problems` derives the
+    recipe problems shared by all methods; `problems` adds the method's own."""
 
     model_config = ConfigDict(extra="forbid")
     name: str
-    fusion: ClassVar[str] = "concat"  # the fusion the method is defined with (report names)
+    # the fusion the method is defined with: model.fusion when a recipe gives none (with these
+    # settings), and report names
+    fusion: ClassVar[str] = "concat"
+    fusion_settings: ClassVar[dict[str, Any]] = {}
+    fusions: ClassVar[tuple[str, ...] | None] = None  # the fusions it can train (None: any)
+    needs_unimodal_logits: ClassVar[bool] = False  # reads each modality's logits
+    needs_additive: ClassVar[bool] = False  # needs fused logits that are the sum of those
+    min_modalities: ClassVar[int] = 1  # of the data (2 for balancing methods)
+    max_modalities: ClassVar[int | None] = None
 
     def label(self) -> str:
         """How runs of this method are named in reports."""
         return self.name
 
+    def model_modalities(self, available: list[str]) -> list[str]:
+        """The modalities the model is built on (a unimodal baseline keeps one)."""
+        return list(available)
+
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        """(dotted field, problem) for settings this method cannot run with."""
+        """(dotted field, problem) for settings this method cannot run with, beyond what the
+        ClassVars declare."""
         return []
+
+    @classmethod
+    def lacks(cls, fusion: type[FusionConfig]) -> str | None:
+        """What this method needs that the fusion does not offer (None: nothing)."""
+        if cls.fusions is not None and tag_of(fusion) not in cls.fusions:
+            return "fusion"
+        if cls.needs_additive and not fusion.additive:
+            return "additive"
+        if cls.needs_unimodal_logits and not fusion.decomposable:
+            return "logits"
+        return None
+
+    @classmethod
+    def fitting_fusions(cls, count: int | None) -> str:
+        """The registered fusions this method can train on `count` modalities, as a list."""
+        names = [
+            tag
+            for tag, fusion in FUSIONS.items()
+            if cls.lacks(fusion) is None and (count is None or fusion.takes(count))
+        ]
+        return " or ".join(", ".join(names).rsplit(", ", 1))
+
+    def recipe_problems(
+        self, model: ModelConfig, modalities: list[str] | None
+    ) -> list[tuple[str, str]]:
+        """Every problem of running this method with this model on these data modalities (None:
+        not known yet): those the declared needs and the fusion's capabilities give, then the
+        method's own (`problems`)."""
+        found: list[tuple[str, str]] = []
+        built_on = None if modalities is None else self.model_modalities(modalities)
+        count = None if built_on is None else len(built_on)
+        fusion = model.fusion
+        lacking = None if fusion is None else self.lacks(type(fusion))
+        if fusion is not None and lacking is not None:
+            found.append(("model.fusion", self._lacking(lacking, fusion.name, count)))
+        if modalities is not None and not (
+            self.min_modalities <= len(modalities)
+            and (self.max_modalities is None or len(modalities) <= self.max_modalities)
+        ):
+            needed = count_phrase(self.min_modalities, self.max_modalities)
+            where = (
+                "" if len(modalities) < self.min_modalities else "; pick them with data.modalities"
+            )
+            found.append(
+                (
+                    "data.modalities",
+                    f"{self.name} needs {needed} modalities (got {len(modalities)}){where}",
+                )
+            )
+        if fusion is not None and built_on is not None and not fusion.takes(len(built_on)):
+            takes = count_phrase(fusion.min_modalities, fusion.max_modalities)
+            found.append(
+                (
+                    "model.fusion",
+                    f"{fusion.name} fusion takes {takes} modalities and the model is built on "
+                    f"{len(built_on)} ({', '.join(built_on)}); use "
+                    f"{self.fitting_fusions(len(built_on))}",
+                )
+            )
+        return found + self.problems(model, modalities)
+
+    def _lacking(self, lacking: str, fusion: str, count: int | None) -> str:
+        if lacking == "fusion":
+            assert self.fusions is not None
+            return (
+                f"{self.name} works with the {' or '.join(self.fusions)} fusion only; set "
+                f"model.fusion: {self.fusions[0]} (got {fusion})"
+            )
+        use = self.fitting_fusions(count)
+        if lacking == "additive":
+            return (
+                f"{self.name} needs fused logits that are the sum of per-modality logits; "
+                f"{fusion} fusion's are not (use {use})"
+            )
+        return f"{self.name} needs per-modality logits; {fusion} fusion has none (use {use})"
 
 
 def _no_batches(role: str, positions: np.ndarray | None = None) -> Iterator[Batch]:
     raise RuntimeError("this context reads no data")
-
-
-def too_few_modalities(method: str, modalities: list[str] | None) -> list[tuple[str, str]]:
-    """The recipe problem of a balancing method given a single modality."""
-    if modalities is not None and len(modalities) < 2:
-        return [("data.modalities", f"{method} needs at least two modalities")]
-    return []
-
-
-def logits_problems(
-    method: str, model: ModelConfig, use: str = "concat, sum, weighted, late or cosine"
-) -> list[tuple[str, str]]:
-    """The recipe problem of a method that reads each modality's logits, given a fusion that has
-    none."""
-    if model.fusion in DECOMPOSABLE:
-        return []
-    return [
-        (
-            "model.fusion",
-            f"{method} needs per-modality logits; {model.fusion} fusion has none (use {use})",
-        )
-    ]
 
 
 def unimodal_cross_entropy(out: ModelOutput, label: torch.Tensor) -> torch.Tensor:
@@ -158,8 +227,8 @@ class Method:
         self.num_classes = num_classes
 
     def model_modalities(self, available: list[str]) -> list[str]:
-        """The modalities the model is built on (a unimodal baseline keeps one)."""
-        return list(available)
+        """The modalities the model is built on (the config's `model_modalities`)."""
+        return self.config.model_modalities(available)
 
     def train_positions(self, ctx: TrainContext) -> np.ndarray | TaggedPositions | None:
         """Sampler hook: the train-split positions for this epoch (repeats allowed), or all;

@@ -9,7 +9,7 @@ App. G (placement); parent method CaSN (Yang et al., NeurIPS 2023; ymy4323460/Ca
 regulariser (the risk is made of argmax indicators, the counterfactual is cut from the graph,
 shapes mismatch, neither model is registered); spec: docs/methods.md#c3r.
 
-What it changes: the head and the loss. The `c3r` fusion (mmval/models/fusion_c3r.py) predicts
+What it changes: the head and the loss. The `c3r` fusion (mmval/models/fusions/c3r.py) predicts
 with h(Z), Z = MLP([h_1; ...; h_M]) in R^64. Per batch, with p = softmax(h(Z)) and W the weight
 of h:
 - instrument (Eq. 6, `build_modules`): per-modality features x_i (projected to a common width
@@ -66,14 +66,15 @@ from mmval.methods.base import (
     Method,
     MethodConfig,
     TrainContext,
-    too_few_modalities,
 )
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
-from mmval.models.fusion_c3r import REPRESENTATION_DIM, C3RFusion
+from mmval.models import ModelOutput, MultimodalModel
+from mmval.models.fusions.c3r import REPRESENTATION_DIM, C3RFusion
 
 
 class C3RConfig(MethodConfig):
     fusion: ClassVar[str] = "c3r"
+    fusions: ClassVar[tuple[str, ...] | None] = ("c3r",)
+    min_modalities: ClassVar[int] = 2
     name: Literal["c3r"] = "c3r"
     lambda_v: float = Field(
         default=0.1, ge=0, description="weight of the instrument calibration L_v [ours]"
@@ -89,18 +90,6 @@ class C3RConfig(MethodConfig):
         description="ascent: up the CE gradient, designed to flip the label (paper); descent: "
         "the official code's step, which keeps it",
     )
-
-    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = []
-        if model.fusion != "c3r":
-            found.append(
-                (
-                    "model.fusion",
-                    "c3r regularises the representation Z of its own head; set model.fusion: "
-                    f"c3r (got {model.fusion})",
-                )
-            )
-        return found + too_few_modalities(self.name, modalities)
 
 
 class InstrumentAttention(nn.Module):

@@ -42,23 +42,20 @@ from mmval.methods.base import (
     Method,
     MethodConfig,
     TrainContext,
-    too_few_modalities,
     window_problems,
 )
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
 class CMLConfig(MethodConfig):
+    min_modalities: ClassVar[int] = 2
     name: Literal["cml"] = "cml"
     lam: float = Field(default=0.1, ge=0, description="weight of the confidence penalty (0.1)")
     modulation_starts: int = Field(default=0, ge=0, description="first modulated epoch")
     modulation_ends: int = Field(default=80, ge=0, description="last modulated epoch (80)")
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = []
-        found += too_few_modalities(self.name, modalities)
-        found += window_problems(self.modulation_starts, self.modulation_ends)
-        return found
+        return window_problems(self.modulation_starts, self.modulation_ends)
 
 
 def confidence_penalty(fewer: torch.Tensor, more: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ from pydantic import Field
 
 from mmval.data.dataset import Batch
 from mmval.errors import UserError
-from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
+from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.methods.cooperation import fill_value, value_train_split
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.valuation import ValuationConfig, build_method
@@ -62,6 +62,7 @@ from mmval.valuation.config import ConfidenceName
 
 
 class CMoBConfig(MethodConfig):
+    min_modalities: ClassVar[int] = 2
     name: Literal["cmob"] = "cmob"
     warmup: int = Field(
         default=5, ge=1, description="plain epochs; valuation from the end of warmup - 1 [ours]"
@@ -87,14 +88,13 @@ class CMoBConfig(MethodConfig):
     )
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = too_few_modalities(self.name, modalities)
-        if modalities is not None:
-            found += [
-                (f"method.time_axis.{m}", "not one of data.modalities")
-                for m in self.time_axis
-                if m not in modalities
-            ]
-        return found
+        if modalities is None:
+            return []
+        return [
+            (f"method.time_axis.{m}", "not one of data.modalities")
+            for m in self.time_axis
+            if m not in modalities
+        ]
 
 
 def _span(start: torch.Tensor, width: torch.Tensor, size: int) -> torch.Tensor:

@@ -28,8 +28,8 @@ from pydantic import Field
 
 from mmval.data.dataset import Batch, TaggedPositions
 from mmval.distributed import gather_rows
-from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.models import ModelOutput, MultimodalModel
 from mmval.valuation import ValuationConfig, ValuationMethod, build_method
 from mmval.valuation.base import Game
 from mmval.valuation.engine import build_evaluator
@@ -109,6 +109,7 @@ def drop_entries(n: int, pos: np.ndarray, mod: np.ndarray, uniform: np.ndarray) 
 class CooperationConfig(MethodConfig):
     """What both strategies of Wei et al. share."""
 
+    min_modalities: ClassVar[int] = 2
     warmup: int = Field(
         default=5,
         ge=1,
@@ -121,9 +122,6 @@ class CooperationConfig(MethodConfig):
         "(official); drop: no extra entries, each sample trains as one of its copies with the "
         "copies' share; mask: the copies of resample with the others' inputs blanked instead",
     )
-
-    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        return too_few_modalities(self.name, modalities)
 
 
 class Cooperation(Method, ABC):

@@ -52,12 +52,13 @@ from torch import nn
 from mmval.data.dataset import Batch
 from mmval.distributed import broadcast_object, replicated, world_size
 from mmval.methods.base import Method, MethodConfig, StepResult, StepTools, TrainContext
-from mmval.models import ModelConfig, MultimodalModel
+from mmval.models import MultimodalModel
 
 MM = "mm"  # the key of the fused model's weight
 
 
 class GBlendingConfig(MethodConfig):
+    min_modalities: ClassVar[int] = 2
     name: Literal["gblending"] = "gblending"
     schedule: Literal["online", "offline"] = Field(
         default="online", description="re-estimate every super_epoch (BalanceBenchmark) or once"
@@ -69,11 +70,6 @@ class GBlendingConfig(MethodConfig):
         default=0.08, gt=0, lt=1, description="share of train held out as V (MultiBench)"
     )
     seed: int = Field(default=0, description="seed of the copies' batch shuffling")
-
-    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        if modalities is not None and len(modalities) < 2:
-            return [("data.modalities", "gblending needs at least two modalities")]
-        return []
 
 
 def blend_weights(

@@ -49,11 +49,12 @@ from torch import nn
 from mmval.data.dataset import Batch
 from mmval.methods.base import Method, MethodConfig, TrainContext, unimodal_cross_entropy
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
-from mmval.models.fusion import DECOMPOSABLE
 
 
 class GreedyConfig(MethodConfig):
     fusion: ClassVar[str] = "late"
+    min_modalities: ClassVar[int] = 2
+    max_modalities: ClassVar[int | None] = 2
     name: Literal["greedy"] = "greedy"
     epsilon: float = Field(
         default=0.01, gt=0, description="|d BDR| that starts re-balancing (official 0.01)"
@@ -70,24 +71,16 @@ class GreedyConfig(MethodConfig):
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
         found = []
-        if modalities is not None and len(modalities) != 2:
-            found.append(
-                (
-                    "data.modalities",
-                    f"greedy is defined for exactly two modalities (got {len(modalities)}); "
-                    "pick two with data.modalities",
-                )
-            )
         if model.mmtm is None:
             found.append(
                 ("model.mmtm", "greedy needs the MMTM mid-fusion model: set model.mmtm: {}")
             )
-        if self.loss == "branches" and model.fusion not in DECOMPOSABLE:
+        if self.loss == "branches" and model.fusion and not model.fusion.decomposable:
             found.append(
                 (
                     "model.fusion",
-                    f"greedy's branch loss needs per-modality logits; {model.fusion} fusion has "
-                    "none (official: late)",
+                    f"greedy's branch loss needs per-modality logits; {model.fusion.name} fusion "
+                    "has none (official: late)",
                 )
             )
         return found

@@ -9,7 +9,7 @@ beta-generalised front-door adjustment of the predominant modality's effect on Y
 ranges over the auxiliary modality; loss weights gamma_1, gamma_2; plug-in on a fusion + target
 head such as QMF's), every formula below is [ours]. Spec: docs/methods.md#imml.
 
-What it changes: the head and the loss. The `imml` fusion (mmval/models/fusion_imml.py) holds
+What it changes: the head and the loss. The `imml` fusion (mmval/models/fusions/imml.py) holds
 the projectors m_k = D_k(h_k) (R^256), the front-door context attention of W_q m_p over a FIFO
 bank of past detached features, the head W [m_1; ...; m_M; ctx] + b, and the per-modality heads
 c_k. The loss is
@@ -18,7 +18,7 @@ c_k. The loss is
   L_con = mean over auxiliary a of InfoNCE(m_p, m_a): with u = m_p / |m_p| and w = m_a / |m_a|,
           S = u w^T / tau, (CE(S, I) + CE(S^T, I)) / 2 (positives: the same sample; negatives:
           the rest of the batch; tau = 0.07).
-The predominant modality p is `model.fusion_predominant` (text on MVSA-Single and HFM, the
+The predominant modality p is `model.fusion.predominant` (text on MVSA-Single and HFM, the
 paper's Fig. 1b), or, left unset, chosen at the end of warm-up epoch `warmup_epochs` as the
 modality whose head c_k has the highest validation accuracy (the first in order on ties; the
 first modality until then). The choice is stored in the fusion, so checkpoints keep it; the epoch
@@ -26,7 +26,7 @@ log's `predominant` is its index in the model's modalities.
 
 Defaults [ours]: gamma_1 = gamma_2 = 0.1 (the paper shows a sensitivity study, Fig. 4, whose
 values could not be read; grid {0.01, 0.05, 0.1, 0.5, 1}), tau = 0.07, one warm-up epoch, a
-4096-row bank (`model.fusion_bank_size`). The plug-in target in the paper is QMF; here the base
+4096-row bank (`model.fusion.bank_size`). The plug-in target in the paper is QMF; here the base
 is the concat head inside the `imml` fusion (fusions do not stack), so QMF's confidence weighting
 and ranking loss are absent.
 
@@ -36,7 +36,7 @@ modality (averaged, so gamma_1 does not grow with M), L_uni sums over all modali
 DDP: the InfoNCE negatives are the whole global batch: each rank gathers every rank's
 normalised projections with their gradients (`gather_rows_with_grad`) and scores its own
 samples against all of them, so the averaged gradient is the one-process one. The bank receives
-the global batch's rows on every rank (mmval/models/fusion_imml.py). The validation accuracies
+the global batch's rows on every rank (mmval/models/fusions/imml.py). The validation accuracies
 that pick the predominant modality are counted on each rank's share of the split and summed.
 """
 
@@ -55,14 +55,15 @@ from mmval.methods.base import (
     Method,
     MethodConfig,
     TrainContext,
-    too_few_modalities,
 )
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
-from mmval.models.fusion_imml import IMMLFusion
+from mmval.models.fusions.imml import IMMLFusion, IMMLFusionConfig
 
 
 class IMMLConfig(MethodConfig):
     fusion: ClassVar[str] = "imml"
+    fusions: ClassVar[tuple[str, ...] | None] = ("imml",)
+    min_modalities: ClassVar[int] = 2
     name: Literal["imml"] = "imml"
     gamma1: float = Field(default=0.1, ge=0, description="weight of the contrastive loss [ours]")
     gamma2: float = Field(default=0.1, ge=0, description="weight of the unimodal heads [ours]")
@@ -70,29 +71,20 @@ class IMMLConfig(MethodConfig):
     warmup_epochs: int = Field(
         default=1,
         ge=1,
-        description="with model.fusion_predominant unset: epochs before the predominant "
+        description="with model.fusion.predominant unset: epochs before the predominant "
         "modality is chosen by unimodal validation accuracy",
     )
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = []
-        if model.fusion != "imml":
-            found.append(
-                (
-                    "model.fusion",
-                    "imml predicts through its front-door head; set model.fusion: imml "
-                    f"(got {model.fusion})",
-                )
-            )
-        chosen = model.fusion_predominant
+        chosen = model.fusion.predominant if isinstance(model.fusion, IMMLFusionConfig) else None
         if chosen is not None and modalities is not None and chosen not in modalities:
-            found.append(
+            return [
                 (
-                    "model.fusion_predominant",
+                    "model.fusion.predominant",
                     f"{chosen!r} is not one of data.modalities ({', '.join(modalities)})",
                 )
-            )
-        return found + too_few_modalities(self.name, modalities)
+            ]
+        return []
 
 
 def info_nce(anchor: torch.Tensor, other: torch.Tensor, temperature: float) -> torch.Tensor:

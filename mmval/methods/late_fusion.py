@@ -31,14 +31,15 @@ from mmval.methods.base import (
     Method,
     MethodConfig,
     TrainContext,
-    too_few_modalities,
     unimodal_cross_entropy,
 )
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.models import ModelOutput, MultimodalModel
 
 
-class LateFusionConfig(MethodConfig):
+class LateFusionMethodConfig(MethodConfig):
     fusion: ClassVar[str] = "late"
+    fusions: ClassVar[tuple[str, ...] | None] = ("late",)
+    min_modalities: ClassVar[int] = 2
     name: Literal["late_fusion"] = "late_fusion"
     unimodal_weight: float = Field(
         default=1.0,
@@ -46,23 +47,10 @@ class LateFusionConfig(MethodConfig):
         description="weight of the unimodal cross-entropies (QMF's latefusion 1; 0: CE(z) only)",
     )
 
-    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = []
-        if model.fusion != "late":
-            found.append(
-                (
-                    "model.fusion",
-                    "late_fusion averages unimodal heads; set model.fusion: late "
-                    f"(got {model.fusion})",
-                )
-            )
-        found += too_few_modalities(self.name, modalities)
-        return found
-
 
 class LateFusionMethod(Method):
-    Config: ClassVar[type[MethodConfig]] = LateFusionConfig
-    config: LateFusionConfig
+    Config: ClassVar[type[MethodConfig]] = LateFusionMethodConfig
+    config: LateFusionMethodConfig
 
     def loss(
         self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext

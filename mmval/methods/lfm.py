@@ -56,15 +56,15 @@ from mmval.methods.base import (
     Method,
     MethodConfig,
     TrainContext,
-    logits_problems,
-    too_few_modalities,
 )
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.models import ModelOutput, MultimodalModel
 
 ALPHA_MIN, ALPHA_MAX = 0.05, 0.95
 
 
 class LFMConfig(MethodConfig):
+    needs_unimodal_logits: ClassVar[bool] = True
+    min_modalities: ClassVar[int] = 2
     name: Literal["lfm"] = "lfm"
     alpha_init: float = Field(
         default=0.05, ge=ALPHA_MIN, le=ALPHA_MAX, description="initial alignment weight (0.05)"
@@ -76,11 +76,6 @@ class LFMConfig(MethodConfig):
     val_fraction: float = Field(
         default=0.25, gt=0, le=1, description="share of the first val batch used (1/4)"
     )
-
-    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = logits_problems(self.name, model)
-        found += too_few_modalities(self.name, modalities)
-        return found
 
 
 def js_divergence(zi: torch.Tensor, zj: torch.Tensor) -> torch.Tensor:

@@ -45,23 +45,20 @@ from mmval.methods.base import (
     Method,
     MethodConfig,
     TrainContext,
-    logits_problems,
-    too_few_modalities,
     window_problems,
 )
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
 class MBSDConfig(MethodConfig):
+    needs_unimodal_logits: ClassVar[bool] = True
+    min_modalities: ClassVar[int] = 2
     name: Literal["mbsd"] = "mbsd"
     modulation_starts: int = Field(default=0, ge=0, description="first modulated epoch")
     modulation_ends: int = Field(default=80, ge=0, description="last modulated epoch (80)")
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = logits_problems(self.name, model)
-        found += too_few_modalities(self.name, modalities)
-        found += window_problems(self.modulation_starts, self.modulation_ends)
-        return found
+        return window_problems(self.modulation_starts, self.modulation_ends)
 
 
 def pair_distillation(zi: torch.Tensor, zj: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

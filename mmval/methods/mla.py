@@ -7,8 +7,8 @@ Alternating-Unimodal-Adaptation, `main.py` `train_epoch` with `gs_flag`, `utils/
 docs/methods.md#mla.
 
 What it changes: the step schedule and the head's gradient. The `shared` fusion
-(mmval/models/fusion.py) applies one linear head H to every modality and predicts with fixed or
-entropy-based weights. Per batch, for each modality m in model order: z_m = H(E_m(x_m)),
+(mmval/models/fusions/shared.py) applies one linear head H to every modality and predicts with
+fixed or entropy-based weights. Per batch, for each modality m in model order: z_m = H(E_m(x_m)),
 backward CE(z_m, y), project the gradient of H's weight, one optimizer step: M steps per batch,
 each encoder trained by its own loss only. The projection (OWM-style `GSPlugin`, one P shared by
 all modalities, P = I at the start, skipped on the run's very first update): r = batch mean of
@@ -49,28 +49,16 @@ from mmval.methods.base import (
     StepResult,
     StepTools,
     TrainContext,
-    too_few_modalities,
 )
-from mmval.models import ModelConfig, MultimodalModel
-from mmval.models.fusion import SharedFusion
+from mmval.models import MultimodalModel
+from mmval.models.fusions.shared import SharedFusion
 
 
 class MLAConfig(MethodConfig):
     fusion: ClassVar[str] = "shared"
+    fusions: ClassVar[tuple[str, ...] | None] = ("shared",)
+    min_modalities: ClassVar[int] = 2
     name: Literal["mla"] = "mla"
-
-    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = []
-        if model.fusion != "shared":
-            found.append(
-                (
-                    "model.fusion",
-                    "mla trains one head shared by all modalities; set model.fusion: shared "
-                    f"(got {model.fusion})",
-                )
-            )
-        found += too_few_modalities(self.name, modalities)
-        return found
 
 
 def update_projection(projection: torch.Tensor, mean_feature: torch.Tensor, a: float) -> None:

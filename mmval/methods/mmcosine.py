@@ -6,9 +6,9 @@ Fine-Grained Learning", ICASSP 2023. Follows the official code (GeWu-Lab/MMCosin
 
 What it changes: only the head. z_m[c] = s cos(h_m, w_{m,c}) against modality m's slice of a
 bias-free concat head, z = sum_m z_m, L = CE(z, y), and the same logits at test time. That head
-is the model option `model.fusion: cosine` (`mmval.models.fusion.CosineFusion`), so every
+is the model option `model.fusion: cosine` (`mmval.models.fusions.cosine.CosineFusion`), so every
 method can use it and checkpoints are valued like any other; this method is plain CE and
-refuses any other fusion. The scale s is `model.fusion_scale`: official default 10 (the
+refuses any other fusion. The scale s is `model.fusion.scale`: official default 10 (the
 recipes' default), BalanceBenchmark 15.
 
 M > 2: native (the sum runs over all modalities).
@@ -28,23 +28,12 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from mmval.methods.base import Method, MethodConfig
-from mmval.models import ModelConfig
 
 
 class MMCosineConfig(MethodConfig):
     fusion: ClassVar[str] = "cosine"
+    fusions: ClassVar[tuple[str, ...] | None] = ("cosine",)
     name: Literal["mmcosine"] = "mmcosine"
-
-    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        if model.fusion != "cosine":
-            return [
-                (
-                    "model.fusion",
-                    f"mmcosine trains the cosine head; set model.fusion: cosine (scale s in "
-                    f"model.fusion_scale, official 10), not {model.fusion}",
-                )
-            ]
-        return []
 
 
 class MMCosine(Method):

@@ -46,19 +46,15 @@ from torch import nn
 
 from mmval.data.dataset import Batch
 from mmval.methods.base import Method, MethodConfig, StepResult, StepTools, TrainContext
-from mmval.models import ModelConfig, MultimodalModel
+from mmval.models import MultimodalModel
 
 
 class MMParetoConfig(MethodConfig):
+    min_modalities: ClassVar[int] = 2
     name: Literal["mmpareto"] = "mmpareto"
     gamma: float = Field(
         default=1.5, gt=0, description="scale of the combined encoder gradient (official 1.5)"
     )
-
-    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        if modalities is not None and len(modalities) < 2:
-            return [("data.modalities", "mmpareto needs at least two modalities")]
-        return []
 
 
 def pareto_weights(g_mm: torch.Tensor, g_u: torch.Tensor) -> tuple[float, float]:

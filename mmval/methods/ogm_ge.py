@@ -43,14 +43,14 @@ from mmval.methods.base import (
     Method,
     MethodConfig,
     TrainContext,
-    logits_problems,
-    too_few_modalities,
     window_problems,
 )
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
 class OGMGEConfig(MethodConfig):
+    needs_unimodal_logits: ClassVar[bool] = True
+    min_modalities: ClassVar[int] = 2
     name: Literal["ogm_ge"] = "ogm_ge"
     alpha: float = Field(default=0.1, gt=0, description="modulation strength (README default)")
     modulation_starts: int = Field(default=0, ge=0, description="first modulated epoch")
@@ -61,10 +61,7 @@ class OGMGEConfig(MethodConfig):
     )
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = logits_problems(self.name, model, "concat, sum or weighted")
-        found += too_few_modalities(self.name, modalities)
-        found += window_problems(self.modulation_starts, self.modulation_ends)
-        return found
+        return window_problems(self.modulation_starts, self.modulation_ends)
 
 
 def discrepancy_ratios(scores: torch.Tensor) -> torch.Tensor:

@@ -45,14 +45,14 @@ from mmval.methods.base import (
     Method,
     MethodConfig,
     TrainContext,
-    logits_problems,
-    too_few_modalities,
     window_problems,
 )
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
 class OPMConfig(MethodConfig):
+    needs_unimodal_logits: ClassVar[bool] = True
+    min_modalities: ClassVar[int] = 2
     name: Literal["opm"] = "opm"
     alpha: float = Field(default=0.5, ge=0, description="drop-probability gain (BalanceMM 0.5)")
     q_base: float = Field(default=0.4, ge=0, le=1, description="base drop probability (0.4)")
@@ -63,10 +63,7 @@ class OPMConfig(MethodConfig):
     modulation_ends: int = Field(default=80, ge=0, description="last modulated epoch (80)")
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = logits_problems(self.name, model)
-        found += too_few_modalities(self.name, modalities)
-        found += window_problems(self.modulation_starts, self.modulation_ends)
-        return found
+        return window_problems(self.modulation_starts, self.modulation_ends)
 
 
 def drop_probabilities(scores: torch.Tensor, q_base: float, alpha: float) -> torch.Tensor:

@@ -51,13 +51,13 @@ from mmval.methods.base import (
     Method,
     MethodConfig,
     TrainContext,
-    too_few_modalities,
     window_problems,
 )
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
 class PMRConfig(MethodConfig):
+    min_modalities: ClassVar[int] = 2
     name: Literal["pmr"] = "pmr"
     alpha: float = Field(default=1.0, ge=0, description="prototype CE weight (official CLI 1.0)")
     momentum: float = Field(
@@ -74,10 +74,7 @@ class PMRConfig(MethodConfig):
     )
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = []
-        found += too_few_modalities(self.name, modalities)
-        found += window_problems(self.modulation_starts, self.modulation_ends)
-        return found
+        return window_problems(self.modulation_starts, self.modulation_ends)
 
 
 def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ Multimodal Data", ICML 2023. Follows the official code (QingyangZhang/QMF,
 `src/utils/utils.py`; `src/models/late_fusion.py` with `df=True`); spec:
 docs/methods.md#qmf.
 
-What it changes: the head and the loss. The `qmf` fusion (mmval/models/fusion.py) gives each
+What it changes: the head and the loss. The `qmf` fusion (mmval/models/fusions/qmf.py) gives each
 modality its own head z_m and predicts z = sum_m sg(w_m) z_m, w_m = logsumexp(z_m) / 10. The
 loss is CE(z) + sum_m CE(z_m) + rank_weight * sum_m L_rank,m. Each modality keeps a history
 H_m[i] of the summed per-sample cross-entropy of training sample i (position in the train split,
@@ -42,30 +42,19 @@ from pydantic import Field
 
 from mmval.data.dataset import Batch
 from mmval.distributed import gather_rows, gather_rows_with_grad
-from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
-from mmval.models.fusion import QMFFusion
+from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.models import ModelOutput, MultimodalModel
+from mmval.models.fusions.qmf import QMFFusion
 
 
 class QMFConfig(MethodConfig):
     fusion: ClassVar[str] = "qmf"
+    fusions: ClassVar[tuple[str, ...] | None] = ("qmf",)
+    min_modalities: ClassVar[int] = 2
     name: Literal["qmf"] = "qmf"
     rank_weight: float = Field(
         default=1.0, ge=0, description="weight of the ranking loss (official 1, unweighted sum)"
     )
-
-    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = []
-        if model.fusion != "qmf":
-            found.append(
-                (
-                    "model.fusion",
-                    "qmf predicts with confidence-weighted unimodal heads; set "
-                    f"model.fusion: qmf (got {model.fusion})",
-                )
-            )
-        found += too_few_modalities(self.name, modalities)
-        return found
 
 
 def normalise_history(values: torch.Tensor, history: torch.Tensor, complete: bool) -> torch.Tensor:

@@ -90,7 +90,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -104,10 +104,9 @@ from mmval.methods.base import (
     StepResult,
     StepTools,
     TrainContext,
-    too_few_modalities,
 )
 from mmval.models import ModelConfig, MultimodalModel
-from mmval.models.fusion import ADDITIVE
+from mmval.models.fusions.shared import SharedFusionConfig
 
 
 @dataclass(frozen=True)
@@ -123,6 +122,8 @@ class Phase:
 
 class ReconBoostConfig(MethodConfig):
     fusion: ClassVar[str] = "shared"
+    fusion_settings: ClassVar[dict[str, Any]] = {"inference": "fixed"}  # equal weights
+    min_modalities: ClassVar[int] = 2
     name: Literal["reconboost"] = "reconboost"
     weight1: float = Field(default=5.0, description="w1, weight of the plain log-likelihood (5)")
     weight2: float = Field(default=1.0, description="w2, weight of the ensemble-weighted term (1)")
@@ -160,19 +161,19 @@ class ReconBoostConfig(MethodConfig):
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
         found: list[tuple[str, str]] = []
-        summed = model.fusion in ADDITIVE or model.fusion == "late"
-        weights = model.fusion_weights
+        fusion = model.fusion
+        summed = fusion is None or fusion.additive or fusion.name == "late"
         shared_mean = (
-            model.fusion == "shared"
-            and model.fusion_inference == "fixed"
-            and (weights is None or len(set(weights.values())) == 1)
+            isinstance(fusion, SharedFusionConfig)
+            and fusion.inference == "fixed"
+            and (fusion.weights is None or len(set(fusion.weights.values())) == 1)
         )
-        if not (summed or shared_mean):
+        if fusion is not None and not (summed or shared_mean):
             found.append(
                 (
                     "model.fusion",
-                    f"reconboost needs fused logits that sum per-modality learners; {model.fusion} "
-                    "fusion does not (use shared with fusion_inference fixed and equal weights, "
+                    f"reconboost needs fused logits that sum per-modality learners; {fusion.name} "
+                    "fusion does not (use shared with inference fixed and equal weights, "
                     "concat, sum or late)",
                 )
             )
@@ -180,7 +181,6 @@ class ReconBoostConfig(MethodConfig):
             found.append(
                 ("model.mmtm", "reconboost trains one encoder at a time; MMTM couples them")
             )
-        found += too_few_modalities(self.name, modalities)
         return found
 
 

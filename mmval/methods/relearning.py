@@ -43,10 +43,11 @@ from pydantic import Field
 
 from mmval.distributed import gather_rows
 from mmval.methods.base import Method, MethodConfig, TrainContext
-from mmval.models import ModelConfig, MultimodalModel
+from mmval.models import MultimodalModel
 
 
 class RelearningConfig(MethodConfig):
+    min_modalities: ClassVar[int] = 2
     name: Literal["relearning"] = "relearning"
     move_lambda: float = Field(
         default=3.0, gt=0, description="lambda in w = tanh(lambda * purity gap) (official 3)"
@@ -56,11 +57,6 @@ class RelearningConfig(MethodConfig):
     )
     reinit_num: int = Field(default=3, ge=0, description="N: at most this many re-inits (ours.sh)")
     kmeans_iters: int = Field(default=300, ge=1, description="Lloyd iterations (sklearn default)")
-
-    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        if modalities is not None and len(modalities) < 2:
-            return [("data.modalities", "relearning needs at least two modalities")]
-        return []
 
 
 def minmax_scale(x: np.ndarray) -> np.ndarray:

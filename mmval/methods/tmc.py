@@ -4,7 +4,7 @@ Paper: Han, Zhang, Fu, Zhou, "Trusted Multi-View Classification", ICLR 2021. Fol
 official code (hanmenghan/TMC, `TMC ICLR/model.py`: `TMC.forward`, `ce_loss`, `KL`; `train.py`);
 spec: docs/methods.md#tmc.
 
-What it changes: the head and the loss. The `tmc` fusion (mmval/models/fusion.py) gives each
+What it changes: the head and the loss. The `tmc` fusion (mmval/models/fusions/tmc.py) gives each
 modality a Dirichlet alpha_m = softplus(W_m h_m + b_m) + 1 and folds the opinions by
 Dempster-Shafer combination; it also predicts, so evaluation and valuation use the combined
 opinion. The loss, applied to every alpha_m and to the combined alpha and averaged over the
@@ -36,32 +36,21 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, TrainContext, too_few_modalities
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
-from mmval.models.fusion import TMCFusion
+from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.models import ModelOutput, MultimodalModel
+from mmval.models.fusions.tmc import TMCFusion
 
 
 class TMCConfig(MethodConfig):
     fusion: ClassVar[str] = "tmc"
+    fusions: ClassVar[tuple[str, ...] | None] = ("tmc",)
+    min_modalities: ClassVar[int] = 2
     name: Literal["tmc"] = "tmc"
     lambda_epochs: int = Field(
         default=50,
         ge=1,
         description="epochs over which the KL weight grows linearly to 1 (official 50)",
     )
-
-    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = []
-        if model.fusion != "tmc":
-            found.append(
-                (
-                    "model.fusion",
-                    f"tmc trains evidential heads and predicts by their Dempster-Shafer "
-                    f"combination; set model.fusion: tmc (got {model.fusion})",
-                )
-            )
-        found += too_few_modalities(self.name, modalities)
-        return found
 
 
 def dirichlet_kl_to_uniform(alpha: torch.Tensor) -> torch.Tensor:

@@ -32,28 +32,16 @@ from mmval.methods.base import (
     Method,
     MethodConfig,
     TrainContext,
-    too_few_modalities,
     unimodal_cross_entropy,
 )
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.models import ModelOutput, MultimodalModel
 
 
 class UMEConfig(MethodConfig):
     fusion: ClassVar[str] = "late"
+    fusions: ClassVar[tuple[str, ...] | None] = ("late",)
+    min_modalities: ClassVar[int] = 2
     name: Literal["ume"] = "ume"
-
-    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
-        found = []
-        if model.fusion != "late":
-            found.append(
-                (
-                    "model.fusion",
-                    f"ume trains unimodal models and averages their logits, which is late "
-                    f"fusion; set model.fusion to late (not {model.fusion})",
-                )
-            )
-        found += too_few_modalities(self.name, modalities)
-        return found
 
 
 class UME(Method):

@@ -41,6 +41,7 @@ from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
 class UMTConfig(MethodConfig):
+    min_modalities: ClassVar[int] = 2
     name: Literal["umt"] = "umt"
     teachers: dict[str, Path] = Field(
         description="modality -> checkpoint (.pt) of a finished unimodal run on that modality"
@@ -52,18 +53,15 @@ class UMTConfig(MethodConfig):
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
         if modalities is None:
             return []
-        found = []
-        if len(modalities) < 2:
-            found.append(("data.modalities", "umt needs at least two modalities"))
         if set(self.teachers) != set(modalities):
-            found.append(
+            return [
                 (
                     "method.teachers",
                     f"needs one teacher checkpoint per modality {modalities}, "
                     f"got {sorted(self.teachers)}",
                 )
-            )
-        return found
+            ]
+        return []
 
 
 def distillation_loss(

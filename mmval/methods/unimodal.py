@@ -10,7 +10,6 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from mmval.errors import UserError
 from mmval.methods.base import Method, MethodConfig
 from mmval.models import ModelConfig
 
@@ -27,19 +26,11 @@ class UnimodalConfig(MethodConfig):
             return [
                 ("method.modality", f"{self.modality!r} is not in data.modalities {modalities}")
             ]
-        if model.fusion in ("film", "gated"):
-            return [("model.fusion", f"{model.fusion} fusion needs two modalities; use concat")]
         return []
+
+    def model_modalities(self, available: list[str]) -> list[str]:
+        return [self.modality]
 
 
 class Unimodal(Method):
     Config: ClassVar[type[MethodConfig]] = UnimodalConfig
-    config: UnimodalConfig
-
-    def model_modalities(self, available: list[str]) -> list[str]:
-        if self.config.modality not in available:
-            raise UserError(
-                f"method.modality: {self.config.modality!r} is not a modality of the data "
-                f"({', '.join(available)})."
-            )
-        return [self.config.modality]

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    create_model,
+    model_validator,
+)
 from torch import nn
 
 from mmval.data.shards import ModalitySpec
 from mmval.models.encoders import EncoderConfig, MLPEncoderConfig, build_encoder
-from mmval.models.fusion import ADDITIVE, DECOMPOSABLE, FusionName, InferenceName, build_fusion
+from mmval.models.fusions import FUSIONS, FusionConfig, FusionField, build_fusion
 from mmval.models.mmtm import MMTMConfig, MMTMFusion
+from mmval.registry import tag_of
 
 
 class ModelConfig(BaseModel):
@@ -20,33 +31,101 @@ class ModelConfig(BaseModel):
     encoders: dict[str, EncoderConfig] = Field(
         default_factory=dict, description="per-modality encoders, overriding `encoder`"
     )
-    fusion: FusionName = "concat"
+    fusion: FusionField | None = Field(
+        default=None,
+        description="the fusion head: a name (`concat`) or a mapping of `name` and the fusion's "
+        "own settings (`{name: cosine, scale: 15}`); unset, the method's own fusion",
+    )
     mmtm: MMTMConfig | None = Field(
         default=None,
         description="mid-fusion: MMTM blocks between encoder stages (Greedy's model); "
         "resnet18 or mlp encoders",
     )
-    fusion_hidden: int = Field(default=128, ge=1, description="hidden size of gated fusion")
-    fusion_scale: float = Field(
-        default=10.0, gt=0, description="cosine fusion: logit scale s (MMCosine official 10)"
-    )
-    fusion_inference: InferenceName = Field(
-        default="dynamic",
-        description="shared fusion (MLA): per-sample entropy weights, or fixed fusion_weights",
-    )
-    fusion_weights: dict[str, float] | None = Field(
-        default=None,
-        description="shared fusion with fusion_inference fixed: weight by modality (default "
-        "1/M; MLA official 0.5/0.5, three modalities a 0.35, v 0.25, t 0.4)",
-    )
-    fusion_predominant: str | None = Field(
-        default=None,
-        description="imml fusion: the predominant modality (the front-door query); unset, the "
-        "imml method picks the one with the higher unimodal val accuracy after its warm-up",
-    )
-    fusion_bank_size: int = Field(
-        default=4096, ge=1, description="imml fusion: rows of the FIFO feature bank [ours]"
-    )
+    # old flat `fusion_*` settings, not at their defaults, that the chosen fusion does not have
+    _stray_flat: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _nest_flat_fields(cls, data: Any, handler: ModelWrapValidatorHandler[ModelConfig]) -> Any:
+        """Recipes, checkpoints and summaries written before fusions had their own configs give
+        `fusion: <name>` with flat `fusion_<x>` fields (all of them, in dumps): those of the
+        chosen fusion move into it, the others are dropped at their defaults and otherwise kept
+        aside for `flat_problems`."""
+        owners = _flat_owners()
+        if not isinstance(data, dict) or not owners.keys() & data.keys():
+            return handler(data)
+        flat = {key: value for key, value in data.items() if key in owners}
+        rest = {key: value for key, value in data.items() if key not in owners}
+        fusion = rest.get("fusion")
+        name = fusion.get("name") if isinstance(fusion, dict) else fusion
+        config = FUSIONS.get(name) if isinstance(name, str) else None
+        own = {key: value for key, value in flat.items() if owners[key][0] is config}
+        if config is not None and own:
+            checked = _flat_model(config).model_validate(own)  # errors name model.fusion_<x>
+            nested = dict(fusion) if isinstance(fusion, dict) else {"name": name}
+            for key in own:  # over a mapping's (the method's default settings, say)
+                nested[config.flat_fields[key]] = getattr(checked, key)
+            rest["fusion"] = nested
+        model = handler(rest)
+        model._stray_flat = {
+            key: value
+            for key, value in flat.items()
+            if key not in own and value != _default(*owners[key])
+        }
+        return model
+
+    def flat_problems(self) -> list[tuple[str, str]]:
+        """Recipe problems: old flat fusion settings that the chosen fusion does not have."""
+        found = []
+        chosen = self.fusion.name if self.fusion is not None else "unset"
+        for key in self._stray_flat:
+            owner, field = _flat_owners()[key]
+            found.append(
+                (
+                    f"model.{key}",
+                    f"a setting of the {tag_of(owner)} fusion only, and model.fusion is "
+                    f"{chosen}: leave it out, or set model.fusion: "
+                    f"{{name: {tag_of(owner)}, {field}: ...}}",
+                )
+            )
+        return found
+
+    def flat_dump(self) -> dict[str, Any]:
+        """The model section in the layout before fusions had their own configs (`fusion:
+        <name>`, every flat `fusion_<x>` field, a fusion's other settings as `fusion_<field>`):
+        what the settings hash reads, so that a setting keeps the hash its runs have."""
+        dump = self.model_dump(mode="json")
+        own = dict(dump.pop("fusion") or {})
+        name = own.pop("name", None)
+        config = FUSIONS.get(name) if isinstance(name, str) else None
+        flat_name = {field: key for key, field in (config.flat_fields if config else {}).items()}
+        flat = {key: _default(*owner) for key, owner in _flat_owners().items()}
+        for field, value in own.items():
+            flat[flat_name.get(field, f"fusion_{field}")] = value
+        return {**dump, "fusion": name, **flat}
+
+
+def _flat_owners() -> dict[str, tuple[type[FusionConfig], str]]:
+    """Old flat field -> (the fusion it belongs to, its field there), over the registry."""
+    return {
+        key: (config, field)
+        for config in FUSIONS.values()
+        for key, field in config.flat_fields.items()
+    }
+
+
+def _default(config: type[FusionConfig], field: str) -> Any:
+    return config.model_fields[field].get_default(call_default_factory=True)
+
+
+@cache
+def _flat_model(config: type[FusionConfig]) -> type[BaseModel]:
+    """A fusion's settings under their old flat names, to validate them where a recipe set them."""
+    fields: Any = {
+        key: (config.model_fields[field].annotation, config.model_fields[field])
+        for key, field in config.flat_fields.items()
+    }
+    return create_model(f"Flat{config.__name__}", **fields)
 
 
 @dataclass
@@ -65,19 +144,11 @@ class MultimodalModel(nn.Module):
         )
         self.mid_fusion = None if config.mmtm is None else MMTMFusion(config.mmtm, self.encoders)
         dims = {m: enc.out_dim for m, enc in self.encoders.items()}
-        self.fusion = build_fusion(
-            config.fusion,
-            dims,
-            num_classes,
-            config.fusion_hidden,
-            config.fusion_scale,
-            config.fusion_weights,
-            config.fusion_inference,
-            config.fusion_predominant,
-            config.fusion_bank_size,
-        )
-        self.decomposable = config.fusion in DECOMPOSABLE
-        self.additive = config.fusion in ADDITIVE
+        if config.fusion is None:
+            raise ValueError("model.fusion is unset (a recipe sets it to the method's own fusion)")
+        self.fusion = build_fusion(config.fusion, dims, num_classes)
+        self.decomposable = config.fusion.decomposable
+        self.additive = config.fusion.additive
 
     def encode(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.mid_fusion is not None:

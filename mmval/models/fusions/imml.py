@@ -21,7 +21,7 @@ attention over a dictionary of past samples queried by m):
 - per-modality heads c_k(m_k) (the L_uni of the `imml` method) are the fusion's unimodal logits,
   so the engine logs each modality's accuracy.
 M > 2: one predominant modality (the query), every other one auxiliary (its m_k enters the head
-and the bank). The predominant modality is fixed by `model.fusion_predominant`, or, left unset,
+and the bank). The predominant modality is fixed by `model.fusion.predominant`, or, left unset,
 chosen by the `imml` method after its warm-up (the modality whose head c_k has the higher
 validation accuracy); it is a buffer too, so a checkpoint is evaluated with the one it trained.
 """
@@ -29,12 +29,15 @@ validation accuracy); it is a buffer too, so a checkpoint is evaluated with the 
 from __future__ import annotations
 
 import math
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from mmval.distributed import gather_rows
 from mmval.errors import UserError
+from mmval.models.fusions.base import FusionConfig
 
 PROJECTION_DIM = 256
 
@@ -52,7 +55,7 @@ class IMMLFusion(nn.Module):
         self.names = list(dims)
         if predominant is not None and predominant not in dims:
             raise UserError(
-                f"model.fusion_predominant: {predominant!r} is not a modality of the model "
+                f"model.fusion.predominant: {predominant!r} is not a modality of the model "
                 f"({', '.join(self.names)})."
             )
         self.auto_predominant = predominant is None
@@ -142,3 +145,23 @@ class IMMLFusion(nn.Module):
 
     def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.fuse_projected(self.project(feats), feats)
+
+
+class IMMLFusionConfig(FusionConfig):
+    name: Literal["imml"] = "imml"
+    decomposable: ClassVar[bool] = True
+    flat_fields: ClassVar[dict[str, str]] = {
+        "fusion_predominant": "predominant",
+        "fusion_bank_size": "bank_size",
+    }
+    predominant: str | None = Field(
+        default=None,
+        description="imml fusion: the predominant modality (the front-door query); unset, the "
+        "imml method picks the one with the higher unimodal val accuracy after its warm-up",
+    )
+    bank_size: int = Field(
+        default=4096, ge=1, description="imml fusion: rows of the FIFO feature bank [ours]"
+    )
+
+    def build(self, dims: dict[str, int], num_classes: int) -> nn.Module:
+        return IMMLFusion(dims, num_classes, self.predominant, self.bank_size)

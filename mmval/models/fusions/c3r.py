@@ -11,8 +11,12 @@ head alone, so every checkpoint is evaluated and valued the same way.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
+
+from mmval.models.fusions.base import FusionConfig
 
 REPRESENTATION_DIM = 64  # Z in R^64 (paper)
 
@@ -38,3 +42,10 @@ class C3RFusion(nn.Module):
 
     def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.representation(feats))
+
+
+class C3RFusionConfig(FusionConfig):
+    name: Literal["c3r"] = "c3r"
+
+    def build(self, dims: dict[str, int], num_classes: int) -> nn.Module:
+        return C3RFusion(dims, num_classes)

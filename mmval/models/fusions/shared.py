@@ -1,0 +1,90 @@
+"""Shared head (MLA): one linear head applied to every modality, fixed or entropy weights."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from mmval.errors import UserError
+from mmval.models.fusions.base import FusionConfig
+
+InferenceName = Literal["dynamic", "fixed"]
+
+
+class SharedFusion(nn.Module):
+    """MLA (Zhang et al., CVPR 2024): one linear head H shared by all modalities, z_m = H(h_m),
+    so every encoder must give features of the same size. Prediction z = sum_m lambda_m z_m,
+    with fixed lambda (official `--av_alpha`; 1/M by default) or, `dynamic`, per-sample weights
+    lambda_m = softmax_m(-entropy(softmax(z_m))), which is the official
+    exp(max_k e_k - e_m) / sum_j exp(max_k e_k - e_j) computed per sample as BalanceBenchmark
+    does (the official code pools the entropy over the batch)."""
+
+    def __init__(
+        self,
+        dims: dict[str, int],
+        num_classes: int,
+        weights: dict[str, float] | None,
+        inference: InferenceName,
+    ) -> None:
+        super().__init__()
+        self.names = list(dims)
+        if len(set(dims.values())) != 1:
+            sizes = ", ".join(f"{m} {d}" for m, d in dims.items())
+            raise UserError(
+                f"model.fusion: shared fusion applies one head to every modality, so all "
+                f"encoders need the same out_dim; they give {sizes} (set model.encoder.out_dim "
+                "or the out_dim of each model.encoders entry)."
+            )
+        if weights is not None and (inference != "fixed" or set(weights) != set(self.names)):
+            raise UserError(
+                "model.fusion.weights: give one weight per modality "
+                f"({', '.join(self.names)}), with model.fusion.inference: fixed."
+            )
+        self.inference = inference
+        fixed = weights or dict.fromkeys(self.names, 1 / len(self.names))
+        self.weights = [fixed[m] for m in self.names]
+        self.fc = nn.Linear(dims[self.names[0]], num_classes)
+
+    def unimodal_logits(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.fc(feats[m]) for m in self.names}
+
+    def lambdas(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fusion weights [M, B]."""
+        z = torch.stack([logits[m] for m in self.names])
+        if self.inference == "fixed":
+            return torch.tensor(self.weights, dtype=z.dtype, device=z.device)[:, None].expand(
+                z.shape[:2]
+            )
+        p, logp = z.softmax(-1), z.log_softmax(-1)
+        return torch.softmax((p * logp).sum(-1), dim=0)  # softmax of minus the entropy
+
+    def combine(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        z = torch.stack([logits[m] for m in self.names])
+        return (self.lambdas(logits)[..., None] * z).sum(0)
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.combine(self.unimodal_logits(feats))
+
+
+class SharedFusionConfig(FusionConfig):
+    name: Literal["shared"] = "shared"
+    decomposable: ClassVar[bool] = True
+    flat_fields: ClassVar[dict[str, str]] = {
+        "fusion_inference": "inference",
+        "fusion_weights": "weights",
+    }
+    inference: InferenceName = Field(
+        default="dynamic",
+        description="shared fusion (MLA): per-sample entropy weights, or fixed weights",
+    )
+    weights: dict[str, float] | None = Field(
+        default=None,
+        description="shared fusion with inference fixed: weight by modality (default 1/M; MLA "
+        "official 0.5/0.5, three modalities a 0.35, v 0.25, t 0.4)",
+    )
+
+    def build(self, dims: dict[str, int], num_classes: int) -> nn.Module:
+        return SharedFusion(dims, num_classes, self.weights, self.inference)
