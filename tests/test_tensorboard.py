@@ -10,21 +10,11 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from mmval.engine.tensorboard import TB_DIR, scalar_tag
-from mmval.engine.train import TrainCallbacks, Trainer
+from mmval.artifacts.layout import TB_DIR
+from mmval.engine.tensorboard import scalar_tag
 from mmval.recipe import load_recipe
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_after(epochs: int) -> TrainCallbacks:
-    def on_epoch(row: dict[str, float]) -> None:
-        if row["epoch"] == epochs:
-            raise Crash
-
-    return TrainCallbacks(on_epoch=on_epoch)
+from mmval.runner import Trainer
+from tests.conftest import Crash, crash_after
 
 
 def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:

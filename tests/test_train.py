@@ -10,24 +10,13 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from mmval.engine.checkpoint import load_checkpoint
-from mmval.engine.train import TrainCallbacks, Trainer
+from mmval.artifacts.checkpoint import load_checkpoint
 from mmval.errors import UserError
 from mmval.recipe import load_recipe
+from mmval.runner import Trainer
+from tests.conftest import Crash, crash_after
 
 runner = CliRunner()
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_after(epochs: int) -> TrainCallbacks:
-    def on_epoch(row: dict[str, float]) -> None:
-        if row["epoch"] == epochs:
-            raise Crash
-
-    return TrainCallbacks(on_epoch=on_epoch)
 
 
 @pytest.mark.parametrize("method", [{"name": "concat"}, {"name": "ogm_ge", "alpha": 0.5}])
@@ -56,8 +45,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(recipe_file, tmp_path
     )
     assert len(a) == 4
     pd.testing.assert_frame_equal(a, b)
-    wa = load_checkpoint(runs / "straight/seed0/last.pt")["model"]
-    wb = load_checkpoint(runs / "broken/seed0/last.pt")["model"]
+    wa = load_checkpoint(runs / "straight/seed0/last.pt").model
+    wb = load_checkpoint(runs / "broken/seed0/last.pt").model
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -89,7 +78,7 @@ def test_run_outputs_and_rerun_is_skipped(recipe_file, tmp_path):
     again = Trainer(recipe, 0).run()
     assert again.skipped
     best = load_checkpoint(run / "best.pt")
-    assert best["data"]["modalities"] == ["a", "b", "c"] and "fingerprint" in best["data"]
+    assert best.data.modalities == ["a", "b", "c"] and len(best.data.fingerprint) == 64
 
 
 def test_learns_the_strong_modality(recipe_file):

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmval.artifacts.layout import contrib_file
 from mmval.data.dataset import ParquetSamples
 from mmval.data.shards import DataManifest
 from mmval.errors import UserError
 from mmval.models import MultimodalModel
-from mmval.valuation import TrainValuationConfig, build_method
+from mmval.valuation.config import TrainValuationConfig
+from mmval.valuation.registry import build_method
 from mmval.valuation.run import split_fills, value_dataset
 from mmval.valuation.table import long_table, valuation_metadata, weights_fingerprint, write_parquet
 
@@ -80,5 +82,5 @@ class EpochValuation:
             weights_fingerprint(model.state_dict()),
         )
         metadata["mmval.epoch"] = str(epoch)
-        out = run_dir / f"contrib_epoch{epoch}.parquet"
+        out = run_dir / contrib_file(epoch)
         write_parquet(long_table(values, self.modalities), metadata, out)
