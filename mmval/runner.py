@@ -23,7 +23,7 @@ from mmval.engine.session import Session, build_session, resolve_device
 from mmval.engine.tensorboard import TensorBoard
 from mmval.errors import UserError
 from mmval.recipe import Recipe
-from mmval.settings import normalised
+from mmval.settings import SAME_RUN, identity, normalised
 from mmval.valuation.training import EpochValuation
 
 
@@ -59,13 +59,13 @@ class Trainer:
 
     def finished_summary(self) -> dict[str, Any] | None:
         """The summary of this very run if it already finished (the same recipe, compared as
-        today's recipe model reads both, so runs of older mmval versions are recognised), else
-        None."""
+        today's recipe model reads both, so that runs of older mmval versions and moved run
+        folders are recognised), else None."""
         summary = read_summary(self.run_dir)
         if summary is None:
             return None
         stored = normalised(Recipe, summary.get("recipe", {}))
-        if stored is None or stored.model_dump(mode="json") != self.recipe.model_dump(mode="json"):
+        if stored is None or identity(stored, SAME_RUN) != identity(self.recipe, SAME_RUN):
             return None
         return summary
 

@@ -38,6 +38,8 @@ class Effect(Enum):
 SETTING = frozenset({Effect.RESULT, Effect.RESUMABLE})  # what the settings hash covers
 FIXED = frozenset({Effect.RESULT})  # what must match to resume a run
 FREE_ON_RESUME = frozenset({Effect.RESUMABLE, Effect.NONE})  # what a resume may change
+# what a finished run must match to be this run (name, output and seed chose its folder already)
+SAME_RUN = frozenset({Effect.RESULT, Effect.RESUMABLE, Effect.NONE})
 
 
 def effect_of(info: FieldInfo) -> Effect:
