@@ -3,7 +3,9 @@ in the run folder every `every` epochs, to plot how modality contributions evolv
 
 It changes nothing in training: the model is valued in eval mode without gradients, batches
 are read without a DataLoader and all sampling uses its own generators, so the global RNG, and
-with it the run, is the same with or without valuation.
+with it the run, is the same with or without valuation. `mmval.runner` calls `after_epoch`
+from a training callback (valuation sits below the methods, which use it, and so below the
+engine: it imports no engine code).
 """
 
 from __future__ import annotations
