@@ -199,7 +199,7 @@ class RunFiles(Callback):
             )
 
     def on_epoch_end(self, fit: Fit, row: dict[str, float]) -> None:
-        if self._log is None:
+        if self._log is None:  # not rank 0
             return
         with atomic_path(fit.run_dir / METRICS) as tmp:
             pd.DataFrame(fit.state.rows).to_parquet(tmp, index=False)
