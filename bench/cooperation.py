@@ -26,8 +26,8 @@ import torch
 
 from mmval.data.prep import prepare
 from mmval.data.synthetic_av import SyntheticAVParams, write_synthetic_raw
-from mmval.engine.train import Trainer
 from mmval.recipe import load_recipe
+from mmval.runner import Trainer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

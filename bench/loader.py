@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from mmval.data.dataset import ParquetSamples
 from mmval.data.prep import prepare
 from mmval.data.synthetic_av import SyntheticAVParams, write_synthetic_raw
-from mmval.engine.train import Trainer, resolve_device
+from mmval.engine.session import build_session, resolve_device
 from mmval.recipe import Recipe, load_recipe
+from mmval.runner import Trainer
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "concat-synthetic-av.yaml"
 BATCH = 32
@@ -62,7 +63,7 @@ def recipe_for(data: Path, epochs: int, workers: int, device: str, output: Path)
 def engine_session(recipe: Recipe, device: torch.device) -> Any:
     """What `Trainer` builds before its first step: the training DataLoader and sampler exactly
     as the engine makes them (workers, prefetch, persistence), the model and its optimizer."""
-    return Trainer(recipe, 0)._build(device)
+    return build_session(recipe.for_seed(0), 0, device)
 
 
 def start_epoch(session: Any, epoch: int) -> None:

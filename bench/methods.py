@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mmval.engine.train import Trainer
 from mmval.recipe import load_recipe
+from mmval.runner import Trainer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -4,7 +4,7 @@ Data: `synthetic` with UCI-Multiple-Features-sized modalities (dims 76, 216, 64,
 the first M of them) and 2000 samples in the valued split. Model: the uci-mfeat recipe's (MLP
 encoders [256] -> 128, concat fusion), one per M, shared by the three contenders, which read
 the same Parquet shards with the same batch size:
-- eval: `mmval.engine.train.predict`, the evaluation the trainer runs each epoch;
+- eval: `mmval.engine.loop.predict`, the evaluation the trainer runs each epoch;
 - engine: `value_dataset` (encoders once, all 2^M subsets through the head in batched calls);
 - naive: `value_dataset` with path="naive" (one full forward per subset).
 Each is timed `--repeats` times, interleaved, and the fastest run counts (the machine is
@@ -27,10 +27,11 @@ import torch
 
 from mmval.data.dataset import ParquetSamples
 from mmval.data.prep import prepare
-from mmval.engine.train import predict
+from mmval.engine.loop import predict
 from mmval.models import ModelConfig, build_model
-from mmval.valuation import ValuationConfig, build_method
+from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import EvalPath
+from mmval.valuation.registry import build_method
 from mmval.valuation.run import value_dataset
 
 DIMS = [76, 216, 64, 240, 47, 6]  # fou, fac, kar, pix, zer, mor

@@ -16,6 +16,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -72,22 +73,26 @@ def _progress() -> Progress:
     )
 
 
-def _train_callbacks(progress: Progress):
-    from mmval.engine.train import TrainCallbacks
+def _train_callbacks(progress: Progress) -> list:
+    """Training callbacks that draw a bar per run (advanced per step, with each epoch's val
+    accuracy); the engine is imported only when a command trains."""
+    from mmval.engine.loop import Callback, Fit
 
-    current: dict[str, int] = {}
+    class Bars(Callback):
+        task: TaskID
 
-    def on_start(label: str, epochs: int, steps_per_epoch: int) -> None:
-        current["task"] = progress.add_task(label, total=epochs * steps_per_epoch, status="")
+        def on_train_start(self, fit: Fit) -> None:
+            total = fit.epochs * fit.steps_per_epoch
+            self.task = progress.add_task(fit.title, total=total, status="")
 
-    def on_step() -> None:
-        progress.advance(current["task"])
+        def on_train_step(self, fit: Fit) -> None:
+            progress.advance(self.task)
 
-    def on_epoch(row: dict[str, float]) -> None:
-        val = row.get("val_acc", float("nan"))
-        progress.update(current["task"], status=f"epoch {int(row['epoch'])} val {val:.3f}")
+        def on_epoch_end(self, fit: Fit, row: dict[str, float]) -> None:
+            val = row.get("val_acc", float("nan"))
+            progress.update(self.task, status=f"epoch {int(row['epoch'])} val {val:.3f}")
 
-    return TrainCallbacks(on_start=on_start, on_step=on_step, on_epoch=on_epoch)
+    return [Bars()]
 
 
 def _print_frame(frame, title: str, float_format: str = "{:.2f}") -> None:
@@ -426,12 +431,8 @@ def value(
         _value_dcor(checkpoint, out, split, data, device, batch_size)
         return
     from mmval.valuation.config import valuation_config
-    from mmval.valuation.run import (
-        contribution_gaps,
-        contribution_summary,
-        value_checkpoint,
-        write_valuation,
-    )
+    from mmval.valuation.run import value_checkpoint, write_valuation
+    from mmval.valuation.summary import contribution_gaps, contribution_summary
 
     config = valuation_config(
         method=method, permutations=permutations, seed=seed, benefit=benefit, mask=mask

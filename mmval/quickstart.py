@@ -7,18 +7,22 @@ the comparison table and the mean contribution of each modality.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 
+from mmval.artifacts.layout import BEST
 from mmval.compose import compose_recipe
 from mmval.data.prep import prepare
-from mmval.engine.train import BEST, TrainCallbacks, Trainer
+from mmval.engine.loop import Callback
 from mmval.recipe import Recipe, parse_recipe
 from mmval.report import collect_runs, summarize
-from mmval.valuation.run import contribution_summary, value_checkpoint, write_valuation
+from mmval.runner import Trainer
+from mmval.valuation.run import value_checkpoint, write_valuation
+from mmval.valuation.summary import contribution_summary
 
 DATASET = "uci-mfeat"
 VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
@@ -51,7 +55,7 @@ def quickstart_recipes(workdir: Path) -> list[Recipe]:
     return recipes
 
 
-def run_quickstart(workdir: Path, callbacks: TrainCallbacks | None = None) -> QuickstartResult:
+def run_quickstart(workdir: Path, callbacks: Sequence[Callback] = ()) -> QuickstartResult:
     workdir = Path(workdir)
     prepare(DATASET, workdir / "data" / DATASET)
     recipes = quickstart_recipes(workdir)

@@ -11,20 +11,18 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
 from mmval.compose import compose_recipe
 from mmval.data.dataset import FrameAugment
-from mmval.data.shards import sha256_json
 from mmval.errors import UserError
 from mmval.methods import METHODS, MethodConfig, MethodConfigUnion
 from mmval.methods.concat import ConcatConfig
 from mmval.models import ModelConfig
+from mmval.settings import Effect, settings_hash
 from mmval.validation import format_problems, problems_of
 from mmval.valuation.config import TrainValuationConfig
 
@@ -96,60 +94,41 @@ class OptimConfig(_Strict):
     scheduler: Schedule = Field(default_factory=ConstantSchedule)
 
 
+# Marks (mmval.settings): Effect.NONE on the host settings, which change how fast or where a run
+# goes, not what it computes (beyond floating-point rounding): out of the settings hash, and free
+# to change on resume; a resumed run may also train longer or change its NaN policy (RESUMABLE).
 class TrainConfig(_Strict):
-    epochs: int = Field(ge=1)
+    epochs: Annotated[int, Effect.RESUMABLE] = Field(ge=1)
     batch_size: int = Field(default=64, ge=1)
     eval_batch_size: int = Field(default=512, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Annotated[Literal["auto", "cpu", "cuda"], Effect.NONE] = "auto"
     precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: autocast")
-    workers: int = Field(default=0, ge=0, description="DataLoader worker processes")
-    prefetch: int = Field(
+    workers: Annotated[int, Effect.NONE] = Field(
+        default=0, ge=0, description="DataLoader worker processes"
+    )
+    prefetch: Annotated[int, Effect.NONE] = Field(
         default=2, ge=1, description="batches each DataLoader worker loads ahead (workers > 0)"
     )
-    channels_last: bool = Field(
+    channels_last: Annotated[bool, Effect.NONE] = Field(
         default=False,
         description="channels-last memory format for the 4-D maps of resnet18 encoders (faster "
         "convolutions on tensor-core GPUs, with bf16 especially)",
     )
-    compile: bool = Field(
+    compile: Annotated[bool, Effect.NONE] = Field(
         default=False,
         description="torch.compile each encoder (first steps slower while compiling; needs a C++ "
         "compiler on the CPU)",
     )
     eval_every: int = Field(default=1, ge=1, description="epochs between evaluations")
     checkpoint_every: int = Field(default=1, ge=1, description="epochs between last.pt saves")
-    tensorboard: bool = Field(
+    tensorboard: Annotated[bool, Effect.NONE] = Field(
         default=False, description="also write per-epoch scalars as TensorBoard events in tb/"
     )
-    nonfinite: Literal["stop", "skip"] = Field(
+    nonfinite: Annotated[Literal["stop", "skip"], Effect.RESUMABLE] = Field(
         default="stop",
         description="a NaN or infinite loss or gradient: stop the run (last.pt keeps the last "
         "good state) or skip that step (counted per epoch in metrics, as skipped_steps)",
     )
-
-    @model_serializer(mode="wrap")
-    def _omit_tensorboard_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Off (and nonfinite at stop, the loader and speed settings at their defaults), it
-        dumps as before those fields existed, so finished runs still match their summary.json
-        (and are skipped) and resume."""
-        dump = handler(self)
-        for name, default in HOST_DEFAULTS.items():
-            if getattr(self, name) == default:
-                dump.pop(name, None)
-        if self.nonfinite == "stop":
-            dump.pop("nonfinite", None)
-        return dump
-
-
-# Settings that change how fast a run goes, not what it computes (beyond floating-point
-# rounding): left out of the settings hash and free to change on resume, and dumped only when
-# they differ from these defaults.
-HOST_DEFAULTS: dict[str, Any] = {
-    "tensorboard": False,
-    "prefetch": 2,
-    "channels_last": False,
-    "compile": False,
-}
 
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.{}\-]*$"
@@ -157,30 +136,23 @@ SWEEP_KEYS = ("methods", "grid")
 
 
 class Recipe(_Strict):
-    name: str = Field(
+    name: Annotated[str, Effect.RUN] = Field(
         pattern=NAME_PATTERN,
         description="run folder name; may use {dotted.field} placeholders",
     )
-    seeds: list[int] = Field(min_length=1)
+    seeds: Annotated[list[int], Effect.RUN] = Field(min_length=1)
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfigUnion = Field(default_factory=ConcatConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig
-    output: Path = Field(default=Path("runs"), description="runs go to output/name/seed<k>")
-    valuation: TrainValuationConfig | None = Field(
+    output: Annotated[Path, Effect.RUN] = Field(
+        default=Path("runs"), description="runs go to output/name/seed<k>"
+    )
+    valuation: Annotated[TrainValuationConfig | None, Effect.NONE] = Field(
         default=None,
         description="write per-sample modality contributions to contrib_epoch<k>.parquet",
     )
-
-    @model_serializer(mode="wrap")
-    def _omit_unset_valuation(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """A recipe without valuation dumps as before it existed, so finished runs still match
-        their summary.json and resume."""
-        dump = handler(self)
-        if self.valuation is None:
-            dump.pop("valuation", None)
-        return dump
 
     @model_validator(mode="before")
     @classmethod
@@ -220,15 +192,18 @@ class Recipe(_Strict):
         return self.model_copy(update={"seeds": [seed]})
 
     def settings_hash(self) -> str:
-        """Identifies the experimental setting: seeds, name, output, valuation (which does not
-        change training) and host details excluded."""
-        dump = self.model_dump(mode="json", exclude={"seeds", "name", "output", "valuation"})
-        dump["model"] = self.model.flat_dump()  # the layout the hashes of earlier runs read
-        dump["train"].pop("device")
-        dump["train"].pop("workers")
-        for name in HOST_DEFAULTS:
-            dump["train"].pop(name, None)
-        return sha256_json(dump)[:12]
+        """Identifies the experimental setting (mmval.settings: the fields marked as not
+        changing what a run computes, and the name, output and seeds, left out)."""
+        return settings_hash(self)
+
+    def run_label(self) -> str:
+        """Report name: plain training is named after its fusion (concat, sum, film, ...)."""
+        assert self.model.fusion is not None  # filled from the method by validation
+        fusion = self.model.fusion.name
+        if self.method.name == "concat":
+            return fusion
+        label = self.method.label()
+        return label if fusion == self.method.fusion else f"{label}+{fusion}"
 
 
 def _cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
@@ -252,16 +227,6 @@ def check_against_data(recipe: Recipe, modalities: list[str]) -> None:
     if found:
         where = f"recipe {recipe.name} on data with modalities {', '.join(modalities)}"
         raise UserError(format_problems(found, where))
-
-
-def current_dump(stored: Any) -> Any:
-    """A recipe dump written by an earlier mmval (summary.json, checkpoints: flat `fusion_*`
-    fields) in today's layout, to compare with a recipe's `model_dump(mode="json")`; a dump that
-    no longer validates comes back unchanged (and so differs)."""
-    try:
-        return Recipe.model_validate(stored).model_dump(mode="json")
-    except ValidationError:
-        return stored
 
 
 def _fill_placeholders(raw: dict) -> dict:

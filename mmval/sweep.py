@@ -42,14 +42,16 @@ import itertools
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from mmval.artifacts.layout import LAST
 from mmval.compose import compose_recipe
-from mmval.engine.train import LAST, TrainCallbacks, Trainer, ensure_data, join_ranks
+from mmval.engine.loop import Callback
+from mmval.engine.session import ensure_data, join_ranks
 from mmval.errors import UserError
 from mmval.methods import METHODS, MethodConfigUnion
 from mmval.recipe import (
@@ -60,6 +62,7 @@ from mmval.recipe import (
     check_against_data,
     parse_recipe,
 )
+from mmval.runner import Trainer
 from mmval.validation import format_problems, problems_of
 
 UNSWEPT = ("name", "seeds", "output", *SWEEP_KEYS)  # with their subfields; and method, method.name
@@ -354,7 +357,7 @@ def run_plan(
     *,
     resume: bool = False,
     overwrite: bool = False,
-    callbacks: TrainCallbacks | None = None,
+    callbacks: Sequence[Callback] = (),
     on_outcome: Callable[[RunOutcome], None] = lambda outcome: None,
 ) -> list[RunOutcome]:
     """Train every run of the plan in order, skipping finished ones.
@@ -365,15 +368,17 @@ def run_plan(
     join_ranks([v.recipe for v in plan.variants])  # under torchrun: each run distributed
     check_plan(plan, resume=resume, overwrite=overwrite)
     outcomes: list[RunOutcome] = []
-    callbacks = callbacks or TrainCallbacks()
     for variant, seed in plan.runs():
-        shown = callbacks
-        if plan.is_sweep:  # progress names the combination, not only the method
-            name = f"{variant.label} seed{seed}"
-            shown = replace(
-                callbacks, on_start=lambda _, e, s, name=name: callbacks.on_start(name, e, s)
-            )
-        trainer = Trainer(variant.recipe, seed, resume=resume, overwrite=overwrite, callbacks=shown)
+        # in a sweep progress names the combination, not only the method
+        title = f"{variant.label} seed{seed}" if plan.is_sweep else None
+        trainer = Trainer(
+            variant.recipe,
+            seed,
+            resume=resume,
+            overwrite=overwrite,
+            callbacks=callbacks,
+            title=title,
+        )
         try:
             result = trainer.run()
         except UserError as exc:

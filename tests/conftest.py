@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mmval.data.prep import prepare
+from mmval.engine.loop import Callback, Fit
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +95,28 @@ def recipe_file(tmp_path: Path, synthetic_dir: Path):
 
 
 DELETE = "__delete__"  # a value meaning: remove this key
+
+
+class Crash(Exception):
+    """Stands in for a kill between epochs (raised by `crash_after`)."""
+
+
+class EpochHook(Callback):
+    """Calls `hook(row)` after each epoch, once the run saved it: what a test watches or kills
+    a run with."""
+
+    def __init__(self, hook: Callable[[dict[str, float]], None]) -> None:
+        self.hook = hook
+
+    def on_epoch_end(self, fit: Fit, row: dict[str, float]) -> None:
+        self.hook(row)
+
+
+def crash_after(epoch: int) -> list[Callback]:
+    """Callbacks that raise `Crash` once `epoch` (counted from 1) is done."""
+
+    def crash(row: dict[str, float]) -> None:
+        if row["epoch"] == epoch:
+            raise Crash
+
+    return [EpochHook(crash)]

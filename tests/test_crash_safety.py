@@ -22,18 +22,21 @@ import yaml
 from typer.testing import CliRunner
 
 from cli.main import app
+from mmval.artifacts.checkpoint import (
+    CorruptCheckpoint,
+    load_checkpoint,
+    load_latest_payload,
+    load_payload,
+    save_payload,
+)
+from mmval.artifacts.layout import LAST, PREVIOUS
 from mmval.data.pipeline import PrepCallbacks
 from mmval.data.prep import prepare
 from mmval.data.synthetic_av import SyntheticAVParams, write_synthetic_raw
-from mmval.engine.checkpoint import (
-    CorruptCheckpoint,
-    load_checkpoint,
-    load_latest_checkpoint,
-    save_checkpoint,
-)
-from mmval.engine.train import LAST, PREVIOUS, TrainCallbacks, Trainer
 from mmval.errors import UserError
 from mmval.recipe import load_recipe
+from mmval.runner import Trainer
+from tests.conftest import Crash, crash_after
 
 runner = CliRunner()
 REPO = Path(__file__).parents[1]
@@ -202,7 +205,7 @@ def test_train_killed_mid_epoch_then_resumed_matches_an_uninterrupted_run(tmp_pa
 
     kill_when(proc, logged, float(rng.uniform(0, 0.05)))
     assert not (run / "summary.json").exists()
-    started = load_checkpoint(run / LAST)["epoch"]
+    started = load_checkpoint(run / LAST).epoch
     assert 0 < started < epochs
     result = runner.invoke(app, ["train", "--recipe", str(killed)])
     assert result.exit_code == 2 and "--resume" in result.output
@@ -211,21 +214,9 @@ def test_train_killed_mid_epoch_then_resumed_matches_an_uninterrupted_run(tmp_pa
     Trainer(load_recipe(_recipe(tmp_path, synthetic_dir, "straight", epochs)), 0).run()
     straight = tmp_path / "runs/straight/seed0"
     pd.testing.assert_frame_equal(_metrics(run), _metrics(straight))
-    a, b = load_checkpoint(run / LAST)["model"], load_checkpoint(straight / LAST)["model"]
+    a, b = load_checkpoint(run / LAST).model, load_checkpoint(straight / LAST).model
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not list(run.glob(".*.tmp"))
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_after(epoch: int) -> TrainCallbacks:
-    def on_epoch(row: dict[str, float]) -> None:
-        if row["epoch"] == epoch:
-            raise Crash
-
-    return TrainCallbacks(on_epoch=on_epoch)
 
 
 def cut(path: Path) -> None:
@@ -237,7 +228,7 @@ def test_truncated_last_checkpoint_resumes_from_the_previous_one(tmp_path, synth
     run = tmp_path / "runs/cut/seed0"
     with pytest.raises(Crash):
         Trainer(recipe, 0, callbacks=crash_after(3)).run()
-    assert load_checkpoint(run / PREVIOUS)["epoch"] == 2
+    assert load_checkpoint(run / PREVIOUS).epoch == 2
     cut(run / LAST)
     (run / ".last.pt.k3j2.tmp").write_bytes(b"what a kill during a save leaves")
     with caplog.at_level(logging.WARNING, logger="mmval"):
@@ -251,7 +242,7 @@ def test_truncated_last_checkpoint_resumes_from_the_previous_one(tmp_path, synth
 
 def test_damaged_checkpoints_are_detected(tmp_path):
     good = tmp_path / "good.pt"
-    save_checkpoint(good, {"epoch": 1, "model": {"w": torch.arange(500.0)}})
+    save_payload(good, {"epoch": 1, "model": {"w": torch.arange(500.0)}})
     data = good.read_bytes()
     damaged = {
         "zero bytes": b"",
@@ -266,18 +257,18 @@ def test_damaged_checkpoints_are_detected(tmp_path):
         path = tmp_path / "last.pt"
         path.write_bytes(content)
         with pytest.raises(CorruptCheckpoint):
-            load_checkpoint(path)
-        ckpt, used = load_latest_checkpoint(path, good)
+            load_payload(path)
+        ckpt, used = load_latest_payload(path, good)
         assert used == good and ckpt["epoch"] == 1, what
     with pytest.raises(CorruptCheckpoint, match="no previous checkpoint"):
-        load_latest_checkpoint(tmp_path / "last.pt", tmp_path / "absent.pt")
+        load_latest_payload(tmp_path / "last.pt", tmp_path / "absent.pt")
 
 
 def test_a_save_that_dies_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     path, previous = tmp_path / "last.pt", tmp_path / "last.prev.pt"
-    save_checkpoint(path, {"epoch": 1}, previous=previous)
-    save_checkpoint(path, {"epoch": 2}, previous=previous)
-    assert load_checkpoint(previous)["epoch"] == 1
+    save_payload(path, {"epoch": 1}, previous=previous)
+    save_payload(path, {"epoch": 2}, previous=previous)
+    assert load_payload(previous)["epoch"] == 1
 
     def dies_midway(obj: object, f: Path) -> None:
         Path(f).write_bytes(b"PK\x03\x04 half")
@@ -285,8 +276,8 @@ def test_a_save_that_dies_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(Crash):
-        save_checkpoint(path, {"epoch": 3}, previous=previous)
-    assert load_checkpoint(path)["epoch"] == 2 and load_checkpoint(previous)["epoch"] == 1
+        save_payload(path, {"epoch": 3}, previous=previous)
+    assert load_payload(path)["epoch"] == 2 and load_payload(previous)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.prev.pt", "last.pt"]
 
 

@@ -21,16 +21,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mmval import distributed
+from mmval.artifacts.checkpoint import load_checkpoint
 from mmval.data.dataset import (
     BlockShuffleSampler,
     FrameAugment,
     ParquetSamples,
     collate_batch,
 )
-from mmval.engine.checkpoint import load_checkpoint
-from mmval.engine.train import Trainer, _for_ranks
+from mmval.engine.session import _for_ranks, build_session
 from mmval.errors import UserError
 from mmval.recipe import Recipe, load_recipe, parse_recipe
+from mmval.runner import Trainer
 
 WORLD = 2
 
@@ -201,8 +202,8 @@ def test_two_process_training_matches_one_process(recipe_file, tmp_path, method)
     assert list(a.columns) == list(b.columns) and len(a) == 3
     assert a["train_loss"].iloc[-1] < a["train_loss"].iloc[0]
     pd.testing.assert_frame_equal(a, b, rtol=1e-4, atol=1e-6)
-    wa = load_checkpoint(runs / "single/seed0/last.pt")["model"]
-    wb = load_checkpoint(runs / "double/seed0/last.pt")["model"]
+    wa = load_checkpoint(runs / "single/seed0/last.pt").model
+    wb = load_checkpoint(runs / "double/seed0/last.pt").model
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
     # rank 0 alone wrote the run folder, and it says how many processes trained
     written = sorted(p.name for p in (runs / "double/seed0").iterdir())
@@ -259,8 +260,8 @@ def test_compile_keeps_checkpoints_and_trains(recipe_file, tmp_path, monkeypatch
     Trainer(load_recipe(recipe_file(name="eager")), 0).run()
     assert counters["frames"]["ok"] > 0  # the encoders' forwards went through TorchDynamo
     runs = tmp_path / "runs"
-    compiled = load_checkpoint(runs / "compiled/seed0/last.pt")["model"]
-    eager = load_checkpoint(runs / "eager/seed0/last.pt")["model"]
+    compiled = load_checkpoint(runs / "compiled/seed0/last.pt").model
+    eager = load_checkpoint(runs / "eager/seed0/last.pt").model
     assert sorted(compiled) == sorted(eager)
     frame = _metrics(runs / "compiled/seed0")
     assert frame["train_loss"].iloc[-1] < frame["train_loss"].iloc[0]
@@ -307,7 +308,7 @@ def test_channels_last_resnet_trains(synthetic_av_dir, tmp_path):
         },
         "test",
     )
-    conv = Trainer(recipe, 0)._build(torch.device("cpu")).model.encoders["visual"].trunk[0]
+    conv = build_session(recipe, 0, torch.device("cpu")).model.encoders["visual"].trunk[0]
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     summary = Trainer(recipe, 0).run().summary
     assert summary["finished"] and np.isfinite(summary["val_acc"])

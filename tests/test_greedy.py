@@ -11,13 +11,13 @@ import torch
 
 from mmval.data.dataset import Batch
 from mmval.data.shards import ModalitySpec
-from mmval.engine.train import Trainer
 from mmval.errors import UserError
 from mmval.methods.base import TrainContext
 from mmval.methods.greedy import Greedy, GreedyConfig, utilisation_gap
 from mmval.models import ModelConfig, build_model
 from mmval.models.encoders import ResNet18Encoder, ResNet18EncoderConfig
 from mmval.recipe import load_recipe, parse_recipe
+from mmval.runner import Trainer
 from mmval.valuation.engine import JointEvaluator, LateFusionEvaluator, build_evaluator
 
 CPU = torch.device("cpu")

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from mmval.data.dataset import Batch
 from mmval.data.shards import ModalitySpec
-from mmval.engine.train import Trainer
 from mmval.errors import UserError
 from mmval.methods.agm import (
     AGM,
@@ -28,6 +27,7 @@ from mmval.methods.opm import OPM, OPMConfig, drop_features, drop_probabilities
 from mmval.methods.pmr import PMR, PMRConfig, prototype_weights
 from mmval.models import ModelConfig, build_model
 from mmval.recipe import load_recipe, parse_recipe
+from mmval.runner import Trainer
 
 
 def _model(names, fusion="concat", dropout=0.0, num_classes=3, seed=0):

@@ -13,10 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmval.artifacts.checkpoint import Checkpoint, DataInfo, save_checkpoint
 from mmval.data.dataset import Batch
 from mmval.data.shards import ModalitySpec, check_data_dir
-from mmval.engine.checkpoint import save_checkpoint
-from mmval.engine.train import Trainer
 from mmval.errors import UserError
 from mmval.methods.base import StepTools, TrainContext
 from mmval.methods.gblending import GBlending, GBlendingConfig, blend_weights
@@ -33,6 +32,7 @@ from mmval.methods.ume import UME, UMEConfig
 from mmval.methods.umt import UMT, UMTConfig, distillation_loss
 from mmval.models import ModelConfig, build_model
 from mmval.recipe import load_recipe, parse_recipe
+from mmval.runner import Trainer
 
 
 def _model(names, fusion="concat", num_classes=3, seed=0):
@@ -278,13 +278,19 @@ def test_gblending_loss_is_the_weighted_sum():
 # ---------------------------------------------------------------- linear probe, UME, UMT
 
 
+def _save_weights(path, model, modalities):
+    """A checkpoint of `model` with only what linear probe and UMT read (weights, modalities)."""
+    data = DataInfo(path="", dataset="", fingerprint="", classes=[], modalities=list(modalities))
+    save_checkpoint(path, Checkpoint(recipe={}, data=data, model=model.state_dict(), epoch=0))
+
+
 def _save_model(path, names, seed, shape=(3,)):
     """An mmval checkpoint of a freshly built model on `names`."""
     torch.manual_seed(seed)
     specs = [ModalitySpec(name=m, dtype="float32", shape=list(shape)) for m in names]
     config = ModelConfig(encoder={"hidden": [5], "out_dim": 4, "dropout": 0.5}, fusion="concat")
     model = build_model(config, specs, 3)
-    save_checkpoint(path, {"model": model.state_dict(), "data": {"modalities": list(names)}})
+    _save_weights(path, model, names)
     return model
 
 
@@ -437,7 +443,7 @@ def _with_checkpoints(method, tmp_path, data, encoder):
         torch.manual_seed(7)
         model = build_model(ModelConfig(encoder=encoder, fusion="concat"), chosen, classes)
         path = tmp_path / f"{name}.pt"
-        save_checkpoint(path, {"model": model.state_dict(), "data": {"modalities": []}})
+        _save_weights(path, model, [])
         return str(path)
 
     if method["name"] == "linear_probe":

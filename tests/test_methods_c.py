@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from mmval.data.dataset import Batch
 from mmval.data.shards import ModalitySpec
-from mmval.engine.train import Trainer
 from mmval.errors import UserError
 from mmval.methods.base import StepTools, TrainContext
 from mmval.methods.late_fusion import LateFusionMethod, LateFusionMethodConfig
@@ -25,6 +24,7 @@ from mmval.methods.tmc import TMC, TMCConfig, dirichlet_kl_to_uniform, evidentia
 from mmval.models import ModelConfig, build_model
 from mmval.models.fusions.tmc import combine_evidence
 from mmval.recipe import load_recipe, parse_recipe
+from mmval.runner import Trainer
 
 
 def _model(names, fusion, num_classes=3, seed=0, **extra):

@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 from cli.main import app
 from mmval.data.dataset import Batch
 from mmval.data.shards import ModalitySpec
-from mmval.engine.train import Trainer
 from mmval.errors import UserError
 from mmval.methods.base import TrainContext
 from mmval.methods.c3r import (
@@ -31,6 +30,7 @@ from mmval.methods.imml import IMML, IMMLConfig, info_nce
 from mmval.models import ModelConfig, build_model
 from mmval.models.fusions.imml import IMMLFusion
 from mmval.recipe import load_recipe, parse_recipe
+from mmval.runner import Trainer
 
 
 def _set(linear: torch.nn.Linear, weight: list, bias: list) -> None:

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from mmval.data.dataset import Batch
 from mmval.data.shards import ModalitySpec
-from mmval.engine.train import Trainer
 from mmval.errors import UserError
 from mmval.methods.amco import AMCo, AMCoConfig, dependent_shares, mask_ratio
 from mmval.methods.base import StepTools, TrainContext
@@ -29,6 +28,7 @@ from mmval.methods.reconboost import (
 )
 from mmval.models import ModelConfig, build_model
 from mmval.recipe import load_recipe, parse_recipe
+from mmval.runner import Trainer
 
 
 def _model(names, num_classes=3, seed=0):

@@ -22,7 +22,6 @@ from mmval.data.dataset import (
     decode_entries,
 )
 from mmval.data.shards import ModalitySpec
-from mmval.engine.train import Trainer
 from mmval.errors import UserError
 from mmval.methods.base import TrainContext
 from mmval.methods.cmob import (
@@ -43,6 +42,7 @@ from mmval.methods.mmcooperation_sample import (
 )
 from mmval.models import ModelConfig, build_model
 from mmval.recipe import load_recipe, parse_recipe
+from mmval.runner import Trainer
 
 # ---------------------------------------------------------------- tagged entries
 

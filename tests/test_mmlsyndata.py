@@ -15,13 +15,14 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
+from mmval.artifacts.checkpoint import load_checkpoint
 from mmval.data.dataset import ParquetSamples
 from mmval.data.prep import prepare
 from mmval.data.shards import DataManifest, ModalitySpec, load_manifest, read_ground_truth
 from mmval.data.sources.mmlsyndata import MMLSynDataParams, generate_split, mixing_matrices
-from mmval.engine.train import Trainer
 from mmval.errors import UserError
 from mmval.recipe import parse_recipe
+from mmval.runner import Trainer
 from mmval.valuation.dcor import distance_correlation, group_dcor
 
 runner = CliRunner()
@@ -242,8 +243,7 @@ def checkpoint(prepared, tmp_path_factory) -> Path:
 
 
 def test_concat_trains_on_the_inputs_only(checkpoint, prepared):
-    ckpt = torch.load(checkpoint, weights_only=True)
-    assert ckpt["data"]["modalities"] == ["x1", "x2", "x3"]
+    assert load_checkpoint(checkpoint).data.modalities == ["x1", "x2", "x3"]
     metrics = pd.read_parquet(checkpoint.parent / "metrics.parquet")
     assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
     raw = {

@@ -26,9 +26,9 @@ from mmval.data.extract.text import (
 )
 from mmval.data.manifest import load_dataset_manifest
 from mmval.data.prep import prepare
-from mmval.engine.train import Trainer
 from mmval.errors import UserError
 from mmval.recipe import parse_recipe
+from mmval.runner import Trainer
 
 SMALL = ["image.size=[32,32]", "image.short_side=40"]
 

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from cli.main import app
 from mmval.data.dataset import ParquetSamples
 from mmval.data.prep import prepare
-from mmval.engine.train import Trainer
 from mmval.errors import UserError
 from mmval.recipe import parse_recipe
+from mmval.runner import Trainer
 
 MODALITIES = {"text": "text", "audio": "audio", "visual": "vision"}  # mmval name -> pickle key
 SIZES = {"train": 12, "valid": 4, "test": 6}

@@ -20,9 +20,9 @@ from mmval.data.dataset import ParquetSamples
 from mmval.data.pipeline import PartSpec, assign_parts
 from mmval.data.prep import merge_parts, prepare
 from mmval.data.synthetic_av import SyntheticAVParams, write_synthetic_raw
-from mmval.engine.train import Trainer
 from mmval.errors import UserError
 from mmval.recipe import parse_recipe
+from mmval.runner import Trainer
 
 runner = CliRunner()
 SETS = [

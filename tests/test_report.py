@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from mmval.engine.metrics import macro_f1
-from mmval.engine.train import TrainCallbacks, Trainer
-from mmval.recipe import parse_recipe
+from mmval.recipe import load_recipe, parse_recipe
 from mmval.report import compare, find_runs, make_figures, render
+from mmval.report.runs import NOT_SETTINGS
 from mmval.report.significance import (
     PairedPredictions,
     paired_bootstrap,
@@ -32,7 +32,10 @@ from mmval.report.significance import (
     wilcoxon_signed_rank,
 )
 from mmval.report.tables import latex_escape
+from mmval.runner import Trainer
+from mmval.settings import Effect, marked
 from mmval.valuation.run import value_checkpoint, write_valuation
+from tests.conftest import Crash, crash_after
 
 runner = CliRunner()
 METHODS = ("concat", "late_fusion", "ogm_ge")
@@ -116,10 +119,6 @@ def test_latex_escape_covers_the_special_characters():
 # ---- a real run tree ---------------------------------------------------------------------------
 
 
-class Crash(Exception):
-    pass
-
-
 def _recipe(method: str, data: Path, output: Path, **extra: object) -> dict:
     raw: dict = {
         "name": f"{method}-{data.name}",
@@ -156,12 +155,9 @@ def build_tree(root: Path, synthetic: Path, uci: Path) -> Path:
     alpha["method"] = {"name": "ogm_ge", "alpha": 0.9}
     Trainer(parse_recipe(alpha, "alpha"), 0).run()
 
-    def crash(row: dict[str, float]) -> None:
-        raise Crash
-
     crashed = parse_recipe(_recipe("concat", synthetic, runs, name="crashed"), "crashed")
     with pytest.raises(Crash):
-        Trainer(crashed, 0, callbacks=TrainCallbacks(on_epoch=crash)).run()
+        Trainer(crashed, 0, callbacks=crash_after(1)).run()
     best = runs / f"ogm_ge-{uci.name}" / "seed1" / "best.pt"
     write_valuation(value_checkpoint(best, split="val"), runs / "ogm-val-wide.parquet", wide=True)
     return runs
@@ -512,3 +508,8 @@ def test_html_report_in_headless_chromium(tree, tmp_path):
         driver.save_screenshot(str(tmp_path / "report.png"))
     finally:
         driver.quit()
+
+
+def test_fields_left_out_of_variant_labels_are_those_the_settings_hash_leaves_out(recipe_file):
+    recipe = load_recipe(recipe_file(valuation={"every": 1}))
+    assert set(NOT_SETTINGS) == set(marked(recipe, frozenset({Effect.NONE, Effect.RUN})))

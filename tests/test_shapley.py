@@ -10,9 +10,10 @@ import torch
 
 from mmval.data.shards import ModalitySpec
 from mmval.models import ModelConfig, build_model
-from mmval.valuation import Game, ValuationConfig, build_method
-from mmval.valuation.config import BenefitName, MaskName, MethodName
+from mmval.valuation.base import Game
+from mmval.valuation.config import BenefitName, MaskName, MethodName, ValuationConfig
 from mmval.valuation.engine import build_evaluator, subset_masks
+from mmval.valuation.registry import build_method
 from mmval.valuation.shapley import shapley_matrix
 
 

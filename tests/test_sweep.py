@@ -11,10 +11,11 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from mmval.data.manifest import load_dataset_manifest
-from mmval.engine.train import TrainCallbacks
+from mmval.engine.loop import Callback, Fit
 from mmval.errors import UserError
 from mmval.recipe import check_against_data, load_recipe
 from mmval.sweep import load_plan, plan_from_raw, run_plan
+from tests.conftest import Crash
 
 runner = CliRunner()
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -178,23 +179,21 @@ def test_shipped_sweep_expands_to_valid_runs():
         assert variant.recipe.settings_hash() == single.settings_hash()
 
 
-class Crash(Exception):
-    pass
-
-
 def test_sweep_trains_each_run_and_a_stopped_sweep_restarts(tmp_path, synthetic_dir):
     path = write(tmp_path, sweep_raw(tmp_path, synthetic_dir))
     runs = tmp_path / "runs" / "sw"
     started: list[str] = []
 
-    def crash_in_third_run(row: dict[str, float]) -> None:
-        if len(started) == 3:
-            raise Crash
+    class Stopping(Callback):
+        def on_train_start(self, fit: Fit) -> None:
+            started.append(fit.title)
 
-    stopping = TrainCallbacks(on_start=lambda label, e, s: started.append(label))
-    stopping.on_epoch = crash_in_third_run
+        def on_epoch_end(self, fit: Fit, row: dict[str, float]) -> None:
+            if len(started) == 3:
+                raise Crash
+
     with pytest.raises(Crash):
-        run_plan(load_plan(path), callbacks=stopping)
+        run_plan(load_plan(path), callbacks=[Stopping()])
     assert started == ["concat seed0", "concat seed1", "ogm_ge seed0"]
     done = {d: (d / "summary.json").stat().st_mtime_ns for d in runs.glob("concat/seed*")}
     assert len(done) == 2 and not (runs / "ogm_ge/seed0/summary.json").exists()

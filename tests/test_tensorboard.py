@@ -10,21 +10,11 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from mmval.engine.tensorboard import TB_DIR, scalar_tag
-from mmval.engine.train import TrainCallbacks, Trainer
+from mmval.artifacts.layout import TB_DIR
+from mmval.engine.tensorboard import scalar_tag
 from mmval.recipe import load_recipe
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_after(epochs: int) -> TrainCallbacks:
-    def on_epoch(row: dict[str, float]) -> None:
-        if row["epoch"] == epochs:
-            raise Crash
-
-    return TrainCallbacks(on_epoch=on_epoch)
+from mmval.runner import Trainer
+from tests.conftest import Crash, crash_after
 
 
 def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -77,9 +67,9 @@ def test_events_hold_every_epoch_scalar(recipe_file, tmp_path):
     assert_matches_metrics(run, 3)
 
 
-def test_off_by_default_and_left_out_of_the_recipe(recipe_file, tmp_path):
+def test_off_by_default_and_not_a_setting(recipe_file, tmp_path):
     recipe = load_recipe(recipe_file(train__epochs=1))
-    assert "tensorboard" not in recipe.model_dump()["train"]  # finished runs still match
+    assert recipe.train.tensorboard is False
     Trainer(recipe, 0).run()
     assert not (tmp_path / "runs/tiny/seed0" / TB_DIR).exists()
     on = load_recipe(recipe_file(train__epochs=1, train__tensorboard=True))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -10,24 +12,14 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from mmval.engine.checkpoint import load_checkpoint
-from mmval.engine.train import TrainCallbacks, Trainer
+from mmval.artifacts.checkpoint import load_checkpoint, load_payload, save_payload
+from mmval.artifacts.layout import BEST, LAST, PREVIOUS, SUMMARY
 from mmval.errors import UserError
 from mmval.recipe import load_recipe
+from mmval.runner import Trainer
+from tests.conftest import Crash, crash_after
 
 runner = CliRunner()
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_after(epochs: int) -> TrainCallbacks:
-    def on_epoch(row: dict[str, float]) -> None:
-        if row["epoch"] == epochs:
-            raise Crash
-
-    return TrainCallbacks(on_epoch=on_epoch)
 
 
 @pytest.mark.parametrize("method", [{"name": "concat"}, {"name": "ogm_ge", "alpha": 0.5}])
@@ -56,8 +48,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(recipe_file, tmp_path
     )
     assert len(a) == 4
     pd.testing.assert_frame_equal(a, b)
-    wa = load_checkpoint(runs / "straight/seed0/last.pt")["model"]
-    wb = load_checkpoint(runs / "broken/seed0/last.pt")["model"]
+    wa = load_checkpoint(runs / "straight/seed0/last.pt").model
+    wb = load_checkpoint(runs / "broken/seed0/last.pt").model
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -89,7 +81,7 @@ def test_run_outputs_and_rerun_is_skipped(recipe_file, tmp_path):
     again = Trainer(recipe, 0).run()
     assert again.skipped
     best = load_checkpoint(run / "best.pt")
-    assert best["data"]["modalities"] == ["a", "b", "c"] and "fingerprint" in best["data"]
+    assert best.data.modalities == ["a", "b", "c"] and len(best.data.fingerprint) == 64
 
 
 def test_learns_the_strong_modality(recipe_file):
@@ -233,3 +225,36 @@ def test_empty_split_is_a_user_error(recipe_file, tmp_path):
     path = recipe_file(data__path=str(data), data__splits={"test": "extra"})
     result = runner.invoke(app, ["train", "--recipe", str(path)])
     assert result.exit_code == 2 and "no samples in split(s) test (extra)" in result.output
+
+
+def as_older_mmval_wrote_it(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A recipe dump as mmval stored it before it stored every field: host settings at their
+    defaults, train.nonfinite at stop and an unset valuation left out."""
+    train = {k: v for k, v in recipe["train"].items() if k not in ("prefetch", "channels_last")}
+    for name in ("compile", "tensorboard", "nonfinite"):
+        train.pop(name)
+    return {k: v for k, v in recipe.items() if k != "valuation"} | {"train": train}
+
+
+def test_run_folders_of_older_versions_count_as_finished_and_resume(recipe_file, tmp_path):
+    recipe = load_recipe(recipe_file(train__epochs=2))
+    Trainer(recipe, 0).run()
+    run = tmp_path / "runs/tiny/seed0"
+    summary = json.loads((run / SUMMARY).read_text())
+    summary["recipe"] = as_older_mmval_wrote_it(summary["recipe"])
+    del summary["settings_version"]
+    (run / SUMMARY).write_text(json.dumps(summary))
+    for name in (LAST, PREVIOUS, BEST):
+        payload = load_payload(run / name)
+        payload["recipe"] = as_older_mmval_wrote_it(payload["recipe"])
+        save_payload(run / name, {k: v for k, v in payload.items() if k != "format"})
+    assert Trainer(recipe, 0).run().skipped
+    longer = load_recipe(recipe_file(train__epochs=3, train__workers=1))
+    assert not Trainer(longer, 0, resume=True).run().skipped
+    assert len(pd.read_parquet(run / "metrics.parquet")) == 3
+    changed = load_recipe(recipe_file(train__epochs=4, train__batch_size=16))
+    with pytest.raises(UserError) as refused:
+        Trainer(changed, 0, resume=True).run()
+    message = str(refused.value)
+    assert "differs from the one the run was started with in train.batch_size (only " in message
+    assert "train.epochs, train.device, train.workers" in message and "valuation may" in message

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from mmval.data.prep import prepare
 from mmval.data.synthetic_av import SyntheticAVParams, write_synthetic_raw
-from mmval.engine.train import Trainer
 from mmval.recipe import parse_recipe
+from mmval.runner import Trainer
 
 
 def test_resnet18_concat_learns_on_synthetic_av(tmp_path):

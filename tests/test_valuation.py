@@ -12,23 +12,20 @@ import pytest
 import torch
 from torch import nn
 
+from mmval.artifacts.checkpoint import load_checkpoint
 from mmval.data.dataset import ParquetSamples
 from mmval.data.shards import ModalitySpec, check_data_dir
-from mmval.engine.checkpoint import load_checkpoint
-from mmval.engine.train import Trainer
 from mmval.errors import UserError
 from mmval.models import ModelConfig, build_model
 from mmval.recipe import load_recipe, parse_recipe
-from mmval.valuation import Game, ValuationConfig, build_method
+from mmval.runner import Trainer
+from mmval.valuation.base import Game
+from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import SubsetEvaluator, mask_fills
-from mmval.valuation.run import (
-    contribution_gaps,
-    contribution_summary,
-    value_checkpoint,
-    value_dataset,
-    write_valuation,
-)
+from mmval.valuation.registry import build_method
+from mmval.valuation.run import value_checkpoint, value_dataset, write_valuation
 from mmval.valuation.shapley import shapley_matrix
+from mmval.valuation.summary import contribution_gaps, contribution_summary
 from mmval.valuation.table import weights_fingerprint
 
 CPU = torch.device("cpu")
@@ -272,7 +269,7 @@ def test_table_metadata_and_wide_layout(checkpoints, synthetic_dir, tmp_path):
     write_valuation(result, tmp_path / "long.parquet")
     write_valuation(result, tmp_path / "wide.parquet", wide=True)
     meta = pq.read_schema(tmp_path / "wide.parquet").metadata
-    weights = load_checkpoint(checkpoints["concat"])["model"]
+    weights = load_checkpoint(checkpoints["concat"]).model
     assert meta[b"mmval.method"] == b"shapley-mc" and meta[b"mmval.mask"] == b"input"
     assert meta[b"mmval.benefit"] == b"correct" and meta[b"mmval.layout"] == b"wide"
     assert meta[b"mmval.permutations"] == b"3" and meta[b"mmval.seed"] == b"5"
@@ -343,7 +340,7 @@ def test_valuation_during_training_leaves_training_unchanged(recipe_file, tmp_pa
     assert not second["contribution"].equals(fourth["contribution"])
     meta = pq.read_schema(run / "contrib_epoch4.parquet").metadata
     assert meta[b"mmval.epoch"] == b"4" and meta[b"mmval.split"] == b"train"
-    weights = load_checkpoint(run / "last.pt")["model"]  # saved after epoch 4
+    weights = load_checkpoint(run / "last.pt").model  # saved after epoch 4
     assert meta[b"mmval.checkpoint_fingerprint"].decode() == weights_fingerprint(weights)
 
 

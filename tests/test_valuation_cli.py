@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from mmval.data.prep import prepare
-from mmval.engine.train import Trainer
 from mmval.recipe import parse_recipe
+from mmval.runner import Trainer
 
 runner = CliRunner()
 

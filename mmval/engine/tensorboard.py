@@ -9,11 +9,12 @@ and `lr` / `seconds` go under `train/`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from typing import Any
 
-TB_DIR = "tb"
+from mmval import distributed
+from mmval.artifacts.layout import TB_DIR
+from mmval.engine.loop import Callback, Fit
+
 _GROUPS = ("train", "val", "test", "method")
 
 
@@ -23,37 +24,44 @@ def scalar_tag(column: str) -> str:
     return f"{head}/{rest}" if head in _GROUPS and rest else f"train/{column}"
 
 
-@contextmanager
-def epoch_writer(
-    run_dir: Path, done: Sequence[dict[str, float]], *, enabled: bool
-) -> Iterator[Callable[[dict[str, float]], None]]:
-    """Yields `write(row)` for each finished epoch (a no-op when disabled).
+class TensorBoard(Callback):
+    """Writes each finished epoch's row (rank 0, when `train.tensorboard` is on).
 
     A run that starts again after epoch k (resumed, or restarted before its first checkpoint)
     opens its writer with `purge_step=k+1`, so TensorBoard hides any later epochs an interrupted
     attempt had logged past its last checkpoint: no step is shown twice. A run that gets
-    TensorBoard turned on when resumed first writes the epochs it already has (`done`).
+    TensorBoard turned on when resumed first writes the epochs it already has.
     """
-    if not enabled:
-        yield lambda row: None
-        return
-    from torch.utils.tensorboard import SummaryWriter
 
-    directory = run_dir / TB_DIR
-    logged_before = directory.is_dir() and any(directory.glob("events.out.tfevents.*"))
-    writer = SummaryWriter(str(directory), purge_step=len(done) + 1 if logged_before else None)
+    def __init__(self) -> None:
+        self._writer: Any = None
 
-    def write(row: dict[str, float]) -> None:
+    def on_train_start(self, fit: Fit) -> None:
+        if not (fit.recipe.train.tensorboard and distributed.is_main()):
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        directory = fit.run_dir / TB_DIR
+        done = fit.state.rows
+        logged_before = directory.is_dir() and any(directory.glob("events.out.tfevents.*"))
+        purge_step = len(done) + 1 if logged_before else None
+        self._writer = SummaryWriter(str(directory), purge_step=purge_step)
+        if not logged_before:
+            for row in done:
+                self._write(row)
+
+    def on_epoch_end(self, fit: Fit, row: dict[str, float]) -> None:
+        if self._writer is not None:
+            self._write(row)
+
+    def teardown(self, fit: Fit) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _write(self, row: dict[str, float]) -> None:
         step = int(row["epoch"])
         for column, value in row.items():
             if column != "epoch":
-                writer.add_scalar(scalar_tag(column), float(value), step)
-        writer.flush()  # a killed run keeps every epoch it finished
-
-    try:
-        if not logged_before:
-            for row in done:
-                write(row)
-        yield write
-    finally:
-        writer.close()
+                self._writer.add_scalar(scalar_tag(column), float(value), step)
+        self._writer.flush()  # a killed run keeps every epoch it finished

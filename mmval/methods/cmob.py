@@ -57,8 +57,8 @@ from mmval.errors import UserError
 from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.methods.cooperation import fill_value, value_train_split
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
-from mmval.valuation import ValuationConfig, build_method
-from mmval.valuation.config import ConfidenceName
+from mmval.valuation.config import ConfidenceName, ValuationConfig
+from mmval.valuation.registry import build_method
 
 
 class CMoBConfig(MethodConfig):

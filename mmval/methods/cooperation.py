@@ -30,9 +30,10 @@ from mmval.data.dataset import Batch, TaggedPositions
 from mmval.distributed import gather_rows
 from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.models import ModelOutput, MultimodalModel
-from mmval.valuation import ValuationConfig, ValuationMethod, build_method
-from mmval.valuation.base import Game
+from mmval.valuation.base import Game, ValuationMethod
+from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import build_evaluator
+from mmval.valuation.registry import build_method
 
 Enhancement = Literal["resample", "drop", "mask"]
 UINT8_FILL = 128  # mid-grey (about the ImageNet mean); zero motion for flow stored as 0..255

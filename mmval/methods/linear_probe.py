@@ -26,8 +26,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from mmval.artifacts.checkpoint import load_checkpoint
 from mmval.data.dataset import Batch
-from mmval.engine.checkpoint import load_checkpoint
 from mmval.errors import UserError
 from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.models import ModelOutput, MultimodalModel
@@ -42,11 +42,11 @@ def load_encoder(path: Path, modality: str, encoder: nn.Module, field: str) -> N
     """Copy modality's encoder weights from an mmval checkpoint into `encoder` (same config)."""
     ckpt = load_checkpoint(path)
     prefix = f"encoders.{modality}."
-    state = {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in ckpt.model.items() if k.startswith(prefix)}
     if not state:
         raise UserError(
             f"{field}: {path} holds no encoder for modality {modality!r} (its run was trained "
-            f"on {', '.join(ckpt['data']['modalities'])})."
+            f"on {', '.join(ckpt.data.modalities)})."
         )
     try:
         encoder.load_state_dict(state)

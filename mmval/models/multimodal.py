@@ -90,20 +90,6 @@ class ModelConfig(BaseModel):
             )
         return found
 
-    def flat_dump(self) -> dict[str, Any]:
-        """The model section in the layout before fusions had their own configs (`fusion:
-        <name>`, every flat `fusion_<x>` field, a fusion's other settings as `fusion_<field>`):
-        what the settings hash reads, so that a setting keeps the hash its runs have."""
-        dump = self.model_dump(mode="json")
-        own = dict(dump.pop("fusion") or {})
-        name = own.pop("name", None)
-        config = FUSIONS.get(name) if isinstance(name, str) else None
-        flat_name = {field: key for key, field in (config.flat_fields if config else {}).items()}
-        flat = {key: _default(*owner) for key, owner in _flat_owners().items()}
-        for field, value in own.items():
-            flat[flat_name.get(field, f"fusion_{field}")] = value
-        return {**dump, "fusion": name, **flat}
-
 
 def _flat_owners() -> dict[str, tuple[type[FusionConfig], str]]:
     """Old flat field -> (the fusion it belongs to, its field there), over the registry."""

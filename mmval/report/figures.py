@@ -24,12 +24,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mmval.engine.train import METRICS, PREDICTIONS
+from mmval.artifacts.layout import CONTRIB_EPOCH, CONTRIB_GLOB, METRICS, PREDICTIONS
 from mmval.report.runs import RunTree
 from mmval.report.tables import Comparison
-from mmval.valuation.run import contribution_summary
+from mmval.valuation.summary import contribution_summary
 
-_EPOCH_FILE = re.compile(r"contrib_epoch(\d+)\.parquet$")
 _DPI = 100
 
 
@@ -91,7 +90,7 @@ def find_value_tables(tree: RunTree) -> list[ValueTable]:
     by_run = {Path(r.run): r for r in tree.runs.itertuples(index=False)}
     found = []
     for path in sorted(tree.root.rglob("*.parquet")):
-        if path.name in (METRICS, PREDICTIONS) or _EPOCH_FILE.search(path.name):
+        if path.name in (METRICS, PREDICTIONS) or CONTRIB_EPOCH.search(path.name):
             continue
         meta = pq.read_schema(path).metadata or {}
         if b"mmval.method" not in meta:
@@ -254,8 +253,8 @@ def _contribution_epochs(dataset: str, runs: pd.DataFrame, rows: list[str]) -> l
     for row in rows:
         frames = []
         for run in runs[runs["row"] == row]["run"]:
-            for path in Path(run).glob("contrib_epoch*.parquet"):
-                match = _EPOCH_FILE.search(path.name)
+            for path in Path(run).glob(CONTRIB_GLOB):
+                match = CONTRIB_EPOCH.search(path.name)
                 if match:
                     part = pd.read_parquet(path, columns=["modality", "contribution"])
                     frames.append(part.assign(epoch=int(match.group(1))))

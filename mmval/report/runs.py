@@ -19,11 +19,31 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from mmval.engine.train import LOG, METRICS, PREDICTIONS, RECIPE_FILE, SUMMARY
+from mmval.artifacts.layout import (
+    LOG,
+    PREDICTIONS,
+    RECIPE_FILE,
+    SUMMARY,
+    read_metrics,
+    read_summary,
+)
 from mmval.errors import UserError
 
-# Recipe fields that do not make a different experiment (as in Recipe.settings_hash).
-_NOT_SETTINGS = ("seeds", "name", "output", "valuation", "train.device", "train.workers")
+# Recipe fields that do not make a different experiment: those the settings hash leaves out
+# (marked Effect.NONE or Effect.RUN in mmval.recipe; the report reads recipes without importing
+# them, and tests/test_report.py checks that the two agree).
+NOT_SETTINGS = (
+    "name",
+    "seeds",
+    "train.device",
+    "train.workers",
+    "train.prefetch",
+    "train.channels_last",
+    "train.compile",
+    "train.tensorboard",
+    "output",
+    "valuation",
+)
 _MAX_VARIANT_LABEL = 48
 _ALIASES = {"acc": "acc", "accuracy": "acc", "f1": "f1", "macro-f1": "f1", "macro_f1": "f1"}
 META = [
@@ -60,7 +80,7 @@ class RunTree:
 
     def history(self, run: str) -> pd.DataFrame:
         """Every epoch's metrics of one run."""
-        return pd.read_parquet(Path(run) / METRICS)
+        return read_metrics(Path(run))
 
     def predictions(self, run: str) -> pd.DataFrame | None:
         """Test-split predictions of the selected checkpoint, when the run saved them."""
@@ -90,7 +110,7 @@ def find_runs(root: Path) -> RunTree:
     records: list[dict[str, Any]] = []
     left_out: list[LeftOut] = []
     for folder in folders:
-        summary = _read_summary(folder / SUMMARY)
+        summary = read_summary(folder)
         if summary is None or not summary.get("finished"):
             left_out.append(LeftOut(folder, _unfinished_reason(folder)))
             continue
@@ -139,15 +159,9 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
     return [c for c in runs.columns if c not in META]
 
 
-def _read_summary(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def _unfinished_reason(folder: Path) -> str:
     """How far an unfinished run got, from its metrics and recipe."""
-    done = len(pd.read_parquet(folder / METRICS)) if (folder / METRICS).is_file() else 0
+    done = len(read_metrics(folder))
     planned = "?"
     if (folder / RECIPE_FILE).is_file():
         recipe = yaml.safe_load((folder / RECIPE_FILE).read_text(encoding="utf-8")) or {}
@@ -157,7 +171,7 @@ def _unfinished_reason(folder: Path) -> str:
 
 def _record(folder: Path, summary: dict[str, Any]) -> dict[str, Any]:
     """A finished run's identity and every metric at its best (selected) epoch."""
-    history = pd.read_parquet(folder / METRICS)
+    history = read_metrics(folder)
     best = history[history["epoch"] == summary["best_epoch"]]
     values = best.iloc[0].drop(labels=["epoch"]).to_dict() if len(best) else {}
     meta = {
@@ -218,7 +232,7 @@ def _flatten(recipe: dict[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in recipe.items():
         dotted = f"{prefix}{key}"
-        if dotted in _NOT_SETTINGS:
+        if dotted in NOT_SETTINGS:
             continue
         if isinstance(value, dict):
             flat |= _flatten(value, f"{dotted}.")

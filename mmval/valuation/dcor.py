@@ -128,7 +128,7 @@ def dcor_checkpoint(
         "mmval.split": split,
         "mmval.dataset": manifest.dataset,
         "mmval.data_fingerprint": manifest.fingerprint(),
-        "mmval.checkpoint_fingerprint": weights_fingerprint(loaded.ckpt["model"]),
+        "mmval.checkpoint_fingerprint": weights_fingerprint(loaded.ckpt.model),
         "mmval.checkpoint": str(checkpoint),
     }
     return DcorResult(table, metadata)

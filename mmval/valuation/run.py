@@ -12,14 +12,15 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from mmval.artifacts.checkpoint import Checkpoint, load_checkpoint
 from mmval.data.dataset import ParquetSamples
 from mmval.data.shards import DataManifest, ModalitySpec, check_data_dir
-from mmval.engine.checkpoint import load_checkpoint
 from mmval.errors import UserError
 from mmval.models import ModelConfig, MultimodalModel, build_model
-from mmval.valuation import ValuationConfig, ValuationMethod, build_method
-from mmval.valuation.base import Game
+from mmval.valuation.base import Game, ValuationMethod
+from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import EvalPath, build_evaluator, mask_fills
+from mmval.valuation.registry import build_method
 from mmval.valuation.table import (
     Values,
     long_table,
@@ -98,16 +99,16 @@ class ValuationResult:
 
 
 def _load_weights(
-    ckpt: dict, specs: list[ModalitySpec], num_classes: int
+    ckpt: Checkpoint, specs: list[ModalitySpec], num_classes: int
 ) -> tuple[MultimodalModel | None, str]:
     """The checkpoint's model built for these modality specs, or why its weights do not fit."""
     try:
-        config = ModelConfig.model_validate(ckpt["recipe"]["model"])
+        config = ModelConfig.model_validate(ckpt.recipe["model"])
     except ValidationError:
         return None, "its recipe's model section is not valid for this mmval version"
     model = build_model(config, specs, num_classes)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.model)
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = next((line for line in lines if "size mismatch" in line), lines[-1])
@@ -115,24 +116,24 @@ def _load_weights(
     return model, ""
 
 
-def _data_problems(ckpt: dict, manifest: DataManifest) -> list[str]:
+def _data_problems(ckpt: Checkpoint, manifest: DataManifest) -> list[str]:
     """What differs between the data a checkpoint was trained on and `manifest`."""
-    data = ckpt["data"]
+    data = ckpt.data
     names = [s.name for s in manifest.modalities]
-    missing = [m for m in data["modalities"] if m not in names]
+    missing = [m for m in data.modalities if m not in names]
     problems = []
     if missing:
         problems.append(
-            f"modalities {', '.join(data['modalities'])} were trained on, the data has "
+            f"modalities {', '.join(data.modalities)} were trained on, the data has "
             f"{', '.join(names)}"
         )
-    trained, classes = list(data["classes"]), list(manifest.classes)
+    trained, classes = list(data.classes), list(manifest.classes)
     if len(trained) != len(classes):
         problems.append(f"{len(trained)} classes were trained on, the data has {len(classes)}")
     elif trained != classes:
         problems.append("the class names or their order differ")
     elif not missing:
-        specs = [manifest.modality(m) for m in data["modalities"]]
+        specs = [manifest.modality(m) for m in data.modalities]
         model, why = _load_weights(ckpt, specs, len(classes))
         if model is None:
             problems.append(why)
@@ -143,7 +144,7 @@ def _data_problems(ckpt: dict, manifest: DataManifest) -> list[str]:
 class LoadedCheckpoint:
     """A checkpoint's model with the data it was trained on."""
 
-    ckpt: dict
+    ckpt: Checkpoint
     root: Path
     manifest: DataManifest
     model: MultimodalModel
@@ -154,10 +155,10 @@ def load_with_data(checkpoint: Path, data_dir: Path | None = None) -> LoadedChec
     """Load the checkpoint's model and its training data (from `data_dir` if it moved);
     refuse data whose manifest fingerprint differs, naming what differs."""
     ckpt = load_checkpoint(checkpoint)
-    data = ckpt["data"]
-    root = Path(data_dir) if data_dir is not None else Path(data["path"])
+    data = ckpt.data
+    root = Path(data_dir) if data_dir is not None else Path(data.path)
     manifest = check_data_dir(root, verify_checksums=True, cached=True)
-    if manifest.fingerprint() != data["fingerprint"]:
+    if manifest.fingerprint() != data.fingerprint:
         detail = "; ".join(_data_problems(ckpt, manifest)) or (
             "same modalities, shapes and classes, other samples"
         )
@@ -165,7 +166,7 @@ def load_with_data(checkpoint: Path, data_dir: Path | None = None) -> LoadedChec
             f"the data in {root} is not the data {checkpoint} was trained on (manifest "
             f"fingerprints differ: {detail}); pass --data with the directory it was trained on."
         )
-    modalities: list[str] = data["modalities"]
+    modalities: list[str] = data.modalities
     specs = [manifest.modality(m) for m in modalities]
     model, why = _load_weights(ckpt, specs, len(manifest.classes))
     if model is None:
@@ -193,7 +194,7 @@ def value_checkpoint(
     dataset = ParquetSamples(root, split, modalities, manifest=manifest)
     if len(dataset) == 0:
         raise UserError(f"split {split!r} of {root} has no samples; pick another with --split.")
-    train_split = ckpt["recipe"].get("data", {}).get("splits", {}).get("train", "train")
+    train_split = ckpt.recipe.get("data", {}).get("splits", {}).get("train", "train")
     fills = split_fills(config, root, manifest, specs, train_split)
     values = value_dataset(
         loaded.model.to(torch_device),
@@ -206,7 +207,7 @@ def value_checkpoint(
         path=path,
     )
     metadata = valuation_metadata(
-        config, modalities, split, manifest, weights_fingerprint(ckpt["model"])
+        config, modalities, split, manifest, weights_fingerprint(ckpt.model)
     )
     metadata["mmval.checkpoint"] = str(checkpoint)
     return ValuationResult(long_table(values, modalities), metadata, modalities)
@@ -216,39 +217,3 @@ def write_valuation(result: ValuationResult, out: Path, *, wide: bool = False) -
     """Write the long (or wide) table atomically, with how it was computed as metadata."""
     frame = wide_table(result.table, result.modalities) if wide else result.table
     write_parquet(frame, {**result.metadata, "mmval.layout": "wide" if wide else "long"}, out)
-
-
-def contribution_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per modality: mean and std of the contribution; the share of samples in which it alone
-    has the lowest contribution (ties count for no modality: under the `correct` benefit all
-    modalities of a sample often tie); and its gap, the mean contribution of the other
-    modalities minus its own (Wei et al.'s modality-level gap for M > 2; > 0: it lags)."""
-    per_sample = table.groupby("sample_id")["contribution"]
-    is_min = table["contribution"] == per_sample.transform("min")
-    unique_min = is_min & (is_min.groupby(table["sample_id"]).transform("sum") == 1)
-    summary = (
-        table.assign(weakest=unique_min)
-        .groupby("modality", sort=False)
-        .agg(
-            mean=("contribution", "mean"),
-            std=("contribution", "std"),
-            weakest_share=("weakest", "mean"),
-        )
-        .reset_index()
-    )
-    m = len(summary)
-    others = (summary["mean"].sum() - summary["mean"]) / (m - 1) if m > 1 else np.nan
-    summary["gap"] = others - summary["mean"]
-    return summary
-
-
-def contribution_gaps(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean contribution of the row modality minus that of the column modality."""
-    means = table.groupby("modality", sort=False)["contribution"].mean()
-    gaps = pd.DataFrame(
-        means.to_numpy()[:, None] - means.to_numpy()[None, :],
-        index=means.index,
-        columns=means.index,
-    )
-    gaps.index.name = "modality"
-    return gaps.reset_index()

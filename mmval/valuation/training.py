@@ -3,7 +3,9 @@ in the run folder every `every` epochs, to plot how modality contributions evolv
 
 It changes nothing in training: the model is valued in eval mode without gradients, batches
 are read without a DataLoader and all sampling uses its own generators, so the global RNG, and
-with it the run, is the same with or without valuation.
+with it the run, is the same with or without valuation. `mmval.runner` calls `after_epoch`
+from a training callback (valuation sits below the methods, which use it, and so below the
+engine: it imports no engine code).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmval.artifacts.layout import contrib_file
 from mmval.data.dataset import ParquetSamples
 from mmval.data.shards import DataManifest
 from mmval.errors import UserError
 from mmval.models import MultimodalModel
-from mmval.valuation import TrainValuationConfig, build_method
+from mmval.valuation.config import TrainValuationConfig
+from mmval.valuation.registry import build_method
 from mmval.valuation.run import split_fills, value_dataset
 from mmval.valuation.table import long_table, valuation_metadata, weights_fingerprint, write_parquet
 
@@ -80,5 +84,5 @@ class EpochValuation:
             weights_fingerprint(model.state_dict()),
         )
         metadata["mmval.epoch"] = str(epoch)
-        out = run_dir / f"contrib_epoch{epoch}.parquet"
+        out = run_dir / contrib_file(epoch)
         write_parquet(long_table(values, self.modalities), metadata, out)

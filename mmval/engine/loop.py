@@ -1,0 +1,413 @@
+"""The one training loop: `fit` runs the epochs over `train_one_epoch` and `evaluate` and tells
+its callbacks what happens; checkpoints, run files, TensorBoard, the rank check, progress and
+valuation during training are callbacks (`mmval.engine.callbacks`, `mmval.runner`).
+
+Methods change training only through the hooks of `mmval.methods.base.Method`; nothing here
+knows about any particular method.
+
+Under torchrun (or `mmval train --nproc N`) the same loop runs in every process: each rank
+trains on its part of every global batch, gradients are averaged over ranks by `StepTools` (no
+DistributedDataParallel wrapper, so that methods keep reading the model's parts, running several
+backward passes and editing gradients), evaluation is split over the ranks and gathered, and
+epoch figures are reduced. docs/distributed.md has the design.
+
+Events, in the order `fit` sends them (each to every callback, in list order):
+
+- `on_fit_start(fit)`: the session is built; a callback that keeps a run's state restores a
+  resumed run here (`fit.state`, the session's weights, optimizer, RNG, ...).
+- `on_train_start(fit)`: the state is final; `fit.state.epoch` epochs are done.
+- per epoch:
+  - `on_train_step(fit)`: after each step (also one skipped under `train.nonfinite: skip`).
+  - `on_train_epoch_end(fit, row)`: after the epoch's last step (row: its training figures),
+    before the scheduler steps and before evaluation.
+  - `on_evaluated(fit, row, predictions, best)`: on evaluation epochs: row now holds the val_
+    and test_ metrics, predictions are the test split's, best says whether val accuracy
+    improved (`fit.state.best_epoch` is then this epoch).
+  - `on_epoch_end(fit, row)`: the row is complete and in `fit.state.rows`.
+- `on_fit_end(fit)`: every epoch is done (not sent when training stops with an error).
+- `teardown(fit)`: always, last, also after an error: close what was opened.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mmval import distributed
+from mmval.artifacts.layout import LAST
+from mmval.data.dataset import Batch, ParquetSamples, collate_batch
+from mmval.engine.metrics import accuracy, macro_f1
+from mmval.engine.session import Session, autocast
+from mmval.errors import UserError
+from mmval.methods import TrainContext
+from mmval.methods.base import StepTools
+from mmval.models import MultimodalModel
+from mmval.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(UserError):
+    """A NaN or infinite loss or gradient stopped the run (`train.nonfinite: stop`)."""
+
+
+class _NonFiniteStep(Exception):
+    """Raised by `_GuardedTools.step` before the update; `train_one_epoch` names where."""
+
+
+@dataclass
+class _GuardedTools(StepTools):
+    """`StepTools` whose step never applies a NaN or infinite gradient: it raises
+    (`train.nonfinite: stop`) or drops the step (`skip`), before the optimizer changes anything.
+    Under DDP the check reads the averaged gradients, so every rank decides alike."""
+
+    skip: bool = False
+    skipped: int = 0
+
+    def step(self) -> None:
+        self.reduce_gradients()
+        params = (p for group in self.optimizer.param_groups for p in group["params"])
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            if not self.skip:
+                raise _NonFiniteStep
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            return
+        self.optimizer.step()
+
+
+@dataclass
+class Predictions:
+    logits: np.ndarray
+    labels: np.ndarray
+    unimodal_pred: dict[str, np.ndarray]
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        pred = self.logits.argmax(1)
+        row = {
+            f"{prefix}_acc": accuracy(pred, self.labels),
+            f"{prefix}_f1": macro_f1(pred, self.labels),
+        }
+        for m, upred in self.unimodal_pred.items():
+            row[f"{prefix}_acc_{m}"] = accuracy(upred, self.labels)
+        return row
+
+    def gathered(self) -> Predictions:
+        """Every rank's predictions in rank order (each rank predicted its share of a split)."""
+
+        def cat(values: np.ndarray) -> np.ndarray:
+            return distributed.gather_rows(torch.from_numpy(values)).numpy()
+
+        return Predictions(
+            logits=cat(self.logits),
+            labels=cat(self.labels),
+            unimodal_pred={m: cat(v) for m, v in self.unimodal_pred.items()},
+        )
+
+
+@torch.no_grad()
+def predict(
+    model: MultimodalModel,
+    dataset: ParquetSamples,
+    device: torch.device,
+    *,
+    batch_size: int,
+    precision: str = "fp32",
+    positions: Sequence[int] | None = None,
+) -> Predictions:
+    """Predictions for the dataset in order, or for `positions` only."""
+    model.eval()
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        sampler=None if positions is None else list(positions),
+        collate_fn=collate_batch,
+    )
+    logits, labels, unimodal = [], [], {m: [] for m in model.modalities}
+    for batch in loader:
+        batch = batch.to(device)
+        with autocast(device, precision):
+            out = model(batch.inputs)
+        logits.append(out.logits.float().cpu())
+        labels.append(batch.label.cpu())
+        if out.unimodal_logits is not None:
+            for m, z in out.unimodal_logits.items():
+                unimodal[m].append(z.argmax(1).cpu())
+    return Predictions(
+        logits=torch.cat(logits).numpy(),
+        labels=torch.cat(labels).numpy(),
+        unimodal_pred={m: torch.cat(v).numpy() for m, v in unimodal.items() if v},
+    )
+
+
+@dataclass
+class FitState:
+    """The loop's progress, kept in last.pt (as `run_state`) so that a resumed run continues."""
+
+    epoch: int = 0  # epochs done
+    step: int = 0  # optimizer steps taken
+    best_val: float = -math.inf
+    best_epoch: int = 0
+    rows: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+            "rows": self.rows,
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> FitState:
+        return cls(**state)
+
+
+@dataclass
+class Fit:
+    """One run being trained: what the loop and its callbacks share."""
+
+    recipe: Recipe
+    seed: int
+    run_dir: Path
+    session: Session
+    title: str  # what progress shows for the run
+    state: FitState = field(default_factory=FitState)
+    saved_epoch: int | None = None  # the epoch of the newest last.pt, for messages
+
+    @property
+    def epochs(self) -> int:
+        return self.recipe.train.epochs
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.session.loader)
+
+
+class Callback:
+    """Hooks called by `fit` (the module docstring lists them in order); each does nothing
+    here, so a callback overrides only what it needs."""
+
+    def on_fit_start(self, fit: Fit) -> None: ...
+
+    def on_train_start(self, fit: Fit) -> None: ...
+
+    def on_train_step(self, fit: Fit) -> None: ...
+
+    def on_train_epoch_end(self, fit: Fit, row: dict[str, float]) -> None: ...
+
+    def on_evaluated(
+        self, fit: Fit, row: dict[str, float], predictions: Predictions, best: bool
+    ) -> None: ...
+
+    def on_epoch_end(self, fit: Fit, row: dict[str, float]) -> None: ...
+
+    def on_fit_end(self, fit: Fit) -> None: ...
+
+    def teardown(self, fit: Fit) -> None: ...
+
+
+def fit(run: Fit, callbacks: Sequence[Callback]) -> FitState:
+    """Train `run` from `run.state` (after the callbacks' restore) to `train.epochs`."""
+    session, train = run.session, run.recipe.train
+    try:
+        for callback in callbacks:
+            callback.on_fit_start(run)
+        state = run.state  # as restored
+        session.sampler.set_epoch(state.epoch)  # len(loader): a whole epoch, also after resume
+        for callback in callbacks:
+            callback.on_train_start(run)
+        for epoch in range(state.epoch, run.epochs):
+            session.sampler.set_epoch(epoch)  # else len(loader) counts the last epoch's rest
+            ctx = TrainContext(
+                epoch=epoch,
+                epochs=run.epochs,
+                step=state.step,
+                batches=functools.partial(ordered_batches, run),
+                steps_per_epoch=len(session.loader),
+                train_size=len(session.datasets["train"]),
+                sizes={role: len(d) for role, d in session.datasets.items()},
+            )
+            row = train_one_epoch(run, ctx, callbacks)
+            state.step = ctx.step
+            for callback in callbacks:
+                callback.on_train_epoch_end(run, row)
+            if session.scheduler is not None:
+                session.scheduler.step()
+            if (epoch + 1) % train.eval_every == 0 or epoch + 1 == run.epochs:
+                metrics, test_preds = evaluate(run)
+                row.update(metrics)
+                best = row["val_acc"] > state.best_val
+                if best:
+                    state.best_val, state.best_epoch = row["val_acc"], epoch + 1
+                for callback in callbacks:
+                    callback.on_evaluated(run, row, test_preds, best)
+            state.rows.append(row)
+            state.epoch = epoch + 1
+            for callback in callbacks:
+                callback.on_epoch_end(run, row)
+        for callback in callbacks:
+            callback.on_fit_end(run)
+    finally:
+        for callback in callbacks:
+            callback.teardown(run)
+    if session.gradients is not None:
+        session.gradients.close()
+    distributed.barrier()  # the run's files are complete when any rank returns
+    return run.state
+
+
+def train_one_epoch(run: Fit, ctx: TrainContext, callbacks: Sequence[Callback]) -> dict[str, float]:
+    """One epoch of the method's steps; the epoch's training figures (the row's first part)."""
+    started = time.perf_counter()
+    session, train = run.session, run.recipe.train
+    model, method, optimizer = session.model, session.method, session.optimizer
+    session.sampler.set_epoch(ctx.epoch)
+    session.datasets["train"].set_epoch(ctx.epoch)
+    session.sampler.set_positions(method.train_positions(ctx))
+    if session.loader.persistent_workers:
+        # the draw a new loader iterator takes from the global generator (a persistent one
+        # is reused): the random stream, and with it the run, does not depend on workers
+        torch.empty((), dtype=torch.int64).random_()
+    model.train()
+    method.on_epoch_start(model, ctx)
+    loss_sum, correct, seen, data_seconds = 0.0, 0, 0, 0.0
+    method_sums: dict[str, float] = {}
+    tools = _GuardedTools(
+        optimizer,
+        functools.partial(autocast, session.device, train.precision),
+        session.gradients,
+        skip=train.nonfinite == "skip",
+    )
+    batches = iter(session.loader)
+    number = 0
+    while True:
+        waiting = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            break
+        batch = batch.to(session.device)
+        data_seconds += time.perf_counter() - waiting
+        number += 1
+        skipped = tools.skipped
+        try:
+            result = method.train_step(model, batch, ctx, tools)
+        except _NonFiniteStep:
+            raise _non_finite(run, ctx, number, "gradient") from None
+        loss = float(result.loss)
+        finite = math.isfinite(loss)
+        if distributed.world_size() > 1:  # every rank stops or skips alike
+            finite = not bool(distributed.all_reduce(torch.tensor(not finite), "max"))
+        if not finite:
+            if not tools.skip:
+                raise _non_finite(run, ctx, number, "loss")
+            tools.skipped = max(tools.skipped, skipped + 1)  # and left out of the figures
+        else:
+            for key, value in result.figures.items():
+                method_sums[key] = method_sums.get(key, 0.0) + value * len(batch)
+            loss_sum += loss * len(batch)
+            correct += int((result.logits.argmax(1) == batch.label).sum())
+            seen += len(batch)
+        ctx.step += 1
+        session.sampler.advance(len(batch))
+        for callback in callbacks:
+            callback.on_train_step(run)
+    totals = distributed.sum_dict(
+        {"loss": loss_sum, "correct": correct, "seen": seen}
+        | {f"method_{k}": v for k, v in method_sums.items()}
+    )
+    seen = int(totals.pop("seen"))
+    row: dict[str, float] = {
+        "epoch": ctx.epoch + 1,
+        "lr": optimizer.param_groups[0]["lr"],
+        "train_loss": totals.pop("loss") / seen if seen else math.nan,  # nan: all skipped
+        "train_acc": totals.pop("correct") / seen if seen else math.nan,
+    }
+    if tools.skip:
+        row["skipped_steps"] = tools.skipped
+        if tools.skipped and distributed.is_main():
+            logger.warning(
+                "warning: epoch %d: %d step(s) with a NaN or infinite loss or gradient "
+                "skipped (train.nonfinite: skip).",
+                ctx.epoch + 1,
+                tools.skipped,
+            )
+    row.update({k: v / max(seen, 1) for k, v in totals.items()})
+    row.update({f"method_{k}": v for k, v in method.on_epoch_end(model, ctx).items()})
+    row["seconds"] = time.perf_counter() - started
+    # the longest any rank waited for its batches (loading, and the call of the copy to
+    # the device): with row["seconds"], the share of the epoch spent waiting for data
+    row["data_seconds"] = float(
+        distributed.all_reduce(torch.tensor(data_seconds, dtype=torch.float64), "max")
+    )
+    return row
+
+
+def _non_finite(run: Fit, ctx: TrainContext, batch: int, what: str) -> NonFiniteLoss:
+    kept = (
+        f"{run.run_dir / LAST} keeps the last good state (epoch {run.saved_epoch})"
+        if run.saved_epoch is not None
+        else "no checkpoint was written yet"
+    )
+    return NonFiniteLoss(
+        f"the training {what} became NaN or infinite at epoch {ctx.epoch + 1}, step "
+        f"{ctx.step + 1} (batch {batch} of {ctx.steps_per_epoch}); the run stopped and "
+        f"{kept}. Lower optim.lr, or set train.nonfinite: skip to drop such steps "
+        "(--resume continues from last.pt)."
+    )
+
+
+def ordered_batches(run: Fit, role: str, positions: np.ndarray | None = None) -> Iterator[Batch]:
+    """A split in index order (or `positions`, in their order) without training-time
+    randomness, for methods' epoch hooks; the model's train/eval mode is the method's."""
+    session = run.session
+    dataset = ParquetSamples(
+        session.datasets[role].root,
+        session.datasets[role].split,
+        session.model.modalities,
+        manifest=session.datasets[role].manifest,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=run.recipe.train.eval_batch_size,
+        shuffle=False,
+        sampler=None if positions is None else positions.tolist(),
+        collate_fn=collate_batch,
+    )
+    for batch in loader:
+        yield batch.to(session.device)
+
+
+def evaluate(run: Fit) -> tuple[dict[str, float], Predictions]:
+    """Validation and test metrics, and the test predictions (saved beside best.pt); under
+    DDP each rank predicts its share of a split and the shares are gathered."""
+    session, train = run.session, run.recipe.train
+    row: dict[str, float] = {}
+    for role in ("val", "test"):
+        dataset = session.datasets[role]
+        share = None
+        if distributed.world_size() > 1:
+            share = range(*distributed.shard_bounds(len(dataset)))
+        preds = predict(
+            session.model,
+            dataset,
+            session.device,
+            batch_size=train.eval_batch_size,
+            precision=train.precision,
+            positions=share,
+        ).gathered()
+        row.update(preds.metrics(role))
+    return row, preds

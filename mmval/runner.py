@@ -1,0 +1,136 @@
+"""`Trainer`: one recipe with one seed trained into `output/name/seed<k>/`.
+
+Above the engine: it prepares the run folder (or finds the run finished), builds the session and
+the callbacks, valuation during training included, and runs `mmval.engine.loop.fit`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmval import distributed
+from mmval.artifacts.layout import LAST, PREVIOUS, RECIPE_FILE, read_summary, run_folder
+from mmval.atomic import remove_stale_temps, write_text_atomic
+from mmval.engine.callbacks import BestCheckpoint, LastCheckpoint, RankCheck, RunFiles
+from mmval.engine.loop import Callback, Fit, fit
+from mmval.engine.session import Session, build_session, resolve_device
+from mmval.engine.tensorboard import TensorBoard
+from mmval.errors import UserError
+from mmval.recipe import Recipe
+from mmval.settings import SAME_RUN, identity, normalised
+from mmval.valuation.training import EpochValuation
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    skipped: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains one recipe with one seed into `output/name/seed<k>/`; `callbacks` (progress, ...)
+    come after the run's own, and `title` names the run for them (default: its report label
+    and seed)."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        seed: int,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        callbacks: Sequence[Callback] = (),
+        title: str | None = None,
+    ) -> None:
+        self.recipe = recipe.for_seed(seed)
+        self.seed = seed
+        self.resume = resume
+        self.overwrite = overwrite
+        self.callbacks = list(callbacks)
+        self.title = title or f"{self.recipe.run_label()} seed{seed}"
+        self.run_dir = run_folder(recipe.output, recipe.name, seed)
+
+    def finished_summary(self) -> dict[str, Any] | None:
+        """The summary of this very run if it already finished (the same recipe, compared as
+        today's recipe model reads both, so that runs of older mmval versions and moved run
+        folders are recognised), else None."""
+        summary = read_summary(self.run_dir)
+        if summary is None:
+            return None
+        stored = normalised(Recipe, summary.get("recipe", {}))
+        if stored is None or identity(stored, SAME_RUN) != identity(self.recipe, SAME_RUN):
+            return None
+        return summary
+
+    def run(self) -> RunResult:
+        device = distributed.setup(resolve_device(self.recipe.train.device))
+        summary, started = distributed.on_main(self._open_run_dir)
+        if summary is not None:
+            return RunResult(self.run_dir, skipped=True, summary=summary)
+        session = build_session(self.recipe, self.seed, device)
+        files = RunFiles(label=self.recipe.run_label())
+        # in the order the files of an epoch are written: contributions, best.pt and its
+        # predictions, metrics and log, TensorBoard, last.pt; then the caller's (progress)
+        callbacks: list[Callback] = [RankCheck(), *self._valuation(session)]
+        callbacks += [BestCheckpoint(), files, TensorBoard()]
+        callbacks += [LastCheckpoint(resume=self.resume and started), *self.callbacks]
+        fit(Fit(self.recipe, self.seed, self.run_dir, session, self.title), callbacks)
+        return RunResult(self.run_dir, skipped=False, summary=files.summary)
+
+    def _valuation(self, session: Session) -> list[Callback]:
+        """The recipe's valuation during training, built before the first epoch, so that a
+        setting it cannot run fails before training starts."""
+        recipe = self.recipe
+        if recipe.valuation is None:
+            return []
+        valuation = EpochValuation(
+            recipe.valuation,
+            data_dir=recipe.data.directory(),
+            manifest=session.manifest,
+            modalities=session.modalities,
+            split=getattr(recipe.data.splits, recipe.valuation.split),
+            train_split=recipe.data.splits.train,
+            seed=self.seed,
+            device=session.device,
+            batch_size=recipe.train.eval_batch_size,
+        )
+        return [_Valuation(valuation)]
+
+    def _open_run_dir(self) -> tuple[dict[str, Any] | None, bool]:
+        """(the summary of this very run if it finished, else None; whether a run was started
+        here): prepares the run folder. Under DDP only rank 0 calls it."""
+        run_dir = self.run_dir
+        if not self.overwrite and (summary := self.finished_summary()) is not None:
+            return summary, False
+        if self.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        started = (run_dir / LAST).is_file() or (run_dir / PREVIOUS).is_file()
+        if started and not self.resume:
+            raise UserError(
+                f"{run_dir} already holds a run of this name; pass --resume to continue it, "
+                "--overwrite to start again, or --set name=... for a new run."
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(run_dir)  # left by a killed run's interrupted writes
+        dump = self.recipe.model_dump(mode="json")
+        write_text_atomic(run_dir / RECIPE_FILE, yaml.safe_dump(dump, sort_keys=False))
+        return None, started
+
+
+class _Valuation(Callback):
+    """Runs the recipe's valuation after each epoch (rank 0; it writes its own files): the
+    engine knows no valuation code, and valuation knows no engine."""
+
+    def __init__(self, valuation: EpochValuation) -> None:
+        self.valuation = valuation
+
+    def on_epoch_end(self, fit: Fit, row: dict[str, float]) -> None:
+        if distributed.is_main():
+            self.valuation.after_epoch(fit.session.model, fit.state.epoch, fit.run_dir)

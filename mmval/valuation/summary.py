@@ -1,0 +1,43 @@
+"""Summaries of a contribution table (long form: sample_id, modality, contribution), for
+`mmval value`, the quickstart and the report. Torch-free, so the report reads them without torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def contribution_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per modality: mean and std of the contribution; the share of samples in which it alone
+    has the lowest contribution (ties count for no modality: under the `correct` benefit all
+    modalities of a sample often tie); and its gap, the mean contribution of the other
+    modalities minus its own (Wei et al.'s modality-level gap for M > 2; > 0: it lags)."""
+    per_sample = table.groupby("sample_id")["contribution"]
+    is_min = table["contribution"] == per_sample.transform("min")
+    unique_min = is_min & (is_min.groupby(table["sample_id"]).transform("sum") == 1)
+    summary = (
+        table.assign(weakest=unique_min)
+        .groupby("modality", sort=False)
+        .agg(
+            mean=("contribution", "mean"),
+            std=("contribution", "std"),
+            weakest_share=("weakest", "mean"),
+        )
+        .reset_index()
+    )
+    m = len(summary)
+    others = (summary["mean"].sum() - summary["mean"]) / (m - 1) if m > 1 else np.nan
+    summary["gap"] = others - summary["mean"]
+    return summary
+
+
+def contribution_gaps(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean contribution of the row modality minus that of the column modality."""
+    means = table.groupby("modality", sort=False)["contribution"].mean()
+    gaps = pd.DataFrame(
+        means.to_numpy()[:, None] - means.to_numpy()[None, :],
+        index=means.index,
+        columns=means.index,
+    )
+    gaps.index.name = "modality"
+    return gaps.reset_index()
