@@ -42,7 +42,11 @@ class DataConfig(_Strict):
         default=None, description="built-in data set name, prepared under `root` on first use"
     )
     path: Path | None = Field(default=None, description="a prepared shard directory")
-    root: Path = Field(default=Path("data"), description="where built-in data sets are prepared")
+    # where, not what: a moved data folder keeps its runs resumable (the manifest's fingerprint,
+    # stored in every checkpoint, says what the data is)
+    root: Annotated[Path, Effect.NONE] = Field(
+        default=Path("data"), description="where built-in data sets are prepared"
+    )
     modalities: list[str] | None = Field(
         default=None, min_length=1, description="modalities to use (default: all)"
     )
