@@ -1,5 +1,5 @@
 """`python -m mmval` runs the CLI (torchrun needs a module to start)."""
 
-from cli.main import app
+from mmval.cli.main import app
 
 app()

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from mmval.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from mmval.artifacts.checkpoint import (
     CorruptCheckpoint,
     load_checkpoint,
@@ -309,7 +309,7 @@ def train_step(self, model, batch, ctx, tools):
     return base.StepResult(loss.detach(), out.logits.detach())
 
 base.Method.train_step = train_step
-from cli.main import app
+from mmval.cli.main import app
 app(sys.argv[1:], prog_name="mmval")
 """
 

@@ -10,11 +10,11 @@ from typing import ClassVar, Literal
 import pytest
 import torch
 import torch.nn.functional as F
+from mmval.cli.main import app
 from pydantic import Field
 from torch import nn
 from typer.testing import CliRunner
 
-from cli.main import app
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
 from mmval.methods import METHODS, Method, MethodConfig, register_method

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from mmval.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from mmval.artifacts.checkpoint import FORMAT, load_checkpoint
 from mmval.artifacts.layout import LAST, PREVIOUS
 from mmval.data import shards as shards_module

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from mmval.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from mmval.data.dataset import Batch
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError

@@ -12,9 +12,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from mmval.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from mmval.artifacts.checkpoint import load_checkpoint
 from mmval.data.dataset import ParquetSamples
 from mmval.data.prep import prepare

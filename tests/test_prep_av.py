@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from mmval.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from mmval.data.dataset import ParquetSamples
 from mmval.data.extract.video import decode_jpeg
 from mmval.data.manifest import load_dataset_manifest

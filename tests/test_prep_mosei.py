@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from mmval.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from mmval.data.dataset import ParquetSamples
 from mmval.data.prep import prepare
 from mmval.errors import UserError

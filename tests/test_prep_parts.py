@@ -12,10 +12,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from mmval.cli.main import app
 from typer.testing import CliRunner
 
 import mmval.data.shards as shards_module
-from cli.main import app
 from mmval.data.dataset import ParquetSamples
 from mmval.data.pipeline import PartSpec, assign_parts
 from mmval.data.prep import merge_parts, prepare

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from mmval.cli.main import app
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from cli.main import app
 from mmval.data.dataset import ParquetSamples
 from mmval.data.extract.audio import read_audio, stft_log_magnitude
 from mmval.data.extract.video import decode_jpeg

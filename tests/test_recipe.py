@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from mmval.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from mmval.errors import UserError
 from mmval.recipe import load_recipe
 from tests.conftest import DELETE

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mmval.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from mmval.compose import compose_recipe, merge
 from mmval.errors import UserError
 from mmval.recipe import load_recipe

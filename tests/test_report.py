@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from mmval.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from mmval.engine.metrics import macro_f1
 from mmval.recipe import load_recipe, parse_recipe
 from mmval.report import compare, find_runs, make_figures, render

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mmval.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from mmval.data.manifest import load_dataset_manifest
 from mmval.engine.loop import Callback, Fit
 from mmval.errors import UserError

@@ -9,9 +9,9 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+from mmval.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from mmval.artifacts.checkpoint import load_checkpoint, load_payload, save_payload
 from mmval.artifacts.layout import BEST, LAST, PREVIOUS, SUMMARY
 from mmval.errors import UserError

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from mmval.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from mmval.data.prep import prepare
 from mmval.recipe import parse_recipe
 from mmval.runner import Trainer
