@@ -50,12 +50,7 @@ from pydantic import Field
 
 from mmval.data.dataset import Batch
 from mmval.distributed import batch_mean
-from mmval.methods.base import (
-    Method,
-    MethodConfig,
-    TrainContext,
-    window_problems,
-)
+from mmval.methods.base import Method, MethodConfig, TrainContext, window_problems
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.valuation.engine import LateFusionEvaluator, subset_masks
 

@@ -62,11 +62,7 @@ from pydantic import Field
 from torch import nn
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import (
-    Method,
-    MethodConfig,
-    TrainContext,
-)
+from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.models import ModelOutput, MultimodalModel
 from mmval.models.fusions.c3r import REPRESENTATION_DIM, C3RFusion
 

@@ -51,11 +51,7 @@ from pydantic import Field
 
 from mmval.data.dataset import Batch
 from mmval.distributed import all_reduce, gather_rows_with_grad
-from mmval.methods.base import (
-    Method,
-    MethodConfig,
-    TrainContext,
-)
+from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.models.fusions.imml import IMMLFusion, IMMLFusionConfig
 

@@ -27,12 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import (
-    Method,
-    MethodConfig,
-    TrainContext,
-    unimodal_cross_entropy,
-)
+from mmval.methods.base import Method, MethodConfig, TrainContext, unimodal_cross_entropy
 from mmval.models import ModelOutput, MultimodalModel
 
 

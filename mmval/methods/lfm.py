@@ -52,11 +52,7 @@ from pydantic import Field
 
 from mmval.data.dataset import Batch
 from mmval.distributed import broadcast_object
-from mmval.methods.base import (
-    Method,
-    MethodConfig,
-    TrainContext,
-)
+from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.models import ModelOutput, MultimodalModel
 
 ALPHA_MIN, ALPHA_MAX = 0.05, 0.95

@@ -41,12 +41,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import (
-    Method,
-    MethodConfig,
-    TrainContext,
-    window_problems,
-)
+from mmval.methods.base import Method, MethodConfig, TrainContext, window_problems
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 

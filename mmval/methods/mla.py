@@ -43,13 +43,7 @@ import torch.nn.functional as F
 
 from mmval.data.dataset import Batch
 from mmval.distributed import batch_mean
-from mmval.methods.base import (
-    Method,
-    MethodConfig,
-    StepResult,
-    StepTools,
-    TrainContext,
-)
+from mmval.methods.base import Method, MethodConfig, StepResult, StepTools, TrainContext
 from mmval.models import MultimodalModel
 from mmval.models.fusions.shared import SharedFusion
 

@@ -47,12 +47,7 @@ from pydantic import Field
 
 from mmval.data.dataset import Batch
 from mmval.distributed import all_reduce, world_size
-from mmval.methods.base import (
-    Method,
-    MethodConfig,
-    TrainContext,
-    window_problems,
-)
+from mmval.methods.base import Method, MethodConfig, TrainContext, window_problems
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 

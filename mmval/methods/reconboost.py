@@ -98,13 +98,7 @@ from pydantic import Field
 from torch import nn
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import (
-    Method,
-    MethodConfig,
-    StepResult,
-    StepTools,
-    TrainContext,
-)
+from mmval.methods.base import Method, MethodConfig, StepResult, StepTools, TrainContext
 from mmval.models import ModelConfig, MultimodalModel
 from mmval.models.fusions.shared import SharedFusionConfig
 

@@ -28,12 +28,7 @@ from typing import ClassVar, Literal
 import torch
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import (
-    Method,
-    MethodConfig,
-    TrainContext,
-    unimodal_cross_entropy,
-)
+from mmval.methods.base import Method, MethodConfig, TrainContext, unimodal_cross_entropy
 from mmval.models import ModelOutput, MultimodalModel
 
 

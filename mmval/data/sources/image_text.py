@@ -290,9 +290,9 @@ def extract_post(params: ImageTextParams, task: ClipTask) -> SampleRecord:
 
 
 class ImageTextSource:
+    Params: ClassVar[type[BaseModel]] = ImageTextParams
     name: ClassVar[str] = "image_text"
     needs_raw: ClassVar[bool] = True
-    Params: ClassVar[type[BaseModel]] = ImageTextParams
 
     def plan(
         self,
@@ -303,6 +303,8 @@ class ImageTextSource:
         limit: int | None = None,
         only_splits: list[str] | None = None,
     ) -> PrepPlan:
+        """One task per post of the annotations (JSONL, CSV, MVSA or HFM layout); posts left out
+        (duplicates, unreadable) are kept with their reason for the errors table."""
         layout = ImageTextRaw.model_validate(manifest.raw)
         spec = layout.annotations
         dropped: list[tuple[str, str]] = []
