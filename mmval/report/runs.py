@@ -35,6 +35,7 @@ from mmval.errors import UserError
 NOT_SETTINGS = (
     "name",
     "seeds",
+    "data.root",
     "train.device",
     "train.workers",
     "train.prefetch",
