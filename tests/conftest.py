@@ -210,12 +210,14 @@ def timeless_metrics(run_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(run_dir / "metrics.parquet").drop(columns=["seconds", "data_seconds"])
 
 
-def assert_resume_matches(straight: Recipe, stop: int = 2) -> None:
+def assert_resume_matches(straight: Recipe, stop: int = 2) -> pd.DataFrame:
     """Run `straight`, and a copy stopped after `stop` epochs then resumed to the end: the same
-    metrics."""
+    metrics (returned, without timings)."""
     broken = straight.model_copy(update={"name": f"{straight.name}-resumed"})
     short = broken.model_copy(update={"train": broken.train.model_copy(update={"epochs": stop})})
     a = Trainer(straight, 0).run().run_dir
     Trainer(short, 0).run()
     b = Trainer(broken, 0, resume=True).run().run_dir
-    pd.testing.assert_frame_equal(timeless_metrics(a), timeless_metrics(b))
+    metrics = timeless_metrics(a)
+    pd.testing.assert_frame_equal(metrics, timeless_metrics(b))
+    return metrics
