@@ -22,6 +22,7 @@ from mmval.models import ModelConfig, build_model
 from mmval.models.fusions import FUSIONS, FusionConfig, build_fusion, register_fusion
 from mmval.models.fusions.cosine import CosineFusionConfig
 from mmval.models.fusions.shared import SharedFusionConfig
+from mmval.models.fusions.sum import SumFusion
 from mmval.recipe import Recipe, load_recipe, parse_recipe, recipe_json_schema
 from mmval.runner import Trainer
 from mmval.sweep import plan_from_raw
@@ -195,15 +196,8 @@ class Scaled(Method):
         return self.config.factor * F.cross_entropy(out.logits, batch.label)
 
 
-class MaxFusion(nn.Module):
-    """Per-modality heads, the fused logits their element-wise maximum."""
-
-    def __init__(self, dims: dict[str, int], num_classes: int) -> None:
-        super().__init__()
-        self.heads = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in dims.items()})
-
-    def unimodal_logits(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {m: head(feats[m]) for m, head in self.heads.items()}
+class MaxFusion(SumFusion):
+    """The sum fusion's per-modality heads, the fused logits their element-wise maximum."""
 
     def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack(list(self.unimodal_logits(feats).values())).amax(0)
