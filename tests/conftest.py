@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import pytest
 import yaml
 
 from mmval.data.prep import prepare
+from mmval.data.shards import check_data_dir
 from mmval.engine.loop import Callback, Fit
+from mmval.methods import MethodConfig
+from mmval.recipe import Recipe, parse_recipe
+from mmval.runner import RunResult, Trainer
 
 
 @pytest.fixture(scope="session")
@@ -120,3 +126,101 @@ def crash_after(epoch: int) -> list[Callback]:
             raise Crash
 
     return [EpochHook(crash)]
+
+
+TINY_MLP = {"kind": "mlp", "hidden": [32], "out_dim": 16, "dropout": 0.1}
+
+
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` merged in, nested dicts key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def filled(value: Any, prepared: dict[str, Any]) -> Any:
+    """`value` with every string naming a key of `prepared` (a placeholder of
+    `MethodConfig.quick`) replaced by what it stands for."""
+    if isinstance(value, dict):
+        return {k: filled(v, prepared) for k, v in value.items()}
+    if isinstance(value, str) and value in prepared:
+        return prepared[value]
+    return value
+
+
+def quick_modalities(config: type[MethodConfig], data: Path) -> list[str]:
+    """The first views of `data` that the method takes: two, or what it needs."""
+    names = [spec.name for spec in check_data_dir(data).modalities]
+    count = max(config.min_modalities, 2)
+    if config.max_modalities is not None:
+        count = min(count, config.max_modalities)
+    return names[:count]
+
+
+def quick_recipe(
+    name: str,
+    data: Path,
+    output: Path,
+    *,
+    run: str | None = None,
+    prepared: dict[str, Any] | None = None,
+    encoder: dict[str, Any] | None = None,
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    changes: dict[str, Any] | None = None,
+) -> Recipe:
+    """A short run of the registered method `name` with its declared quick settings, on the
+    modalities it takes, with its own fusion unless `changes` name one."""
+    from mmval.methods import METHODS
+
+    config = METHODS[name].Config
+    raw: dict[str, Any] = {
+        "name": run or name,
+        "seeds": [0],
+        "data": {"path": str(data), "modalities": quick_modalities(config, data)},
+        "model": {"encoder": encoder or TINY_MLP},
+        "method": {"name": name},
+        "optim": {"name": "adam", "lr": lr},
+        "train": {"epochs": epochs, "batch_size": batch_size},
+        "output": str(output),
+    }
+    raw = merged(merged(raw, filled(config.quick, prepared or {})), changes or {})
+    return parse_recipe(raw, "test")
+
+
+def trained(recipe: Recipe) -> tuple[RunResult, pd.DataFrame]:
+    """Train `recipe` (seed 0); its result and metrics table."""
+    result = Trainer(recipe, 0).run()
+    return result, pd.read_parquet(result.run_dir / "metrics.parquet")
+
+
+def assert_trained(summary: dict[str, Any], metrics: pd.DataFrame, epochs: int) -> None:
+    """The run finished all its epochs and its train loss fell."""
+    assert summary["finished"] and len(metrics) == epochs
+    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
+
+
+def timeless_metrics(run_dir: Path) -> pd.DataFrame:
+    """A run's metrics table without its timings (`seconds`, `data_seconds`, a method's own
+    `..._seconds`): what a resumed run must reproduce."""
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    return metrics.drop(columns=[c for c in metrics.columns if c.endswith("seconds")])
+
+
+def assert_resume_matches(straight: Recipe, stop: int = 2) -> pd.DataFrame:
+    """Run `straight`, and a copy killed after `stop` epochs then resumed: the same metrics
+    (returned, without timings). Killed, not trained with fewer epochs, since some methods
+    schedule by `train.epochs` (CMoB's phases, ...)."""
+    broken = straight.model_copy(update={"name": f"{straight.name}-resumed"})
+    a = Trainer(straight, 0).run().run_dir
+    with pytest.raises(Crash):
+        Trainer(broken, 0, callbacks=crash_after(stop)).run()
+    b = Trainer(broken, 0, resume=True).run().run_dir
+    metrics = timeless_metrics(a)
+    pd.testing.assert_frame_equal(metrics, timeless_metrics(b))
+    return metrics

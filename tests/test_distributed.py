@@ -30,8 +30,10 @@ from mmval.data.dataset import (
 )
 from mmval.engine.session import _for_ranks, build_session
 from mmval.errors import UserError
+from mmval.methods import METHODS
 from mmval.recipe import Recipe, load_recipe, parse_recipe
 from mmval.runner import Trainer
+from tests.conftest import filled
 
 WORLD = 2
 
@@ -317,42 +319,6 @@ def test_channels_last_resnet_trains(synthetic_av_dir, tmp_path):
 # ---------------------------------------------------------------- every method
 
 
-METHODS: dict[str, dict[str, Any]] = {
-    "concat": {},
-    "unimodal": {"method": {"name": "unimodal", "modality": "a"}},
-    "ogm_ge": {},
-    "agm": {},
-    "pmr": {"method": {"name": "pmr", "prototype_data": "tenth"}},
-    "mmcosine": {"model__fusion": "cosine"},
-    "opm": {},
-    "cml": {},
-    "mmpareto": {},
-    "relearning": {"method": {"name": "relearning", "reinit_epoch": 1}},
-    "tmc": {"model__fusion": "tmc"},
-    "qmf": {"model__fusion": "qmf"},
-    "mla": {"model__fusion": "shared"},
-    "late_fusion": {"model__fusion": "late"},
-    # v_rate 0.1 leaves 216 samples to train on: the 2 ranks' epochs need no padding
-    "gblending": {"method": {"name": "gblending", "super_epoch": 1, "v_rate": 0.1}},
-    "ume": {"model__fusion": "late"},
-    "mbsd": {},
-    "lfm": {},
-    "amco": {},
-    "reconboost": {},
-    "greedy": {
-        "model__fusion": "late",
-        "model__mmtm": {"stages": [1]},
-        "data__modalities": ["a", "b"],
-        "method": {"name": "greedy", "starting_epoch": 0, "epsilon": 1e-6},
-    },
-    "imml": {"model__fusion": "imml", "model__fusion_bank_size": 64},
-    "c3r": {"model__fusion": "c3r"},
-    "mmcooperation_sample": {"method": {"name": "mmcooperation_sample", "warmup": 1}},
-    "mmcooperation_modality": {"method": {"name": "mmcooperation_modality", "warmup": 1}},
-    "cmob": {"method": {"name": "cmob", "warmup": 1}},
-    "linear_probe": {},
-    "umt": {},
-}
 # random draws on each rank's own samples (same distribution, other draws than one process)
 NOT_EXACT = {"opm", "cmob"}
 # after the first epoch they train on re-sampled epochs whose size may be odd: the 2 ranks then
@@ -365,27 +331,22 @@ def test_every_method_trains_under_ddp(recipe_file, tmp_path):
     """Each method, 3 epochs on 2 ranks: no hang, ranks in sync after every epoch (the engine
     checks weights, buffers and random state), and where the method draws nothing per sample
     the 1-process metrics."""
-    from mmval.methods import METHODS as REGISTERED
-
-    assert set(METHODS) == set(REGISTERED)
     runs = tmp_path / "runs"
     base = {"train__epochs": 3, "model__encoder__dropout": 0.0}
     Trainer(load_recipe(recipe_file(name="probed", **base)), 0).run()
     for m in "abc":
         unimodal = {"method": {"name": "unimodal", "modality": m}}
         Trainer(load_recipe(recipe_file(name=f"teacher-{m}", **base, **unimodal)), 0).run()
-    METHODS["linear_probe"] = {
-        "method": {"name": "linear_probe", "checkpoint": str(runs / "probed/seed0/best.pt")}
-    }
-    METHODS["umt"] = {
-        "method": {
-            "name": "umt",
-            "teachers": {m: str(runs / f"teacher-{m}/seed0/best.pt") for m in "abc"},
-        }
+    prepared = {
+        "{modality}": "a",
+        "{checkpoint}": str(runs / "probed/seed0/best.pt"),
+        "{teachers}": {m: str(runs / f"teacher-{m}/seed0/best.pt") for m in "abc"},
     }
     recipes = []
-    for name, changes in METHODS.items():
-        settings = {"method": {"name": name}, **base, **changes}
+    for name, cls in METHODS.items():
+        settings = {"method__name": name, **base, **dotted(filled(cls.Config.quick, prepared))}
+        if cls.Config.max_modalities is not None:
+            settings["data__modalities"] = list("abc"[: cls.Config.max_modalities])
         Trainer(load_recipe(recipe_file(name=f"{name}-single", **settings)), 0).run()
         recipes.append(load_recipe(recipe_file(name=f"{name}-ranks", **settings)))
     run_ranks(_train_all, recipes, timeout=900)
@@ -396,6 +357,17 @@ def test_every_method_trains_under_ddp(recipe_file, tmp_path):
             a, b = a.iloc[:1], b.iloc[:1]
         if name not in NOT_EXACT:
             pd.testing.assert_frame_equal(a, b, rtol=1e-3, atol=1e-4, obj=name)
+
+
+def dotted(changes: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested recipe overrides as the `recipe_file` keyword arguments (`a__b=value`)."""
+    out: dict[str, Any] = {}
+    for key, value in changes.items():
+        if isinstance(value, dict) and value:
+            out |= dotted(value, f"{prefix}{key}__")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _train_all(recipes: list[Recipe]) -> None:

@@ -197,7 +197,7 @@ class Scaled(Method):
 
 
 class MaxFusion(SumFusion):
-    """Per-modality heads, the fused logits their element-wise maximum."""
+    """The sum fusion's per-modality heads, the fused logits their element-wise maximum."""
 
     def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack(list(self.unimodal_logits(feats).values())).amax(0)

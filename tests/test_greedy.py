@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
 import pytest
 import torch
 
@@ -16,9 +15,10 @@ from mmval.methods.base import TrainContext
 from mmval.methods.greedy import Greedy, GreedyConfig, utilisation_gap
 from mmval.models import ModelConfig, build_model
 from mmval.models.encoders import ResNet18Encoder, ResNet18EncoderConfig
-from mmval.recipe import load_recipe, parse_recipe
+from mmval.recipe import load_recipe
 from mmval.runner import Trainer
 from mmval.valuation.engine import JointEvaluator, LateFusionEvaluator, build_evaluator
+from tests.conftest import assert_trained, quick_recipe, trained
 
 CPU = torch.device("cpu")
 
@@ -199,56 +199,13 @@ def test_valuation_of_a_mid_fusion_model_masks_inputs_through_all_encoders():
         build_evaluator(model, ["a", "b"], "input", fills, device=CPU, path="late")
 
 
-def _run(tmp_path, data, modalities, encoder, mmtm, epochs, batch_size, lr, name="greedy"):
-    recipe = parse_recipe(
-        {
-            "name": name,
-            "seeds": [0],
-            "data": {"path": str(data), "modalities": modalities},
-            "model": {"encoder": encoder, "fusion": "late", "mmtm": mmtm},
-            "method": {"name": "greedy", "starting_epoch": 0},
-            "optim": {"name": "adam", "lr": lr},
-            "train": {"epochs": epochs, "batch_size": batch_size},
-            "output": str(tmp_path / "runs"),
-        },
-        "test",
-    )
-    return recipe
-
-
-def test_trains_on_uci_mfeat(tmp_path, uci_dir):
-    encoder = {"kind": "mlp", "hidden": [32], "out_dim": 16, "dropout": 0.1}
-    recipe = _run(tmp_path, uci_dir, ["kar", "fou"], encoder, {"stages": [1, 2]}, 3, 128, 3e-3)
-    result = Trainer(recipe, 0).run()
-    metrics = pd.read_parquet(result.run_dir / "metrics.parquet")
-    assert result.summary["finished"]
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
+def test_trains_on_uci_mfeat_and_rebalances(tmp_path, uci_dir):
+    changes = {"data": {"modalities": ["kar", "fou"]}, "model": {"mmtm": {"stages": [1, 2]}}}
+    recipe = quick_recipe("greedy", uci_dir, tmp_path / "runs", changes=changes)
+    result, metrics = trained(recipe)
+    assert_trained(result.summary, metrics, 3)
     assert metrics["method_rebalancing"].max() > 0  # the rule fired
     assert result.summary["test_acc"] > 0.5
-
-
-def test_trains_on_synthetic_av(tmp_path, synthetic_av_dir):
-    recipe = _run(tmp_path, synthetic_av_dir, None, {"kind": "resnet18"}, {}, 2, 4, 1e-3)
-    result = Trainer(recipe, 0).run()
-    metrics = pd.read_parquet(result.run_dir / "metrics.parquet")
-    assert result.summary["finished"]
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
-
-
-def test_resume_matches_an_uninterrupted_run(tmp_path, uci_dir):
-    encoder = {"kind": "mlp", "hidden": [16], "out_dim": 8, "dropout": 0.0}
-    straight = _run(tmp_path, uci_dir, ["kar", "fou"], encoder, {"stages": [1]}, 3, 256, 3e-3, "s")
-    broken = straight.model_copy(update={"name": "broken"})
-    Trainer(straight, 0).run()
-    short = broken.model_copy(update={"train": broken.train.model_copy(update={"epochs": 2})})
-    Trainer(short, 0).run()
-    Trainer(broken, 0, resume=True).run()
-    runs = tmp_path / "runs"
-    a = pd.read_parquet(runs / "s/seed0/metrics.parquet").drop(columns=["seconds", "data_seconds"])
-    b = pd.read_parquet(runs / "broken/seed0/metrics.parquet").drop(
-        columns=["seconds", "data_seconds"]
-    )
-    pd.testing.assert_frame_equal(a, b)
 
 
 def test_greedy_recipes_validate():

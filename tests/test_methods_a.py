@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,8 +25,7 @@ from mmval.methods.cml import CML, CMLConfig, cml_loss
 from mmval.methods.opm import OPM, OPMConfig, drop_features, drop_probabilities
 from mmval.methods.pmr import PMR, PMRConfig, prototype_weights
 from mmval.models import ModelConfig, build_model
-from mmval.recipe import load_recipe, parse_recipe
-from mmval.runner import Trainer
+from mmval.recipe import load_recipe
 
 
 def _model(names, fusion="concat", dropout=0.0, num_classes=3, seed=0):
@@ -303,68 +301,3 @@ def test_cml_removes_modalities_in_the_epoch_order():
 def test_recipe_errors(recipe_file, method, changes, field):
     with pytest.raises(UserError, match=field):
         load_recipe(recipe_file(method=method, **changes))
-
-
-@pytest.mark.parametrize("method", [{"name": "agm"}, {"name": "pmr"}, {"name": "cml"}])
-def test_resume_matches_an_uninterrupted_run(recipe_file, tmp_path, method):
-    straight = load_recipe(recipe_file(method=method, train__epochs=3, name="straight"))
-    broken = straight.model_copy(update={"name": "broken"})
-    Trainer(straight, 0).run()
-    Trainer(
-        broken.model_copy(update={"train": broken.train.model_copy(update={"epochs": 2})}), 0
-    ).run()
-    Trainer(broken, 0, resume=True).run()
-    runs = tmp_path / "runs"
-    a = pd.read_parquet(runs / "straight/seed0/metrics.parquet").drop(
-        columns=["seconds", "data_seconds"]
-    )
-    b = pd.read_parquet(runs / "broken/seed0/metrics.parquet").drop(
-        columns=["seconds", "data_seconds"]
-    )
-    pd.testing.assert_frame_equal(a, b)
-
-
-METHODS = [
-    ({"name": "agm"}, "concat"),
-    ({"name": "pmr"}, "concat"),
-    ({"name": "mmcosine"}, "cosine"),
-    ({"name": "opm"}, "concat"),
-    ({"name": "cml"}, "concat"),
-]
-
-
-def _train(tmp_path, data, encoder, method, fusion, epochs, batch_size, lr):
-    recipe = parse_recipe(
-        {
-            "name": method["name"],
-            "seeds": [0],
-            "data": {"path": str(data)},
-            "model": {"encoder": encoder, "fusion": fusion},
-            "method": method,
-            "optim": {"name": "adam", "lr": lr},
-            "train": {"epochs": epochs, "batch_size": batch_size},
-            "output": str(tmp_path / "runs"),
-        },
-        "test",
-    )
-    result = Trainer(recipe, 0).run()
-    metrics = pd.read_parquet(result.run_dir / "metrics.parquet")
-    return result.summary, metrics
-
-
-@pytest.mark.parametrize(("method", "fusion"), METHODS, ids=[m["name"] for m, _ in METHODS])
-def test_trains_on_uci_mfeat(tmp_path, uci_dir, method, fusion):
-    encoder = {"kind": "mlp", "hidden": [32], "out_dim": 16, "dropout": 0.1}
-    summary, metrics = _train(tmp_path, uci_dir, encoder, method, fusion, 3, 128, 3e-3)
-    assert summary["finished"] and len(metrics) == 3
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
-    assert summary["test_acc"] > 0.5  # ten classes
-
-
-@pytest.mark.parametrize(("method", "fusion"), METHODS, ids=[m["name"] for m, _ in METHODS])
-def test_trains_on_synthetic_av(tmp_path, synthetic_av_dir, method, fusion):
-    summary, metrics = _train(
-        tmp_path, synthetic_av_dir, {"kind": "resnet18"}, method, fusion, 3, 4, 1e-3
-    )
-    assert summary["finished"] and len(metrics) == 3
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]

@@ -8,14 +8,13 @@ import contextlib
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmval.artifacts.checkpoint import Checkpoint, DataInfo, save_checkpoint
 from mmval.data.dataset import Batch
-from mmval.data.shards import ModalitySpec, check_data_dir
+from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
 from mmval.methods.base import StepTools, TrainContext
 from mmval.methods.gblending import GBlending, GBlendingConfig, blend_weights
@@ -31,8 +30,8 @@ from mmval.methods.relearning import (
 from mmval.methods.ume import UME, UMEConfig
 from mmval.methods.umt import UMT, UMTConfig, distillation_loss
 from mmval.models import ModelConfig, build_model
-from mmval.recipe import load_recipe, parse_recipe
-from mmval.runner import Trainer
+from mmval.recipe import load_recipe
+from tests.conftest import assert_resume_matches
 
 
 def _model(names, fusion="concat", num_classes=3, seed=0):
@@ -399,93 +398,11 @@ def test_recipe_errors(recipe_file, method, changes, field):
 @pytest.mark.parametrize(
     "method",
     [
-        {"name": "mmpareto"},
         {"name": "relearning", "reinit_epoch": 1, "reinit_num": 1},
         {"name": "gblending", "super_epoch": 3},  # resumes on the weights of epoch 0
     ],
 )
-def test_resume_matches_an_uninterrupted_run(recipe_file, tmp_path, method):
-    straight = load_recipe(
-        recipe_file(method=method, train__epochs=3, name="straight", data__modalities=["a", "b"])
+def test_resume_matches_an_uninterrupted_run(recipe_file, method):
+    assert_resume_matches(
+        load_recipe(recipe_file(method=method, train__epochs=3, data__modalities=["a", "b"]))
     )
-    broken = straight.model_copy(update={"name": "broken"})
-    Trainer(straight, 0).run()
-    Trainer(
-        broken.model_copy(update={"train": broken.train.model_copy(update={"epochs": 2})}), 0
-    ).run()
-    Trainer(broken, 0, resume=True).run()
-    runs = tmp_path / "runs"
-    a = pd.read_parquet(runs / "straight/seed0/metrics.parquet").drop(
-        columns=["seconds", "data_seconds"]
-    )
-    b = pd.read_parquet(runs / "broken/seed0/metrics.parquet").drop(
-        columns=["seconds", "data_seconds"]
-    )
-    pd.testing.assert_frame_equal(a, b)
-
-
-METHODS = [
-    ({"name": "mmpareto"}, "concat"),
-    ({"name": "relearning", "reinit_epoch": 1, "reinit_num": 1}, "concat"),
-    ({"name": "gblending", "schedule": "offline", "super_epoch": 1, "v_rate": 0.2}, "concat"),
-    ({"name": "linear_probe"}, "concat"),
-    ({"name": "ume"}, "late"),
-    ({"name": "umt", "scaling": 1.0}, "concat"),
-]
-
-
-def _with_checkpoints(method, tmp_path, data, encoder):
-    """Linear probe and UMT read finished runs: write checkpoints of freshly built models."""
-    manifest = check_data_dir(data)
-    specs, classes = manifest.modalities, len(manifest.classes)
-
-    def save(name, chosen):
-        torch.manual_seed(7)
-        model = build_model(ModelConfig(encoder=encoder, fusion="concat"), chosen, classes)
-        path = tmp_path / f"{name}.pt"
-        _save_weights(path, model, [])
-        return str(path)
-
-    if method["name"] == "linear_probe":
-        return {**method, "checkpoint": save("probed", specs)}
-    if method["name"] == "umt":
-        return {**method, "teachers": {s.name: save(s.name, [s]) for s in specs}}
-    return method
-
-
-def _train(tmp_path, data, encoder, method, fusion, epochs, batch_size, lr):
-    recipe = parse_recipe(
-        {
-            "name": method["name"],
-            "seeds": [0],
-            "data": {"path": str(data)},
-            "model": {"encoder": encoder, "fusion": fusion},
-            "method": _with_checkpoints(method, tmp_path, data, encoder),
-            "optim": {"name": "adam", "lr": lr},
-            "train": {"epochs": epochs, "batch_size": batch_size},
-            "output": str(tmp_path / "runs"),
-        },
-        "test",
-    )
-    result = Trainer(recipe, 0).run()
-    metrics = pd.read_parquet(result.run_dir / "metrics.parquet")
-    return result.summary, metrics
-
-
-@pytest.mark.parametrize(("method", "fusion"), METHODS, ids=[m["name"] for m, _ in METHODS])
-def test_trains_on_uci_mfeat(tmp_path, uci_dir, method, fusion):
-    encoder = {"kind": "mlp", "hidden": [32], "out_dim": 16, "dropout": 0.1}
-    summary, metrics = _train(tmp_path, uci_dir, encoder, method, fusion, 3, 128, 3e-3)
-    assert summary["finished"] and len(metrics) == 3
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
-    assert summary["test_acc"] > 0.5  # ten classes
-
-
-@pytest.mark.parametrize(("method", "fusion"), METHODS, ids=[m["name"] for m, _ in METHODS])
-def test_trains_on_synthetic_av(tmp_path, synthetic_av_dir, method, fusion):
-    epochs = 3 if method["name"] == "relearning" else 2  # its first re-init starts epoch 3
-    summary, metrics = _train(
-        tmp_path, synthetic_av_dir, {"kind": "resnet18"}, method, fusion, epochs, 4, 1e-3
-    )
-    assert summary["finished"] and len(metrics) == epochs
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]

@@ -8,7 +8,6 @@ import contextlib
 import copy
 import math
 
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,8 +22,7 @@ from mmval.methods.qmf import QMF, QMFConfig, normalise_history, rank_loss
 from mmval.methods.tmc import TMC, TMCConfig, dirichlet_kl_to_uniform, evidential_loss
 from mmval.models import ModelConfig, build_model
 from mmval.models.fusions.tmc import combine_evidence
-from mmval.recipe import load_recipe, parse_recipe
-from mmval.runner import Trainer
+from mmval.recipe import load_recipe
 
 
 def _model(names, fusion, num_classes=3, seed=0, **extra):
@@ -320,61 +318,3 @@ def test_late_fusion_loss_adds_the_unimodal_cross_entropies():
 def test_recipe_errors(recipe_file, method, changes, field):
     with pytest.raises(UserError, match=field):
         load_recipe(recipe_file(method=method, **changes))
-
-
-@pytest.mark.parametrize(("method", "fusion"), [("qmf", "qmf"), ("mla", "shared")])
-def test_resume_matches_an_uninterrupted_run(recipe_file, tmp_path, method, fusion):
-    straight = load_recipe(
-        recipe_file(method={"name": method}, model__fusion=fusion, train__epochs=3, name="s")
-    )
-    broken = straight.model_copy(update={"name": "broken"})
-    Trainer(straight, 0).run()
-    Trainer(
-        broken.model_copy(update={"train": broken.train.model_copy(update={"epochs": 2})}), 0
-    ).run()
-    Trainer(broken, 0, resume=True).run()
-    runs = tmp_path / "runs"
-    a = pd.read_parquet(runs / "s/seed0/metrics.parquet").drop(columns=["seconds", "data_seconds"])
-    b = pd.read_parquet(runs / "broken/seed0/metrics.parquet").drop(
-        columns=["seconds", "data_seconds"]
-    )
-    pd.testing.assert_frame_equal(a, b)
-
-
-METHODS = [("tmc", "tmc"), ("qmf", "qmf"), ("mla", "shared"), ("late_fusion", "late")]
-
-
-def _train(tmp_path, data, encoder, method, fusion, epochs, batch_size, lr):
-    recipe = parse_recipe(
-        {
-            "name": method,
-            "seeds": [0],
-            "data": {"path": str(data)},
-            "model": {"encoder": encoder, "fusion": fusion},
-            "method": {"name": method},
-            "optim": {"name": "adam", "lr": lr},
-            "train": {"epochs": epochs, "batch_size": batch_size},
-            "output": str(tmp_path / "runs"),
-        },
-        "test",
-    )
-    result = Trainer(recipe, 0).run()
-    return result.summary, pd.read_parquet(result.run_dir / "metrics.parquet")
-
-
-@pytest.mark.parametrize(("method", "fusion"), METHODS)
-def test_trains_on_uci_mfeat(tmp_path, uci_dir, method, fusion):
-    encoder = {"kind": "mlp", "hidden": [32], "out_dim": 16, "dropout": 0.1}
-    summary, metrics = _train(tmp_path, uci_dir, encoder, method, fusion, 3, 128, 3e-3)
-    assert summary["finished"] and len(metrics) == 3
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
-    assert summary["test_acc"] > 0.5  # ten classes
-
-
-@pytest.mark.parametrize(("method", "fusion"), METHODS)
-def test_trains_on_synthetic_av(tmp_path, synthetic_av_dir, method, fusion):
-    summary, metrics = _train(
-        tmp_path, synthetic_av_dir, {"kind": "resnet18"}, method, fusion, 2, 4, 1e-3
-    )
-    assert summary["finished"] and len(metrics) == 2
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]

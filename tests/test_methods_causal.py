@@ -29,8 +29,9 @@ from mmval.methods.c3r import (
 from mmval.methods.imml import IMML, IMMLConfig, info_nce
 from mmval.models import ModelConfig, build_model
 from mmval.models.fusions.imml import IMMLFusion
-from mmval.recipe import load_recipe, parse_recipe
+from mmval.recipe import load_recipe
 from mmval.runner import Trainer
+from tests.conftest import assert_trained, quick_recipe, trained
 
 
 def _set(linear: torch.nn.Linear, weight: list, bias: list) -> None:
@@ -288,48 +289,11 @@ def test_unknown_predominant_modality_is_refused_when_the_model_is_built(recipe_
         Trainer(recipe, 0).run()
 
 
-def test_imml_resume_matches_an_uninterrupted_run(recipe_file, tmp_path):
-    """The bank and the predominant choice live in the model state, so a resumed run goes on
-    exactly (the choice is made at the end of the first epoch, before the break)."""
-    changes = {"method": {"name": "imml"}, "model__fusion": "imml", "model__fusion_bank_size": 64}
-    straight = load_recipe(recipe_file(**changes, train__epochs=3, name="s"))
-    broken = straight.model_copy(update={"name": "broken"})
-    Trainer(straight, 0).run()
-    two = broken.model_copy(update={"train": broken.train.model_copy(update={"epochs": 2})})
-    Trainer(two, 0).run()
-    Trainer(broken, 0, resume=True).run()
-    runs = tmp_path / "runs"
-    a = pd.read_parquet(runs / "s/seed0/metrics.parquet").drop(columns=["seconds", "data_seconds"])
-    b = pd.read_parquet(runs / "broken/seed0/metrics.parquet").drop(
-        columns=["seconds", "data_seconds"]
-    )
-    pd.testing.assert_frame_equal(a, b)
-
-
-def _train(tmp_path, data, encoder, method, epochs, batch_size, lr):
-    recipe = parse_recipe(
-        {
-            "name": method,
-            "seeds": [0],
-            "data": {"path": str(data)},
-            "model": {"encoder": encoder, "fusion": method},
-            "method": {"name": method},
-            "optim": {"name": "adam", "lr": lr},
-            "train": {"epochs": epochs, "batch_size": batch_size},
-            "output": str(tmp_path / "runs"),
-        },
-        "test",
-    )
-    result = Trainer(recipe, 0).run()
-    return result, pd.read_parquet(result.run_dir / "metrics.parquet")
-
-
 @pytest.mark.parametrize(("method", "figure"), [("c3r", "c3_risk"), ("imml", "predominant")])
 def test_trains_on_uci_mfeat_and_the_checkpoint_is_valued(tmp_path, uci_dir, method, figure):
-    encoder = {"kind": "mlp", "hidden": [32], "out_dim": 16, "dropout": 0.1}
-    result, metrics = _train(tmp_path, uci_dir, encoder, method, 3, 128, 3e-3)
-    assert result.summary["finished"] and len(metrics) == 3
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
+    changes = {"data": {"modalities": None}}  # all six views
+    result, metrics = trained(quick_recipe(method, uci_dir, tmp_path / "runs", changes=changes))
+    assert_trained(result.summary, metrics, 3)
     assert result.summary["test_acc"] > 0.5  # ten classes
     assert metrics[f"method_{figure}"].notna().all()
     best = result.run_dir / "best.pt"
@@ -341,10 +305,3 @@ def test_trains_on_uci_mfeat_and_the_checkpoint_is_valued(tmp_path, uci_dir, met
     assert value.exit_code == 0, value.output
     table = pd.read_parquet(out)
     assert table["sample_id"].nunique() == 400 and table["contribution"].notna().all()
-
-
-@pytest.mark.parametrize("method", ["c3r", "imml"])
-def test_trains_on_synthetic_av(tmp_path, synthetic_av_dir, method):
-    result, metrics = _train(tmp_path, synthetic_av_dir, {"kind": "resnet18"}, method, 2, 4, 1e-3)
-    assert result.summary["finished"] and len(metrics) == 2
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]

@@ -27,8 +27,8 @@ from mmval.methods.reconboost import (
     consolidation_loss,
 )
 from mmval.models import ModelConfig, build_model
-from mmval.recipe import load_recipe, parse_recipe
-from mmval.runner import Trainer
+from mmval.recipe import load_recipe
+from tests.conftest import assert_resume_matches, assert_trained, quick_recipe, trained
 
 
 def _model(names, num_classes=3, seed=0):
@@ -454,113 +454,31 @@ def test_window_must_be_ordered(recipe_file, method):
         load_recipe(recipe_file(method=bad))
 
 
-def test_lfm_resume_matches_an_uninterrupted_run(recipe_file, tmp_path):
+def test_lfm_resume_matches_an_uninterrupted_run(recipe_file):
     method = {"name": "lfm", "lr_alpha": 0.5, "alpha_init": 0.5}
-    straight = load_recipe(recipe_file(method=method, train__epochs=3, name="s"))
-    broken = straight.model_copy(update={"name": "broken"})
-    Trainer(straight, 0).run()
-    Trainer(
-        broken.model_copy(update={"train": broken.train.model_copy(update={"epochs": 2})}), 0
-    ).run()
-    Trainer(broken, 0, resume=True).run()
-    runs = tmp_path / "runs"
-    a = pd.read_parquet(runs / "s/seed0/metrics.parquet").drop(columns=["seconds", "data_seconds"])
-    b = pd.read_parquet(runs / "broken/seed0/metrics.parquet").drop(
-        columns=["seconds", "data_seconds"]
-    )
-    pd.testing.assert_frame_equal(a, b)
-    assert a["method_alpha_align"].nunique() > 1  # alpha moved, so resume had state to restore
-
-
-def _train(tmp_path, data, encoder, method, epochs, batch_size, lr):
-    recipe = parse_recipe(
-        {
-            "name": method,
-            "seeds": [0],
-            "data": {"path": str(data)},
-            "model": {"encoder": encoder, "fusion": "concat"},
-            "method": {"name": method},
-            "optim": {"name": "adam", "lr": lr},
-            "train": {"epochs": epochs, "batch_size": batch_size},
-            "output": str(tmp_path / "runs"),
-        },
-        "test",
-    )
-    result = Trainer(recipe, 0).run()
-    return result.summary, pd.read_parquet(result.run_dir / "metrics.parquet")
-
-
-@pytest.mark.parametrize("method", ["mbsd", "lfm", "amco"])
-def test_trains_on_uci_mfeat(tmp_path, uci_dir, method):
-    encoder = {"kind": "mlp", "hidden": [32], "out_dim": 16, "dropout": 0.1}
-    summary, metrics = _train(tmp_path, uci_dir, encoder, method, 3, 128, 3e-3)
-    assert summary["finished"] and len(metrics) == 3
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
-    assert summary["test_acc"] > 0.5  # ten classes
-
-
-@pytest.mark.parametrize(("method", "lr"), [("mbsd", 1e-3), ("lfm", 1e-3), ("amco", 1e-3)])
-def test_trains_on_synthetic_av(tmp_path, synthetic_av_dir, method, lr):
-    summary, metrics = _train(tmp_path, synthetic_av_dir, {"kind": "resnet18"}, method, 2, 4, lr)
-    assert summary["finished"] and len(metrics) == 2
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
-
-
-def _train_reconboost(tmp_path, data, encoder, method, epochs, batch_size, lr):
-    model = {"encoder": encoder, "fusion": "shared", "fusion_inference": "fixed"}
-    recipe = parse_recipe(
-        {
-            "name": "reconboost",
-            "seeds": [0],
-            "data": {"path": str(data)},
-            "model": model,
-            "method": {"name": "reconboost", **method},
-            "optim": {"name": "adam", "lr": lr},
-            "train": {"epochs": epochs, "batch_size": batch_size},
-            "output": str(tmp_path / "runs"),
-        },
-        "test",
-    )
-    result = Trainer(recipe, 0).run()
-    return result.summary, pd.read_parquet(result.run_dir / "metrics.parquet")
+    metrics = assert_resume_matches(load_recipe(recipe_file(method=method, train__epochs=3)))
+    assert metrics["method_alpha_align"].nunique() > 1  # alpha moved: resume had state to restore
 
 
 def test_reconboost_trains_on_uci_mfeat_through_all_six_stages(tmp_path, uci_dir):
-    encoder = {"kind": "mlp", "hidden": [32], "out_dim": 16, "dropout": 0.1}
     method = {"boost_epochs": 1, "rectify_epochs": 1}
-    summary, metrics = _train_reconboost(tmp_path, uci_dir, encoder, method, 12, 256, 3e-3)
-    assert summary["finished"] and len(metrics) == 12
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
+    changes = {"data": {"modalities": None}, "method": method}
+    recipe = quick_recipe(
+        "reconboost", uci_dir, tmp_path / "runs", epochs=12, batch_size=256, changes=changes
+    )
+    result, metrics = trained(recipe)
+    assert_trained(result.summary, metrics, 12)
     boosting = metrics["epoch"] % 2 == 1  # 1-based: odd epochs boost, even ones rectify
     assert metrics.loc[boosting, "method_boost_loss"].notna().all()
     assert metrics.loc[~boosting, "method_boost_loss"].isna().all()
     consolidation = metrics["method_consolidation"]
     assert pd.isna(consolidation.iloc[0]) and consolidation.iloc[2] > 0  # from stage 1 on
     assert metrics["method_boost_rate"].nunique() > 1  # b is learned
-    assert summary["test_acc"] > 0.5  # ten classes
+    assert result.summary["test_acc"] > 0.5  # ten classes
 
 
-def test_reconboost_trains_on_synthetic_av(tmp_path, synthetic_av_dir):
-    # one stage of 1 + 1 epochs, every modality in the ensemble from the start
-    method = {"boost_epochs": 1, "rectify_epochs": 1, "full_ensemble": True}
-    summary, metrics = _train_reconboost(
-        tmp_path, synthetic_av_dir, {"kind": "resnet18"}, method, 2, 4, 1e-3
-    )
-    assert summary["finished"] and len(metrics) == 2
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
-
-
-def test_reconboost_resume_matches_an_uninterrupted_run(recipe_file, tmp_path):
+def test_reconboost_resume_matches_an_uninterrupted_run(recipe_file):
     method = {"name": "reconboost", "boost_epochs": 1, "rectify_epochs": 1}
-    straight = load_recipe(recipe_file(method=method, train__epochs=4, name="s"))
-    broken = straight.model_copy(update={"name": "broken"})
-    Trainer(straight, 0).run()
-    Trainer(
-        broken.model_copy(update={"train": broken.train.model_copy(update={"epochs": 3})}), 0
-    ).run()
-    Trainer(broken, 0, resume=True).run()
-    runs = tmp_path / "runs"
-    a, b = (pd.read_parquet(runs / f"{n}/seed0/metrics.parquet") for n in ("s", "broken"))
-    timing = [c for c in a.columns if c.endswith("seconds")]
-    pd.testing.assert_frame_equal(a.drop(columns=timing), b.drop(columns=timing))
-    assert a["method_boost_rate"].nunique() > 1  # b moved, so resume had it to restore
+    recipe = load_recipe(recipe_file(method=method, train__epochs=4))
+    metrics = assert_resume_matches(recipe, stop=3)
+    assert metrics["method_boost_rate"].nunique() > 1  # b moved, so resume had it to restore

@@ -57,6 +57,11 @@ class MethodConfig(BaseModel):
     needs_additive: ClassVar[bool] = False  # needs fused logits that are the sum of those
     min_modalities: ClassVar[int] = 1  # of the data (2 for balancing methods)
     max_modalities: ClassVar[int | None] = None
+    # the least a quick test run (a few epochs, tiny data) needs: recipe overrides as nested
+    # dicts; the strings "{modality}" (the first data modality), "{checkpoint}" (a finished run's
+    # best.pt on the data modalities) and "{teachers}" (modality -> a unimodal run's best.pt)
+    # stand for what the test prepares
+    quick: ClassVar[dict[str, Any]] = {}
 
     def label(self) -> str:
         """How runs of this method are named in reports."""

@@ -110,6 +110,7 @@ def drop_entries(n: int, pos: np.ndarray, mod: np.ndarray, uniform: np.ndarray) 
 class CooperationConfig(MethodConfig):
     """What both strategies of Wei et al. share."""
 
+    quick: ClassVar[dict[str, Any]] = {"method": {"warmup": 1}}
     min_modalities: ClassVar[int] = 2
     warmup: int = Field(
         default=5,

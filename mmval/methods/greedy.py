@@ -56,6 +56,10 @@ class GreedyConfig(MethodConfig):
     min_modalities: ClassVar[int] = 2
     max_modalities: ClassVar[int | None] = 2
     name: Literal["greedy"] = "greedy"
+    quick: ClassVar[dict[str, Any]] = {
+        "model": {"mmtm": {"stages": [1]}},
+        "method": {"starting_epoch": 0, "epsilon": 1e-6},
+    }
     epsilon: float = Field(
         default=0.01, gt=0, description="|d BDR| that starts re-balancing (official 0.01)"
     )

@@ -43,7 +43,7 @@ that pick the predominant modality are counted on each rank's share of the split
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,7 @@ class IMMLConfig(MethodConfig):
     fusions: ClassVar[tuple[str, ...] | None] = ("imml",)
     min_modalities: ClassVar[int] = 2
     name: Literal["imml"] = "imml"
+    quick: ClassVar[dict[str, Any]] = {"model": {"fusion": {"name": "imml", "bank_size": 64}}}
     gamma1: float = Field(default=0.1, ge=0, description="weight of the contrastive loss [ours]")
     gamma2: float = Field(default=0.1, ge=0, description="weight of the unimodal heads [ours]")
     temperature: float = Field(default=0.07, gt=0, description="InfoNCE temperature tau [ours]")

@@ -20,7 +20,7 @@ mean, so the gradients averaged over the ranks are the global batch's.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -35,6 +35,7 @@ from mmval.models import ModelOutput, MultimodalModel
 
 class LinearProbeConfig(MethodConfig):
     name: Literal["linear_probe"] = "linear_probe"
+    quick: ClassVar[dict[str, Any]] = {"method": {"checkpoint": "{checkpoint}"}}
     checkpoint: Path = Field(description="checkpoint (.pt) of the run whose encoders are probed")
 
 

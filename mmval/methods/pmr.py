@@ -54,6 +54,7 @@ from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 class PMRConfig(MethodConfig):
     min_modalities: ClassVar[int] = 2
     name: Literal["pmr"] = "pmr"
+    quick: ClassVar[dict[str, Any]] = {"method": {"prototype_data": "tenth"}}
     alpha: float = Field(default=1.0, ge=0, description="prototype CE weight (official CLI 1.0)")
     momentum: float = Field(
         default=0.2, ge=0, lt=1, description="EMA weight of the old prototypes (official CLI 0.2)"

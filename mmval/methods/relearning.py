@@ -49,6 +49,7 @@ from mmval.models import MultimodalModel
 class RelearningConfig(MethodConfig):
     min_modalities: ClassVar[int] = 2
     name: Literal["relearning"] = "relearning"
+    quick: ClassVar[dict[str, Any]] = {"method": {"reinit_epoch": 1}}
     move_lambda: float = Field(
         default=3.0, gt=0, description="lambda in w = tanh(lambda * purity gap) (official 3)"
     )

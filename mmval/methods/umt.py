@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 class UMTConfig(MethodConfig):
     min_modalities: ClassVar[int] = 2
     name: Literal["umt"] = "umt"
+    quick: ClassVar[dict[str, Any]] = {"method": {"teachers": "{teachers}"}}
     teachers: dict[str, Path] = Field(
         description="modality -> checkpoint (.pt) of a finished unimodal run on that modality"
     )

@@ -6,7 +6,7 @@ averaged over the ranks are the global batch's.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -16,6 +16,7 @@ from mmval.models import ModelConfig
 
 class UnimodalConfig(MethodConfig):
     name: Literal["unimodal"] = "unimodal"
+    quick: ClassVar[dict[str, Any]] = {"method": {"modality": "{modality}"}}
     modality: str = Field(description="the modality to train on")
 
     def label(self) -> str:
