@@ -9,6 +9,7 @@ from mmval.recipe import Recipe, load_recipe
 from mmval.settings import Effect, marked, normalised, resume_refusal
 
 HOST = {
+    "data.root": "moved-data",
     "train.device": "cpu",
     "train.workers": 2,
     "train.prefetch": 4,
@@ -41,7 +42,7 @@ def test_marks_decide_hash_and_resume(recipe_file):
     other = changed(changed(recipe, "optim.lr", 0.5), "train.eval_every", 2)
     assert other.settings_hash() != recipe.settings_hash()
     refusal = resume_refusal(recipe, other) or ""
-    assert "started with in optim.lr, train.eval_every (only train.epochs," in refusal
+    assert "started with in optim.lr, train.eval_every (only data.root, train.epochs," in refusal
 
 
 def test_free_fields_are_listed_from_the_marks(recipe_file):
