@@ -14,8 +14,10 @@ from mmval.data.dataset import FrameAugment
 from mmval.errors import UserError
 from mmval.methods import METHODS, MethodConfig, MethodConfigUnion
 from mmval.methods.concat import ConcatConfig
+from mmval.methods.plugged import plugin_problems
 from mmval.models import ModelConfig
-from mmval.settings import Effect, settings_hash
+from mmval.plugins import PLUGINS, PluginField
+from mmval.settings import ADDED_LATER, Effect, settings_hash
 from mmval.validation import format_problems, problems_of
 from mmval.valuation.config import TrainValuationConfig
 
@@ -128,7 +130,7 @@ class TrainConfig(_Strict):
     )
 
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.{}\-]*$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.{}+\-]*$"
 SWEEP_KEYS = ("methods", "grid")
 
 
@@ -141,6 +143,11 @@ class Recipe(_Strict):
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfigUnion = Field(default_factory=ConcatConfig)
+    plugins: Annotated[list[PluginField], ADDED_LATER] = Field(
+        default_factory=list,
+        description="components added to the method's model and loss, in order (c3r, imml; "
+        "mmval/plugins): `[c3r]` or `[{name: imml, gamma1: 0.1}]`",
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig
     output: Annotated[Path, Effect.RUN] = Field(
@@ -151,11 +158,29 @@ class Recipe(_Strict):
         description="write per-sample modality contributions to contrib_epoch<k>.parquet",
     )
 
+    @staticmethod
+    def _plugin_shorthand(data: Any) -> Any:
+        """`method: c3r` (or imml, with its settings) is short for concat with that plug-in,
+        placed first among the recipe's plug-ins unless it must come last."""
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method")
+        name = method.get("name") if isinstance(method, dict) else method
+        if not isinstance(name, str) or name not in PLUGINS or name in METHODS:
+            return data
+        entry = method if isinstance(method, dict) else {"name": name}
+        listed = data.get("plugins") or []
+        if not isinstance(listed, list):
+            return data  # invalid, and named so
+        plugins = [*listed, entry] if PLUGINS[name].Config.last else [entry, *listed]
+        return {**data, "method": {"name": "concat"}, "plugins": plugins}
+
     @model_validator(mode="before")
     @classmethod
     def _method_fusion(cls, data: Any) -> Any:
         """A model without `fusion` gets the method's own fusion, the one it is defined with; a
         fusion mapping without `name` gives settings of that fusion."""
+        data = cls._plugin_shorthand(data)
         if not isinstance(data, dict):
             return data
         method = data.get("method", ConcatConfig())
@@ -197,15 +222,17 @@ class Recipe(_Strict):
         """Report name: plain training is named after its fusion (concat, sum, film, ...)."""
         assert self.model.fusion is not None  # filled from the method by validation
         fusion = self.model.fusion.name
-        if self.method.name == "concat":
-            return fusion
-        label = self.method.label()
-        return label if fusion == self.method.fusion else f"{label}+{fusion}"
+        label = fusion if self.method.name == "concat" else self.method.label()
+        if self.method.name != "concat" and fusion != self.method.fusion:
+            label = f"{label}+{fusion}"
+        return "+".join([label, *(plugin.name for plugin in self.plugins)])
 
 
 def _cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
     modalities = recipe.data.modalities
     found = recipe.method.recipe_problems(recipe.model, modalities)
+    built_on = None if modalities is None else recipe.method.model_modalities(modalities)
+    found += plugin_problems(METHODS[recipe.method.name], recipe.plugins, built_on)
     found += recipe.model.flat_problems()
     if modalities is not None:
         for name in recipe.model.encoders:

@@ -35,6 +35,14 @@ class Effect(Enum):
     RUN = "run"  # which run this is (name, output folder, seed): its folder, not its setting
 
 
+class AddedLater:
+    """Marks a field added after runs were written, `Annotated[list[X], ADDED_LATER]`: at its
+    default it is left out of a run's identity, so those runs keep their settings hash and
+    still count as finished and resumable."""
+
+
+ADDED_LATER = AddedLater()
+
 SETTING = frozenset({Effect.RESULT, Effect.RESUMABLE})  # what the settings hash covers
 FIXED = frozenset({Effect.RESULT})  # what must match to resume a run
 FREE_ON_RESUME = frozenset({Effect.RESUMABLE, Effect.NONE})  # what a resume may change
@@ -58,6 +66,8 @@ def _select(model: BaseModel, dump: dict[str, Any], effects: frozenset[Effect]) 
         if effect_of(info) not in effects or name not in dump:
             continue
         value, dumped = getattr(model, name), dump[name]
+        if ADDED_LATER in info.metadata and value == info.get_default(call_default_factory=True):
+            continue
         nested = isinstance(value, BaseModel) and isinstance(dumped, dict)
         kept[name] = _select(value, dumped, effects) if nested else dumped
     return kept

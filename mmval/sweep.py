@@ -23,8 +23,9 @@ unless two swept paths share it.
 Grid values replace the base recipe's (the `method:` of a one-method sweep included). A
 `method.<field>` axis applies to the methods that have the field, except the `methods:` entries
 that set it themselves (`{name: pmr, alpha: 2.0}` keeps its alpha). A sweep whose base leaves
-`model.fusion` out gives each method the fusion it is defined with (imml, c3r, cosine for
-mmcosine, ...; concat for most).
+`model.fusion` out gives each method the fusion it is defined with (qmf, cosine for mmcosine,
+...; concat for most). A `methods:` entry may carry plug-ins, `{name: qmf, plugins: [c3r]}`
+(labelled `qmf+c3r`); a plug-in's name alone (`c3r`) is concat with it.
 
 A sweep file may name bases (`base: base/uci-mfeat.yaml`, mmval.compose) like any recipe;
 they are merged in before the sweep is expanded.
@@ -54,6 +55,7 @@ from mmval.engine.loop import Callback
 from mmval.engine.session import ensure_data, join_ranks
 from mmval.errors import UserError
 from mmval.methods import METHODS, MethodConfigUnion
+from mmval.plugins import PLUGINS
 from mmval.recipe import (
     NAME_PATTERN,
     SWEEP_KEYS,
@@ -69,8 +71,27 @@ UNSWEPT = ("name", "seeds", "output", *SWEEP_KEYS)  # with their subfields; and 
 
 
 def _entry(value: Any) -> Any:
-    """`ogm_ge` is short for `{name: ogm_ge}`."""
-    return {"name": value} if isinstance(value, str) else value
+    """`ogm_ge` is short for `{name: ogm_ge}`; a plug-in's name (`c3r`, `{name: imml, ...}`)
+    for concat with that plug-in, `{name: concat, plugins: [...]}`."""
+    entry = {"name": value} if isinstance(value, str) else value
+    if isinstance(entry, dict) and entry.get("name") in PLUGINS and entry["name"] not in METHODS:
+        return {"name": "concat", "plugins": [entry]}
+    return entry
+
+
+def _method_part(value: Any) -> Any:
+    """What `method:` gets of a `methods:` entry (its `plugins` go to the recipe's)."""
+    entry = _entry(value)
+    if isinstance(entry, dict):
+        return {k: v for k, v in entry.items() if k != "plugins"}
+    return entry
+
+
+def _entry_label(entry: dict[str, Any]) -> str:
+    """`qmf`, `qmf+c3r`: the method and its plug-ins, as run labels name them."""
+    plugins = entry.get("plugins") or []
+    names = [p if isinstance(p, str) else p.get("name", "?") for p in plugins]
+    return "+".join([entry["name"], *names])
 
 
 def _flatten(value: Any, prefix: str = "") -> Any:
@@ -94,8 +115,11 @@ class SweepAxes(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN, description="runs go to output/name/<label>/seed<k>")
-    methods: list[Annotated[MethodConfigUnion, BeforeValidator(_entry)]] | None = Field(
-        default=None, min_length=1, description="method names or method: mappings to compare"
+    methods: list[Annotated[MethodConfigUnion, BeforeValidator(_method_part)]] | None = Field(
+        default=None,
+        min_length=1,
+        description="method names or method: mappings to compare; a mapping may list its "
+        "`plugins` (`{name: qmf, plugins: [c3r]}`)",
     )
     grid: Annotated[
         dict[str, Annotated[list[Any], Field(min_length=1)]], BeforeValidator(_flatten)
@@ -170,9 +194,10 @@ def _expand(raw: dict[str, Any], where: str) -> list[Variant]:
         for values in itertools.product(*(axes.grid[k] for k in keys)):
             own = [(k, _setting(entry, k[7:])) for k in distinct[index]]
             swept = list(zip(keys, values, strict=True))
-            label = "-".join([entry["name"], *(_part(short[k], v) for k, v in [*own, *swept])])
+            parts = (_part(short[k], v) for k, v in [*own, *swept])
+            label = "-".join([_entry_label(entry), *parts])
             combo = ", ".join(
-                ([f"methods[{index}] {entry['name']}"] if index is not None else [])
+                ([f"methods[{index}] {_entry_label(entry)}"] if index is not None else [])
                 + [f"{k}={json.dumps(v, default=str)}" for k, v in swept]
             )
             variant_raw = copy.deepcopy(base)
@@ -180,7 +205,9 @@ def _expand(raw: dict[str, Any], where: str) -> list[Variant]:
             if isinstance(output, str):
                 variant_raw["output"] = str(Path(output) / axes.name)
             if index is not None:
-                variant_raw["method"] = copy.deepcopy(entry)
+                variant_raw["method"] = _method_part(copy.deepcopy(entry))
+                if "plugins" in entry:
+                    variant_raw["plugins"] = copy.deepcopy(entry["plugins"])
             for key, value in swept:
                 _assign(variant_raw, key, value, where)
             try:
@@ -249,12 +276,12 @@ def _sweeps(key: str, entry: dict[str, Any]) -> bool:
 
 
 def _distinguishing(entries: list[tuple[int | None, dict]]) -> dict[int | None, list[str]]:
-    """The `method.<field>` paths that tell apart the entries of a method listed more than once
-    (a method listed once is labelled by its name alone)."""
+    """The `method.<field>` paths that tell apart the entries of a method (with the same
+    plug-ins) listed more than once (one listed once is labelled by its name alone)."""
     out: dict[int | None, list[str]] = {}
     for index, entry in entries:
-        same = [e for _, e in entries if e["name"] == entry["name"]]
-        keys = dict.fromkeys(k for e in same for k in e if k != "name")
+        same = [e for _, e in entries if _entry_label(e) == _entry_label(entry)]
+        keys = dict.fromkeys(k for e in same for k in e if k not in ("name", "plugins"))
         out[index] = [
             f"method.{k}"
             for k in keys

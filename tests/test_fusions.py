@@ -46,10 +46,6 @@ LAYOUTS = [
         {"fusion": "shared", "fusion_inference": "fixed", "fusion_weights": {"a": 0.3, "b": 0.7}},
         {"name": "shared", "inference": "fixed", "weights": {"a": 0.3, "b": 0.7}},
     ),
-    (
-        {"fusion": "imml", "fusion_predominant": "b", "fusion_bank_size": 64},
-        {"name": "imml", "predominant": "b", "bank_size": 64},
-    ),
 ]
 runner = CliRunner()
 
@@ -138,10 +134,8 @@ def test_problems_come_from_needs_and_capabilities(recipe_file, method, changes,
 
 def test_the_alternatives_named_meet_the_methods_needs(recipe_file):
     with pytest.raises(UserError) as caught:
-        load_recipe(recipe_file(method={"name": "ogm_ge"}, model__fusion="c3r"))
-    assert "(use concat, sum, weighted, late, cosine, shared, qmf, tmc or imml)" in str(
-        caught.value
-    )
+        load_recipe(recipe_file(method={"name": "ogm_ge"}, model__fusion="film"))
+    assert "(use concat, sum, weighted, late, cosine, shared, qmf or tmc)" in str(caught.value)
     with pytest.raises(UserError) as caught:
         load_recipe(recipe_file(method={"name": "amco"}, model__fusion="tmc"))
     assert "(use concat, sum, weighted or cosine)" in str(caught.value)
@@ -150,6 +144,20 @@ def test_the_alternatives_named_meet_the_methods_needs(recipe_file):
 def test_every_method_trains_its_own_fusion():
     for name, cls in METHODS.items():
         assert cls.Config.lacks(FUSIONS[cls.Config.fusion]) is None, name
+
+
+def test_old_dumps_with_the_retired_imml_fusion_settings_load_and_a_set_one_is_named(
+    recipe_file,
+):
+    old = {"encoder": ENCODER, **OLD_DEFAULTS, "fusion": "concat", "mmtm": None}
+    config = ModelConfig.model_validate(old)
+    assert config.flat_problems() == [] and config.fusion.name == "concat"
+    with pytest.raises(
+        UserError,
+        match=r"- model\.fusion_predominant: a setting of the imml "
+        r"fusion, which is now the imml plug-in",
+    ):
+        load_recipe(recipe_file(model__fusion="concat", model__fusion_predominant="a"))
 
 
 def test_flat_fields_that_do_not_apply_and_bad_values_name_their_field(recipe_file):
@@ -169,7 +177,7 @@ def test_unknown_names_list_the_registered_ones(recipe_file):
     with pytest.raises(UserError) as caught:
         load_recipe(recipe_file(model__fusion="attention"))
     assert "- model.fusion: Input should be 'concat', 'sum'," in str(caught.value)
-    assert "'c3r' or 'imml' (got 'attention')" in str(caught.value)
+    assert "'qmf' or 'tmc' (got 'attention')" in str(caught.value)
     with pytest.raises(UserError) as caught:
         load_recipe(recipe_file(model__fusion={"name": "attention"}))
     assert "- model.fusion: Input tag 'attention' found using 'name'" in str(caught.value)
@@ -238,10 +246,10 @@ def test_a_registered_method_and_fusion_validate_dump_and_train(registered, reci
     with pytest.raises(UserError, match=r"- model\.fusion\.sharpness: Input should be"):
         load_recipe(recipe_file(model__fusion={"name": "max", "sharpness": 0}))
     with pytest.raises(UserError, match="scaled_ce needs per-modality logits"):
-        load_recipe(recipe_file(method={"name": "scaled_ce"}, model__fusion="c3r"))
+        load_recipe(recipe_file(method={"name": "scaled_ce"}, model__fusion="film"))
     with pytest.raises(UserError, match=r"expected tags: .*'scaled_ce'"):
         load_recipe(recipe_file(method={"name": "nope"}))
-    with pytest.raises(UserError, match=r"'imml' or 'max' \(got 'nope'\)"):
+    with pytest.raises(UserError, match=r"'tmc' or 'max' \(got 'nope'\)"):
         load_recipe(recipe_file(model__fusion="nope"))
     assert build_fusion(recipe.model.fusion, {"a": 4, "b": 4}, 3)  # a fusion on its own
     result = Trainer(recipe, 0).run()

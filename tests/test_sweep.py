@@ -168,14 +168,27 @@ def test_a_plain_recipe_loader_points_to_the_sweep(tmp_path):
 def test_shipped_sweep_expands_to_valid_runs():
     plan = load_plan(RECIPES / "sweep-seed-methods.yaml")
     labels = [v.label for v in plan.variants]
-    assert labels == ["concat", "ogm_ge", "mmcooperation_sample", "cmob", "imml", "c3r"]
+    assert labels == [
+        "concat",
+        "ogm_ge",
+        "mmcooperation_sample",
+        "cmob",
+        "concat+imml",
+        "concat+c3r",
+    ]
     assert len(plan.runs()) == 18
     modalities = [m.name for m in load_dataset_manifest("uci-mfeat")[0].modalities]
     for variant in plan.variants:
         assert str(variant.recipe.output) == "runs/sweep-uci-mfeat"
         check_against_data(variant.recipe, modalities)  # as the sweep checks before training
         # the same setting as the method's own uci-mfeat recipe: reports can pool them
-        single = load_recipe(RECIPES / f"{variant.label}-uci-mfeat.yaml")
+        if "+" in variant.label:  # the plug-ins' own recipes put them on qmf, as the papers
+            single = load_recipe(
+                RECIPES / f"{variant.label[7:]}-uci-mfeat.yaml",
+                ["method={name: concat}", "model.fusion=concat"],
+            )
+        else:
+            single = load_recipe(RECIPES / f"{variant.label}-uci-mfeat.yaml")
         assert variant.recipe.settings_hash() == single.settings_hash()
 
 
@@ -228,3 +241,25 @@ def test_a_failed_run_does_not_stop_the_sweep(tmp_path):
     assert "1 trained, 0 skipped, 1 failed" in result.output
     assert "no samples in split(s) test (extra)" in result.output
     assert (tmp_path / "runs/sw/concat-test_test/seed0/summary.json").is_file()
+
+
+def test_methods_entries_carry_plug_ins_and_are_labelled_with_them():
+    plan = load_plan(RECIPES / "sweep-plugins-uci-mfeat.yaml")
+    by_label = {v.label: v.recipe for v in plan.variants}
+    assert list(by_label) == [
+        f"{base}{plugin}"
+        for base in ("concat", "late_fusion", "qmf")
+        for plugin in ("", "+c3r", "+imml")
+    ]
+    qmf_c3r = by_label["qmf+c3r"]
+    assert qmf_c3r.method.name == "qmf" and [p.name for p in qmf_c3r.plugins] == ["c3r"]
+    assert qmf_c3r.model.fusion.name == "qmf" and qmf_c3r.run_label() == "qmf+c3r"
+    assert by_label["late_fusion"].plugins == []
+
+
+def test_a_grid_reaches_into_a_plug_in():
+    plan = load_plan(RECIPES / "sweep-c3r-grid-uci-mfeat.yaml")
+    settings = {
+        (v.recipe.plugins[0].lambda_v, v.recipe.plugins[0].lambda_fe) for v in plan.variants
+    }
+    assert len(settings) == len(plan.variants) == 36

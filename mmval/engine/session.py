@@ -24,6 +24,7 @@ from mmval.data.shards import MANIFEST, DataManifest, check_data_dir
 from mmval.data.sources import SOURCES
 from mmval.errors import UserError
 from mmval.methods import Method, build_method
+from mmval.methods.plugged import with_plugins
 from mmval.models import MultimodalModel, build_model
 from mmval.recipe import DataConfig, OptimConfig, Recipe, check_against_data
 
@@ -128,7 +129,9 @@ def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
     available = recipe.data.modalities or [s.name for s in manifest.modalities]
     check_against_data(recipe, available)
     specs = [manifest.modality(m) for m in available]
-    method = build_method(recipe.method, len(manifest.classes))
+    method = with_plugins(
+        build_method(recipe.method, len(manifest.classes)), recipe.plugins, len(manifest.classes)
+    )
     modalities = method.model_modalities(available)
     specs = [s for s in specs if s.name in modalities]
     datasets = {
@@ -154,7 +157,9 @@ def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
             f"split(s) {', '.join(empty)}; each process evaluates a share of every split."
         )
     torch.manual_seed(seed)  # on every rank: the same weights everywhere
-    model = _for_ranks(build_model(recipe.model, specs, len(manifest.classes)), device)
+    model = _for_ranks(
+        build_model(recipe.model, specs, len(manifest.classes), recipe.plugins), device
+    )
     model = model.to(device)
     if recipe.train.channels_last:  # the conv weights; resnet18 inputs arrive channels-last
         model = model.to(memory_format=torch.channels_last)

@@ -10,13 +10,11 @@ from typing import Annotated
 from mmval.methods.agm import AGM
 from mmval.methods.amco import AMCo
 from mmval.methods.base import Method, MethodConfig, TrainContext
-from mmval.methods.c3r import C3R
 from mmval.methods.cml import CML
 from mmval.methods.cmob import CMoB
 from mmval.methods.concat import Concat
 from mmval.methods.gblending import GBlending
 from mmval.methods.greedy import Greedy
-from mmval.methods.imml import IMML
 from mmval.methods.late_fusion import LateFusionMethod
 from mmval.methods.lfm import LFM
 from mmval.methods.linear_probe import LinearProbe
@@ -64,8 +62,6 @@ METHODS: dict[str, type[Method]] = {
         AMCo,
         ReconBoost,
         Greedy,
-        IMML,
-        C3R,
         MMCooperationSample,
         MMCooperationModality,
         CMoB,

@@ -102,7 +102,7 @@ class GBlending(Method):
 
     def build_modules(self, model: MultimodalModel) -> nn.ModuleDict:
         self.heads = nn.ModuleDict(
-            {m: nn.Linear(enc.out_dim, self.num_classes) for m, enc in model.encoders.items()}
+            {m: nn.Linear(d, self.num_classes) for m, d in model.feature_dims.items()}
         )
         return nn.ModuleDict({"heads": self.heads})
 

@@ -115,7 +115,7 @@ class PMR(Method):
         device = next(model.parameters()).device
         counts = torch.zeros(self.num_classes, device=device)
         sums = {
-            m: torch.zeros(self.num_classes, model.encoders[m].out_dim, device=device)
+            m: torch.zeros(self.num_classes, model.feature_dims[m], device=device)
             for m in model.modalities
         }
         read = 0

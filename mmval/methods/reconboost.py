@@ -233,7 +233,7 @@ class ReconBoost(Method):
         ref = next(iter(feats.values()))
         for m in model.modalities:
             if m not in feats:
-                feats[m] = ref.new_zeros(len(ref), model.encoders[m].out_dim)
+                feats[m] = ref.new_zeros(len(ref), model.feature_dims[m])
         return model.fusion.unimodal_logits(feats)
 
     def train_step(

@@ -162,7 +162,7 @@ class Relearning(Method):
                 feats[m].append(h.float().cpu())
             labels.append(batch.label.cpu())
         out = {
-            m: gather_rows(torch.cat(v or [torch.zeros(0, model.encoders[m].out_dim)])).numpy()
+            m: gather_rows(torch.cat(v or [torch.zeros(0, model.feature_dims[m])])).numpy()
             for m, v in feats.items()
         }
         return out, gather_rows(torch.cat(labels)).numpy()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -22,6 +23,7 @@ from mmval.data.shards import ModalitySpec
 from mmval.models.encoders import EncoderConfig, MLPEncoderConfig, build_encoder
 from mmval.models.fusions import FUSIONS, FusionConfig, FusionField, build_fusion
 from mmval.models.mmtm import MMTMConfig, MMTMFusion
+from mmval.models.neck import NeckSource
 from mmval.registry import tag_of
 
 
@@ -52,6 +54,12 @@ class ModelConfig(BaseModel):
         chosen fusion move into it, the others are dropped at their defaults and otherwise kept
         aside for `flat_problems`."""
         owners = _flat_owners()
+        if isinstance(data, dict) and RETIRED_FLAT.keys() & data.keys():
+            retired = {k: data[k] for k in RETIRED_FLAT if k in data}
+            data = {k: v for k, v in data.items() if k not in RETIRED_FLAT}
+            model = cls._nest_flat_fields(data, handler)
+            model._stray_flat |= {k: v for k, v in retired.items() if v != RETIRED_FLAT[k]}
+            return model
         if not isinstance(data, dict) or not owners.keys() & data.keys():
             return handler(data)
         flat = {key: value for key, value in data.items() if key in owners}
@@ -79,6 +87,16 @@ class ModelConfig(BaseModel):
         found = []
         chosen = self.fusion.name if self.fusion is not None else "unset"
         for key in self._stray_flat:
+            if key in RETIRED_FLAT:
+                found.append(
+                    (
+                        f"model.{key}",
+                        "a setting of the imml fusion, which is now the imml plug-in: "
+                        "plugins: [{name: imml, "
+                        f"{key.removeprefix('fusion_')}: ...}}]",
+                    )
+                )
+                continue
             owner, field = _flat_owners()[key]
             found.append(
                 (
@@ -89,6 +107,11 @@ class ModelConfig(BaseModel):
                 )
             )
         return found
+
+
+# flat settings of fusions that are gone (the imml fusion became the imml plug-in), with the
+# defaults every old dump carries; a dump at those values still loads
+RETIRED_FLAT: dict[str, Any] = {"fusion_predominant": None, "fusion_bank_size": 4096}
 
 
 def _flat_owners() -> dict[str, tuple[type[FusionConfig], str]]:
@@ -122,7 +145,16 @@ class ModelOutput:
 
 
 class MultimodalModel(nn.Module):
-    def __init__(self, config: ModelConfig, specs: list[ModalitySpec], num_classes: int) -> None:
+    """Encoders, the necks of the recipe's plug-ins in their order (none without plug-ins), the
+    fusion head on what the last neck gives."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        specs: list[ModalitySpec],
+        num_classes: int,
+        plugins: Sequence[NeckSource] = (),
+    ) -> None:
         super().__init__()
         self.modalities = [s.name for s in specs]
         self.encoders = nn.ModuleDict(
@@ -130,16 +162,30 @@ class MultimodalModel(nn.Module):
         )
         self.mid_fusion = None if config.mmtm is None else MMTMFusion(config.mmtm, self.encoders)
         dims = {m: enc.out_dim for m, enc in self.encoders.items()}
+        self.necks = nn.ModuleList()
+        for plugin in plugins:
+            neck = plugin.build_neck(dims, num_classes)
+            self.necks.append(neck)
+            dims = dict(neck.out_dims)
+        self.feature_dims = dims  # of what `encode` gives the fusion
         if config.fusion is None:
             raise ValueError("model.fusion is unset (a recipe sets it to the method's own fusion)")
         self.fusion = build_fusion(config.fusion, dims, num_classes)
         self.decomposable = config.fusion.decomposable
         self.additive = config.fusion.additive
 
-    def encode(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode(
+        self, inputs: dict[str, torch.Tensor], necks: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The features the fusion head reads: through the plug-ins' necks, or only the first
+        `necks` of them (what a neck reads)."""
         if self.mid_fusion is not None:
-            return self.mid_fusion.encode(self.encoders, inputs)
-        return {m: self.encoders[m](inputs[m]) for m in self.modalities}
+            features = self.mid_fusion.encode(self.encoders, inputs)
+        else:
+            features = {m: self.encoders[m](inputs[m]) for m in self.modalities}
+        for neck in self.necks[:necks]:
+            features = neck(features)
+        return features
 
     def fuse(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.fusion(features)
@@ -160,6 +206,9 @@ class MultimodalModel(nn.Module):
 
 
 def build_model(
-    config: ModelConfig, specs: list[ModalitySpec], num_classes: int
+    config: ModelConfig,
+    specs: list[ModalitySpec],
+    num_classes: int,
+    plugins: Sequence[NeckSource] = (),
 ) -> MultimodalModel:
-    return MultimodalModel(config, specs, num_classes)
+    return MultimodalModel(config, specs, num_classes, plugins)

@@ -124,9 +124,7 @@ class LateFusionEvaluator(SubsetEvaluator):
         self.model, self.modalities = model, modalities
         self.additive = model.additive
         if fills is None:
-            absent = {
-                m: torch.zeros(1, model.encoders[m].out_dim, device=device) for m in modalities
-            }
+            absent = {m: torch.zeros(1, model.feature_dims[m], device=device) for m in modalities}
         else:  # encoded once: in eval mode the same for every sample
             absent = {m: model.encoders[m](fills[m][None].to(device)) for m in modalities}
         self.absent = model.fusion.unimodal_logits(absent) if self.additive else absent

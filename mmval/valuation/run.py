@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
 from mmval.artifacts.checkpoint import Checkpoint, load_checkpoint
@@ -17,6 +17,7 @@ from mmval.data.dataset import ParquetSamples
 from mmval.data.shards import DataManifest, ModalitySpec, check_data_dir
 from mmval.errors import UserError
 from mmval.models import ModelConfig, MultimodalModel, build_model
+from mmval.plugins import PluginField
 from mmval.valuation.base import Game, ValuationMethod
 from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import EvalPath, build_evaluator, mask_fills
@@ -67,6 +68,9 @@ def value_dataset(
     )
 
 
+PLUGIN_LIST = TypeAdapter(list[PluginField])  # a checkpoint recipe's `plugins:`
+
+
 def split_fills(
     config: ValuationConfig,
     root: Path,
@@ -104,9 +108,10 @@ def _load_weights(
     """The checkpoint's model built for these modality specs, or why its weights do not fit."""
     try:
         config = ModelConfig.model_validate(ckpt.recipe["model"])
+        plugins = PLUGIN_LIST.validate_python(ckpt.recipe.get("plugins", []))
     except ValidationError:
-        return None, "its recipe's model section is not valid for this mmval version"
-    model = build_model(config, specs, num_classes)
+        return None, "its recipe's model or plugins section is not valid for this mmval version"
+    model = build_model(config, specs, num_classes, plugins)
     try:
         model.load_state_dict(ckpt.model)
     except RuntimeError as exc:

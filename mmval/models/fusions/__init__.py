@@ -12,12 +12,10 @@ from torch import nn
 
 from mmval.errors import UserError
 from mmval.models.fusions.base import FusionConfig
-from mmval.models.fusions.c3r import C3RFusionConfig
 from mmval.models.fusions.concat import ConcatFusionConfig
 from mmval.models.fusions.cosine import CosineFusionConfig
 from mmval.models.fusions.film import FiLMFusionConfig
 from mmval.models.fusions.gated import GatedFusionConfig
-from mmval.models.fusions.imml import IMMLFusionConfig
 from mmval.models.fusions.late import LateFusionConfig
 from mmval.models.fusions.qmf import QMFFusionConfig
 from mmval.models.fusions.shared import SharedFusionConfig
@@ -39,8 +37,6 @@ FUSIONS: dict[str, type[FusionConfig]] = {
         SharedFusionConfig,
         QMFFusionConfig,
         TMCFusionConfig,
-        C3RFusionConfig,
-        IMMLFusionConfig,
     )
 }
 
