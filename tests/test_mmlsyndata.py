@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,12 @@ from mmval.artifacts.checkpoint import load_checkpoint
 from mmval.data.dataset import ParquetSamples
 from mmval.data.prep import prepare
 from mmval.data.shards import DataManifest, ModalitySpec, load_manifest, read_ground_truth
-from mmval.data.sources.mmlsyndata import MMLSynDataParams, generate_split, mixing_matrices
+from mmval.data.sources.mmlsyndata import (
+    MMLSynDataParams,
+    generate_split,
+    mixing_matrices,
+    sample_split,
+)
 from mmval.errors import UserError
 from mmval.recipe import parse_recipe
 from mmval.runner import Trainer
@@ -37,20 +44,69 @@ def draw(n: int, seed: int = 0, **params: object) -> tuple[np.ndarray, dict, dic
 # --- generator --------------------------------------------------------------------------------
 
 
+def majority(values: np.ndarray) -> np.ndarray:
+    """The label rule applied to a group's [n, M] values: 1 where most modalities have 1."""
+    return values.sum(axis=1) * 2 > values.shape[1]
+
+
 def test_generator_statistics():
     labels, inputs, truth = draw(20_000)
-    sn, sf, nc = truth["snc"], truth["sc"], truth["nc"]
-    assert (sn == sn[:, :1]).all()  # shared sn by default
-    assert abs((labels == sn[:, 0]).mean() - 0.85) < 0.015
-    assert abs(sn[:, 0].mean() - 0.5) < 0.02
-    assert (sf[sn == 1] == 1).all() and abs(sf[sn == 0].mean() - 0.1) < 0.015
-    assert (nc[sn == 0] == 0).all()
+    sn, sc, nc = truth["snc"], truth["sc"], truth["nc"]
+    assert np.allclose(sn.mean(axis=0), [0.3, 0.5, 0.7], atol=0.015)  # theta_m by default
+    assert abs(np.corrcoef(sn[:, 0], sn[:, 2])[0, 1]) < 0.03  # independent causes
+    assert abs((labels == majority(sn)).mean() - 0.85) < 0.015
+    assert abs(labels.mean() - 0.5) < 0.02  # thetas symmetric about 0.5: balanced classes
+    assert (sc <= sn).all() and (sn <= nc).all()
+    assert abs(nc[sn == 0].mean() - 0.1) < 0.015
     for m, q in enumerate([0.5, 0.7, 0.9]):
-        assert abs(nc[sn[:, m] == 1, m].mean() - q) < 0.02
+        assert abs(sc[sn[:, m] == 1, m].mean() - q) < 0.02
     assert truth["sp"].shape == (20_000, 3, 5)
     for name, x in inputs.items():
         assert x.shape == (20_000, 20) and x.dtype == np.float32, name
         assert (x > 0).all() and (x < 1).all()
+    labels, _, truth = draw(20_000, causes="shared")
+    assert (truth["snc"] == truth["snc"][:, :1]).all()
+    assert abs((labels == truth["snc"][:, 0]).mean() - 0.85) < 0.015
+
+
+@pytest.mark.parametrize("causes", ["per_modality", "shared"])
+def test_column_semantics_by_simulation(causes):
+    """Each group behaves as both papers define it. With flip = 0.15 the cause itself reaches
+    P(y=1 | 1) = P(y=0 | 0) = 0.85; a group's value is the label rule (majority over the
+    modalities) of its columns; 200,000 samples give standard errors of about 0.002."""
+    labels, _, truth = draw(200_000, causes=causes)
+    best = 0.85
+
+    def sufficiency(c: np.ndarray) -> float:
+        return labels[c].mean()  # P(y=1 | c=1)
+
+    def necessity(c: np.ndarray) -> float:
+        return 1 - labels[~c].mean()  # P(y=0 | c=0)
+
+    snc, sc, nc = (majority(truth[g]) for g in ("snc", "sc", "nc"))
+    assert abs(sufficiency(snc) - best) < 0.01 and abs(necessity(snc) - best) < 0.01
+    # SC: as sufficient as the cause, but many y = 1 come without it
+    assert abs(sufficiency(sc) - best) < 0.01 and necessity(sc) < best - 0.05
+    assert (~sc[labels == 1]).mean() > (~snc[labels == 1]).mean() + 0.1
+    # NC: as necessary as the cause, but c = 1 also without the cause: less sufficient
+    assert abs(necessity(nc) - best) < 0.01 and sufficiency(nc) < best - 0.01
+    if causes == "shared":  # one cause: every modality's columns behave alike (CaSN's setting)
+        for m in range(3):
+            column = {g: truth[g][:, m] == 1 for g in ("sc", "nc")}
+            assert abs(sufficiency(column["sc"]) - best) < 0.01
+            assert necessity(column["sc"]) < best - 0.05
+            assert abs(necessity(column["nc"]) - best) < 0.01
+            assert sufficiency(column["nc"]) < best - 0.04
+    # SP: correlated with its modality's cause as s sets, and no cause of y given the causes
+    v = np.array([0.3, 0.5, 0.7]) if causes == "per_modality" else np.full(3, 0.5)
+    v = v * (1 - v)
+    expected = 0.6 * np.sqrt(v) / np.sqrt(0.36 * v + 0.16)
+    cause = majority(truth["snc"])
+    for m in range(3):
+        sp = truth["sp"][:, m]
+        assert abs(np.corrcoef(sp[:, 0], truth["snc"][:, m])[0, 1] - expected[m]) < 0.01
+        for k in (False, True):
+            assert abs(np.corrcoef(sp[cause == k].mean(axis=1), labels[cause == k])[0, 1]) < 0.015
 
 
 def test_spurious_degree():
@@ -61,14 +117,16 @@ def test_spurious_degree():
     _, _, weak = draw(5_000, s=0.0)
     assert abs(np.corrcoef(weak["sp"][:, 0, 0], weak["snc"][:, 0])[0, 1]) < 0.05
     assert abs(weak["sp"].std() - 1.0) < 0.02
+    _, _, low = draw(50_000, s=0.1)  # C3R's low degree: corr 0.1 * 0.5 / (0.0025 + 0.81)^0.5
+    assert abs(np.corrcoef(low["sp"][:, 1, 0], low["snc"][:, 1])[0, 1] - 0.0555) < 0.015
 
 
 def test_transform_is_the_shifted_sigmoid():
-    """Noise-free: the sn, sf, nc blocks are sigmoid(0.5) where the cause is 1 and 0.5 where
-    it is 0 (the printed product form would make every x exactly 0.5)."""
-    _, inputs, truth = draw(400, noise_var=0.0)
+    """Noise-free and unmixed: the snc, nc, sc blocks are sigmoid(0.5) where the variable is 1
+    and 0.5 where it is 0 (the product C3R prints would make every x exactly 0.5)."""
+    _, inputs, truth = draw(400, noise_var=0.0, mixing=False)
     x = inputs["x2"].astype(np.float64)
-    for block, group in enumerate(["snc", "sc", "nc"]):
+    for block, group in enumerate(["snc", "nc", "sc"]):
         on = truth[group][:, 1] == 1
         part = x[:, 5 * block : 5 * (block + 1)]
         assert np.allclose(part[on], 1 / (1 + math.exp(-0.5)), atol=1e-6)
@@ -78,24 +136,103 @@ def test_transform_is_the_shifted_sigmoid():
     assert np.allclose(x[:, 15:], 1 / (1 + np.exp(-np.asarray(shifted))), atol=1e-6)
 
 
-def test_mixing_and_theta_options():
-    p = MMLSynDataParams(mixing=True, seed=3)
-    a, b = mixing_matrices(p), mixing_matrices(MMLSynDataParams(mixing=True, seed=3))
+def test_mixing_is_per_modality_and_default():
+    """x_m = sigmoid(A_m u_m): undoing the sigmoid and A_m gives back the unmixed shifted blocks
+    of the same draw; each modality has its own A_m."""
+    a, b = mixing_matrices(MMLSynDataParams(seed=3)), mixing_matrices(MMLSynDataParams(seed=3))
     assert len(a) == 3 and all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
     assert not np.array_equal(a[0], a[1]) and abs(np.concatenate(a).var() - 1 / 20) < 0.01
-    _, plain, _ = draw(50, noise_var=0.0)
-    _, mixed, _ = draw(50, noise_var=0.0, mixing=True)
-    assert not np.allclose(plain["x1"], mixed["x1"])
+    _, plain, _ = draw(50, mixing=False)
+    _, mixed, _ = draw(50)
+    mats = mixing_matrices(MMLSynDataParams())
+    for j, name in enumerate(["x1", "x2", "x3"]):
+        x = mixed[name].astype(np.float64)
+        u = np.log(x / (1 - x)) @ np.linalg.inv(mats[j]).T
+        p = plain[name].astype(np.float64)
+        assert np.allclose(u, np.log(p / (1 - p)), atol=1e-3)
+        assert not np.allclose(x, p)
+    assert mixing_matrices(MMLSynDataParams(mixing=False)) is None
+
+
+def test_params_options_and_mistakes():
     labels, _, truth = draw(20_000, theta=[0.2, 0.5, 0.8], flip=0.0)
     sn = truth["snc"]
     assert np.allclose(sn.mean(axis=0), [0.2, 0.5, 0.8], atol=0.02)
     assert np.array_equal(labels, (sn.sum(axis=1) >= 2).astype(np.int64))
+    assert MMLSynDataParams(modalities=["a"], sc_prob=[0.5]).theta is None
     with pytest.raises(ValueError, match="odd"):
-        MMLSynDataParams(modalities=["a", "b"], nc_prob=[0.5, 0.5], theta=[0.5, 0.5])
-    with pytest.raises(ValueError, match="nc_prob"):
-        MMLSynDataParams(modalities=["a", "b"])
+        MMLSynDataParams(modalities=["a", "b"], sc_prob=[0.5, 0.5])
+    two = MMLSynDataParams(modalities=["a", "b"], sc_prob=[0.5, 0.5], causes="shared")
+    assert two.causes == "shared"
+    with pytest.raises(ValueError, match="theta applies"):
+        MMLSynDataParams(causes="shared", theta=[0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="sc_prob"):
+        MMLSynDataParams(modalities=["a"])
     with pytest.raises(ValueError, match="ground-truth column"):
         MMLSynDataParams(modalities=["x1", "x2", "sp"])
+    with pytest.raises(ValueError, match=r"version-1\.0 names"):
+        MMLSynDataParams(nc_prob=[0.5, 0.7, 0.9])
+    with pytest.raises(ValueError, match="per_class needs a 'train'"):
+        MMLSynDataParams(sampling="per_class", per_class={"test": 5})
+
+
+VERSION_1 = {  # the parameters a version-1.0 manifest records
+    "modalities": ["x1", "x2", "x3"],
+    "d": 5,
+    "s": 0.6,
+    "flip": 0.15,
+    "sf_rate": 0.1,
+    "nc_prob": [0.5, 0.7, 0.9],
+    "noise_var": 0.4,
+    "mixing": False,
+    "theta": None,
+    "splits": {"train": 1000, "val": 200, "test": 200},
+    "seed": 0,
+}
+
+
+@pytest.mark.parametrize(
+    ("changes", "digest"),
+    [
+        ({}, "4c71348b8ad1bbe5e961a1e35cd4aa87af1b00e91fcf7ea0ab7c66468b8111b5"),
+        (
+            {"theta": [0.3, 0.5, 0.7], "mixing": True, "s": 0.1},
+            "8d8245d76dd1d5cd7841f36888354032a6de9e98689ec1735fa441f6b9ad672e",
+        ),
+    ],
+)
+def test_version_1_parameters_reproduce_its_values(changes, digest):
+    """sha256 of 64 samples of the version-1.0 generator (commit 66a104e), in its column order:
+    its `sc` column is our `nc` and its `nc` column our `sc`."""
+    p = MMLSynDataParams(**{**VERSION_1, **changes})
+    assert p.causes == ("shared" if not changes else "per_modality")
+    assert (p.sc_prob, p.nc_rate, p.sampling) == ([0.5, 0.7, 0.9], 0.1, "iid")
+    labels, x, truth = generate_split(p, 64, np.random.default_rng(0), mixing_matrices(p))
+    arrays = [labels, x["x1"], x["x2"], x["x3"], *(truth[g] for g in ("snc", "nc", "sc", "sp"))]
+    sha = hashlib.sha256()
+    for values in arrays:
+        sha.update(np.ascontiguousarray(values).tobytes())
+    assert sha.hexdigest() == digest
+
+
+def test_per_class_sampling():
+    """C3R's "250/50 per category": exactly per_class[split] samples of each class, the first
+    ones of the split's i.i.d. stream, the same on every call."""
+    p = MMLSynDataParams(sampling="per_class")
+    mixing = mixing_matrices(p)
+    for split, quota in {"train": 250, "val": 50, "test": 50}.items():
+        labels, inputs, truth = sample_split(p, split, mixing)
+        assert np.bincount(labels).tolist() == [quota, quota]
+        assert inputs["x1"].shape == (2 * quota, 20) and truth["sp"].shape == (2 * quota, 3, 5)
+        again = sample_split(p, split, mixing)
+        assert np.array_equal(again[0], labels) and np.array_equal(again[1]["x3"], inputs["x3"])
+    labels, inputs, _ = sample_split(p, "val", mixing)
+    rng = np.random.default_rng([0, 1, zlib.crc32(b"val")])  # the split's stream
+    stream = generate_split(p, 200, rng, mixing)  # its first chunk: 4 x 50 samples
+    assert min(np.bincount(stream[0])) >= 50  # holds both quotas, so nothing else is drawn
+    first = np.sort(np.concatenate([np.flatnonzero(stream[0] == c)[:50] for c in (0, 1)]))
+    assert np.array_equal(labels, stream[0][first])
+    assert np.array_equal(inputs["x2"], stream[1]["x2"][first])
 
 
 def test_deterministic_per_seed(tmp_path):
@@ -110,6 +247,17 @@ def test_deterministic_per_seed(tmp_path):
     bigger_val = shas(tmp_path / "d", "splits={train: 200, val: 80, test: 60}")
     assert bigger_val["test/part-00000.parquet"] == first["test/part-00000.parquet"]
     assert bigger_val["val/part-00000.parquet"] != first["val/part-00000.parquet"]
+    per_class = ["sampling=per_class", "per_class={train: 20, val: 5, test: 7}"]
+    quota, quota_again = shas(tmp_path / "e", *per_class), shas(tmp_path / "f", *per_class)
+    assert quota == quota_again
+    manifest = load_manifest(tmp_path / "e")
+    assert {k: v.samples for k, v in manifest.splits.items()} == {
+        "train": 40,
+        "val": 10,
+        "test": 14,
+    }
+    labels = ParquetSamples(tmp_path / "e", "test", ["x1"], manifest=manifest).labels
+    assert np.bincount(labels).tolist() == [7, 7]
 
 
 # --- ground-truth columns ---------------------------------------------------------------------
@@ -131,6 +279,8 @@ def test_prep_cli_writes_splits_and_ground_truth(prepared):
         "test": 60,
     }
     assert [m.name for m in manifest.modalities] == ["x1", "x2", "x3"]
+    assert manifest.version == "2.0"
+    assert manifest.extraction["theta"] == pytest.approx([0.3, 0.5, 0.7])
     assert [(g.name, g.shape) for g in manifest.ground_truth] == [
         ("snc", [3]),
         ("sc", [3]),
@@ -147,7 +297,7 @@ def test_prep_cli_writes_splits_and_ground_truth(prepared):
     by_id = dict(zip(shard["sample_id"], shard["nc"], strict=True))
     expected = np.stack([np.frombuffer(by_id[i], "<f4") for i in samples.sample_ids])
     assert np.array_equal(truth["nc"], expected)
-    assert (samples.labels == truth["snc"][:, 0]).mean() > 0.75
+    assert (samples.labels == (truth["snc"].sum(axis=1) >= 2)).mean() > 0.75
     with pytest.raises(UserError, match="no split 'nope'"):
         read_ground_truth(prepared, "nope", manifest)
 
