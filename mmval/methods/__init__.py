@@ -22,6 +22,7 @@ from mmval.methods.lfm import LFM
 from mmval.methods.linear_probe import LinearProbe
 from mmval.methods.mbsd import MBSD
 from mmval.methods.mla import MLA
+from mmval.methods.mmcooperation_fixed import MMCooperationFixed
 from mmval.methods.mmcooperation_modality import MMCooperationModality
 from mmval.methods.mmcooperation_sample import MMCooperationSample
 from mmval.methods.mmcosine import MMCosine
@@ -68,6 +69,7 @@ METHODS: dict[str, type[Method]] = {
         C3R,
         MMCooperationSample,
         MMCooperationModality,
+        MMCooperationFixed,
         CMoB,
     )
 }
