@@ -323,7 +323,7 @@ def test_channels_last_resnet_trains(synthetic_av_dir, tmp_path):
 NOT_EXACT = {"opm", "cmob"}
 # after the first epoch they train on re-sampled epochs whose size may be odd: the 2 ranks then
 # pad it (one sample twice), so only the first epoch (and its valuation figures) must match
-PADDED = {"mmcooperation_sample", "mmcooperation_modality"}
+PADDED = {"mmcooperation_sample", "mmcooperation_modality", "mmcooperation_fixed"}
 
 
 @pytest.mark.slow

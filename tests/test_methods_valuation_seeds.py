@@ -34,6 +34,7 @@ from mmval.methods.cmob import (
     token_mask,
 )
 from mmval.methods.cooperation import copy_entries, drop_entries, kept_modalities
+from mmval.methods.mmcooperation_fixed import MMCooperationFixed, MMCooperationFixedConfig
 from mmval.methods.mmcooperation_modality import resample_probability
 from mmval.methods.mmcooperation_sample import (
     MMCooperationSample,
@@ -245,11 +246,90 @@ def test_a_copy_keeps_only_its_modality_in_the_fused_head():
         ]
     )
     assert torch.allclose(out.logits, want, atol=1e-6)
-    masked = MMCooperationSample(MMCooperationSampleConfig(enhancement="mask"), 3)
-    out = masked.forward(model, batch, ctx)
+    dropped = MMCooperationSample(MMCooperationSampleConfig(enhancement="drop"), 3)
+    assert torch.equal(dropped.forward(model, batch, ctx).logits, out.logits)
     blank = {"a": batch.inputs["a"].clone(), "b": batch.inputs["b"].clone()}
     blank["b"][1], blank["a"][2] = 0, 0
-    assert torch.allclose(out.logits, model(blank).logits, atol=1e-6)
+    for enhancement in ("mask", "resample_mask"):  # the inputs blanked, not the features
+        masked = MMCooperationSample(MMCooperationSampleConfig(enhancement=enhancement), 3)
+        out = masked.forward(model, batch, ctx)
+        assert torch.allclose(out.logits, model(blank).logits, atol=1e-6)
+
+
+def _planning_ctx(batch: Batch) -> TrainContext:
+    n = len(batch.label)
+    return TrainContext(
+        epoch=0, epochs=4, step=0, batches=lambda role, positions=None: iter([batch]), train_size=n
+    )
+
+
+@pytest.mark.parametrize(
+    ("enhancement", "extra"),
+    [("resample", True), ("resample_mask", True), ("drop", False), ("mask", False)],
+)
+def test_drop_and_mask_enhance_in_place_without_extra_copies(enhancement, extra):
+    """Table 7's modality drop and data mask replace re-sampling: the next epoch holds each
+    sample once, a sample with planned copies as one of them; resample adds the copies."""
+    model = _model("ab")
+    batch = _batch("ab", n=24, seed=4)
+    method = MMCooperationSample(MMCooperationSampleConfig(warmup=1, enhancement=enhancement), 3)
+    method.build_modules(model)
+    torch.manual_seed(0)
+    figures = method.on_epoch_end(model, _planning_ctx(batch))
+    entries = method.entries
+    assert entries is not None and figures["copies"] > 0
+    if extra:
+        assert len(entries.positions) == 24 + figures["copies"] == figures["entries"]
+        assert (entries.tags[24:] > 0).all()
+    else:
+        assert entries.positions.tolist() == list(range(24)) and figures["entries"] == 24
+        enhanced = entries.tags > 0
+        assert 0 < enhanced.sum() <= figures["copies"]
+        # only samples with planned copies are enhanced, each with a modality it was planned for
+        resampled = MMCooperationSample(MMCooperationSampleConfig(warmup=1), 3)
+        resampled.build_modules(model)
+        resampled.on_epoch_end(model, _planning_ctx(batch))
+        assert resampled.entries is not None
+        copies = resampled.entries.positions[24:], (resampled.entries.tags[24:] - 1) % 2
+        planned = set(zip(*(c.tolist() for c in copies), strict=True))
+        for i in np.flatnonzero(enhanced):
+            assert (i, (entries.tags[i] - 1) % 2) in planned
+
+
+# ---------------------------------------------------------------- fixed-rate re-sampling
+
+
+def test_fixed_rate_plans_rate_n_copies_without_valuing():
+    model = _model("abc")
+    n = 40
+
+    def no_reading(role, positions=None):
+        raise AssertionError("the fixed-rate baseline reads no split")
+
+    ctx = TrainContext(epoch=1, epochs=4, step=0, batches=no_reading, train_size=n)
+    method = MMCooperationFixed(MMCooperationFixedConfig(warmup=1, rate=0.25), 3)
+    method.build_modules(model)
+    torch.manual_seed(1)
+    figures = method.on_epoch_end(model, ctx)
+    entries = method.entries
+    assert entries is not None and "valuation_seconds" not in figures
+    assert figures["copies"] == 10 and len(entries.positions) == n + 10 == figures["entries"]
+    assert entries.positions[:n].tolist() == list(range(n)) and (entries.tags[:n] == 0).all()
+    kept = ((entries.tags[n:] - 1) % 3).tolist()
+    assert [figures[f"copies_{m}"] for m in "abc"] == [kept.count(j) for j in range(3)]
+    assert len(set(kept)) > 1  # drawn per copy
+
+    named = MMCooperationFixed(MMCooperationFixedConfig(warmup=1, rate=0.25, modality="b"), 3)
+    named.build_modules(model)
+    named.on_epoch_end(model, ctx)
+    assert named.entries is not None
+    assert (kept_modalities(torch.from_numpy(named.entries.tags[n:]), 3)[:, 1]).all()
+    in_place = MMCooperationFixedConfig(warmup=1, rate=0.25, enhancement="drop")
+    dropped = MMCooperationFixed(in_place, 3)
+    dropped.build_modules(model)
+    dropped.on_epoch_end(model, ctx)
+    assert dropped.entries is not None and len(dropped.entries.positions) == n
+    assert 0 < (dropped.entries.tags > 0).sum() <= 10
 
 
 # ---------------------------------------------------------------- CMoB
@@ -369,6 +449,12 @@ def test_mask_input_picks_the_mask_and_fill_by_shape():
         ({"name": "mmcooperation_sample", "warmup": 0}, {}, "warmup"),
         ({"name": "mmcooperation_modality", "part_ratio": 0}, {}, "part_ratio"),
         ({"name": "mmcooperation_modality"}, {"data__modalities": ["b"]}, "data.modalities"),
+        (
+            {"name": "mmcooperation_fixed", "modality": "z"},
+            {"data__modalities": ["a", "b"]},
+            "method.modality",
+        ),
+        ({"name": "mmcooperation_fixed", "rate": 0}, {}, "rate"),
         ({"name": "cmob", "time_axis": {"x": 1}}, {"data__modalities": ["a", "b"]}, "time_axis"),
         ({"name": "cmob", "alpha": 1.5}, {}, "alpha"),
     ],
@@ -417,6 +503,15 @@ def test_trains_on_uci_mfeat(tmp_path, uci_dir, method):
         assert (metrics["method_copies"].iloc[1:] > 0).all()
         planned = metrics[["method_entries", "method_copies"]].iloc[1:].to_numpy()
         assert (planned[:, 0] == 1400 + planned[:, 1]).all()
+
+
+@pytest.mark.parametrize("enhancement", ["drop", "mask"])
+def test_in_place_enhancement_keeps_the_epoch_size_on_uci_mfeat(tmp_path, uci_dir, enhancement):
+    method = {"name": "mmcooperation_sample", "warmup": 1, "enhancement": enhancement}
+    result = Trainer(_recipe(tmp_path, uci_dir, UCI_ENCODER, method, 2, 128, 3e-3), 0).run()
+    metrics = pd.read_parquet(result.run_dir / "metrics.parquet")
+    assert result.summary["finished"] and (metrics["method_copies"] > 0).all()
+    assert (metrics["method_entries"] == 1400).all()
 
 
 @pytest.mark.parametrize("method", METHODS, ids=[m["name"] for m in METHODS])

@@ -16,11 +16,18 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from mmval.data.dataset import ParquetSamples
-from mmval.data.extract.audio import read_audio, stft_log_magnitude
+from mmval.data.extract.audio import read_audio, stft_spectrogram
 from mmval.data.extract.video import decode_jpeg
 from mmval.data.manifest import load_dataset_manifest
 from mmval.data.shards import DataManifest, load_manifest
-from mmval.data.sources.av_clips import AVClipsSource, AVParams, ListSpec, SplitSpec, _list_split
+from mmval.data.sources.av_clips import (
+    AVClipsSource,
+    AVParams,
+    ListSpec,
+    SplitSpec,
+    StftParams,
+    _list_split,
+)
 from mmval.data.synthetic_av import (
     RawClip,
     SyntheticAVParams,
@@ -49,6 +56,25 @@ def ogm_ge_vggsound_audio(wave: np.ndarray, start_s: float) -> np.ndarray:
     frames = x[np.arange(256)[None] + 128 * np.arange(1 + (len(x) - 256) // 128)[:, None]]
     window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(256) / 256)
     return np.log(np.abs(np.fft.rfft(frames * window, axis=1)).T + 1e-7)
+
+
+def gewu_tool_audio(wave: np.ndarray, rate: int) -> np.ndarray:
+    """Independent reference, written like GeWu-Lab/AV_preprocess_tool's `audio_extract`:
+    `wav_fixed(wav, 10, sr)` (append the last partial second, or the last second, while the
+    wave is at most 10 s long, then cut at 10 s), then |STFT| (n_fft 512, hop 440, periodic
+    Hann, centred with reflect padding), no log; float64 numpy."""
+    x = np.asarray(wave, np.float64)
+    dst = 10 * rate
+    end = len(x)
+    start = end - len(x) % rate
+    if start == end:
+        start = end - rate
+    while len(x) <= dst:
+        x = np.concatenate([x, x[start:end]])
+    x = np.pad(x[:dst], 256, mode="reflect")
+    frames = x[np.arange(512)[None] + 440 * np.arange(1 + (len(x) - 512) // 440)[:, None]]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(512) / 512)
+    return np.abs(np.fft.rfft(frames * window, axis=1)).T
 
 
 def check_shards(out: Path, clips: dict[str, RawClip], names: list[str]) -> DataManifest:
@@ -124,11 +150,35 @@ def test_stft_offset_matches_the_reference_crop() -> None:
     for seconds in (2.3, 6.0, 10.5):  # tiled 3x / once / not at all in the reference
         wave = rng.normal(0, 0.3, round(seconds * RATE)).astype(np.float32)
         for start in (0.0, 2.5, 5.0):
-            got = stft_log_magnitude(
-                wave, RATE, n_fft=256, hop_length=128, seconds=5.0, offset=start
-            )
+            got = stft_spectrogram(wave, RATE, n_fft=256, hop_length=128, seconds=5.0, offset=start)
             assert got.shape == (129, 626)
             np.testing.assert_allclose(got, ogm_ge_vggsound_audio(wave, start), atol=2e-3)
+
+
+def test_mm_debiased_audio_is_the_tools_257_by_1003_magnitude() -> None:
+    """The manifest's audio parameters on waves shorter than, exactly and longer than 10 s (and
+    a length of whole seconds, where the tool repeats the last second) give the tool's array."""
+    entry, _ = load_dataset_manifest("vggsound-mm-debiased")
+    spec = AVParams.model_validate(entry.params).modalities[1]
+    assert isinstance(spec, StftParams)
+    rate = spec.sample_rate
+    assert rate == 44100
+    rng = np.random.default_rng(4)
+    for seconds in (0.6, 2.0, 3.7, 10.0, 10.5):
+        wave = rng.uniform(-0.5, 0.5, round(seconds * rate)).astype(np.float32)
+        got = stft_spectrogram(
+            wave,
+            rate,
+            n_fft=spec.n_fft,
+            hop_length=spec.hop_length,
+            seconds=spec.seconds,
+            tile=spec.tile,
+            repeat=spec.repeat,
+            pad_mode=spec.pad_mode,
+            log=spec.log,
+        )
+        assert got.shape == (257, 1003)
+        np.testing.assert_allclose(got, gewu_tool_audio(wave, rate), rtol=1e-4, atol=2e-3)
 
 
 def test_class_subset_relabels_and_keeps_the_full_split(tmp_path: Path) -> None:
@@ -166,10 +216,7 @@ def test_prep_mm_debiased(tmp_path: Path) -> None:
     }
     for shape in (r".{11}_\d{6}_\d{6}", r".{11}_\d{1,3}", r".{11}"):  # VGGSound, Kinetics, bare
         assert any(re.fullmatch(shape, key) for key in entries)
-    sets = [
-        *("--set", f"modalities.0.size=[{SMALL},{SMALL}]"),
-        *("--set", "modalities.1.target_frames=64", "--set", "modalities.1.num_mel_bins=32"),
-    ]
+    sets = ["--set", f"modalities.0.size=[{SMALL},{SMALL}]"]
     result = runner.invoke(
         app, ["prep", "vggsound-mm-debiased", "--raw", str(raw), "--out", str(out), *sets]
     )
@@ -179,8 +226,16 @@ def test_prep_mm_debiased(tmp_path: Path) -> None:
     assert {n: s.samples for n, s in manifest.splits.items()} == {"train": 4, "val": 4, "test": 4}
     assert [(m.name, m.dtype, m.shape) for m in manifest.modalities] == [
         ("visual", "uint8", [3, SMALL, SMALL, 3]),
-        ("audio", "float16", [64, 32]),
+        ("audio", "float16", [257, 1003]),
     ]
+    # the stored spectrogram is the tool's |STFT| of the clip read at 44.1 kHz
+    data = ParquetSamples(out, "test", ["audio"])
+    batch = data.__getitems__(list(range(len(data))))
+    for i, sample_id in enumerate(data.sample_ids):
+        wave, rate = read_audio(clips[sample_id].audio, sample_rate=44100)
+        want = gewu_tool_audio(wave[0], rate)
+        got = batch.inputs["audio"][i].float().numpy()
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)  # float16 storage
     # a bare id matches only while its YouTube video has a single clip in the folder
     bare = next(c for c in clips.values() if len(c.clip_id) == 11)
     shutil.copy(bare.video, bare.video.with_name(f"{bare.clip_id}_000001_000011.mp4"))

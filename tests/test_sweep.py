@@ -192,6 +192,23 @@ def test_shipped_sweep_expands_to_valid_runs():
         assert variant.recipe.settings_hash() == single.settings_hash()
 
 
+def test_cooperation_sweep_holds_the_supplements_comparisons():
+    """Tables 6 and 7 of Wei et al.'s supplement on UCF-101: every run differs from the
+    paper's sample-level recipe only in the enhancement or the method."""
+    plan = load_plan(RECIPES / "sweep-mmcooperation-ucf101.yaml")
+    labels = [v.label for v in plan.variants]
+    assert labels == [
+        "concat",
+        *(f"mmcooperation_sample-enhancement_{e}" for e in ("resample", "drop", "mask")),
+        *(f"mmcooperation_fixed-rate{r}" for r in (0.1, 0.3, 0.5)),
+    ]
+    paper = load_recipe(RECIPES / "mmcooperation-ucf101.yaml")
+    assert plan.variants[1].recipe.settings_hash() == paper.settings_hash()
+    for variant in plan.variants:
+        check_against_data(variant.recipe, ["visual", "flow"])
+        assert variant.recipe.optim == paper.optim and variant.recipe.train == paper.train
+
+
 def test_sweep_trains_each_run_and_a_stopped_sweep_restarts(tmp_path, synthetic_dir):
     path = write(tmp_path, sweep_raw(tmp_path, synthetic_dir))
     runs = tmp_path / "runs" / "sw"

@@ -20,6 +20,7 @@ from mmval.methods.lfm import LFM
 from mmval.methods.linear_probe import LinearProbe
 from mmval.methods.mbsd import MBSD
 from mmval.methods.mla import MLA
+from mmval.methods.mmcooperation_fixed import MMCooperationFixed
 from mmval.methods.mmcooperation_modality import MMCooperationModality
 from mmval.methods.mmcooperation_sample import MMCooperationSample
 from mmval.methods.mmcosine import MMCosine
@@ -64,6 +65,7 @@ METHODS: dict[str, type[Method]] = {
         Greedy,
         MMCooperationSample,
         MMCooperationModality,
+        MMCooperationFixed,
         CMoB,
     )
 }

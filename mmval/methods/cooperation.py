@@ -1,8 +1,25 @@
 """What the methods that value modalities per sample during training share: the valuation pass
 over the train split, tagged re-sampled copies that keep one modality, and input fills.
 
-Used by `mmcooperation_sample` and `mmcooperation_modality` (Wei et al., CVPR 2024), whose
-common base `Cooperation` lives here, and by `cmob` (the valuation pass and the input fill).
+Used by `mmcooperation_sample`, `mmcooperation_modality` and `mmcooperation_fixed` (Wei et
+al., CVPR 2024), whose common base `Cooperation` lives here, and by `cmob` (the valuation pass
+and the input fill).
+
+Enhancement (`enhancement`): what a planned copy (sample i, kept modality j) becomes.
+- `resample` (the paper's; the official `drop` flag of `AV_KS_Dataset_sample_level`): an extra
+  entry of i in which the other modalities' encoder features are zeroed before the fusion head.
+- `drop` and `mask`: the supplement's comparison of enhancement strategies (its Table 7,
+  "modality drop" and "data mask" used instead of re-sampling): no extra entries; the epoch
+  holds every sample once, and a sample with c planned copies trains as one of its 1 + c
+  entries, drawn uniformly (`drop_entries`), so with probability c / (1 + c) with only a copy's
+  modality. `drop` zeroes the other modalities' features (as a copy of `resample`), `mask`
+  blanks their inputs (zeros, mid-grey frames, padding ids: `fill_value`). [ours] the draw of
+  which samples are enhanced and how often (the supplement names the strategies, not their
+  schedule), and what "mask" blanks (whole inputs of the other modalities).
+- `resample_mask` [ours]: the copies of `resample`, with the other modalities' inputs blanked as
+  in `mask` instead of their features zeroed (the supplement's wording for the valuation, "input
+  of modalities not in C are zeroed out", applied to the copies). Older recipes called this
+  `mask`; they still load, and `mask` now means Table 7's in-place data mask.
 
 Tags (`TaggedPositions`, `Batch.tag`): 0 is a plain sample; a copy that keeps only modality j
 (0-based, of M) carries 1 + j + M k, where k counts the earlier copies of the same sample keeping
@@ -35,7 +52,9 @@ from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import build_evaluator
 from mmval.valuation.registry import build_method
 
-Enhancement = Literal["resample", "drop", "mask"]
+Enhancement = Literal["resample", "resample_mask", "drop", "mask"]
+IN_PLACE: tuple[Enhancement, ...] = ("drop", "mask")  # no extra entries (supplement Table 7)
+BLANK_INPUTS: tuple[Enhancement, ...] = ("mask", "resample_mask")  # inputs, not features
 UINT8_FILL = 128  # mid-grey (about the ImageNet mean); zero motion for flow stored as 0..255
 
 
@@ -121,26 +140,31 @@ class CooperationConfig(MethodConfig):
     enhancement: Enhancement = Field(
         default="resample",
         description="resample: extra copies keeping one modality, the others' features zeroed "
-        "(official); drop: no extra entries, each sample trains as one of its copies with the "
-        "copies' share; mask: the copies of resample with the others' inputs blanked instead",
+        "(official); drop / mask: the supplement's Table 7 strategies, no extra entries, a "
+        "sample trains as one of its planned copies with the copies' share, the others' "
+        "features zeroed (drop) or inputs blanked (mask) [ours: the share]; resample_mask "
+        "[ours]: the copies of resample with the others' inputs blanked",
     )
 
 
 class Cooperation(Method, ABC):
-    """Valuation at the end of each epoch from `warmup - 1` on, tagged entries for the next
-    epoch (kept in the state, so a resumed run trains on the same ones), and the training
-    forward that keeps only the tagged modality of a copy."""
+    """Planning at the end of each epoch from `warmup - 1` on (valuation first, unless `values`
+    is False), tagged entries for the next epoch (kept in the state, so a resumed run trains on
+    the same ones), and the training forward that keeps only the tagged modality of a copy."""
 
     Config: ClassVar[type[MethodConfig]] = CooperationConfig
     config: CooperationConfig
+    values: ClassVar[bool] = True  # plans from Shapley values (logs `valuation_seconds`)
+    modalities: list[str]  # the model's, set by `build_modules`
 
     def __init__(self, config: MethodConfig, num_classes: int) -> None:
         super().__init__(config, num_classes)
         self.entries: TaggedPositions | None = None
 
     def build_modules(self, model: MultimodalModel) -> torch.nn.ModuleDict:
-        # built here so that a model the valuation cannot handle fails before training
-        self.valuation = build_method(ValuationConfig(method="shapley"), model.modalities)
+        self.modalities = list(model.modalities)
+        if self.values:  # built here so that a model the valuation cannot handle fails early
+            self.valuation = build_method(ValuationConfig(method="shapley"), model.modalities)
         return torch.nn.ModuleDict()
 
     def train_positions(self, ctx: TrainContext) -> TaggedPositions | None:
@@ -151,7 +175,7 @@ class Cooperation(Method, ABC):
         keep = kept_modalities(batch.tag, len(model.modalities))
         if bool(keep.all()):
             return model(batch.inputs)
-        if self.config.enhancement == "mask":
+        if self.config.enhancement in BLANK_INPUTS:
             inputs = {}
             for j, m in enumerate(model.modalities):
                 x = batch.inputs[m]
@@ -170,24 +194,26 @@ class Cooperation(Method, ABC):
             return {}
         started = time.perf_counter()
         self.entries, figures = self.plan(model, ctx)
-        figures["valuation_seconds"] = time.perf_counter() - started
+        if self.values:
+            figures["valuation_seconds"] = time.perf_counter() - started
         return figures
 
     @abstractmethod
     def plan(
         self, model: MultimodalModel, ctx: TrainContext
     ) -> tuple[TaggedPositions, dict[str, float]]:
-        """Value, then the next epoch's entries and the figures to log."""
+        """The next epoch's entries (from the values, if the method values) and the figures to
+        log."""
 
     def entries_from_copies(self, n: int, pos: np.ndarray, mod: np.ndarray) -> TaggedPositions:
         """The next epoch's entries from the copies (pos[c], mod[c]) under `enhancement`."""
-        if self.config.enhancement == "drop":
+        if self.config.enhancement in IN_PLACE:
             return drop_entries(n, pos, mod, torch.rand(n, dtype=torch.float64).numpy())
         return copy_entries(n, pos, mod, self.num_modalities)
 
     @property
     def num_modalities(self) -> int:
-        return self.valuation.m
+        return len(self.modalities)
 
     def state_dict(self) -> dict[str, Any]:
         if self.entries is None:

@@ -16,16 +16,17 @@ training. At the end of every epoch from warmup - 1 on:
    d = (1 / (M - 1)) sum_{j != i} (mean phi_j - mean phi_i), Norm(d) = d / ((M + 1) / 2).
    At M = 2 this is the code's |gap_a - gap_v| * 2 / 3.
 3. p = f_m(Norm(d)), with the code's placement of alpha: linear Norm * alpha (default),
-   tanh tanh(Norm * alpha), power Norm^1.5 * alpha. The spec writes f_m(Norm) * alpha for all
-   three; the code multiplies inside the tanh, which only differs for alpha != 1.
+   tanh tanh(Norm * alpha), power Norm^1.5 * alpha. The supplement (Eq. 8) writes
+   f_m(Norm) * alpha for all three; the code multiplies inside the tanh, which only differs
+   for alpha != 1.
 4. The next epoch holds every sample once plus int(p N) copies of samples drawn uniformly with
    replacement, each keeping only modality i (the others' features zeroed before the fusion
    head; ordinary CE of the fused logits). Evaluation uses every modality.
 
-Enhancement (`enhancement`): `resample` is the paper's; `drop` and `mask` [ours] as in
-`mmcooperation_sample` (see `cooperation.CooperationConfig`).
+Enhancement (`enhancement`): `resample` is the paper's; `drop` and `mask` (in place, the
+supplement's Table 7) and `resample_mask` [ours] as in `mmcooperation_sample` (see `cooperation`).
 
-M > 2 [ours, the spec's rule]: the d and Norm above (one weakest modality; ties go to the first
+M > 2 [ours]: the d and Norm above (one weakest modality; ties go to the first
 in data order, which only matters for M > 2 since at M = 2 a tie gives d = 0 and no copies).
 
 Deviations: the code values the whole train split and averages over the draw; here only the

@@ -21,19 +21,20 @@ f_s (`frequency`):
 - `step` (default, the code's): copies = min(max_copies, ceil(2 (1 - phi))); at M = 2, where
   phi is one of -0.5, 0, 0.5, 1, 1.5, this is the code's thresholds (0.4 < phi < 1: 1 copy,
   -0.1 < phi < 0.4: 2, phi < -0.1: 3) on every value phi can take.
-- `linear`, `tanh`, `power` [ours; the supplement only asks for an increasing f_s]: the expected
-  number of copies is max_copies * g(u), u = (1 - phi) / ((M + 1) / 2) in (0, 1] (the gap over
-  its largest value), g(u) = u, tanh(u) or u^1.5 (the functions of the modality-level strategy),
-  rounded stochastically (floor, plus one with the fractional part's probability). At M = 2
-  `linear` gives the same counts as `step`.
+- `linear`, `tanh`, `power` [ours, all of it: supplement Eq. 7 only asks f_s to be increasing
+  and the official code has the step alone]: the expected number of copies is
+  max_copies * g(u), u = (1 - phi) / ((M + 1) / 2) in (0, 1] (the gap over its largest value),
+  g(u) = u, tanh(u) or u^1.5 (borrowed from the modality-level strategy's f_m, supplement
+  Eq. 8), rounded stochastically (floor, plus one with the fractional part's probability). At
+  M = 2 `linear` gives the same counts as `step`.
 
-Enhancement (`enhancement`, see `cooperation.CooperationConfig`): `resample` is the paper's;
-`drop` [ours] keeps the epoch's size and trains each sample as one of its 1 + c entries under
-`resample`, drawn uniformly (the other modalities dropped with the copies' share); `mask` [ours]
-adds the same copies but blanks the other modalities' inputs (zeros, mid-grey frames, padding)
-instead of their features, as the supplement's wording "inputs are zeroed" reads.
+Enhancement (`enhancement`, see `cooperation`): `resample` is the paper's; `drop` and `mask`
+are the supplement's Table 7 alternatives "instead of re-sampling" (modality drop, data mask):
+no extra entries, each sample trains as one of its 1 + c entries, drawn uniformly, with the
+other modalities' features zeroed (`drop`) or inputs blanked (`mask`) [ours: that share];
+`resample_mask` [ours] adds the copies of `resample` with the inputs blanked instead.
 
-M > 2 [ours, the spec's rule]: copies = min(3, ceil(2 (1 - phi))) per modality with phi < 1,
+M > 2 [ours]: copies = min(3, ceil(2 (1 - phi))) per modality with phi < 1,
 each keeping only that modality; exact Shapley values over all 2^M subsets (M <= 10).
 
 Deviations: the valuation reads the train split through `TrainContext.batches` (index order,
@@ -71,7 +72,8 @@ class MMCooperationSampleConfig(CooperationConfig):
     name: Literal["mmcooperation_sample"] = "mmcooperation_sample"
     frequency: Frequency = Field(
         default="step",
-        description="f_s: step (official thresholds), or linear / tanh / power expected counts",
+        description="f_s: step (official thresholds), or [ours] linear / tanh / power: expected "
+        "counts max_copies * g(gap / ((M + 1) / 2)), rounded at random",
     )
     max_copies: int = Field(default=3, ge=1, description="copies for the lowest phi (official 3)")
 

@@ -1,14 +1,15 @@
 """Audio decoding with PyAV and the two spectrograms the reference recipes use.
 
-`kaldi_fbank` is the Kinetics-Sounds/AST feature and `stft_log_magnitude` the OGM-GE CREMA-D and
-VGGSound one (docs/data.md#audio-features); both follow the reference code step for step
-so that published numbers stay comparable.
+`kaldi_fbank` is the Kinetics-Sounds/AST feature; `stft_spectrogram` covers OGM-GE's CREMA-D and
+VGGSound loaders and GeWu-Lab's preprocessing tool (MM-Debiased) (docs/data.md#audio-features);
+each follows the reference code step for step so that published numbers stay comparable.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 import av
 import numpy as np
@@ -111,7 +112,7 @@ def kaldi_fbank(
     return ((fb - mean) / (std * 2)).numpy().astype(np.float32, copy=False)
 
 
-def stft_log_magnitude(
+def stft_spectrogram(
     wave: np.ndarray,
     sample_rate: int,
     *,
@@ -120,17 +121,27 @@ def stft_log_magnitude(
     seconds: float = 3.0,
     offset: float = 0.0,
     tile: bool = True,
+    repeat: Literal["all", "last_second"] = "all",
+    pad_mode: Literal["constant", "reflect"] = "constant",
+    log: bool = True,
 ) -> np.ndarray:
-    """Log-magnitude STFT of the OGM-GE CREMA-D and VGGSound loaders, [n_fft // 2 + 1, frames].
+    """STFT magnitude of a fixed length of audio, [n_fft // 2 + 1, frames], log by default.
 
-    As there (CREMA-D: `librosa.load(sr=22050)`; `np.tile(x, 3)[:66150]`; clip to [-1, 1];
-    `librosa.stft(n_fft=512, hop_length=353)`; `log(|S| + 1e-7)`): the mono wave, already at
-    `sample_rate`, is repeated until it covers `offset + seconds` (zero-padded instead when `tile`
-    is False), and the `seconds * sample_rate` samples from `offset` on are kept. VGGSound's
-    loader doubles the wave until it lasts 10 s and crops 5 s from a random start in [0, 5] s;
-    the repeats are periodic either way, so a fixed `offset` gives that crop without the
-    doubling. The STFT is librosa's default (centred, constant padding, periodic Hann window, no
-    normalisation). 3 s at 22050 Hz gives [257, 188]; 5 s at 16 kHz, n_fft 256, hop 128 [129, 626].
+    OGM-GE's CREMA-D and VGGSound loaders (the defaults; CREMA-D: `librosa.load(sr=22050)`;
+    `np.tile(x, 3)[:66150]`; clip to [-1, 1]; `librosa.stft(n_fft=512, hop_length=353)`;
+    `log(|S| + 1e-7)`): the mono wave, already at `sample_rate`, is repeated until it covers
+    `offset + seconds` (zero-padded instead when `tile` is False), and the `seconds *
+    sample_rate` samples from `offset` on are kept. VGGSound's loader doubles the wave until it
+    lasts 10 s and crops 5 s from a random start in [0, 5] s; the repeats are periodic either
+    way, so a fixed `offset` gives that crop without the doubling. The STFT is centred with a
+    periodic Hann window and no normalisation. 3 s at 22050 Hz gives [257, 188]; 5 s at 16 kHz,
+    n_fft 256, hop 128 [129, 626].
+
+    GeWu-Lab's AV_preprocess_tool (`audio_2_frames.py`: `wav_fixed`, then
+    `np.abs(librosa.stft(wav, 512, hop_length=440, center=True, pad_mode='reflect'))`, stored
+    as is) is `repeat="last_second"` (the wave's last partial second, or its last second when it
+    has no partial one, is appended until the length is reached), `pad_mode="reflect"` and
+    `log=False`; 10 s at 44.1 kHz gives [257, 1003].
     """
     x = np.asarray(wave, dtype=np.float32)
     if x.ndim == 2 and x.shape[0] == 1:
@@ -139,7 +150,13 @@ def stft_log_magnitude(
         raise ValueError(f"expected a non-empty mono wave [T] or [1, T], got {np.shape(wave)}")
     first, n = round(offset * sample_rate), round(seconds * sample_rate)
     total = first + n
-    x = np.tile(x, math.ceil(total / x.size)) if tile else np.pad(x, (0, max(total - x.size, 0)))
+    if not tile:
+        x = np.pad(x, (0, max(total - x.size, 0)))
+    elif repeat == "all":
+        x = np.tile(x, math.ceil(total / x.size))
+    elif x.size < total:
+        piece = x[x.size - (x.size % sample_rate or sample_rate) :]
+        x = np.concatenate([x, np.tile(piece, math.ceil((total - x.size) / piece.size))])
     x = np.clip(x[first:total], -1.0, 1.0)
     spec = torch.stft(
         torch.from_numpy(x),
@@ -147,7 +164,7 @@ def stft_log_magnitude(
         hop_length=hop_length,
         window=torch.hann_window(n_fft, periodic=True),
         center=True,
-        pad_mode="constant",
+        pad_mode=pad_mode,
         return_complex=True,
-    )
-    return torch.log(spec.abs() + 1e-7).numpy()
+    ).abs()
+    return (torch.log(spec + 1e-7) if log else spec).numpy()

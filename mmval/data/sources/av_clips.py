@@ -16,10 +16,17 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from mmval.data.extract import ExtractionError
-from mmval.data.extract.audio import kaldi_fbank, read_audio, stft_log_magnitude
+from mmval.data.extract.audio import kaldi_fbank, read_audio, stft_spectrogram
 from mmval.data.extract.flow import flow_pair_frames, optical_flow
 from mmval.data.extract.psd import log_psd
 from mmval.data.extract.video import encode_jpeg, open_media, read_video_frames
@@ -171,7 +178,26 @@ class StftParams(_Strict):
         default=0.0, ge=0, description="seconds of the tiled wave skipped before `seconds` kept"
     )
     tile: bool = True
+    repeat: Literal["all", "last_second"] = Field(
+        default="all",
+        description="what tiling repeats: the whole wave (OGM-GE) or its last partial second "
+        "(GeWu-Lab AV_preprocess_tool)",
+    )
+    pad_mode: Literal["constant", "reflect"] = Field(
+        default="constant", description="padding of the centred STFT's ends"
+    )
+    log: bool = Field(default=True, description="log(|S| + 1e-7); false: the magnitude |S|")
     within_window: bool = False
+
+    @model_serializer(mode="wrap")
+    def _omit_default_reference(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """At their defaults (OGM-GE's), `repeat`, `pad_mode` and `log` dump as before they
+        existed, so a data set prepared earlier still matches its settings on a re-run."""
+        dump = handler(self)
+        for name in ("repeat", "pad_mode", "log"):
+            if getattr(self, name) == type(self).model_fields[name].default:
+                dump.pop(name, None)
+        return dump
 
 
 class PsdParams(_Strict):
@@ -422,7 +448,7 @@ def _modality_spec(params: ModalityParams) -> ModalitySpec:
         name=params.name,
         dtype="float16",
         shape=[params.n_fft // 2 + 1, frames],
-        description="log STFT magnitude",
+        description="log STFT magnitude" if params.log else "STFT magnitude",
     )
 
 
@@ -510,7 +536,7 @@ def extract_clip(params: AVParams, task: ClipTask) -> SampleRecord:
                     std=spec.std,
                 )
             else:
-                feats = stft_log_magnitude(
+                feats = stft_spectrogram(
                     wave,
                     rate,
                     n_fft=spec.n_fft,
@@ -518,6 +544,9 @@ def extract_clip(params: AVParams, task: ClipTask) -> SampleRecord:
                     seconds=spec.seconds,
                     offset=spec.offset,
                     tile=spec.tile,
+                    repeat=spec.repeat,
+                    pad_mode=spec.pad_mode,
+                    log=spec.log,
                 )
             values[spec.name] = feats.astype(np.float16)
     return SampleRecord(task.sample_id, task.label, task.source, values, times)
