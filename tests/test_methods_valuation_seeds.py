@@ -335,9 +335,11 @@ def test_fixed_rate_plans_rate_n_copies_without_valuing():
 # ---------------------------------------------------------------- CMoB
 
 
-def _cmob_phi_by_hand(model, batch):
+def _cmob_phi_by_hand(model, batch, confidence, score):
     """Poster Eq. 1 for M = 2 from separate forwards: B(T) = |T| if T's prediction is right and
-    no evaluated non-empty proper subset is more confident (for the pair: the singletons)."""
+    T is at least as confident as the subsets the reading compares (`subsets`: both
+    singletons; `treatment`, in ITE_j: the other singleton S minus j); Conf is the largest
+    softmax probability or the label's."""
     h = model.encode(batch.inputs)
     zero = {m: torch.zeros_like(x) for m, x in h.items()}
     prob = {
@@ -345,20 +347,30 @@ def _cmob_phi_by_hand(model, batch):
         "a": model.fuse({"a": h["a"], "b": zero["b"]}).softmax(1),
         "b": model.fuse({"a": zero["a"], "b": h["b"]}).softmax(1),
     }
-    phi = []
+    phi, correct = [], []
     for i, y in enumerate(batch.label.tolist()):
         right = {k: int(p[i].argmax()) == y for k, p in prob.items()}
-        conf = {k: float(p[i, y]) for k, p in prob.items()}
+        conf = {
+            k: float(p[i].max() if score == "max_softmax" else p[i, y]) for k, p in prob.items()
+        }
         b_a, b_b = float(right["a"]), float(right["b"])
-        full = 2.0 if right["ab"] and conf["ab"] >= max(conf["a"], conf["b"]) else 0.0
-        phi.append([full - b_b + b_a, full - b_a + b_b])
-    return torch.tensor(phi)
+        if confidence == "subsets":
+            full_a = full_b = 2.0 * (right["ab"] and conf["ab"] >= max(conf["a"], conf["b"]))
+        else:  # ITE_a compares S with S minus a = {b}
+            full_a = 2.0 * (right["ab"] and conf["ab"] >= conf["b"])
+            full_b = 2.0 * (right["ab"] and conf["ab"] >= conf["a"])
+        phi.append([full_a - b_b + b_a, full_b - b_a + b_b])
+        correct.append(right["ab"])
+    return torch.tensor(phi), torch.tensor(correct)
 
 
-def test_cmob_values_each_sample_and_marks_phi_at_most_one_weak():
+@pytest.mark.parametrize("confidence", ["subsets", "treatment"])
+@pytest.mark.parametrize("score", ["max_softmax", "true_class"])
+def test_cmob_values_each_sample_and_logs_misclassified_apart(confidence, score):
     model = _model("ab")
     batch = _batch("ab", n=24, seed=4)
-    method = CMoB(CMoBConfig(warmup=1), 3)
+    config = CMoBConfig(warmup=1, confidence=confidence, confidence_score=score)
+    method = CMoB(config, 3)
     method.build_modules(model)
     ctx = TrainContext(
         epoch=0,
@@ -369,22 +381,106 @@ def test_cmob_values_each_sample_and_marks_phi_at_most_one_weak():
     )
     figures = method.on_epoch_end(model, ctx)
     with torch.no_grad():
-        phi = _cmob_phi_by_hand(model.eval(), batch)
-    assert method.weak is not None and method.weak.tolist() == (phi <= 1).tolist()
-    assert figures["weak_a"] == float((phi[:, 0] <= 1).sum())
-    assert figures["phi_b"] == pytest.approx(float(phi[:, 1].mean()))
-    assert 0 < figures["masked"] < 24  # the hand-made model gets some right, some wrong
+        phi, correct = _cmob_phi_by_hand(model.eval(), batch, confidence, score)
+    assert method.phi is not None and torch.equal(method.phi, phi.float())
+    assert method.correct is not None and torch.equal(method.correct, correct)
+    assert 0 < int(correct.sum()) < 24  # the hand-made model gets some right, some wrong
+    weak = phi[correct] <= 1
+    assert (phi[~correct] <= 1).all()  # misclassified: every modality weak by construction
+    assert figures["misclassified"] == pytest.approx(float((~correct).double().mean()))
+    assert figures["weak_a"] == pytest.approx(float(weak[:, 0].double().mean()))
+    assert figures["weak"] == pytest.approx(float(weak.double().mean()))
+    assert figures["all_weak"] == pytest.approx(float(weak.all(1).double().mean()))
+    assert figures["masked"] == pytest.approx(float(weak.any(1).double().mean()))
+    assert figures["phi_b"] == pytest.approx(float(phi[correct, 1].mean()))
+    steps = (2 - phi).clamp(max=3)
+    strength = torch.where(phi <= 1, 0.3 * steps / 3, 0.0)
+    assert figures["strength_b"] == pytest.approx(float(strength[correct, 1].mean()))
+    assert figures["misclassified_strength"] == pytest.approx(float(strength[~correct].mean()))
 
 
-def test_cmob_mask_ratios_by_phase():
-    method = CMoB(CMoBConfig(alpha=0.2), 3)
+def test_cmob_default_reading_and_the_valuation_it_builds():
+    config = CMoBConfig()
+    assert (config.confidence, config.confidence_score) == ("treatment", "max_softmax")
+    stored = {"name": "cmob", "warmup": 5, "alpha": 0.2, "other_scale": 0.5, "second_phase": 0.5}
+    old = CMoBConfig.model_validate({**stored, "threshold": 1.0, "confidence": "subsets"})
+    assert old.confidence == "subsets"  # a run recipe stored by an earlier version keeps it
+    method = CMoB(CMoBConfig(confidence="subsets", confidence_score="true_class"), 3)
+    method.build_modules(_model("ab"))
+    valuation = method.valuation.config
+    assert (valuation.cmob_confidence, valuation.cmob_confidence_score) == (
+        "subsets",
+        "true_class",
+    )
+
+
+def test_cmob_mask_strength_grows_with_the_deficit_and_phase_two_masks_the_others():
+    method = CMoB(CMoBConfig(alpha=0.3, deficit_cap=3, other_scale=0.5), 3)
     assert method.mask_ratios(torch.arange(2), 0, 10) is None  # no valuation yet
-    method.weak = torch.tensor([[True, False], [False, False], [True, True]])
-    index = torch.tensor([2, 0, 1])
+    # Phi of a 2-modality sample lies in -1..3; weak iff Phi <= 1
+    method.phi = torch.tensor([[1.0, 3.0], [0.0, 2.0], [-1.0, 1.0], [2.0, 3.0]])
+    method.correct = torch.tensor([True, True, True, True])
+    index = torch.tensor([0, 1, 2, 3])
     first = method.mask_ratios(index, 4, 10)
-    assert torch.allclose(first, torch.tensor([[0.2, 0.2], [0.2, 0.0], [0.0, 0.0]]))
-    second = method.mask_ratios(index, 5, 10)
-    assert torch.allclose(second, torch.tensor([[0.2, 0.2], [0.2, 0.1], [0.1, 0.1]]))
+    want = torch.tensor([[0.1, 0.0], [0.2, 0.0], [0.3, 0.1], [0.0, 0.0]])
+    assert torch.allclose(first, want)
+    second = method.mask_ratios(index, 5, 10)  # the others: half the lightest weak mask
+    want = torch.tensor([[0.1, 0.05], [0.2, 0.05], [0.3, 0.1], [0.05, 0.05]])
+    assert torch.allclose(second, want)
+    method.phi[3, 0] = -4.0  # a six-modality Phi: capped at alpha
+    assert float(method.mask_ratios(index, 4, 10)[3, 0]) == pytest.approx(0.3)
+    fixed = CMoB(CMoBConfig(alpha=0.2, deficit_cap=1), 3)  # cap 1: alpha for every weak one
+    fixed.phi, fixed.correct = method.phi, method.correct
+    assert torch.allclose(fixed.mask_ratios(index, 4, 10)[:, 0], torch.tensor([0.2] * 4))
+
+
+def test_cmob_masks_two_samples_with_different_deficits_differently():
+    """Through the training forward: 20-dimensional vectors, the first sample's modality a one
+    step below the weak threshold (Phi 1), the second's three (Phi -1): 2 and 6 dimensions."""
+
+    class Seen(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.modalities = ["a", "b"]
+            self.encoders = torch.nn.ModuleDict({m: torch.nn.Identity() for m in "ab"})
+
+        def forward(self, inputs):
+            self.inputs = inputs
+            return inputs
+
+    method = CMoB(CMoBConfig(alpha=0.3, deficit_cap=3), 3)
+    method.phi = torch.tensor([[1.0, 3.0], [-1.0, 3.0]])
+    method.correct = torch.tensor([True, True])
+    batch = Batch(
+        inputs={"a": torch.ones(2, 20), "b": torch.ones(2, 20)},
+        label=torch.zeros(2, dtype=torch.long),
+        index=torch.tensor([0, 1]),
+    )
+    model = Seen()
+    method.forward(model, batch, TrainContext(epoch=2, epochs=10, step=0))
+    assert (model.inputs["a"] == 0).sum(1).tolist() == [2, 6]
+    assert (model.inputs["b"] == 0).sum().item() == 0
+
+
+def test_cmob_misclassified_samples_masked_by_the_rule_or_skipped():
+    phi = torch.tensor([[-1.0, 1.0], [-1.0, 1.0]])
+    correct = torch.tensor([True, False])
+    index = torch.tensor([0, 1])
+    for misclassified, want in (("mask", [0.3, 0.3]), ("skip", [0.3, 0.0])):
+        method = CMoB(CMoBConfig(misclassified=misclassified), 3)
+        method.phi, method.correct = phi, correct
+        assert method.mask_ratios(index, 9, 10)[:, 0].tolist() == pytest.approx(want)
+
+
+def test_cmob_refuses_to_resume_the_weak_table_of_earlier_versions():
+    method = CMoB(CMoBConfig(), 3)
+    with pytest.raises(UserError, match="older mmval"):
+        method.load_state_dict({"weak": torch.zeros(4, 2, dtype=torch.bool)})
+    method.load_state_dict({})
+    assert method.phi is None and method.state_dict() == {}
+    saved = {"phi": torch.tensor([[1.0, 2.0]]), "correct": torch.tensor([True])}
+    method.load_state_dict(saved)
+    assert method.state_dict() == saved
 
 
 def test_time_mask_zeroes_one_block_of_time_steps():

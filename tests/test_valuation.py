@@ -206,7 +206,8 @@ def test_cmob_by_hand():
             c: [0.30, 0.30, 0.30],
         }
     )
-    out = build_method(ValuationConfig(method="cmob"), ["x0", "x1", "x2"]).value(g)
+    config = ValuationConfig(method="cmob", confidence="subsets")
+    out = build_method(config, ["x0", "x1", "x2"]).value(g)
     assert out.v_full.tolist() == [0, 3, 3]
     assert out.contribution.tolist() == [[-1, 1, -2], [2, 4, 1], [4, 4, 1]]
     assert out.pred.tolist() == [0, 0, 0]
@@ -232,18 +233,45 @@ def test_cmob_treatment_reading_by_hand():
     # phi_j = 3 [conf(S) >= conf(S - j)] - B(S - j) + B({j}); B(S - j) = 2, 0, 2; B({j}) = 1, 1, 0
     assert out.contribution.tolist() == [[2, 4, -2], [2, 4, 1], [2, 4, 1]]
     assert out.v_full.tolist() == [3, 3, 3]
+    assert ValuationConfig(method="cmob").cmob_confidence == "treatment"  # the default
     with pytest.raises(ValueError, match="cmob only"):
         ValuationConfig(confidence="treatment")
+    with pytest.raises(ValueError, match="cmob only"):
+        ValuationConfig(method="shapley-mc", confidence_score="true_class")
+    # stored recipes of earlier versions hold the old default `confidence: subsets` everywhere
+    assert ValuationConfig.model_validate({"method": "shapley", "confidence": "subsets"}) == (
+        ValuationConfig()
+    )
 
 
-def test_cmob_is_twice_shapley_for_two_modalities_when_the_full_set_is_most_confident():
+@pytest.mark.parametrize(
+    ("confidence", "score", "want"),
+    [
+        ("subsets", "true_class", [1, 3]),
+        ("subsets", "max_softmax", [-1, 1]),  # {a} is wrong but surer than the full set
+        ("treatment", "true_class", [1, 3]),
+        ("treatment", "max_softmax", [1, 1]),  # only ITE_b compares the full set with {a}
+    ],
+)
+def test_cmob_confidence_score(confidence, score, want):
+    """Full set right with 0.8; {a} wrong, the label at 0.1 (so 0.9 on the other class); {b}
+    right with 0.6. Only max_softmax sees {a}'s confidence above the full set's."""
+    a, b = 1, 2
+    g = table_game({a | b: [0.8], a: [0.1], b: [0.6]})
+    config = ValuationConfig(method="cmob", confidence=confidence, confidence_score=score)
+    assert build_method(config, ["x0", "x1"]).value(g).contribution.tolist() == [want]
+
+
+@pytest.mark.parametrize("confidence", ["subsets", "treatment"])
+def test_cmob_is_twice_shapley_for_two_modalities_when_the_full_set_is_most_confident(confidence):
     gen = torch.Generator().manual_seed(0)
     p = torch.rand(4, 50, generator=gen, dtype=torch.float64) * 0.9
     p[3] = 0.95  # the full set: most confident
     table = torch.stack([p.log(), (1 - p).log()], -1)
     labels = torch.zeros(50, dtype=torch.long)
     g = Game(TableEvaluator(table), {}, labels, torch.arange(50), "correct")
-    cmob = build_method(ValuationConfig(method="cmob"), ["x0", "x1"]).value(g).contribution
+    config = ValuationConfig(method="cmob", confidence=confidence, confidence_score="true_class")
+    cmob = build_method(config, ["x0", "x1"]).value(g).contribution
     exact = build_method(ValuationConfig(), ["x0", "x1"]).value(g).contribution
     assert torch.equal(cmob, 2 * exact)
     benefit = g.play(torch.tensor([[False, False], [True, False], [False, True], [True, True]]))

@@ -98,6 +98,10 @@ def test_options_wide_and_summary(setup, tmp_path):
         b"mean",
         b"prob",
     )
+    assert (meta[b"mmval.confidence"], meta[b"mmval.confidence_score"]) == (
+        b"treatment",
+        b"max_softmax",
+    )
     result = invoke(setup["ckpt"], "--summary", "--method", "shapley-mc", "--permutations", "4")
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())

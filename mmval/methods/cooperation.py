@@ -27,7 +27,7 @@ the same modality. The tag decodes to j alone; k only makes the entries differ, 
 dataset's random frame picks (seeded by the entry) differ between copies, as the official loader
 draws them afresh for each copy.
 
-DDP: `value_train_split` values each rank's share of the samples and gathers the shares in rank
+DDP: `value_split` values each rank's share of the samples and gathers the shares in rank
 order (the split's order), so every rank holds the whole table; the random draws that turn it
 into entries then come from the global generator, in lockstep on every rank, so every rank
 builds the same entries, which the sampler splits over the ranks like any epoch.
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -58,29 +59,57 @@ BLANK_INPUTS: tuple[Enhancement, ...] = ("mask", "resample_mask")  # inputs, not
 UINT8_FILL = 128  # mid-grey (about the ImageNet mean); zero motion for flow stored as 0..255
 
 
+@dataclass
+class SplitValues:
+    """Contributions of a split's samples, in the split's order under DDP too."""
+
+    positions: np.ndarray  # [N] positions in the split
+    contributions: np.ndarray  # [N, M] float64
+    correct: np.ndarray  # [N] bool: the prediction from every modality is right
+
+
 @torch.no_grad()
-def value_train_split(
+def value_split(
     model: MultimodalModel,
     ctx: TrainContext,
     valuation: ValuationMethod,
     positions: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, contributions [N, M]) of the train split (or of `positions`) in eval mode,
-    removing modalities by zeroing their features (the official code's `exec_drop`); the
-    benefit is the paper's, |S| if the prediction from S is right. The model's mode is kept.
-    Under DDP each rank values its share and every rank gets the whole table."""
+) -> SplitValues:
+    """The train split (or `positions` of it) valued in eval mode, removing modalities by
+    zeroing their features (the official code's `exec_drop`); the benefit is the paper's, |S|
+    if the prediction from S is right. The model's mode is kept. Under DDP each rank values its
+    share and every rank gets the whole table."""
     training = model.training
     model.eval()
     device = next(model.parameters()).device
     evaluator = build_evaluator(model, model.modalities, "feature", None, device=device)
     index = [torch.zeros(0, dtype=torch.int64)]
     values = [torch.zeros(0, len(model.modalities), dtype=torch.float64)]
+    correct = [torch.zeros(0, dtype=torch.uint8)]  # uint8: every backend gathers it
     for batch in ctx.rank_batches("train", positions):
         game = Game(evaluator, batch.inputs, batch.label, batch.index, "correct")
-        values.append(valuation.value(game).contribution.cpu())
+        valued = valuation.value(game)
+        values.append(valued.contribution.cpu())
+        right = valued.pred == batch.label.to(valued.pred.device)
+        correct.append(right.to(torch.uint8).cpu())
         index.append(batch.index.cpu())
     model.train(training)
-    return gather_rows(torch.cat(index)).numpy(), gather_rows(torch.cat(values)).numpy()
+    return SplitValues(
+        gather_rows(torch.cat(index)).numpy(),
+        gather_rows(torch.cat(values)).numpy(),
+        gather_rows(torch.cat(correct)).numpy().astype(bool),
+    )
+
+
+def value_train_split(
+    model: MultimodalModel,
+    ctx: TrainContext,
+    valuation: ValuationMethod,
+    positions: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, contributions [N, M]) of `value_split`."""
+    valued = value_split(model, ctx, valuation, positions)
+    return valued.positions, valued.contributions
 
 
 def kept_modalities(tag: torch.Tensor, m: int) -> torch.Tensor:

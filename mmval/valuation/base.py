@@ -25,6 +25,7 @@ class Outcome:
     benefit: torch.Tensor  # [K, B] float64: v(S) under the chosen benefit
     confidence: torch.Tensor  # [K, B] float64: softmax probability of the true class
     pred: torch.Tensor  # [K, B] int64
+    top: torch.Tensor  # [K, B] float64: the largest softmax probability (the model's confidence)
 
 
 @dataclass
@@ -66,14 +67,15 @@ class Game:
             logits = self.evaluator.logits(self.prepared, keep[start : start + self.chunk])
             prob = torch.softmax(logits.double(), -1)
             labels = self.labels[None, :, None].expand(logits.shape[0], -1, 1)
-            parts.append((prob.gather(-1, labels)[..., 0], logits.argmax(-1)))
-        confidence = torch.cat([c for c, _ in parts])
-        pred = torch.cat([p for _, p in parts])
+            parts.append((prob.gather(-1, labels)[..., 0], logits.argmax(-1), prob.amax(-1)))
+        confidence = torch.cat([c for c, _, _ in parts])
+        pred = torch.cat([p for _, p, _ in parts])
+        top = torch.cat([t for _, _, t in parts])
         if self.benefit == "prob":
             benefit = confidence
         else:
             benefit = (pred == self.labels[None]).double() * keep.sum(-1).double()
-        return Outcome(benefit, confidence, pred)
+        return Outcome(benefit, confidence, pred, top)
 
 
 class ValuationMethod(ABC):

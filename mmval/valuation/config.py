@@ -13,7 +13,12 @@ MethodName = Literal["shapley", "shapley-mc", "cmob"]
 MaskName = Literal["feature", "input", "mean"]
 BenefitName = Literal["correct", "prob"]
 ConfidenceName = Literal["subsets", "treatment"]
+ConfidenceScore = Literal["max_softmax", "true_class"]
 DEFAULT_PERMUTATIONS = 100
+# cmob: a reading that does not degenerate at M > 2 (mmval/valuation/cmob.py), and the poster's
+# Conf(F(x)), the classifier's confidence
+DEFAULT_CONFIDENCE: ConfidenceName = "treatment"
+DEFAULT_CONFIDENCE_SCORE: ConfidenceScore = "max_softmax"
 
 
 class ValuationConfig(BaseModel):
@@ -33,11 +38,18 @@ class ValuationConfig(BaseModel):
         description="correct: |S| if the prediction from S is right, else 0; prob: probability "
         "of the true class",
     )
-    confidence: ConfidenceName = Field(
-        default="subsets",
-        description="cmob only: subsets: B(T) needs T at least as confident as every evaluated "
-        "proper subset of T; treatment: in ITE_j, B(S) needs S at least as confident as S "
-        "minus j only, and the smaller sets are unconditioned (both [ours])",
+    confidence: ConfidenceName | None = Field(
+        default=None,
+        description=f"cmob only (default {DEFAULT_CONFIDENCE}): which subsets the confidence "
+        "condition of B compares; subsets: B(T) needs T at least as confident as every "
+        "evaluated proper subset of T; treatment: in ITE_j, B(S) needs S at least as confident "
+        "as S minus j only, and the smaller sets are unconditioned (both [ours])",
+    )
+    confidence_score: ConfidenceScore | None = Field(
+        default=None,
+        description=f"cmob only (default {DEFAULT_CONFIDENCE_SCORE}): what Conf(F(x)) is; "
+        "max_softmax: the largest softmax probability (the classifier's confidence); "
+        "true_class: the probability of the label",
     )
     permutations: int | None = Field(
         default=None, ge=2, description=f"shapley-mc only (default {DEFAULT_PERMUTATIONS})"
@@ -50,9 +62,24 @@ class ValuationConfig(BaseModel):
             for name in ("permutations", "seed"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name} applies to method shapley-mc only")
-        if self.method != "cmob" and self.confidence != "subsets":
-            raise ValueError("confidence applies to method cmob only")
+        if self.method != "cmob":
+            for name in ("confidence", "confidence_score"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} applies to method cmob only")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_confidence(cls, data: Any) -> Any:
+        """Recipes stored before `confidence` became optional hold `confidence: subsets` (the
+        old default) whatever the method: read it as unset for methods other than cmob."""
+        if (
+            isinstance(data, dict)
+            and data.get("method", "shapley") != "cmob"
+            and data.get("confidence") == "subsets"
+        ):
+            return {k: v for k, v in data.items() if k != "confidence"}
+        return data
 
     @property
     def n_permutations(self) -> int:
@@ -61,6 +88,15 @@ class ValuationConfig(BaseModel):
     @property
     def rng_seed(self) -> int:
         return self.seed if self.seed is not None else 0
+
+    @property
+    def cmob_confidence(self) -> ConfidenceName:
+        return self.confidence if self.confidence is not None else DEFAULT_CONFIDENCE
+
+    @property
+    def cmob_confidence_score(self) -> ConfidenceScore:
+        score = self.confidence_score
+        return score if score is not None else DEFAULT_CONFIDENCE_SCORE
 
 
 class TrainValuationConfig(ValuationConfig):

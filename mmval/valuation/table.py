@@ -107,6 +107,9 @@ def valuation_metadata(
     if config.method == "shapley-mc":
         meta["mmval.permutations"] = str(config.n_permutations)
         meta["mmval.seed"] = str(config.rng_seed)
+    if config.method == "cmob":
+        meta["mmval.confidence"] = config.cmob_confidence
+        meta["mmval.confidence_score"] = config.cmob_confidence_score
     return meta
 
 
