@@ -394,3 +394,10 @@ def test_imml_picks_the_predominant_modality_by_unimodal_val_accuracy_after_warm
     fixed, fixed_plugin = _imml("c")
     assert fixed_plugin.on_epoch_end(fixed, ctx) == {"predominant": 2.0}  # set by the recipe
     assert model.representation(val.inputs).shape == (4, 512 * 3)
+
+
+def test_report_rows_name_the_plug_in_setting_that_differs():
+    from mmval.report.runs import _flatten
+
+    flat = _flatten({"plugins": [{"name": "imml", "adjustment": "front_door"}], "seeds": [0]})
+    assert flat["plugins.0.adjustment"] == "front_door" and flat["plugins.0.name"] == "imml"

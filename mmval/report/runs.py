@@ -229,7 +229,8 @@ def _label_variants(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _flatten(recipe: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Dotted keys to JSON-encoded leaves, without the fields that are not settings."""
+    """Dotted keys to JSON-encoded leaves (into lists of mappings by index), without the fields
+    that are not settings."""
     flat: dict[str, str] = {}
     for key, value in recipe.items():
         dotted = f"{prefix}{key}"
@@ -237,6 +238,9 @@ def _flatten(recipe: dict[str, Any], prefix: str = "") -> dict[str, str]:
             continue
         if isinstance(value, dict):
             flat |= _flatten(value, f"{dotted}.")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            # a list of configs (plugins): `plugins.0.adjustment`, as --set names it
+            flat |= _flatten({str(i): v for i, v in enumerate(value)}, f"{dotted}.")
         else:
             flat[dotted] = value if isinstance(value, str) else json.dumps(value)
     return flat
