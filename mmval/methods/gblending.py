@@ -1,7 +1,7 @@
 """G-Blending: a loss weight per modality, from how each sub-model generalises versus overfits.
 
 Paper: Wang, Tran, Feiszli, "What Makes Training Multi-Modal Classification Networks Hard?",
-CVPR 2020. There is no official code; this is the spec's variant
+CVPR 2020. There is no official code; this is mmval's variant
 (docs/methods.md#gblending): separate unimodal heads, a held-out set V
 carved from the train split, and the paper's delta form of the weights. The data split, the
 sub-model training and the schedule follow MultiBench (pliang279/MultiBench,

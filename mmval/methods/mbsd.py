@@ -23,7 +23,7 @@ Deviations from BalanceBenchmark, each a bug there:
 - its weight w is filled by index assignment from tensors that carry gradients, so w is
   differentiated too; here w is a detached per-sample weight, as a weight is meant;
 - its three-modality branch takes the squared distance between probabilities instead of logits;
-  the logits of the two-modality branch (and the spec's ||z_1 - z_2||^2) are used for every M.
+  the logits of the two-modality branch (and its ||z_1 - z_2||^2) are used for every M.
 
 Needs per-modality logits, so the fusion must be decomposable.
 

@@ -20,7 +20,7 @@ Deviations: the official `GSPlugin` tests the parameter name "module.weight" on 
 nn.Linear, whose weight is named "weight", so as released it never projects; BalanceBenchmark
 fixed the name and this follows the fixed version. Both codes divide by `torch.mm(k, r)`, a
 d x d matrix (element-wise division), where OWM's recursive projector, which they copy, has the
-scalar r k; the scalar is used here, as the spec reads, so that P stays a projector.
+scalar r k; the scalar is used here, as OWM defines it, so that P stays a projector.
 BalanceBenchmark then adds the projected gradient to the raw one (grad + grad P^T); the official
 grad P^T is kept. The encoders run one modality at a time (BalanceBenchmark) rather than all
 before the first step (official); the results are the same, since the steps before modality m's

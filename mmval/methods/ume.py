@@ -3,7 +3,7 @@
 Paper: Du, Teng, Wang, Ma, Shen, Li, Zhao, Mo, Cui, Yao, "On Uni-Modal Feature Learning in
 Supervised Multi-Modal Learning", ICML 2023 (Uni-Modal Ensemble). No official code was found and
 BalanceBenchmark has no UME (docs/methods.md#ume); this
-follows the paper's description as the spec gives it.
+follows the paper's description.
 
 What it changes: the loss. On a `late` fusion model (one encoder and one linear head per modality,
 prediction z = (1/M) sum_m z_m), the loss is sum_m CE(z_m, y). No parameter is shared between
