@@ -23,13 +23,12 @@ to bench/results/cmob_weak.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
 import torch
+from _results import machine, publish
 
 from mmval.data.prep import prepare
 from mmval.recipe import load_recipe
@@ -103,12 +102,9 @@ def main() -> None:
         "bench": "cmob_weak",
         "seed": args.seed,
         "results": results,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": machine(),
     }
-    out = Path(__file__).parent / "results" / "cmob_weak.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    publish("cmob_weak", result)
 
 
 if __name__ == "__main__":

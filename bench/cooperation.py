@@ -14,15 +14,13 @@ and writes it to bench/results/cooperation.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
-import torch
+from _results import machine, publish
 
 from mmval.data.prep import prepare
 from mmval.data.synthetic_av import SyntheticAVParams, write_synthetic_raw
@@ -99,12 +97,9 @@ def main() -> None:
         "modality_over_sample_valuation": round(part / full, 3),
         "sample_valuation_over_concat_epoch": round(full / epoch, 3),
         "modality_valuation_over_concat_epoch": round(part / epoch, 3),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": machine(),
     }
-    out = Path(__file__).parent / "results" / "cooperation.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    publish("cooperation", result)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,7 @@ writes it to bench/results/loader.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from _results import machine, publish
 
 from mmval.data.dataset import ParquetSamples
 from mmval.data.prep import prepare
@@ -181,8 +180,7 @@ def main() -> None:
             "trainer": round(train_rate["workers2"] / train_rate["workers0"], 2),
         },
         "target": "data wait under 5 % of step time on a GPU",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        "machine": f"{machine()}, "
         + (torch.cuda.get_device_name() if device.type == "cuda" else "CPU only (no GPU)")
         + f", load average {load:.1f} at start",
     }
@@ -190,9 +188,7 @@ def main() -> None:
         result["note"] = (
             "metrics.parquet has no data_seconds column: the data-wait share is the plain loop's"
         )
-    out = Path(__file__).parent / "results" / "loader.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    publish("loader", result)
 
 
 def rounded(values: dict[str, float], digits: int = 1) -> dict[str, float]:

@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
 import pandas as pd
-import torch
+from _results import RESULTS, machine, publish
 
 from mmval.recipe import load_recipe
 from mmval.runner import Trainer
@@ -77,28 +76,25 @@ def main() -> None:
         finally:
             os.chdir(here)
     base = seconds["concat"]
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
+    measured_on = machine()
     ratios = {
         f"{name}_over_concat": round(s / base, 2) for name, s in seconds.items() if name != "concat"
     }
-    out = Path(__file__).parent / "results" / "methods.json"
+    out = RESULTS / "methods.json"
     if chosen is not None and out.is_file():  # a partial run: keep the other methods' figures
         kept = json.loads(out.read_text())
         ratios = {k: v for k, v in kept.items() if k.endswith("_over_concat")} | ratios
-        machine = f"{kept.get('machine')}; {', '.join(sorted(chosen - {'concat'}))}: {machine}"
+        chosen_names = ", ".join(sorted(chosen - {"concat"}))
+        measured_on = f"{kept.get('machine')}; {chosen_names}: {measured_on}"
     result = {
         "bench": "methods",
         "data": "uci-mfeat (6 modalities, MLP encoders), recipes/<method>-uci-mfeat.yaml",
         "epochs": args.epochs,
         "concat_epoch_s": round(base, 4),
         **dict(sorted(ratios.items())),
-        "machine": machine,
+        "machine": measured_on,
     }
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    publish("methods", result)
 
 
 if __name__ == "__main__":

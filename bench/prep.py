@@ -16,10 +16,8 @@ Prints one JSON object on its last line and writes it to bench/results/prep.json
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchaudio
+from _results import machine, publish
 
 from mmval.data.prep import prepare
 from mmval.data.synthetic_av import SyntheticAVParams, write_synthetic_raw
@@ -141,14 +140,12 @@ def main() -> None:
         "mmval_clips_per_s": round(n / mmval_s, 2),
         "reference_clips_per_s": round(n / reference_s, 2),
         "speedup_vs_reference": round(reference_s / mmval_s, 2),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "machine": machine(with_torch=False),
         "ffmpeg": subprocess.run(
             ["ffmpeg", "-version"], capture_output=True, text=True
         ).stdout.splitlines()[0],
     }
-    out = Path(__file__).parent / "results" / "prep.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    publish("prep", result)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,13 @@ object on its last line and writes it to bench/results/valuation.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _results import machine, publish
 
 from mmval.data.dataset import ParquetSamples
 from mmval.data.prep import prepare
@@ -121,14 +119,8 @@ def main() -> None:
         for m in (2, 4, 6):
             result.update(bench_m(m, Path(tmp), args.repeats, args.batch_size, device))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    result["machine"] = (
-        f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device} "
-        f"(GPU: {gpu})"
-    )
-    out = Path(__file__).parent / "results" / "valuation.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    result["machine"] = f"{machine()}, device {device} (GPU: {gpu})"
+    publish("valuation", result)
 
 
 if __name__ == "__main__":

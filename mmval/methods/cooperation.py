@@ -101,17 +101,6 @@ def value_split(
     )
 
 
-def value_train_split(
-    model: MultimodalModel,
-    ctx: TrainContext,
-    valuation: ValuationMethod,
-    positions: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, contributions [N, M]) of `value_split`."""
-    valued = value_split(model, ctx, valuation, positions)
-    return valued.positions, valued.contributions
-
-
 def kept_modalities(tag: torch.Tensor, m: int) -> torch.Tensor:
     """[B, M] booleans: every modality for tag 0, only modality (tag - 1) % M otherwise."""
     alone = torch.nn.functional.one_hot((tag - 1).remainder(m), m).bool()

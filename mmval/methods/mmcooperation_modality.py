@@ -39,7 +39,7 @@ epoch: `valuation_seconds`, `valued` (distinct samples valued), `phi_<m>` (mean 
 
 DDP: the draws come from the global generator, in lockstep on every rank, so every rank draws
 the same samples; each values its share of the distinct ones and the values are gathered
-(`cooperation.value_train_split`), so p, the weakest modality and the copies are the same on
+(`cooperation.value_split`), so p, the weakest modality and the copies are the same on
 every rank. The loss is a batch mean, so the averaged gradients are the global batch's.
 """
 
@@ -53,7 +53,7 @@ from pydantic import Field
 
 from mmval.data.dataset import TaggedPositions
 from mmval.methods.base import MethodConfig, TrainContext
-from mmval.methods.cooperation import Cooperation, CooperationConfig, value_train_split
+from mmval.methods.cooperation import Cooperation, CooperationConfig, value_split
 from mmval.models import MultimodalModel
 
 Shape = Literal["linear", "tanh", "power"]
@@ -95,7 +95,7 @@ class MMCooperationModality(Cooperation):
         cfg, n = self.config, ctx.train_size
         draws = torch.randint(n, (max(1, int(n * cfg.part_ratio)),)).numpy()
         unique, counts = np.unique(draws, return_counts=True)
-        _, phi = value_train_split(model, ctx, self.valuation, unique)
+        phi = value_split(model, ctx, self.valuation, unique).contributions
         mean = (phi * counts[:, None]).sum(0) / len(draws)
         p, weakest = resample_probability(mean, cfg.function, cfg.alpha)
         extra = int(p * n)

@@ -9,7 +9,7 @@ spec: docs/methods.md#mmcooperation_sample.
 
 What it changes: the epoch's samples and the training forward. Epochs 0 .. warmup - 1 are plain
 training. At the end of every epoch from warmup - 1 on, every training sample is valued (eval
-mode, no gradients, `cooperation.value_train_split`): phi_m is the exact Shapley value of
+mode, no gradients, `cooperation.value_split`): phi_m is the exact Shapley value of
 modality m (`mmval.valuation.shapley.ExactShapley`) for v(S) = |S| if the prediction from the
 modalities in S alone is right, the others' encoder features zeroed. The next epoch holds every
 sample once plus s copies of sample i for each modality m with phi_m < 1, s = f_s(1 - phi_m); a
@@ -44,7 +44,7 @@ seeds them, see `cooperation`). Figures per epoch: `valuation_seconds`, `copies`
 `copies_<m>` (copies planned for the next epoch), `entries` (its size), `phi_<m>` (mean value).
 
 DDP: each rank values its share of the split and the phi table is gathered
-(`cooperation.value_train_split`), so every rank holds all of it; the rounding draws come from
+(`cooperation.value_split`), so every rank holds all of it; the rounding draws come from
 the global generator, in lockstep on every rank, so every rank builds the same entries (which
 the sampler splits over the ranks) and logs the same figures. The loss is a batch mean, so the
 averaged gradients are the global batch's.
@@ -60,7 +60,7 @@ from pydantic import Field
 
 from mmval.data.dataset import TaggedPositions
 from mmval.methods.base import MethodConfig, TrainContext
-from mmval.methods.cooperation import Cooperation, CooperationConfig, value_train_split
+from mmval.methods.cooperation import Cooperation, CooperationConfig, value_split
 from mmval.models import MultimodalModel
 
 Frequency = Literal["step", "linear", "tanh", "power"]
@@ -103,7 +103,8 @@ class MMCooperationSample(Cooperation):
         self, model: MultimodalModel, ctx: TrainContext
     ) -> tuple[TaggedPositions, dict[str, float]]:
         cfg, m = self.config, self.num_modalities
-        positions, phi = value_train_split(model, ctx, self.valuation)
+        valued = value_split(model, ctx, self.valuation)
+        positions, phi = valued.positions, valued.contributions
         uniform = None
         if cfg.frequency != "step":
             uniform = torch.rand(phi.shape, dtype=torch.float64).numpy()

@@ -14,6 +14,7 @@ from mmval.data.dataset import Batch, TaggedPositions
 from mmval.methods.base import Method, TrainContext
 from mmval.models import ModelOutput, MultimodalModel
 from mmval.plugins import PLUGINS, Plugin, PluginConfig
+from mmval.registry import tag_of
 
 
 class Plugged(Method):
@@ -93,7 +94,7 @@ def plugin_problems(
         found.append(
             (
                 "plugins",
-                f"{method.Config.model_fields['name'].default} runs its own training step, "
+                f"{tag_of(method.Config)} runs its own training step, "
                 "which adds no plug-in's loss; use a method with plain training steps",
             )
         )

@@ -54,20 +54,15 @@ class ModelConfig(BaseModel):
         chosen fusion move into it, the others are dropped at their defaults and otherwise kept
         aside for `flat_problems`."""
         owners = _flat_owners()
-        if isinstance(data, dict) and RETIRED_FLAT.keys() & data.keys():
-            retired = {k: data[k] for k in RETIRED_FLAT if k in data}
-            data = {k: v for k, v in data.items() if k not in RETIRED_FLAT}
-            model = cls._nest_flat_fields(data, handler)
-            model._stray_flat |= {k: v for k, v in retired.items() if v != RETIRED_FLAT[k]}
-            return model
-        if not isinstance(data, dict) or not owners.keys() & data.keys():
+        known = owners.keys() | RETIRED_FLAT.keys()
+        if not isinstance(data, dict) or not known & data.keys():
             return handler(data)
-        flat = {key: value for key, value in data.items() if key in owners}
-        rest = {key: value for key, value in data.items() if key not in owners}
+        flat = {key: value for key, value in data.items() if key in known}
+        rest = {key: value for key, value in data.items() if key not in known}
         fusion = rest.get("fusion")
         name = fusion.get("name") if isinstance(fusion, dict) else fusion
         config = FUSIONS.get(name) if isinstance(name, str) else None
-        own = {key: value for key, value in flat.items() if owners[key][0] is config}
+        own = {k: v for k, v in flat.items() if k in owners and owners[k][0] is config}
         if config is not None and own:
             checked = _flat_model(config).model_validate(own)  # errors name model.fusion_<x>
             nested = dict(fusion) if isinstance(fusion, dict) else {"name": name}
@@ -78,7 +73,7 @@ class ModelConfig(BaseModel):
         model._stray_flat = {
             key: value
             for key, value in flat.items()
-            if key not in own and value != _default(*owners[key])
+            if key not in own and value != _old_default(key, owners)
         }
         return model
 
@@ -125,6 +120,11 @@ def _flat_owners() -> dict[str, tuple[type[FusionConfig], str]]:
 
 def _default(config: type[FusionConfig], field: str) -> Any:
     return config.model_fields[field].get_default(call_default_factory=True)
+
+
+def _old_default(key: str, owners: dict[str, tuple[type[FusionConfig], str]]) -> Any:
+    """The value every old dump holds for a flat field (a retired one's, or its fusion's)."""
+    return RETIRED_FLAT[key] if key in RETIRED_FLAT else _default(*owners[key])
 
 
 @cache
