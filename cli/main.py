@@ -499,6 +499,14 @@ def report(
         typer.Option(help="acc, f1 (macro) or any logged metric (acc_<modality>, ...); repeat"),
     ] = None,
     split: Annotated[str, typer.Option(help="test or val")] = "test",
+    select: Annotated[
+        str,
+        typer.Option(
+            help="val: each run at its best-validation epoch (honest); test-max: at its best "
+            "test epoch, as the papers' official code (rows labelled; the only way to report "
+            "runs of `train.protocol: published`)"
+        ),
+    ] = "val",
     baseline: Annotated[
         str | None, typer.Option(help="method (or row) to difference and test against")
     ] = None,
@@ -512,6 +520,7 @@ def report(
     method and recipe, a column group per data set; significance against --baseline.
 
     Example: mmval report runs --baseline concat --out report.html
+    The papers' protocol (best test epoch, labelled): mmval report runs --select test-max
     """
     from mmval.report import (
         FORMATS,
@@ -530,7 +539,7 @@ def report(
     if fmt == "table" and out is not None:
         raise UserError("--out needs a file format: --format md, csv, latex or html.")
     comparison = compare(
-        find_runs(runs),
+        find_runs(runs, select),
         metric,
         split=split,
         baseline=baseline,
@@ -551,7 +560,7 @@ def report(
     if figures is not None:
         paths = write_figures(drawn, figures)
         err_console.print(f"wrote {len(paths)} figure(s) to {figures}")
-    for kind in ("unfinished", "duplicate"):
+    for kind in ("unfinished", "duplicate", "published protocol"):
         left = [x for x in comparison.left_out if x.reason.startswith(kind)]
         if left:
             listing = "\n".join(f"  {x.run}: {x.reason}" for x in left)

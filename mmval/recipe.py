@@ -123,6 +123,13 @@ class TrainConfig(_Strict):
     tensorboard: Annotated[bool, Effect.NONE] = Field(
         default=False, description="also write per-epoch scalars as TensorBoard events in tb/"
     )
+    protocol: Annotated[Literal["validation", "published"], ADDED_LATER] = Field(
+        default="validation",
+        description="validation: train on the train split and keep best.pt at the best "
+        "validation accuracy (an honest test number); published: as the papers' official code, "
+        "train on the train and val splits together and keep best.pt at the best test accuracy "
+        "(not an honest number: `mmval report --select test-max` labels it)",
+    )
     nonfinite: Annotated[Literal["stop", "skip"], Effect.RESUMABLE] = Field(
         default="stop",
         description="a NaN or infinite loss or gradient: stop the run (last.pt keeps the last "

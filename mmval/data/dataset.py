@@ -149,12 +149,13 @@ def decode_entries(codes: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarr
 
 
 class ParquetSamples(Dataset):
-    """Samples of one split; item i is the i-th row of that split in `index.parquet` order."""
+    """Samples of one split, or of several read as one (the published protocol trains on train
+    and val); item i is the i-th of their rows in `index.parquet` order."""
 
     def __init__(
         self,
         root: Path,
-        split: str,
+        split: str | Sequence[str],
         modalities: Sequence[str],
         *,
         manifest: DataManifest | None = None,
@@ -165,12 +166,18 @@ class ParquetSamples(Dataset):
     ) -> None:
         self.root = Path(root)
         self.manifest = manifest or check_data_dir(self.root)
-        if split not in self.manifest.splits:
-            known = ", ".join(self.manifest.splits)
-            raise UserError(f"data set {self.manifest.dataset!r} has no split {split!r} ({known}).")
-        self.split = split
+        self.splits = (split,) if isinstance(split, str) else tuple(split)
+        for name in self.splits:
+            if name not in self.manifest.splits:
+                known = ", ".join(self.manifest.splits)
+                raise UserError(
+                    f"data set {self.manifest.dataset!r} has no split {name!r} ({known})."
+                )
+        self.split = "+".join(self.splits)  # for messages
         self.specs = [self.manifest.modality(m) for m in modalities]
-        index = pq.read_table(self.root / INDEX, filters=[("split", "=", split)]).to_pandas()
+        index = pq.read_table(
+            self.root / INDEX, filters=[("split", "in", list(self.splits))]
+        ).to_pandas()
         self.shard_paths: list[str] = sorted(index["shard"].unique())
         shard_no = {path: i for i, path in enumerate(self.shard_paths)}
         self.sample_ids: list[str] = index["sample_id"].tolist()

@@ -69,7 +69,8 @@ def _checkpoint(fit: Fit, **extra: Any) -> Checkpoint:
 
 
 class BestCheckpoint(Callback):
-    """best.pt: the weights of the epoch with the best validation accuracy so far."""
+    """best.pt: the weights of the epoch with the best validation accuracy so far (test accuracy
+    under the published protocol)."""
 
     def on_evaluated(
         self, fit: Fit, row: dict[str, float], predictions: Predictions, best: bool
@@ -235,6 +236,7 @@ def run_summary(fit: Fit, label: str) -> dict[str, Any]:
         "seed": fit.seed,
         "epochs": recipe.train.epochs,
         "best_epoch": state.best_epoch,
+        "protocol": recipe.train.protocol,
         **{k: best[k] for k in ("val_acc", "val_f1", "test_acc", "test_f1")},
         "final_test_acc": final["test_acc"],
         "final_test_f1": final["test_f1"],

@@ -158,7 +158,7 @@ class FitState:
 
     epoch: int = 0  # epochs done
     step: int = 0  # optimizer steps taken
-    best_val: float = -math.inf
+    best_val: float = -math.inf  # the selection score: val acc (test acc, published protocol)
     best_epoch: int = 0
     rows: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics
 
@@ -228,6 +228,9 @@ def fit(run: Fit, callbacks: Sequence[Callback]) -> FitState:
             callback.on_fit_start(run)
         state = run.state  # as restored
         session.sampler.set_epoch(state.epoch)  # len(loader): a whole epoch, also after resume
+        # the published protocol trained on val: best.pt is the best test epoch, as the
+        # official codes keep it
+        selected_by = "test_acc" if train.protocol == "published" else "val_acc"
         for callback in callbacks:
             callback.on_train_start(run)
         for epoch in range(state.epoch, run.epochs):
@@ -250,9 +253,10 @@ def fit(run: Fit, callbacks: Sequence[Callback]) -> FitState:
             if (epoch + 1) % train.eval_every == 0 or epoch + 1 == run.epochs:
                 metrics, test_preds = evaluate(run)
                 row.update(metrics)
-                best = row["val_acc"] > state.best_val
+                score = row[selected_by]
+                best = score > state.best_val
                 if best:
-                    state.best_val, state.best_epoch = row["val_acc"], epoch + 1
+                    state.best_val, state.best_epoch = score, epoch + 1
                 for callback in callbacks:
                     callback.on_evaluated(run, row, test_preds, best)
             state.rows.append(row)
@@ -376,7 +380,7 @@ def ordered_batches(run: Fit, role: str, positions: np.ndarray | None = None) ->
     session = run.session
     dataset = ParquetSamples(
         session.datasets[role].root,
-        session.datasets[role].split,
+        session.datasets[role].splits,
         session.model.modalities,
         manifest=session.datasets[role].manifest,
     )

@@ -134,17 +134,21 @@ def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
     )
     modalities = method.model_modalities(available)
     specs = [s for s in specs if s.name in modalities]
+    splits = recipe.data.splits
+    roles = {"train": (splits.train,), "val": (splits.val,), "test": (splits.test,)}
+    if recipe.train.protocol == "published":  # no validation carve-out: it trains too
+        roles["train"] = (splits.train, splits.val)
     datasets = {
         role: ParquetSamples(
             data_dir,
-            getattr(recipe.data.splits, role),
+            names,
             modalities,
             manifest=manifest,
             train=role == "train",
             seed=seed,
             augment=recipe.data.augment,
         )
-        for role in ("train", "val", "test")
+        for role, names in roles.items()
     }
     empty = [f"{role} ({d.split})" for role, d in datasets.items() if len(d) < world]
     if empty:

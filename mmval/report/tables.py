@@ -93,7 +93,7 @@ def compare(
     resamples: int = 1000,
 ) -> Comparison:
     """The comparison of every finished run below the tree's root on `metrics` (default
-    accuracy and macro-F1) of `split`, at each run's best-on-validation epoch."""
+    accuracy and macro-F1) of `split`, at each run's selected epoch (`tree.select`)."""
     runs = tree.runs
     if runs.empty:
         raise UserError(f"no finished runs (summary.json) below {tree.root}.")
@@ -156,6 +156,7 @@ def _aggregate(runs: pd.DataFrame, metrics: list[Metric]) -> pd.DataFrame:
             line[f"{m.key}_std"] = values.std(ddof=1)
         line |= {
             "variant": group["variant"].iloc[0],
+            "selection": group["selection"].iloc[0],
             "settings_hash": group["settings_hash"].iloc[0],
             "mmval_version": group["mmval_version"].iloc[0],
             "seeds": " ".join(str(s) for s in sorted(group["seed"])),
@@ -256,10 +257,13 @@ def _paired_predictions(
     seeds: list[int],
     cache: dict[str, pd.DataFrame | None],
 ) -> list[PairedPredictions]:
-    """Matched seeds whose two runs both saved test predictions, on the samples common to
-    all of them (so one bootstrap resample serves every seed)."""
+    """Matched seeds whose two runs both saved test predictions of the selected epoch (under
+    `--select test-max` best.pt may be another epoch), on the samples common to all of them
+    (so one bootstrap resample serves every seed)."""
     loaded = []
     for seed in seeds:
+        if any(f.loc[seed, "best_epoch"] != f.loc[seed, "checkpoint_epoch"] for f in (mine, base)):
+            continue
         a, b = (_cached(tree, str(frame.loc[seed, "run"]), cache) for frame in (mine, base))
         if a is not None and b is not None:
             loaded.append(a.merge(b, on=["sample_id", "label"], suffixes=("", "_base")))
@@ -316,12 +320,22 @@ def recipe_text(comparison: Comparison, row: str) -> str:
     return " / ".join(comparison.recipes.get((row, d), "-") for d in comparison.datasets)
 
 
+def selection_text(comparison: Comparison) -> str:
+    if comparison.tree.select == "test-max":
+        return (
+            "epoch with the best test accuracy (test-max, as the papers' official code: "
+            "chosen on test, not an honest estimate)"
+        )
+    return "checkpoint with the best validation accuracy"
+
+
 def legend(comparison: Comparison) -> list[str]:
     """The sentences under every table."""
     percent = any(m.percent for m in comparison.metrics)
     lines = [
-        f"{comparison.split} split, checkpoint with the best validation accuracy; mean ± "
-        "sample std over seeds" + (" (accuracy and F1 in %)" if percent else "") + "; "
+        f"{comparison.split} split, {selection_text(comparison)}; mean ± sample std over seeds"
+        + (" (accuracy and F1 in %)" if percent else "")
+        + "; "
         "best bold, second underlined per column.",
         "Recipe: sha256 (12 hex) of the resolved recipe without seed, per data set in column "
         "order; rows with different recipes are never averaged together.",
@@ -350,8 +364,9 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def to_csv(comparison: Comparison) -> str:
-    """The long table: COLUMNS, then any other metric's mean/std, variant, settings_hash,
-    mmval_version, seeds and, with a baseline, the differences and tests per metric."""
+    """The long table: COLUMNS, then any other metric's mean/std, variant, selection (the
+    test-max label), settings_hash, mmval_version, seeds and, with a baseline, the
+    differences and tests per metric."""
     return comparison.long.drop(columns="row").to_csv(index=False, float_format="%.6g")
 
 
@@ -479,7 +494,7 @@ def to_rich(comparison: Comparison) -> Table:
     second."""
     columns = header_columns(comparison)
     table = Table(
-        title=f"{comparison.split} split, best-on-validation checkpoint ({comparison.tree.root})",
+        title=f"{comparison.split} split, {selection_text(comparison)} ({comparison.tree.root})",
         caption="\n".join(legend(comparison)),
         caption_justify="left",
     )
