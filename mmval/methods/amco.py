@@ -1,7 +1,8 @@
 """AMCo: adaptive masking of the modality the model depends on.
 
 Paper: Zhou et al., "Adaptive Mask Co-Optimization for Modal Dependence in Multimodal Learning",
-ICASSP 2023. Follows BalanceBenchmark (GeWu-Lab/BalanceBenchmark,
+ICASSP 2023. Follows BalanceBenchmark (GeWu-Lab/BalanceBenchmark
+@4c1482fca5aaa8d4278af8e26020daa039e3ccf3,
 `balancemm/trainer/AMCo_trainer.py`, `train_loop` and `training_step`, and
 `BaseClassifierAMCoModel` in `balancemm/models/avclassify_model.py`; defaults from
 `configs/trainer_config.yaml`, AMCo); spec: docs/methods.md#amco.

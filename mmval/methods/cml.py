@@ -1,9 +1,12 @@
 """CML: calibrating multimodal learning (confidence must not grow when a modality is removed).
 
 Paper: Ma, Zhang, Zhang, Wu, Fu, Zhou, Hu, "Calibrating Multimodal Learning", ICML 2023.
-Follows BalanceBenchmark (GeWu-Lab/BalanceBenchmark, `balancemm/trainer/CML_trainer.py`:
-`conf_loss`, `CMLTrainer.training_step`; defaults from `configs/trainer_config.yaml`); spec:
-docs/methods.md#cml.
+Follows BalanceBenchmark (GeWu-Lab/BalanceBenchmark @4c1482fca5aaa8d4278af8e26020daa039e3ccf3,
+`balancemm/trainer/CML_trainer.py`: `conf_loss`, `CMLTrainer.training_step`; defaults from
+`configs/trainer_config.yaml`); spec: docs/methods.md#cml. The authors' code (QingyangZhang/CML
+@9d2496e6f37ad5571d44165da0a35b4e46c8a1e6: `miwae/train.py` stage 2, `cpm/CPM_Nets.py`
+`rank_loss`) applies the penalty to missing-view models (MIWAE, CPM-Nets) and is not followed;
+how it differs is listed under Deviations.
 
 What it changes: the loss. Each epoch draws a random order of the modalities. Inside the
 modulation window (0-based, inclusive), per batch, starting from the fused logits z^(0) = z,
@@ -19,7 +22,14 @@ M > 2: BalanceBenchmark's two- and three-modality branches are one rule, used fo
 Deviations: as in BalanceBenchmark (and unlike the per-sample penalty of the paper), the
 confidence gap is summed over the batch before the max(0, .), so its scale grows with the batch
 size. Removal is feature zeroing before the fusion head, which is defined for every fusion;
-for non-concat heads that generalises BalanceBenchmark's concat-only formula.
+for non-concat heads that generalises BalanceBenchmark's concat-only formula. Against the
+authors' code: it takes max(0, .) per sample and then sums; it counts a sample only under a
+correctness condition (`miwae/train.py`: the prediction with more modalities is right, plus a
+term against the detached fuller confidence where both are wrong; `cpm/CPM_Nets.py`: every
+sample but those where only the smaller set is right); it draws a removal order per sample
+rather than per epoch, removes a view by mean imputation of its inputs (MIWAE) rather than
+zeroing its features, and weights the penalty by beta / 100 with a margin epsilon (0 by
+default).
 
 DDP: the removal order is drawn from the global generator, in lockstep on every rank, so all
 ranks remove the same modalities. The confidence gap is summed over the global batch before

@@ -1,6 +1,10 @@
 """Plain joint training with cross-entropy on the fused logits (the fusion comes from
 `model.fusion`): the baseline every balancing method is compared to.
 
+No paper and no official code of its own; the default concat head is the OGM-GE code's
+(GeWu-Lab/OGM-GE_CVPR2022 @343dc1d95c9bda88f105c0da8d24f185e0e98b54,
+`models/fusion_modules.py` `ConcatFusion`); spec: docs/methods.md#concat.
+
 DDP: nothing is reduced: the loss is a batch mean of per-sample terms, so the gradients
 averaged over the ranks are the global batch's.
 """

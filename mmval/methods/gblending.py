@@ -4,9 +4,11 @@ Paper: Wang, Tran, Feiszli, "What Makes Training Multi-Modal Classification Netw
 CVPR 2020. There is no official code; this is mmval's variant
 (docs/methods.md#gblending): separate unimodal heads, a held-out set V
 carved from the train split, and the paper's delta form of the weights. The data split, the
-sub-model training and the schedule follow MultiBench (pliang279/MultiBench,
+sub-model training and the schedule follow MultiBench (pliang279/MultiBench
+@49f9be224f342de005b7f001281f33df4301eb22,
 `training_structures/gradient_blend.py`: `train`, `gb_estimate`, `train_unimodal`,
-`train_multimodal`), which carves V the same way; BalanceBenchmark's `GBlending_trainer.py` is
+`train_multimodal`), which carves V the same way; BalanceBenchmark's
+(@4c1482fca5aaa8d4278af8e26020daa039e3ccf3) `balancemm/trainer/GBlending_trainer.py` is
 not followed where it differs (it reuses the fused head for unimodal copies and takes V from the
 val loader). Defaults: online, super_epoch 10 (BalanceBenchmark), v_rate 0.08 (MultiBench).
 

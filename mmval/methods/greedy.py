@@ -2,10 +2,11 @@
 
 Paper: Wu, Jastrzebski, Cho, Geras, "Characterizing and Overcoming the Greedy Nature of Learning
 in Multi-modal Deep Neural Networks", ICML 2022. Follows the official code
-(nyukat/greedy_multimodal_learning: `src/callbacks.py::Bias_Mitigation_Strong`,
+(nyukat/greedy_multimodal_learning @a190e03755bd8d0883b2c5c0cd7921d2561ce2ee:
+`src/callbacks.py::Bias_Mitigation_Strong`,
 `src/balanced_mmtm.py`, `src/model.py`, `train.py`, `configs/training_guided.gin`); spec:
-docs/methods.md#greedy. BalanceBenchmark's `Greedy_trainer.py` was
-read for comparison.
+docs/methods.md#greedy. BalanceBenchmark's (@4c1482fca5aaa8d4278af8e26020daa039e3ccf3)
+`balancemm/trainer/Greedy_trainer.py` was read for comparison.
 
 The model: two branches exchanging information through MMTM blocks (`model.mmtm`, see
 mmval/models/mmtm.py; official after ResNet stages 2, 3, 4), each branch with its own head; the

@@ -1,8 +1,9 @@
 """Late fusion: decision-level averaging of unimodal heads, trained with unimodal supervision.
 
-Source: the `latefusion` baseline of QMF's official code (QingyangZhang/QMF,
-`text-image-classification/src/models/late_fusion.py` with `df=False`, and the loss of
-`train_qmf.py` `model_forward`); spec: docs/methods.md#late_fusion.
+Source: the `latefusion` baseline of QMF's official code (QingyangZhang/QMF
+@fe6c4c6ef7cb23f0a89594ee413d485f1854268b, `text-image-classification/src/models/late_fusion.py`
+with `df=False`, and the loss of `text-image-classification/train_qmf.py` `model_forward`);
+spec: docs/methods.md#late_fusion.
 
 What it changes: the loss only. With the `late` fusion (one head per modality,
 z = (1/M) sum_m z_m, the official 0.5 / 0.5 for two modalities), the objective is

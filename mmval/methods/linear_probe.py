@@ -1,9 +1,10 @@
 """Linear probe: a new fusion head trained on the frozen encoders of a finished run.
 
-Follows BalanceBenchmark's `balancemm/trainer/LinearProbe_trainer.py` (`LinearProbeTrainer`,
-`NewLinearHead`): the probed run's model is loaded, every encoder is frozen and kept in eval mode,
-and a new concat linear head is trained with cross-entropy on the encoder features. It measures how
-linearly separable the jointly learnt features are (docs/methods.md#linear_probe).
+Follows BalanceBenchmark (GeWu-Lab/BalanceBenchmark @4c1482fca5aaa8d4278af8e26020daa039e3ccf3,
+`balancemm/trainer/LinearProbe_trainer.py`: `LinearProbeTrainer`, `NewLinearHead`): the probed
+run's model is loaded, every encoder is frozen and kept in eval mode, and a new concat linear head
+is trained with cross-entropy on the encoder features. It measures how linearly separable the
+jointly learnt features are (docs/methods.md#linear_probe).
 
 What it changes: `build_modules` copies the encoders of `method.checkpoint` (a local checkpoint of
 any mmval run with these modalities and encoders, e.g. `runs/ogm_ge-uci-mfeat/seed0/best.pt`) into

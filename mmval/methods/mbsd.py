@@ -1,6 +1,7 @@
 """MBSD: sample-weighted self-distillation between modalities.
 
-Follows BalanceBenchmark (GeWu-Lab/BalanceBenchmark, `balancemm/trainer/MBSD_trainer.py`,
+Follows BalanceBenchmark (GeWu-Lab/BalanceBenchmark @4c1482fca5aaa8d4278af8e26020daa039e3ccf3,
+`balancemm/trainer/MBSD_trainer.py`,
 `MBSDTrainer.training_step`; defaults from `configs/trainer_config.yaml`, MBSD); spec:
 docs/methods.md#mbsd. BalanceBenchmark's README lists MBSD without a
 citation and no official repository was found, so its code is the only source followed.

@@ -5,7 +5,8 @@ Paper: Wei, Feng, Wang, Hu, "Enhancing Multimodal Cooperation via Sample-level M
 Valuation", CVPR 2024, supplement Table 6 (re-sampling at a fixed rate against the sample-level
 strategy on UCF-101; the supplement notes that the sample-level strategy re-samples about as
 many samples as its low fixed rate, so the gain is not the number of extra samples). The official
-code (GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation @7ed12b0) has no such mode, and the
+code (GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation
+@7ed12b07ee7d233aa835089185c909aaa3ff6b1e) has no such mode, and the
 numeric rates of that table are not in the text we could read, so the default `rate` (0.1) is
 [ours]; to match a sample-level run, set `rate` to its logged `copies` / train size.
 spec: docs/methods.md#mmcooperation_fixed.

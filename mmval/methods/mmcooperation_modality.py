@@ -2,7 +2,8 @@
 
 Paper: Wei, Feng, Wang, Hu, "Enhancing Multimodal Cooperation via Sample-level Modality
 Valuation", CVPR 2024 (modality-level strategy, supplement Eq. 8). Follows the official code
-(GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation @7ed12b0: `code/modality_level.py`
+(GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation
+@7ed12b07ee7d233aa835089185c909aaa3ff6b1e: `code/modality_level.py`
 `execute_modulation`, `main`; `code/datasets/dataloader.py` `AV_KS_Dataset_modality_level`);
 spec: docs/methods.md#mmcooperation_modality.
 

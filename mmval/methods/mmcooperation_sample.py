@@ -2,7 +2,8 @@
 
 Paper: Wei, Feng, Wang, Hu, "Enhancing Multimodal Cooperation via Sample-level Modality
 Valuation", CVPR 2024 (sample-level strategy, supplement Eq. 7). Follows the official code
-(GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation @7ed12b0: `code/sample_level.py`
+(GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation
+@7ed12b07ee7d233aa835089185c909aaa3ff6b1e: `code/sample_level.py`
 `execute_modulation`, `train_epoch`, `main`; `code/datasets/dataloader.py`
 `AV_KS_Dataset_sample_level`; `code/models/models.py` `AVClassifier.forward`, `exec_drop`);
 spec: docs/methods.md#mmcooperation_sample.

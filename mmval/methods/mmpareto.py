@@ -1,8 +1,9 @@
 """MMPareto: Pareto-style combination of the multimodal and unimodal gradients of each encoder.
 
 Paper: Wei, Hu, "MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance",
-ICML 2024. Follows the official code (GeWu-Lab/MMPareto_ICML2024, `code/MMPareto.py`,
-`train_epoch`, and `code/min_norm_solvers.py`); spec: docs/methods.md#mmpareto.
+ICML 2024. Follows the official code (GeWu-Lab/MMPareto_ICML2024
+@a339db39cc25b157df376b50bb894917dc6c01d6, `code/MMPareto.py`, `train_epoch`, and
+`code/min_norm_solvers.py`); spec: docs/methods.md#mmpareto.
 
 What it changes: each modality gets its own linear head (from `build_modules`, trained with its
 own cross-entropy, never used for prediction). Per batch, the multimodal loss L_mm = CE(z) and

@@ -1,8 +1,9 @@
 """OGM-GE: on-the-fly gradient modulation with generalisation enhancement.
 
 Paper: Peng, Wei, Deng, Wang, Hu, "Balanced Multimodal Learning via On-the-fly Gradient
-Modulation", CVPR 2022. Follows the official code (GeWu-Lab/OGM-GE_CVPR2022, `main.py`,
-`train_epoch`); spec: docs/methods.md#ogm_ge.
+Modulation", CVPR 2022. Follows the official code (GeWu-Lab/OGM-GE_CVPR2022
+@343dc1d95c9bda88f105c0da8d24f185e0e98b54, `main.py`, `train_epoch`); spec:
+docs/methods.md#ogm_ge.
 
 What it changes: after backward, each encoder's gradients are scaled down when its modality
 dominates the batch. With s_m = sum_i softmax(z_m^i)[y_i] over the batch (z_m: modality m's share

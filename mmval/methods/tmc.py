@@ -1,8 +1,8 @@
 """TMC: trusted multi-view classification with evidential heads and Dempster-Shafer fusion.
 
 Paper: Han, Zhang, Fu, Zhou, "Trusted Multi-View Classification", ICLR 2021. Follows the
-official code (hanmenghan/TMC, `TMC ICLR/model.py`: `TMC.forward`, `ce_loss`, `KL`; `train.py`);
-spec: docs/methods.md#tmc.
+official code (hanmenghan/TMC @08d0ca4c4461b6de1cf73514d8c621598bc2b504, `TMC ICLR/model.py`:
+`TMC.forward`, `ce_loss`, `KL`; `TMC ICLR/train.py`); spec: docs/methods.md#tmc.
 
 What it changes: the head and the loss. The `tmc` fusion (mmval/models/fusions/tmc.py) gives each
 modality a Dirichlet alpha_m = softplus(W_m h_m + b_m) + 1 and folds the opinions by

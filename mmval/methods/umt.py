@@ -2,8 +2,8 @@
 
 Paper: Du, Teng, Wang, Ma, Shen, Li, Zhao, Mo, Cui, Yao, "On Uni-Modal Feature Learning in
 Supervised Multi-Modal Learning", ICML 2023 (Uni-Modal Teacher). No official code was found;
-follows BalanceBenchmark's `balancemm/trainer/UMT_trainer.py` (`UMTTrainer.training_step`); spec:
-docs/methods.md#umt.
+follows BalanceBenchmark (GeWu-Lab/BalanceBenchmark @4c1482fca5aaa8d4278af8e26020daa039e3ccf3,
+`balancemm/trainer/UMT_trainer.py`, `UMTTrainer.training_step`); spec: docs/methods.md#umt.
 
 What it changes: the loss, L = CE(z, y) + scaling * sum_m MSE(h_m, T_m(x_m)), where h_m is the
 student's pre-fusion feature and T_m a frozen teacher: the encoder of a finished `unimodal` run on

@@ -1,7 +1,8 @@
 """MMTM mid-fusion: modalities exchange channel gates between encoder stages.
 
 MMTM (Joze et al., CVPR 2020), in the form Greedy (Wu et al., ICML 2022) uses
-(nyukat/greedy_multimodal_learning, `src/balanced_mmtm.py::MMTM_mitigate`, `src/model.py`): after
+(nyukat/greedy_multimodal_learning @a190e03755bd8d0883b2c5c0cd7921d2561ce2ee,
+`src/balanced_mmtm.py::MMTM_mitigate`, `src/model.py`): after
 a chosen stage, each modality's maps are squeezed by global average pooling to S_m, then
 E = ReLU(W_s [S_1; ...; S_M]) with int(2 * sum_m C_m / ratio) units, and each modality's maps are
 scaled channel-wise by gate_m = sigmoid(W_m E). The official model places blocks after ResNet

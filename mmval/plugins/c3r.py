@@ -7,8 +7,10 @@ Thms. 3.2/3.3 (identification with an instrument, Z = W_c Z_c + W_n Z_n), Eq. 6 
 Eq. 7 and App. A.3/A.4 (twin network), Eq. 8 (C3 risk), Eq. 10 (objective), App. G (placement:
 "embedded after the feature extractor of any MML model"; every result row is "Base + C3R"),
 App. H.7 (KL for the counterfactual constraint), Fig. 4 (ablation of the two risk terms).
-Parent method CaSN (Yang et al., NeurIPS 2023; ymy4323460/CaSN `domainbed/algorithms.py::CaSN`).
-Official code read: WangJingyao07/Multi-Modal-Base @e156335, `models/base_vt_causal.py` and
+Parent method CaSN (Yang et al., NeurIPS 2023; ymy4323460/CaSN
+@17e22c4c90d2f8fb49c8db43e6bbd21fc6524351, `domainbed/algorithms.py::CaSN`).
+Official code read: WangJingyao07/Multi-Modal-Base @e15633519b45a25f5f438e68ed22a3c79aceb3d9,
+`models/base_vt_causal.py` and
 `models/base_vta_causal.py`, a sketch that cannot train the regulariser (the risk is made of
 argmax indicators, the counterfactual is cut from the graph, the KL compares tensors of
 different widths, neither model is registered); its defects are not copied.
