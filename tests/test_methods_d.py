@@ -1,4 +1,4 @@
-"""MBSD, LFM, AMCo and ReconBoost: their arithmetic against independent computations, recipe
+"""MBSD, AMCo and ReconBoost: their arithmetic against independent computations, recipe
 errors, resume, and short training runs on uci-mfeat (6 modalities) and synthetic audio-visual
 clips (ResNet-18)."""
 
@@ -18,7 +18,6 @@ from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
 from mmval.methods.amco import AMCo, AMCoConfig, dependent_shares, mask_ratio
 from mmval.methods.base import StepTools, TrainContext
-from mmval.methods.lfm import LFM, LFMConfig, alignment_loss, alpha_gradient, js_divergence
 from mmval.methods.mbsd import MBSD, MBSDConfig, mbsd_loss
 from mmval.methods.reconboost import (
     ReconBoost,
@@ -117,82 +116,6 @@ def test_mbsd_is_plain_cross_entropy_outside_the_window():
         got = method.loss(model, out, batch, TrainContext(epoch=epoch, epochs=4, step=0))
         plain = F.cross_entropy(out.logits, batch.label)
         assert torch.allclose(got, plain) is not full
-
-
-# ---------------------------------------------------------------- LFM
-
-
-def test_js_divergence_matches_the_hand_formula():
-    got = js_divergence(torch.tensor(Z1), torch.tensor(Z2)).item()
-    want = 0.0
-    for a, b in zip(Z1, Z2, strict=True):
-        p, q = _softmax(a), _softmax(b)
-        m = [(u + v) / 2 for u, v in zip(p, q, strict=True)]
-        kl_pm = sum(mi * math.log(mi / pi) for mi, pi in zip(m, p, strict=True))
-        kl_qm = sum(mi * math.log(mi / qi) for mi, qi in zip(m, q, strict=True))
-        want += 0.5 * (kl_pm + kl_qm)
-    assert got == pytest.approx(want / len(Z1), rel=1e-6)
-    three = alignment_loss([torch.tensor(t) for t in (Z1, Z2, Z3)]).item()
-    pairs = [(Z1, Z2), (Z1, Z3), (Z2, Z3)]
-    assert three == pytest.approx(
-        sum(js_divergence(torch.tensor(a), torch.tensor(b)).item() for a, b in pairs) / 3
-    )
-
-
-def _losses(model, batch, alpha):
-    out = model(batch.inputs)
-    cls = F.cross_entropy(out.logits, batch.label)
-    align = alignment_loss([out.unimodal_logits[m] for m in model.modalities])
-    return cls, align, (1 - alpha) * cls + alpha * align
-
-
-def test_alpha_gradient_is_the_one_step_hypergradient_by_finite_differences():
-    g = torch.Generator().manual_seed(0)
-    params = [
-        torch.randn(3, 2, generator=g, dtype=torch.float64).requires_grad_(True),
-        torch.randn(4, generator=g, dtype=torch.float64).requires_grad_(True),
-    ]
-    a, b = torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
-
-    def losses(w, v):  # two smooth, non-quadratic stand-ins for L_cls and L_align
-        return (w.sin() * a).sum() + (v**2).sum(), (w * a).pow(2).sum() + (v * b).exp().sum()
-
-    got = alpha_gradient(params, *losses(*params))
-    # d/d alpha of L_cls(theta - eta grad L_total(alpha)) by central differences, over eta
-    eta, delta, alpha = 1e-4, 1e-3, 0.3
-
-    def after_step(alpha):
-        cls, align = losses(*params)
-        grads = torch.autograd.grad((1 - alpha) * cls + alpha * align, params)
-        stepped = [p.detach() - eta * gr for p, gr in zip(params, grads, strict=True)]
-        return losses(*stepped)[0].item()
-
-    hyper = (after_step(alpha + delta) - after_step(alpha - delta)) / (2 * delta) / eta
-    assert got * 10 == pytest.approx(hyper, rel=1e-3)  # 10 parameter entries
-
-
-def test_lfm_updates_alpha_on_the_val_batch_with_clip_and_halving():
-    model, batch = _model("abc"), _batch("abc", n=8)
-    method = LFM(LFMConfig(lr_alpha=0.5, val_fraction=0.5), 3)
-    quarter = Batch({m: x[:4] for m, x in batch.inputs.items()}, batch.label[:4], batch.index[:4])
-    cls, align, _ = _losses(model, quarter, 0.0)
-    g = alpha_gradient(list(model.parameters()), cls, align)
-    for epoch, start in ((0, 0.5), (20, 0.5), (45, 0.5)):
-        method.alpha = start
-        ctx = TrainContext(epoch=epoch, epochs=50, step=0, batches=lambda role: iter([batch]))
-        method.on_epoch_start(model, ctx)
-        want = min(0.95, max(0.05, start - 0.5 / 2 ** (epoch // 20) * g))
-        assert method.alpha == pytest.approx(want)
-    method.alpha = 0.05
-    method.config.lr_alpha = 1e6  # any step is clipped into [0.05, 0.95]
-    method.on_epoch_start(model, ctx)
-    assert method.alpha in (0.05, 0.95)
-    out = model(batch.inputs)
-    method.alpha = 0.2
-    loss = method.loss(model, out, batch, ctx)
-    cls, align, _ = _losses(model, batch, 0.0)
-    assert loss.item() == pytest.approx(2 * (0.8 * cls.item() + 0.2 * align.item()), rel=1e-6)
-    assert method.state_dict() == {"alpha": 0.2}
 
 
 # ---------------------------------------------------------------- AMCo
@@ -452,12 +375,6 @@ def test_window_must_be_ordered(recipe_file, method):
     bad = {"name": method, "modulation_starts": 3, "modulation_ends": 1}
     with pytest.raises(UserError, match=r"method\.modulation_ends"):
         load_recipe(recipe_file(method=bad))
-
-
-def test_lfm_resume_matches_an_uninterrupted_run(recipe_file):
-    method = {"name": "lfm", "lr_alpha": 0.5, "alpha_init": 0.5}
-    metrics = assert_resume_matches(load_recipe(recipe_file(method=method, train__epochs=3)))
-    assert metrics["method_alpha_align"].nunique() > 1  # alpha moved: resume had state to restore
 
 
 def test_reconboost_trains_on_uci_mfeat_through_all_six_stages(tmp_path, uci_dir):
