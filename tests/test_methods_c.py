@@ -232,6 +232,36 @@ def test_shared_fusion_entropy_and_fixed_weights():
     assert torch.allclose(uniform.fuse(feats3), z3, atol=1e-6)
 
 
+def test_shared_fusion_batch_weights_follow_the_official_pooled_entropy():
+    """`dynamic_batch`: main.py's calculate_entropy (softmax over the batch axis, entropy summed
+    over samples and classes) and calculate_gating_weights, one weight per modality per batch."""
+    model = _model("ab", "shared", fusion_inference="dynamic_batch").eval()
+    per_sample = _model("ab", "shared").eval()
+    per_sample.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(3)
+    feats = {"a": 3 * torch.randn(5, 4, generator=g), "b": torch.randn(5, 4, generator=g)}
+    z = {m: model.fusion.fc(feats[m]) for m in "ab"}
+    ent = {}
+    for m in "ab":
+        rows = z[m].tolist()
+        total = 0.0
+        for c in range(3):
+            column = [math.exp(row[c]) for row in rows]
+            p = [v / sum(column) for v in column]
+            total -= sum(v * math.log(v) for v in p)
+        ent[m] = total
+    top = max(ent.values())
+    gate = {m: math.exp(top - ent[m]) for m in "ab"}
+    lam = {m: gate[m] / sum(gate.values()) for m in "ab"}
+    want = lam["a"] * z["a"] + lam["b"] * z["b"]
+    assert torch.allclose(model.fuse(feats), want, atol=1e-6)
+    pooled = model.fusion.lambdas(z)
+    assert torch.allclose(pooled, torch.tensor([[lam["a"]], [lam["b"]]]).expand(2, 5))
+    # not the batch mean of the per-sample weights
+    mean = per_sample.fusion.lambdas(z).mean(1, keepdim=True).expand(2, 5)
+    assert not torch.allclose(pooled, mean, atol=1e-3)
+
+
 def test_shared_fusion_refuses_unequal_sizes_and_stray_weights():
     specs = [ModalitySpec(name=m, dtype="float32", shape=[3]) for m in "ab"]
     sizes = ModelConfig(encoders={"a": {"out_dim": 4}, "b": {"out_dim": 8}}, fusion="shared")
@@ -242,17 +272,9 @@ def test_shared_fusion_refuses_unequal_sizes_and_stray_weights():
         build_model(stray, specs, 3)  # dynamic inference reads no weights
 
 
-def test_mla_steps_each_modality_in_turn_and_projects_after_the_first_update():
-    model = _model("ab", "shared")
-    batch = _batch("ab")
-    ref = copy.deepcopy(model)
-    method = MLA(MLAConfig(), 3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    tools = StepTools(optimizer, contextlib.nullcontext)
-    ctx = TrainContext(epoch=0, epochs=1, step=0, steps_per_epoch=4)
-    method.on_epoch_start(model, ctx)
-    result = method.train_step(model, batch, ctx, tools)
-    # by hand: step on a (no projection: first update of the run), then on b, projected
+def _alternating_by_hand(ref, batch, project: bool, lr: float):
+    """The official alternating steps written out (plain SGD), optionally with the OWM
+    projection of the head's gradient after the run's first update; (P, losses)."""
     p = torch.eye(4)
     losses = []
     for k, m in enumerate("ab"):
@@ -261,7 +283,7 @@ def test_mla_steps_each_modality_in_turn_and_projects_after_the_first_update():
         loss = F.cross_entropy(ref.fusion.fc(h), batch.label)
         loss.backward()
         losses.append(loss.item())
-        if k > 0:
+        if project and k > 0:
             r = h.detach().mean(0)
             kk = p @ r
             p = p - torch.outer(kk, kk) / (0.1 + r @ kk)
@@ -270,7 +292,43 @@ def test_mla_steps_each_modality_in_turn_and_projects_after_the_first_update():
         with torch.no_grad():
             for q in ref.parameters():
                 if q.grad is not None:
-                    q -= 0.5 * q.grad
+                    q -= lr * q.grad
+    return p, losses
+
+
+def test_mla_by_default_steps_each_modality_in_turn_without_projection():
+    """The official code as released: the head's gradient is the plain CE gradient."""
+    model = _model("ab", "shared")
+    batch = _batch("ab")
+    ref = copy.deepcopy(model)
+    method = MLA(MLAConfig(), 3)
+    assert method.config.projection == "none"
+    tools = StepTools(torch.optim.SGD(model.parameters(), lr=0.5), contextlib.nullcontext)
+    ctx = TrainContext(epoch=0, epochs=1, step=0, steps_per_epoch=4)
+    method.on_epoch_start(model, ctx)
+    for _ in range(2):  # the second batch too: P would have moved by then
+        method.train_step(model, batch, ctx, tools)
+        ctx.step += 1
+    for _ in range(2):
+        _alternating_by_hand(ref, batch, project=False, lr=0.5)
+    for (name, got), want in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(got, want, atol=1e-6), name
+    assert method.projection is None
+    assert method.updates == 4
+
+
+def test_mla_steps_each_modality_in_turn_and_projects_after_the_first_update():
+    model = _model("ab", "shared")
+    batch = _batch("ab")
+    ref = copy.deepcopy(model)
+    method = MLA(MLAConfig(projection="owm"), 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    tools = StepTools(optimizer, contextlib.nullcontext)
+    ctx = TrainContext(epoch=0, epochs=1, step=0, steps_per_epoch=4)
+    method.on_epoch_start(model, ctx)
+    result = method.train_step(model, batch, ctx, tools)
+    # by hand: step on a (no projection: first update of the run), then on b, projected
+    p, losses = _alternating_by_hand(ref, batch, project=True, lr=0.5)
     for (name, got), want in zip(model.named_parameters(), ref.parameters(), strict=True):
         assert torch.allclose(got, want, atol=1e-6), name
     assert torch.allclose(method.projection, p, atol=1e-6)
@@ -311,6 +369,7 @@ def test_late_fusion_loss_adds_the_unimodal_cross_entropies():
         ({"name": "mla"}, {"model__fusion": "concat"}, "model.fusion"),
         ({"name": "mla"}, {"model__fusion": "shared", "data__modalities": ["b"]}, "modalities"),
         ({"name": "mla"}, {"model__fusion_inference": "mean"}, "fusion_inference"),
+        ({"name": "mla", "projection": "gem"}, {"model__fusion": "shared"}, "projection"),
         ({"name": "late_fusion"}, {"model__fusion": "sum"}, "model.fusion"),
         ({"name": "late_fusion", "unimodal_weight": -1}, {"model__fusion": "late"}, "unimodal"),
     ],

@@ -2,36 +2,46 @@
 
 Paper: Zhang, Latham, Yao, "Multimodal Representation Learning by Alternating Unimodal
 Adaptation", CVPR 2024. Follows the official code (Cecile-hi/Multimodal-Learning-with-
-Alternating-Unimodal-Adaptation, `main.py` `train_epoch` with `gs_flag`, `utils/utils.py`
-`GSPlugin`) and BalanceBenchmark's `balancemm/trainer/MLA_trainer.py`; spec:
+Alternating-Unimodal-Adaptation at ab6c184579f9ff390e9c9b8216c9900c2a43545b: `main.py`
+`train_epoch` with `gs_flag`, lines 419-476, and `utils/utils.py` `GSPlugin`, lines 12-41);
+BalanceBenchmark's `balancemm/trainer/MLA_trainer.py` for the optional projection; spec:
 docs/methods.md#mla.
 
-What it changes: the step schedule and the head's gradient. The `shared` fusion
-(mmval/models/fusions/shared.py) applies one linear head H to every modality and predicts with
-fixed or entropy-based weights. Per batch, for each modality m in model order: z_m = H(E_m(x_m)),
-backward CE(z_m, y), project the gradient of H's weight, one optimizer step: M steps per batch,
-each encoder trained by its own loss only. The projection (OWM-style `GSPlugin`, one P shared by
-all modalities, P = I at the start, skipped on the run's very first update): r = batch mean of
-h_m (detached), k = P r^T, P <- P - k k^T / (a + r k), P <- P / ||P||_F, grad_W <- grad_W P^T,
-with a = 0.1 ** (1 + batch_idx / batches_per_epoch). The reported loss is the mean of the M
-unimodal losses (official: 0.5 / 0.5).
+What it changes: the step schedule. The `shared` fusion (mmval/models/fusions/shared.py)
+applies one linear head H to every modality and predicts with fixed or entropy-based weights.
+Per batch, for each modality m in model order: z_m = H(E_m(x_m)), backward CE(z_m, y), one
+optimizer step: M steps per batch, each encoder trained by its own loss only, H by all of them
+in turn. The reported loss is the mean of the M unimodal losses (official: 0.5 / 0.5).
 
-Deviations: the official `GSPlugin` tests the parameter name "module.weight" on a bare
-nn.Linear, whose weight is named "weight", so as released it never projects; BalanceBenchmark
-fixed the name and this follows the fixed version. Both codes divide by `torch.mm(k, r)`, a
-d x d matrix (element-wise division), where OWM's recursive projector, which they copy, has the
-scalar r k; the scalar is used here, as OWM defines it, so that P stays a projector.
-BalanceBenchmark then adds the projected gradient to the raw one (grad + grad P^T); the official
-grad P^T is kept. The encoders run one modality at a time (BalanceBenchmark) rather than all
-before the first step (official); the results are the same, since the steps before modality m's
-forward do not touch encoder m. BalanceBenchmark's modulation window (plain CE on the fused
-output outside epochs 0-80) is not part of the official method and is left out.
+`projection` (default `none`): the paper's text controls H's updates with a gradient
+modification (OWM), but the official code as released never applies it: `main.py` (line 437)
+passes the bare `nn.Linear` `fusion_module.fc_out` to `GSPlugin.before_update`, whose loop over
+its `named_parameters()` (`utils/utils.py` line 30) acts only on a parameter named
+"module.weight" (line 32), while that layer's weight is named "weight". The published numbers
+therefore come from alternating steps without projection, which `none` reproduces. `owm` is the
+projection as BalanceBenchmark fixed the name (mmval's behaviour before this field existed): one
+P shared by all modalities, P = I at the start, skipped on the run's very first update;
+r = batch mean of h_m (detached), k = P r^T, P <- P - k k^T / (a + r k), P <- P / ||P||_F,
+grad_W <- grad_W P^T, with a = 0.1 ** (1 + batch_idx / batches_per_epoch).
+
+Deviations: (`owm`) both codes divide by `torch.mm(k, r)`, a d x d matrix (element-wise
+division), where OWM's recursive projector, which they copy, has the scalar r k; the scalar is
+used here, as OWM defines it, so that P stays a projector; BalanceBenchmark adds the projected
+gradient to the raw one (grad + grad P^T), the official grad P^T is kept. The encoders run one
+modality at a time (BalanceBenchmark) rather than all before the first step (official); the
+results are the same, since the steps before modality m's forward do not touch encoder m.
+Gradients are set to None after each step, where the official code (torch 1.8, whose
+`zero_grad` zeroes) leaves zeros, so that its later steps of the same batch move the earlier
+modalities' encoders by momentum and weight decay alone; here those encoders step once per
+batch. BalanceBenchmark's modulation window (plain CE on the fused output outside epochs 0-80)
+is not part of the official method and is left out.
 
 M > 2: native (the official code has a three-modality branch, which this generalises).
 
 DDP: after each modality's backward the gradients are averaged over the ranks
-(`StepTools.reduce_gradients`) before H's is projected, and r is the global batch's mean
-feature (`batch_mean`), so every rank updates the same P and steps with the same gradient.
+(`StepTools.reduce_gradients`); with `owm` H's is then projected, r being the global batch's
+mean feature (`batch_mean`), so that every rank updates the same P and steps with the same
+gradient.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from mmval.data.dataset import Batch
 from mmval.distributed import batch_mean
@@ -53,6 +64,12 @@ class MLAConfig(MethodConfig):
     fusions: ClassVar[tuple[str, ...] | None] = ("shared",)
     min_modalities: ClassVar[int] = 2
     name: Literal["mla"] = "mla"
+    projection: Literal["none", "owm"] = Field(
+        default="none",
+        description="gradient projection of the shared head: none (the official code as "
+        "released, whose projection never runs) or owm (the paper's, as BalanceBenchmark "
+        "fixed it; mmval's MLA before this field)",
+    )
 
 
 def update_projection(projection: torch.Tensor, mean_feature: torch.Tensor, a: float) -> None:
@@ -82,9 +99,9 @@ class MLA(Method):
         fusion = model.fusion
         assert isinstance(fusion, SharedFusion)
         weight = fusion.fc.weight
-        if self.projection is None:
+        project = self.config.projection == "owm"
+        if project and self.projection is None:
             self.projection = torch.eye(weight.shape[1], device=weight.device)
-        self.projection = self.projection.to(weight.device)  # a resumed run loads it on the CPU
         progress = (ctx.step - self.epoch_first_step) / max(ctx.steps_per_epoch, 1)
         a = 0.1 ** (1 + progress)
         logits, losses = {}, {}
@@ -96,8 +113,11 @@ class MLA(Method):
             tools.zero_grad()
             loss.backward()
             tools.reduce_gradients()  # DDP: the projection edits the global batch's gradient
-            if self.updates > 0:
+            if project and self.updates > 0:
+                assert self.projection is not None
                 with torch.no_grad():
+                    # a resumed run loads P on the CPU
+                    self.projection = self.projection.to(weight.device)
                     mean = batch_mean(features.detach().float().mean(0), len(batch))
                     update_projection(self.projection, mean, a)
                     weight.grad = weight.grad @ self.projection.T.to(weight.grad.dtype)

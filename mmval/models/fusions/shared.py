@@ -11,16 +11,25 @@ from torch import nn
 from mmval.errors import UserError
 from mmval.models.fusions.base import FusionConfig
 
-InferenceName = Literal["dynamic", "fixed"]
+InferenceName = Literal["dynamic", "dynamic_batch", "fixed"]
 
 
 class SharedFusion(nn.Module):
     """MLA (Zhang et al., CVPR 2024): one linear head H shared by all modalities, z_m = H(h_m),
-    so every encoder must give features of the same size. Prediction z = sum_m lambda_m z_m,
-    with fixed lambda (official `--av_alpha`; 1/M by default) or, `dynamic`, per-sample weights
-    lambda_m = softmax_m(-entropy(softmax(z_m))), which is the official
-    exp(max_k e_k - e_m) / sum_j exp(max_k e_k - e_j) computed per sample as BalanceBenchmark
-    does (the official code pools the entropy over the batch)."""
+    so every encoder must give features of the same size. Prediction z = sum_m lambda_m z_m with
+    - `fixed`: fixed lambda (official `--av_alpha`; 1/M by default);
+    - `dynamic`: per-sample weights lambda_m = softmax_m(-entropy(softmax(z_m))), the official
+      exp(max_k e_k - e_m) / sum_j exp(max_k e_k - e_j) computed per sample, as
+      BalanceBenchmark's `MLA_trainer.py` does;
+    - `dynamic_batch`: the official weights as released (`--dynamic`; main.py
+      `calculate_entropy` and `calculate_gating_weights(3)`, Cecile-hi/Multimodal-Learning-with-
+      Alternating-Unimodal-Adaptation at ab6c184579f9ff390e9c9b8216c9900c2a43545b): one weight
+      per modality for the whole batch, from e_m = -sum_{i,c} p_ic log p_ic where p is the
+      softmax of the batch's logits [B, C] over the batch axis (`F.softmax(output, dim=0)`),
+      not the mean of the per-sample weights. A prediction then depends on the other samples of
+      its evaluation batch (`train.eval_batch_size`; official: the training batch size, in test
+      order), and under DDP on each rank's share; in valuation the pooled weights mix the
+      evaluated coalitions, so `dynamic` is the one to value."""
 
     def __init__(
         self,
@@ -55,11 +64,14 @@ class SharedFusion(nn.Module):
         """Fusion weights [M, B]."""
         z = torch.stack([logits[m] for m in self.names])
         if self.inference == "fixed":
-            return torch.tensor(self.weights, dtype=z.dtype, device=z.device)[:, None].expand(
-                z.shape[:2]
-            )
-        p, logp = z.softmax(-1), z.log_softmax(-1)
-        return torch.softmax((p * logp).sum(-1), dim=0)  # softmax of minus the entropy
+            weights = torch.tensor(self.weights, dtype=z.dtype, device=z.device)
+            return weights[:, None].expand(z.shape[:2])
+        if self.inference == "dynamic":
+            p, logp = z.softmax(-1), z.log_softmax(-1)
+            return torch.softmax((p * logp).sum(-1), dim=0)  # softmax of minus the entropy
+        # official: softmax over the batch axis, entropy summed over samples and classes
+        p, logp = z.softmax(1), z.log_softmax(1)
+        return torch.softmax((p * logp).sum((1, 2)), dim=0)[:, None].expand(z.shape[:2])
 
     def combine(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
         z = torch.stack([logits[m] for m in self.names])
@@ -78,7 +90,8 @@ class SharedFusionConfig(FusionConfig):
     }
     inference: InferenceName = Field(
         default="dynamic",
-        description="shared fusion (MLA): per-sample entropy weights, or fixed weights",
+        description="shared fusion (MLA): per-sample entropy weights (dynamic), the official "
+        "weights pooled over each evaluation batch (dynamic_batch), or fixed weights",
     )
     weights: dict[str, float] | None = Field(
         default=None,
