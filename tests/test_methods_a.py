@@ -116,8 +116,15 @@ def test_agm_after_backward_scales_encoders_updates_running_scores_and_clips():
     k = coefficients(scores, torch.tensor([0.4, 1.1], dtype=torch.float64), 0.5, 10.0)
     assert [figures["coef_a"], figures["coef_v"]] == pytest.approx(k.tolist())
     for name, param in model.named_parameters():
-        factor = k[0] if name.startswith("encoders.a.") else k[1] if "encoders.v." in name else 1
-        assert torch.allclose(param.grad, before[name] * float(factor), atol=1e-7)
+        if name.startswith("encoders."):
+            factor = k[0] if name.startswith("encoders.a.") else k[1]
+            assert torch.allclose(param.grad, before[name] * float(factor), atol=1e-7)
+    # the head: W[:, a] by k_a, W[:, v] by k_v (out_dim 4 each), the bias by their mean
+    grad, was = model.fusion.fc.weight.grad, before["fusion.fc.weight"]
+    assert torch.allclose(grad[:, :4], was[:, :4] * float(k[0]), atol=1e-7)
+    assert torch.allclose(grad[:, 4:], was[:, 4:] * float(k[1]), atol=1e-7)
+    bias = before["fusion.fc.bias"] * float(k.mean())
+    assert torch.allclose(model.fusion.fc.bias.grad, bias, atol=1e-7)
     running = torch.tensor([0.4, 1.1], dtype=torch.float64) * 2 / 3 + scores / 3  # t = 3
     assert torch.allclose(method.running, running)
     assert figures["clipped"] == 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import (
@@ -25,6 +25,9 @@ from mmval.models.fusions import FUSIONS, FusionConfig, FusionField, build_fusio
 from mmval.models.mmtm import MMTMConfig, MMTMFusion
 from mmval.models.neck import NeckSource
 from mmval.registry import tag_of
+from mmval.settings import ADDED_LATER
+
+InitName = Literal["default", "xavier"]
 
 
 class ModelConfig(BaseModel):
@@ -42,6 +45,15 @@ class ModelConfig(BaseModel):
         default=None,
         description="mid-fusion: MMTM blocks between encoder stages (Greedy's model); "
         "resnet18 or mlp encoders",
+    )
+    init: Annotated[InitName, ADDED_LATER] = Field(
+        default="default",
+        description="parameter initialisation: `default` is PyTorch's (torchvision's for "
+        "resnet18); `xavier` is the `weight_init` that the official OGM-GE, PMR, MLA and AGM "
+        "codes apply to the whole model: every Linear (encoders, fusion head, MMTM blocks, "
+        "plug-in necks) xavier-normal with zero bias, every Conv2d kaiming-normal (fan_out, "
+        "relu); BatchNorm keeps 1 and 0 as there; encoders with `pretrained` weights are left "
+        "as loaded",
     )
     # old flat `fusion_*` settings, not at their defaults, that the chosen fusion does not have
     _stray_flat: dict[str, Any] = PrivateAttr(default_factory=dict)
@@ -173,6 +185,16 @@ class MultimodalModel(nn.Module):
         self.fusion = build_fusion(config.fusion, dims, num_classes)
         self.decomposable = config.fusion.decomposable
         self.additive = config.fusion.additive
+        if config.init == "xavier":
+            loaded = [
+                m
+                for m in self.modalities
+                if getattr(config.encoders.get(m, config.encoder), "pretrained", None) is not None
+            ]
+            kept = {id(module) for m in loaded for module in self.encoders[m].modules()}
+            for module in self.modules():
+                if id(module) not in kept:
+                    xavier_init(module)
 
     def encode(
         self, inputs: dict[str, torch.Tensor], necks: int | None = None
@@ -203,6 +225,23 @@ class MultimodalModel(nn.Module):
         features = self.encode(inputs)
         unimodal = self.fusion.unimodal_logits(features) if self.decomposable else None
         return ModelOutput(self.fuse(features), features, unimodal)
+
+
+def xavier_init(module: nn.Module) -> None:
+    """`model.init: xavier` on one module: the `weight_init` of the official OGM-GE, PMR and MLA
+    codes (`utils/utils.py`, applied by `model.apply(weight_init)` after the model is built;
+    GeWu-Lab/OGM-GE_CVPR2022 343dc1d95c9bda88f105c0da8d24f185e0e98b54,
+    fanyunfeng-bit/Modal-Imbalance-PMR 3615e48983555089b0e693380087617c3797a641,
+    Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation
+    ab6c184579f9ff390e9c9b8216c9900c2a43545b). AGM's (lihong2303/AGM_ICCV2023
+    `utils/function_tools.py`) draws the Conv2d weights kaiming-uniform instead, with the same
+    variance. Their BatchNorm2d weight 1 and bias 0 are PyTorch's own."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
 
 def build_model(
