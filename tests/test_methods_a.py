@@ -217,24 +217,47 @@ def test_mmcosine_logits_match_the_official_formula():
 
 
 def test_opm_drop_probabilities_and_feature_scaling():
-    q = drop_probabilities(torch.tensor([3.0, 1.0]), q_base=0.4, alpha=0.5)
-    rho = math.tanh(3 / (1 + 1e-5) - 1)
-    assert q.tolist() == pytest.approx([0.4 * (1 + 0.5 * rho), 0.0], rel=1e-6)
+    # calcu_q and Modality_drop (BML_TPAMI2024 code/models/Classifier.py): no epsilon anywhere
+    q = drop_probabilities(torch.tensor([3.0, 1.0]), q_base=0.5, alpha=0.5)
+    assert q.tolist() == pytest.approx([0.5 * (1 + 0.5 * math.tanh(3 / 1 - 1)), 0.0], rel=1e-6)
     q3 = drop_probabilities(torch.tensor([6.0, 1.0, 2.0]), q_base=0.8, alpha=1.0)
     assert q3.tolist() == pytest.approx([1.0, 0.0, 0.0])  # 0.8 (1 + tanh(1)) clipped at 1
     assert drop_probabilities(torch.tensor([2.0, 2.0, 1.0]), 0.4, 0.5).tolist() == [0, 0, 0]
+    assert drop_probabilities(torch.tensor([0.0, 0.0]), 0.5, 0.5).tolist() == [0, 0]  # 0/0
     feats = {"a": torch.ones(2, 3), "v": torch.ones(2, 1)}
     keep = {"a": torch.tensor([1.0, 0.0]), "v": torch.tensor([1.0, 1.0])}
     out = drop_features(feats, torch.tensor([0.5, 0.0]), keep)
-    scale = 1 / (1 - 3 * 0.5 / 4 + 1e-5)
+    scale = 1 / (1 - 3 * 0.5 / 4)
     assert torch.allclose(out["a"], torch.tensor([[scale] * 3, [0.0] * 3]))
     assert torch.allclose(out["v"], torch.full((2, 1), scale))
+
+
+def test_opm_defaults_are_the_official_script():
+    # train_opm.sh: --q_base 0.5 --lam 0.5 --p_exe 0.7; main.py: warm_up while epoch <= 5
+    cfg = OPMConfig()
+    assert (cfg.q_base, cfg.alpha, cfg.p_exe) == (0.5, 0.5, 0.7)
+    assert [cfg.modulates(e) for e in range(8)] == [False] * 6 + [True] * 2
+    assert cfg.modulates(10_000)  # no end: the official code drops to the last epoch
+    old = OPMConfig(modulation_starts=0, modulation_ends=80)  # old recipes still load
+    assert old.modulates(0) and not old.modulates(81)
+
+
+def test_opm_drops_nothing_in_epochs_0_to_5():
+    names = ["a", "v"]
+    model, batch = _model(names).eval(), _batch(names)
+    plain = model(batch.inputs).logits
+    method = OPM(OPMConfig(p_exe=1.0), 3)  # every batch in the window is modulated
+    for epoch in range(6):
+        out = method.forward(model, batch, TrainContext(epoch=epoch, epochs=10, step=0))
+        assert torch.equal(out.logits, plain)
+    dropped = method.forward(model, batch, TrainContext(epoch=6, epochs=10, step=0))
+    assert not torch.allclose(dropped.logits, plain)  # the 1 / (1 - theta) scale at least
 
 
 def test_opm_forward_drops_the_dominant_modality():
     names = ["a", "v"]
     model, batch = _model(names).eval(), _batch(names)
-    ctx = TrainContext(epoch=0, epochs=1, step=0)
+    ctx = TrainContext(epoch=6, epochs=7, step=0)
     plain = model(batch.inputs).logits
     never = OPM(OPMConfig(p_exe=0.0), 3).forward(model, batch, ctx)
     assert torch.allclose(never.logits, plain)
@@ -247,8 +270,7 @@ def test_opm_forward_drops_the_dominant_modality():
     always = OPM(OPMConfig(p_exe=1.0, q_base=1.0), 3).forward(model, batch, ctx)
     theta = 1.0 * 4 / 8  # the strong modality drops with q = 1; equal feature sizes
     feats = {
-        m: torch.zeros_like(h) if m == strong else h / (1 - theta + 1e-5)
-        for m, h in out.features.items()
+        m: torch.zeros_like(h) if m == strong else h / (1 - theta) for m, h in out.features.items()
     }
     assert torch.allclose(always.logits, model.fuse(feats), atol=1e-5)
 

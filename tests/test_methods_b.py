@@ -24,6 +24,8 @@ from mmval.methods.relearning import (
     Relearning,
     RelearningConfig,
     kmeans,
+    kmeans_plus_plus,
+    lloyd,
     minmax_scale,
     purity,
 )
@@ -147,6 +149,38 @@ def test_kmeans_finds_separated_blobs_deterministically():
     # Lloyd's fixed point: every point is nearest to the mean of its own cluster
     means = np.stack([x[clusters == c].mean(0) for c in range(4)])
     assert np.array_equal(((x[:, None] - means[None]) ** 2).sum(-1).argmin(1), clusters)
+
+
+def _eight_blobs(seed):
+    """Eight overlapping blobs in the plane: k-means++ starts end in different local optima."""
+    rng = np.random.RandomState(seed)
+    centers = rng.randn(8, 2) * 3
+    return np.concatenate([c + rng.randn(20, 2) for c in centers])
+
+
+def test_kmeans_keeps_the_best_of_ten_starts_as_sklearn_kmeans_random_state_0():
+    # ours.py reinit_score: KMeans(n_clusters=C, random_state=0), n_init 10 (scikit-learn < 1.4)
+    assert RelearningConfig().kmeans_inits == 10
+    x = _eight_blobs(1)
+    tol = 1e-4 * x.var(0).mean()
+    stream = np.random.RandomState(0)  # every start draws from the one RandomState, in turn
+    runs = [lloyd(x, kmeans_plus_plus(x, 8, stream), 300, tol) for _ in range(10)]
+    inertias = [inertia for _, inertia in runs]
+    best = int(np.argmin(inertias))
+    assert inertias[0] > inertias[best] + 1  # one start alone would stop in a worse optimum
+    clusters = kmeans(x, 8, iters=300)
+    assert np.array_equal(clusters, runs[best][0])
+    assert np.array_equal(kmeans(x, 8, iters=300, inits=1), runs[0][0])
+    assert np.array_equal(clusters, kmeans(x, 8, iters=300, seed=0))  # deterministic per seed
+    centers = np.stack([x[clusters == c].mean(0) for c in range(8)])
+    assert ((x - centers[clusters]) ** 2).sum() == pytest.approx(inertias[best])
+
+
+def test_kmeans_relocates_an_emptied_cluster_to_the_farthest_point():
+    x = np.array([[0.0], [1.0], [10.0]])
+    start = np.array([[0.0], [100.0]])  # the second centre wins no point
+    labels, inertia = lloyd(x, start, iters=10, tol=0.0)
+    assert labels.tolist() == [0, 0, 1] and inertia == pytest.approx(0.5)
 
 
 def test_relearning_soft_reinit_schedule_and_formula():

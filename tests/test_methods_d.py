@@ -7,12 +7,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from mmval.artifacts.checkpoint import Checkpoint, DataInfo, save_checkpoint
 from mmval.data.dataset import Batch
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
@@ -26,6 +29,7 @@ from mmval.methods.reconboost import (
     consolidation_loss,
 )
 from mmval.models import ModelConfig, build_model
+from mmval.models.fusions.shared import SharedFusionConfig
 from mmval.recipe import load_recipe
 from tests.conftest import assert_resume_matches, assert_trained, quick_recipe, trained
 
@@ -332,6 +336,65 @@ def test_reconboost_rectification_trains_the_ensemble_and_its_scale(epoch):
     assert method.boost.rate.item() == pytest.approx(0.5 - 0.5 * rate.grad.item(), rel=1e-6)
     assert result.loss.item() == pytest.approx(ce.item(), rel=1e-6)
     assert result.figures == {}
+
+
+def _save_unimodal(path, modality, seed):
+    """An mmval checkpoint of a unimodal model on `modality` (what a unimodal run's best.pt
+    holds for ReconBoost: the weights and the modalities)."""
+    model = _model([modality], seed=seed)
+    data = DataInfo(path="", dataset="", fingerprint="", classes=[], modalities=[modality])
+    save_checkpoint(path, Checkpoint(recipe={}, data=data, model=model.state_dict(), epoch=1))
+    return model
+
+
+def test_reconboost_starts_its_encoders_from_local_unimodal_checkpoints(tmp_path):
+    # train.py --use_pretrain: init_pretrain(model_audio, --m1ckpt), (model_visual, --m2ckpt)
+    teachers = {m: _save_unimodal(tmp_path / f"{m}.pt", m, seed=7 + i) for i, m in enumerate("ab")}
+    pretrained = {m: tmp_path / f"{m}.pt" for m in "ab"}
+    model = _model("ab")
+    head = {n: p.detach().clone() for n, p in model.fusion.named_parameters()}
+    config = ReconBoostConfig(pretrained=pretrained, full_ensemble=True)
+    ReconBoost(config, 3).build_modules(model)
+    for m, teacher in teachers.items():
+        for (n, got), want in zip(
+            model.encoders[m].named_parameters(), teacher.encoders[m].parameters(), strict=True
+        ):
+            assert torch.equal(got, want), f"{m}.{n}"
+    # the unimodal heads are not copied: the official shared head replaces them
+    assert all(torch.equal(p, head[n]) for n, p in model.fusion.named_parameters())
+    # both learners are in the ensemble from stage 0 (DynamicNet.add of both before stage 0)
+    assert config.phase(0, ["a", "b"]).ensemble == ("b",)
+    assert config.phase(4, ["a", "b"]).ensemble == ("a", "b")  # rectification of stage 0
+    with pytest.raises(UserError, match=r"method\.pretrained.*missing: b"):
+        ReconBoost(ReconBoostConfig(pretrained={"a": pretrained["a"]}), 3).build_modules(model)
+
+
+def test_reconboost_pretrained_needs_one_checkpoint_per_modality(recipe_file):
+    method = {"name": "reconboost", "pretrained": {"a": "a.pt", "b": "b.pt"}}
+    with pytest.raises(UserError, match=r"method\.pretrained"):
+        load_recipe(recipe_file(method=method, model__fusion="sum", data__modalities=["a", "c"]))
+    ok = recipe_file(method=method, model__fusion="sum", data__modalities=["a", "b"])
+    assert load_recipe(ok).method.pretrained == {"a": Path("a.pt"), "b": Path("b.pt")}
+
+
+def test_reconboost_published_crema_d_recipe_is_the_official_setting():
+    recipes = Path(__file__).parents[1] / "recipes"
+    recipe = load_recipe(recipes / "reconboost-crema-d.yaml")
+    method = recipe.method
+    assert isinstance(method, ReconBoostConfig)
+    assert method.full_ensemble and method.pretrained is not None
+    assert sorted(method.pretrained) == ["audio", "visual"]
+    assert method.phase(0, ["audio", "visual"]).ensemble == ("visual",)
+    # models/dynamic_net.py Head: Linear(512, 256)-ReLU-Linear(256, C), shared
+    fusion = recipe.model.fusion
+    assert isinstance(fusion, SharedFusionConfig) and fusion.hidden == 256
+    head = fusion.build({"audio": 512, "visual": 512}, 6).fc
+    assert [type(layer) for layer in head] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert (head[0].in_features, head[0].out_features) == (512, 256)
+    assert (head[2].in_features, head[2].out_features) == (256, 6)
+    scratch = load_recipe(recipes / "reconboost-scratch-crema-d.yaml").method
+    assert isinstance(scratch, ReconBoostConfig)
+    assert not scratch.full_ensemble and scratch.pretrained is None
 
 
 # ---------------------------------------------------------------- recipes and runs

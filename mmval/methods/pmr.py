@@ -1,9 +1,10 @@
 """PMR: prototypical modal rebalance.
 
 Paper: Fan, Xu, Wei, Wu, Guo, "PMR: Prototypical Modal Rebalance for Multimodal Learning",
-CVPR 2023. Follows the official code (fanyunfeng-bit/Modal-Imbalance-PMR,
-`main_Prototype_grad.py`: `calculate_prototype`, `train_epoch` with `--modulation Proto`); spec:
-docs/methods.md#pmr.
+CVPR 2023. Follows the official code (fanyunfeng-bit/Modal-Imbalance-PMR, commit
+3615e48983555089b0e693380087617c3797a641, `main_Prototype_grad.py`: `calculate_prototype`,
+`train_epoch` with `--modulation Proto`; its CREMA-D runs in `bash.sh`, of which the concat ones
+train with Adam on 3 frames: recipes/pmr-adam-crema-d.yaml); spec: docs/methods.md#pmr.
 
 What it changes: the loss, plus an epoch hook for prototypes.
 - Prototypes c_m^k: the mean encoder-m feature of the training samples of class k, computed in

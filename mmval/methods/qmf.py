@@ -1,14 +1,20 @@
 """QMF: quality-aware multimodal fusion with energy confidences trained by a ranking loss.
 
 Paper: Zhang, Wu, Zhang, Zhu, Hu, Zhou, Peng, "Provable Dynamic Fusion for Low-Quality
-Multimodal Data", ICML 2023. Follows the official code (QingyangZhang/QMF,
-`text-image-classification/train_qmf.py`: `model_forward`, `rank_loss`; `History` of
-`src/utils/utils.py`; `src/models/late_fusion.py` with `df=True`); spec:
-docs/methods.md#qmf.
+Multimodal Data", ICML 2023. Follows the official code (QingyangZhang/QMF, commit
+fe6c4c6ef7cb23f0a89594ee413d485f1854268b, `text-image-classification/train_qmf.py`:
+`model_forward`, `rank_loss`; `History` of `src/utils/utils.py`; `src/models/late_fusion.py`
+with `df=True`); spec: docs/methods.md#qmf.
 
 What it changes: the head and the loss. The `qmf` fusion (mmval/models/fusions/qmf.py) gives each
 modality its own head z_m and predicts z = sum_m sg(w_m) z_m, w_m = logsumexp(z_m) / 10. The
-loss is CE(z) + sum_m CE(z_m) + rank_weight * sum_m L_rank,m. Each modality keeps a history
+loss is CE(z) + sum_m CE(z_m) + rank_weight * sum_m L_rank,m. The weight is 1 in
+`train_qmf.py` (an unweighted sum; the config default) and in `RGBD-scene-recognition/
+train_QMF_sun.py` (`--lamb 1`), 0.1 in `train_QMF_nyud2.py` (`--lamb 0.1`) and in the
+audio-visual CREMA-D run of QMF that MLA's official code ships (Cecile-hi/Multimodal-Learning-
+with-Alternating-Unimodal-Adaptation, commit ab6c184579f9ff390e9c9b8216c9900c2a43545b, README's
+QMF command, `main.py` `train_epoch`: `cml_loss + clf_loss + 0.1 * crl_loss`), which the
+CREMA-D and Kinetics-Sounds recipes follow. Each modality keeps a history
 H_m[i] of the summed per-sample cross-entropy of training sample i (position in the train split,
 `batch.index`), updated before the rank loss on every visit. L_rank pairs sample i with the next
 one in the batch (j = roll(i, -1)); with H normalised over the whole split to [0, 1],

@@ -2,7 +2,8 @@
 rectification.
 
 Paper: Hua, Xu, Bao, Yang, Huang, "ReconBoost: Boosting Can Achieve Modality Reconcilement",
-ICML 2024. Follows the official code (huacong/ReconBoost: `train.py` `main` for two modalities,
+ICML 2024. Follows the official code (huacong/ReconBoost, commit
+14ab57ac26e0ad7badb29c4e08ec4ca9d4bb0932: `train.py` `main` for two modalities,
 `train_MSA.py` `main` for three, `schedule.py` `schedule_model` (fixed mode),
 `models/dynamic_net.py` `DynamicNet` and `Head`, `models/CREMA/basic_model.py`, `utils.py`
 `check_status`, the README's commands). Compared with BalanceBenchmark's port
@@ -25,8 +26,11 @@ What it changes: the schedule and the step (`train_step`), plus the ensemble's l
   head's share of it). E holds one learner per modality, the newest: `DynamicNet.add` replaces a
   modality's entry, and that learner is trained in place. From scratch (the official default),
   E starts empty and a modality joins after its first boosting phase; with `--use_pretrain`
-  (the README's commands, which load unimodal checkpoints) every modality is in E from stage 0:
-  `full_ensemble`.
+  (the README's commands) every modality is in E from stage 0 (`full_ensemble`) and its encoder
+  starts from a unimodal checkpoint (`train.py` `init_pretrain` with `--m1ckpt`/`--m2ckpt`):
+  `pretrained` names, per modality, the best.pt of a finished mmval `unimodal` run (local
+  files; only the encoder is copied, as the official `model.fc = net_ensemble.head` replaces the
+  unimodal head by the shared one).
 - Boosting, learner m (only encoder m runs with gradients, the others in E without, all in
   training mode; the head is trained through z_m):
     L = mean_b (1/C) (-w1 + w2 softmax(F_{E-m})[y]) log softmax(z_m)[y]
@@ -63,9 +67,14 @@ Deviations [ours]:
   boosting step. Its lr schedule (CREMA-D x0.1 every 30 stages, AVE x0.5 at stage 40, none in
   train_MSA.py) is the recipe's scheduler counted in epochs.
 - the head: official `common_space` (default on) applies one head, Linear(512, 256)-ReLU-
-  Linear(256, C) (`Head`; `MHead` Linear(128, 3) for MSA), to every modality. mmval's `shared`
-  fusion is one Linear (BalanceBenchmark's SharedHead), which the recipes use with fixed equal
-  weights; `common_space` off (a linear head per modality) is mmval's `sum`.
+  Linear(256, C) (`Head`; `MHead` Linear(128, 3) for MSA), to every modality: mmval's `shared`
+  fusion with `hidden: 256` and fixed equal weights (the CREMA-D and Kinetics-Sounds recipes;
+  the small-feature recipes keep one Linear, as `MHead`); `common_space` off (a linear head per
+  modality) is mmval's `sum`.
+- with `--use_pretrain`, a modality not yet boosted keeps its unimodal checkpoint's own head
+  in the official ensemble (its `fc` is replaced by the shared head only when its first stage
+  starts, and `DynamicNet.parameters` leaves `fc` out of rectification); here every modality's
+  logits come from the shared head from stage 0.
 - without `full_ensemble`, evaluation in the first M - 1 stages also reads the modalities not
   yet in E (their encoders untrained), where the official test reads E only. In training their
   encoders are not run (zero features, logits unused).
@@ -90,6 +99,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -98,7 +108,9 @@ from pydantic import Field
 from torch import nn
 
 from mmval.data.dataset import Batch
+from mmval.errors import UserError
 from mmval.methods.base import Method, MethodConfig, StepResult, StepTools, TrainContext
+from mmval.methods.linear_probe import load_encoder
 from mmval.models import ModelConfig, MultimodalModel
 from mmval.models.fusions.shared import SharedFusionConfig
 
@@ -135,6 +147,12 @@ class ReconBoostConfig(MethodConfig):
         default=False,
         description="every modality in the ensemble from stage 0 (official --use_pretrain, "
         "BalanceBenchmark); off: a modality joins after its first boosting phase",
+    )
+    pretrained: dict[str, Path] | None = Field(
+        default=None,
+        description="modality -> checkpoint (.pt) of a finished unimodal run whose encoder "
+        "initialises that modality's learner (official --use_pretrain, --m1ckpt/--m2ckpt); "
+        "none: from scratch",
     )
     consolidation_grad: bool = Field(
         default=False,
@@ -174,6 +192,14 @@ class ReconBoostConfig(MethodConfig):
         if model.mmtm is not None:
             found.append(
                 ("model.mmtm", "reconboost trains one encoder at a time; MMTM couples them")
+            )
+        given = self.pretrained
+        if given is not None and modalities is not None and set(given) != set(modalities):
+            found.append(
+                (
+                    "method.pretrained",
+                    f"needs one unimodal checkpoint per modality {modalities}, got {sorted(given)}",
+                )
             )
         return found
 
@@ -218,6 +244,19 @@ class ReconBoost(Method):
     boost: BoostRate
 
     def build_modules(self, model: MultimodalModel) -> nn.ModuleDict:
+        """The scale b; with `pretrained`, each encoder loaded from its unimodal checkpoint (a
+        resumed run reads the files again, then its checkpoint's weights replace them)."""
+        pretrained = self.config.pretrained
+        if pretrained is not None:
+            missing = [m for m in model.modalities if m not in pretrained]
+            if missing:
+                raise UserError(
+                    f"method.pretrained: give one unimodal checkpoint (the best.pt of a "
+                    f"unimodal run) per modality of the model ({', '.join(model.modalities)}); "
+                    f"missing: {', '.join(missing)}."
+                )
+            for m in model.modalities:
+                load_encoder(pretrained[m], m, model.encoders[m], f"method.pretrained.{m}")
         self.boost = BoostRate(self.config.boost_rate)
         return nn.ModuleDict({"boost_rate": self.boost})
 

@@ -1,8 +1,9 @@
 """Diagnosing and Re-learning: soft re-initialisation of the encoders that over-fit.
 
 Paper: Wei, Li, Hu, "Diagnosing and Re-learning for Balanced Multimodal Learning", ECCV 2024.
-Follows the official code (GeWu-Lab/Diagnosing_Relearning_ECCV2024, `code/ours.py`: `main`,
-`get_feature`, `reinit_score`, `purity_score`, `reinit`); spec:
+Follows the official code (GeWu-Lab/Diagnosing_Relearning_ECCV2024, commit
+025085ea82ed784c6ab6e5fb1b08bfe498dd0fc7, `code/ours.py`: `main`, `get_feature`, `reinit_score`,
+`purity_score`, `reinit`); spec:
 docs/methods.md#relearning.
 
 What it changes: nothing in the step. After epoch e (0-based) with e > 0 and e % R == 0 has been
@@ -18,10 +19,19 @@ purities and weights are logged in the row of epoch e + 1.
 
 Deviations: the official code reads the train features through its shuffled, augmenting train
 loader; here both splits come from `TrainContext.batches` (index order, no augmentation), which
-changes no purity but the augmentation's. k-means is scikit-learn's `KMeans(random_state=0)` there;
-scikit-learn is not installed here, so `kmeans` below is a small deterministic one: greedy
-k-means++ seeding as scikit-learn's (fixed seed, one initialisation, as its n_init="auto") and
-Lloyd iterations; with another random stream it may land on another local optimum.
+changes no purity but the augmentation's.
+
+k-means: `reinit_score` calls scikit-learn's `KMeans(n_clusters=C, random_state=0)` with its
+defaults. The repository pins no scikit-learn version; its code was released in July 2024 for
+ECCV 2024 (submitted in March 2024) and silences all warnings (`warnings.filterwarnings
+('ignore')`, which hides the n_init FutureWarning of 1.2 and 1.3): before 1.4 (January 2024)
+the default n_init is 10, so mmval takes the assumption that the published runs kept the best
+of 10 k-means++ starts by inertia (`kmeans_inits: 1` gives 1.4's "auto"). scikit-learn is not
+installed here, so `kmeans` below re-implements that KMeans: the starts drawn in turn from one
+`RandomState(0)` as scikit-learn 1.2 draws them, Lloyd iterations with its tolerance
+(1e-4 x the mean feature variance), 300 iterations at most and its relocation of empty
+clusters. It runs in float64 on the unshifted features, so on near ties it may still land on
+another optimum than scikit-learn would.
 theta_init is the model as built; it is not checkpointed, because the engine seeds the model
 before building it, so a resumed run snapshots the same weights again.
 
@@ -58,6 +68,12 @@ class RelearningConfig(MethodConfig):
     )
     reinit_num: int = Field(default=3, ge=0, description="N: at most this many re-inits (ours.sh)")
     kmeans_iters: int = Field(default=300, ge=1, description="Lloyd iterations (sklearn default)")
+    kmeans_inits: int = Field(
+        default=10,
+        ge=1,
+        description="k-means++ starts, the run of least inertia kept (KMeans n_init: 10 before "
+        "scikit-learn 1.4, 1 from it)",
+    )
 
 
 def minmax_scale(x: np.ndarray) -> np.ndarray:
@@ -66,39 +82,81 @@ def minmax_scale(x: np.ndarray) -> np.ndarray:
     return 2 * (x - low) / np.where(span == 0, 1.0, span) - 1
 
 
-def kmeans(x: np.ndarray, k: int, iters: int, seed: int = 0) -> np.ndarray:
-    """Cluster ids from k-means++ seeding (a fixed seed) and Lloyd iterations."""
-    rng = np.random.default_rng(seed)
-    x = x.astype(np.float64)
+def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.RandomState) -> np.ndarray:
+    """k initial centres by greedy k-means++, drawn as scikit-learn's `_kmeans_plusplus` (1.2)
+    draws them: the first uniformly, then of 2 + int(log k) candidates drawn by D^2 (uniform
+    draws on the cumulated potential) the one that lowers the potential most."""
     sq = (x**2).sum(1)
 
-    def dist2(c: np.ndarray) -> np.ndarray:  # [N, len(c)] squared distances
-        return np.maximum(sq[:, None] - 2 * x @ c.T + (c**2).sum(1)[None], 0.0)
+    def dist2(c: np.ndarray) -> np.ndarray:  # [len(c), N] squared distances
+        return np.maximum((c**2).sum(1)[:, None] - 2 * c @ x.T + sq[None], 0.0)
 
-    # greedy k-means++ as scikit-learn seeds it: of 2 + log(k) candidates drawn by D^2, keep the
-    # one that lowers the potential most
     trials = 2 + int(np.log(k))
-    centers = x[[rng.integers(len(x))]]
-    nearest = dist2(centers)[:, 0]
-    while len(centers) < k:
-        total = nearest.sum()
-        if total > 0:
-            picks = rng.choice(len(x), size=trials, p=nearest / total)
-        else:
-            picks = rng.integers(len(x), size=trials)
-        candidates = np.minimum(nearest[:, None], dist2(x[picks]))  # [N, trials]
-        best = candidates.sum(0).argmin()
-        centers = np.concatenate([centers, x[picks[[best]]]])
-        nearest = candidates[:, best]
-    assign = np.full(len(x), -1)
+    centers = np.empty((k, x.shape[1]))
+    centers[0] = x[rng.randint(len(x))]
+    nearest = dist2(centers[:1])[0]
+    potential = nearest.sum()
+    for c in range(1, k):
+        draws = rng.random_sample(trials) * potential
+        picks = np.clip(np.searchsorted(np.cumsum(nearest), draws), None, len(x) - 1)
+        candidates = np.minimum(nearest[None], dist2(x[picks]))  # [trials, N]
+        best = int(candidates.sum(1).argmin())
+        potential, nearest = candidates[best].sum(), candidates[best]
+        centers[c] = x[picks[best]]
+    return centers
+
+
+def lloyd(x: np.ndarray, centers: np.ndarray, iters: int, tol: float) -> tuple[np.ndarray, float]:
+    """Lloyd iterations from `centers` as scikit-learn's `_kmeans_single_lloyd`: stop when the
+    assignment repeats or the squared centre shift is at most `tol`; an emptied cluster takes
+    the point farthest from its centre (`_relocate_empty_clusters_dense`). Returns the
+    assignment and its inertia."""
+    sq = (x**2).sum(1)
+
+    def nearest(c: np.ndarray) -> np.ndarray:
+        return np.argmin(sq[:, None] - 2 * x @ c.T + (c**2).sum(1)[None], axis=1)
+
+    old = np.full(len(x), -1)
+    labels, converged = old, False
     for _ in range(iters):
-        new = dist2(centers).argmin(1)
-        if np.array_equal(new, assign):
+        labels = nearest(centers)
+        counts = np.bincount(labels, minlength=len(centers)).astype(np.float64)
+        sums = np.zeros_like(centers)
+        np.add.at(sums, labels, x)
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):
+            dist = ((x - centers[labels]) ** 2).sum(1)
+            for j, i in zip(empty, np.argsort(-dist, kind="stable"), strict=False):
+                sums[labels[i]] -= x[i]
+                counts[labels[i]] -= 1
+                sums[j], counts[j] = x[i], 1.0
+        new = sums / np.where(counts > 0, counts, 1.0)[:, None]
+        shift = float(((new - centers) ** 2).sum())
+        centers = new
+        if np.array_equal(labels, old):
+            converged = True
             break
-        assign = new
-        for j in np.unique(assign):
-            centers[j] = x[assign == j].mean(0)
-    return assign
+        if shift <= tol:
+            break
+        old = labels
+    if not converged:
+        labels = nearest(centers)  # the assignment of the final centres
+    return labels, float(((x - centers[labels]) ** 2).sum())
+
+
+def kmeans(x: np.ndarray, k: int, iters: int, inits: int = 10, seed: int = 0) -> np.ndarray:
+    """Cluster ids of the k-means run of least inertia among `inits` k-means++ starts, drawn in
+    turn from one `RandomState(seed)` (scikit-learn's `KMeans(n_clusters=k,
+    random_state=seed)`, n_init 10 before 1.4, tol 1e-4 of the mean feature variance)."""
+    rng = np.random.RandomState(seed)
+    x = x.astype(np.float64)
+    tol = 1e-4 * float(x.var(0).mean())
+    best, least = np.zeros(len(x), dtype=np.int64), np.inf
+    for _ in range(inits):
+        labels, inertia = lloyd(x, kmeans_plus_plus(x, k, rng), iters, tol)
+        if inertia < least:
+            best, least = labels, inertia
+    return best
 
 
 def purity(labels: np.ndarray, clusters: np.ndarray) -> float:
@@ -133,8 +191,7 @@ class Relearning(Method):
         feats = {role: self._features(model, ctx, role) for role in ("train", "val")}
         for m in model.modalities:
             p_train, p_val = (
-                purity(labels, kmeans(minmax_scale(h[m]), self.num_classes, cfg.kmeans_iters))
-                for h, labels in (feats["train"], feats["val"])
+                purity(labels, self._clusters(h[m])) for h, labels in (feats["train"], feats["val"])
             )
             w = relearn_weight(p_train, p_val, cfg.move_lambda)
             with torch.no_grad():
@@ -144,6 +201,11 @@ class Relearning(Method):
                 {f"purity_train_{m}": p_train, f"purity_val_{m}": p_val, f"reinit_w_{m}": w}
             )
         model.train()
+
+    def _clusters(self, features: np.ndarray) -> np.ndarray:
+        """`reinit_score`: MinMaxScaler((-1, 1)), then KMeans(n_clusters=C, random_state=0)."""
+        cfg = self.config
+        return kmeans(minmax_scale(features), self.num_classes, cfg.kmeans_iters, cfg.kmeans_inits)
 
     def on_epoch_end(self, model: MultimodalModel, ctx: TrainContext) -> dict[str, float]:
         figures, self.figures = self.figures, {}

@@ -1,4 +1,4 @@
-"""Shared head (MLA): one linear head applied to every modality, fixed or entropy weights."""
+"""Shared head (MLA, ReconBoost): one head applied to every modality, fixed or entropy weights."""
 
 from __future__ import annotations
 
@@ -29,7 +29,11 @@ class SharedFusion(nn.Module):
       not the mean of the per-sample weights. A prediction then depends on the other samples of
       its evaluation batch (`train.eval_batch_size`; official: the training batch size, in test
       order), and under DDP on each rank's share; in valuation the pooled weights mix the
-      evaluated coalitions, so `dynamic` is the one to value."""
+      evaluated coalitions, so `dynamic` is the one to value.
+
+    H is one Linear (MLA), or with `hidden` Linear(d, hidden)-ReLU-Linear(hidden, C), the head
+    ReconBoost's official code shares between its modalities (huacong/ReconBoost, commit
+    14ab57ac26e0ad7badb29c4e08ec4ca9d4bb0932, `models/dynamic_net.py` `Head`: hidden 256)."""
 
     def __init__(
         self,
@@ -37,6 +41,7 @@ class SharedFusion(nn.Module):
         num_classes: int,
         weights: dict[str, float] | None,
         inference: InferenceName,
+        hidden: int | None = None,
     ) -> None:
         super().__init__()
         self.names = list(dims)
@@ -55,7 +60,12 @@ class SharedFusion(nn.Module):
         self.inference = inference
         fixed = weights or dict.fromkeys(self.names, 1 / len(self.names))
         self.weights = [fixed[m] for m in self.names]
-        self.fc = nn.Linear(dims[self.names[0]], num_classes)
+        width = dims[self.names[0]]
+        self.fc = (
+            nn.Linear(width, num_classes)
+            if hidden is None
+            else nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        )
 
     def unimodal_logits(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.fc(feats[m]) for m in self.names}
@@ -98,6 +108,12 @@ class SharedFusionConfig(FusionConfig):
         description="shared fusion with inference fixed: weight by modality (default 1/M; MLA "
         "official 0.5/0.5, three modalities a 0.35, v 0.25, t 0.4)",
     )
+    hidden: int | None = Field(
+        default=None,
+        ge=1,
+        description="shared fusion: one Linear head (none; MLA), or Linear(d, hidden)-ReLU-"
+        "Linear(hidden, C) (ReconBoost's official head: 256)",
+    )
 
     def build(self, dims: dict[str, int], num_classes: int) -> nn.Module:
-        return SharedFusion(dims, num_classes, self.weights, self.inference)
+        return SharedFusion(dims, num_classes, self.weights, self.inference, self.hidden)
