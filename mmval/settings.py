@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 from mmval.data.shards import sha256_json
 
@@ -36,12 +37,28 @@ class Effect(Enum):
 
 
 class AddedLater:
-    """Marks a field added after runs were written, `Annotated[list[X], ADDED_LATER]`: at its
-    default it is left out of a run's identity, so those runs keep their settings hash and
-    still count as finished and resumable."""
+    """Marks a field added after runs were written: `Annotated[X, ADDED_LATER]` when those runs
+    computed what its default computes, `Annotated[X, AddedLater(before=v)]` when they computed
+    what `v` computes (the field came with a new default). At that value it is left out of a
+    run's identity, so those runs keep their settings hash and still count as finished and
+    resumable, and a stored dump without the field reads as that value (`normalised`)."""
+
+    def __init__(self, before: Any = PydanticUndefined) -> None:
+        self.before = before
+
+    def value(self, info: FieldInfo) -> Any:
+        """What the runs written before the field computed with."""
+        if self.before is PydanticUndefined:
+            return info.get_default(call_default_factory=True)
+        return self.before
 
 
 ADDED_LATER = AddedLater()
+
+
+def _added_later(info: FieldInfo) -> AddedLater | None:
+    return next((m for m in info.metadata if isinstance(m, AddedLater)), None)
+
 
 SETTING = frozenset({Effect.RESULT, Effect.RESUMABLE})  # what the settings hash covers
 FIXED = frozenset({Effect.RESULT})  # what must match to resume a run
@@ -66,7 +83,8 @@ def _select(model: BaseModel, dump: dict[str, Any], effects: frozenset[Effect]) 
         if effect_of(info) not in effects or name not in dump:
             continue
         value, dumped = getattr(model, name), dump[name]
-        if ADDED_LATER in info.metadata and value == info.get_default(call_default_factory=True):
+        mark = _added_later(info)
+        if mark is not None and value == mark.value(info):
             continue
         nested = isinstance(value, BaseModel) and isinstance(dumped, dict)
         kept[name] = _select(value, dumped, effects) if nested else dumped
@@ -117,6 +135,20 @@ def normalised(cls: type[M], dump: dict[str, Any]) -> M | None:
     """A stored dump read through today's model (older formats and omitted defaults filled in,
     so it compares with a new dump), or None when today's model no longer accepts it."""
     try:
-        return cls.model_validate(dump)
+        model = cls.model_validate(dump)
     except ValidationError:
         return None
+    _as_before(model)
+    return model
+
+
+def _as_before(model: BaseModel) -> None:
+    """Give the fields added later that a stored dump lacks the value its run computed with
+    (`AddedLater.before`), in nested models too."""
+    for name, info in type(model).model_fields.items():
+        mark = _added_later(info)
+        if mark is not None and name not in model.model_fields_set:
+            setattr(model, name, mark.value(info))
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            _as_before(value)

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
-from mmval.data.dataset import Batch
+from mmval.data.dataset import Batch, ParquetSamples, collate_batch
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
 from mmval.methods.agm import (
@@ -26,6 +27,8 @@ from mmval.methods.opm import OPM, OPMConfig, drop_features, drop_probabilities
 from mmval.methods.pmr import PMR, PMRConfig, prototype_weights
 from mmval.models import ModelConfig, build_model
 from mmval.recipe import load_recipe
+from mmval.valuation.run import load_with_data
+from tests.conftest import quick_recipe, trained
 
 
 def _model(names, fusion="concat", dropout=0.0, num_classes=3, seed=0):
@@ -211,6 +214,32 @@ def test_mmcosine_logits_match_the_official_formula():
         w = weight[:, 4 * j : 4 * (j + 1)]
         expected = expected + 10 * F.normalize(out.features[m], dim=1) @ F.normalize(w.T, dim=0)
     assert torch.allclose(out.logits, expected, atol=1e-5)
+
+
+def test_mmcosine_logs_the_official_linear_head_accuracy(uci_dir, tmp_path):
+    """`acc` is the cosine prediction; `<split>_linear_acc` is main_CD.py's `valid`, the plain
+    concat head over the raw features, scored on the same model."""
+    recipe = quick_recipe("mmcosine", uci_dir, tmp_path / "runs", epochs=2)
+    result, metrics = trained(recipe)
+    loaded = load_with_data(result.run_dir / "best.pt")
+    model = loaded.model.eval()
+    data = ParquetSamples(uci_dir, "test", model.modalities)
+    feats, labels = {m: [] for m in model.modalities}, []
+    for batch in DataLoader(data, batch_size=256, collate_fn=collate_batch):
+        with torch.no_grad():
+            out = model(batch.inputs)
+        for m in model.modalities:
+            feats[m].append(out.features[m])
+        labels.append(batch.label)
+    h = torch.cat([torch.cat(feats[m]) for m in model.modalities], dim=1)
+    weight = model.fusion.fc.weight  # [C, sum of dims]: main_CD.py's fc_out over cat(a, v)
+    linear = (h @ weight.T).argmax(1)
+    label = torch.cat(labels)
+    best = metrics[metrics["epoch"] == loaded.ckpt.epoch].iloc[0]
+    assert best["test_linear_acc"] == pytest.approx((linear == label).float().mean().item())
+    assert "val_linear_acc" in metrics.columns
+    cosine = model.fuse({m: torch.cat(feats[m]) for m in model.modalities}).argmax(1)
+    assert best["test_acc"] == pytest.approx((cosine == label).float().mean().item())
 
 
 # ---------------------------------------------------------------- OPM

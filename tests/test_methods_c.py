@@ -22,7 +22,8 @@ from mmval.methods.qmf import QMF, QMFConfig, normalise_history, rank_loss
 from mmval.methods.tmc import TMC, TMCConfig, dirichlet_kl_to_uniform, evidential_loss
 from mmval.models import ModelConfig, build_model
 from mmval.models.fusions.tmc import combine_evidence
-from mmval.recipe import load_recipe
+from mmval.recipe import Recipe, load_recipe
+from mmval.settings import SETTING, identity, normalised, resume_refusal
 
 
 def _model(names, fusion, num_classes=3, seed=0, **extra):
@@ -335,6 +336,23 @@ def test_mla_steps_each_modality_in_turn_and_projects_after_the_first_update():
     assert method.updates == 2
     assert result.loss.item() == pytest.approx(sum(losses) / 2, rel=1e-6)
     assert result.figures == pytest.approx({"loss_a": losses[0], "loss_b": losses[1]})
+
+
+def test_mla_runs_written_before_the_projection_field_stay_projected(recipe_file):
+    """Old runs projected: their stored recipes (no `projection`) read as `owm`, keep their
+    identity (so their settings hash), and are not taken for a run of the new default."""
+    new = load_recipe(recipe_file(method={"name": "mla"}, model__fusion="shared"))
+    owm = load_recipe(
+        recipe_file(method={"name": "mla", "projection": "owm"}, model__fusion="shared")
+    )
+    old_dump = owm.model_dump(mode="json")
+    del old_dump["method"]["projection"]  # what mmval wrote before the field
+    old = normalised(Recipe, old_dump)
+    assert old is not None and old.method.projection == "owm"
+    assert identity(old, SETTING)["method"] == {"name": "mla"}  # as the old runs' hash had it
+    assert old.settings_hash() == owm.settings_hash() != new.settings_hash()
+    refusal = resume_refusal(old, new)
+    assert refusal is not None and "method.projection" in refusal
 
 
 # ---------------------------------------------------------------- late fusion

@@ -34,7 +34,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from mmval.engine.session import Session, autocast
 from mmval.errors import UserError
 from mmval.methods import TrainContext
 from mmval.methods.base import StepTools
-from mmval.models import MultimodalModel
+from mmval.models import ModelOutput, MultimodalModel
 from mmval.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class Predictions:
     logits: np.ndarray
     labels: np.ndarray
     unimodal_pred: dict[str, np.ndarray]
+    readout_pred: dict[str, np.ndarray] = field(default_factory=dict)  # Method.eval_readouts
 
     def metrics(self, prefix: str) -> dict[str, float]:
         pred = self.logits.argmax(1)
@@ -101,6 +102,8 @@ class Predictions:
         }
         for m, upred in self.unimodal_pred.items():
             row[f"{prefix}_acc_{m}"] = accuracy(upred, self.labels)
+        for name, rpred in self.readout_pred.items():
+            row[f"{prefix}_{name}_acc"] = accuracy(rpred, self.labels)
         return row
 
     def gathered(self) -> Predictions:
@@ -113,6 +116,7 @@ class Predictions:
             logits=cat(self.logits),
             labels=cat(self.labels),
             unimodal_pred={m: cat(v) for m, v in self.unimodal_pred.items()},
+            readout_pred={name: cat(v) for name, v in self.readout_pred.items()},
         )
 
 
@@ -125,8 +129,10 @@ def predict(
     batch_size: int,
     precision: str = "fp32",
     positions: Sequence[int] | None = None,
+    readouts: Callable[[MultimodalModel, ModelOutput], dict[str, torch.Tensor]] | None = None,
 ) -> Predictions:
-    """Predictions for the dataset in order, or for `positions` only."""
+    """Predictions for the dataset in order, or for `positions` only (and those of the
+    method's other read-outs, `readouts`)."""
     model.eval()
     loader = DataLoader(
         dataset,
@@ -136,10 +142,13 @@ def predict(
         collate_fn=collate_batch,
     )
     logits, labels, unimodal = [], [], {m: [] for m in model.modalities}
+    extra: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
         batch = batch.to(device)
         with autocast(device, precision):
             out = model(batch.inputs)
+            for name, z in ({} if readouts is None else readouts(model, out)).items():
+                extra.setdefault(name, []).append(z.argmax(1).cpu())
         logits.append(out.logits.float().cpu())
         labels.append(batch.label.cpu())
         if out.unimodal_logits is not None:
@@ -149,6 +158,7 @@ def predict(
         logits=torch.cat(logits).numpy(),
         labels=torch.cat(labels).numpy(),
         unimodal_pred={m: torch.cat(v).numpy() for m, v in unimodal.items() if v},
+        readout_pred={name: torch.cat(v).numpy() for name, v in extra.items()},
     )
 
 
@@ -412,6 +422,7 @@ def evaluate(run: Fit) -> tuple[dict[str, float], Predictions]:
             batch_size=train.eval_batch_size,
             precision=train.precision,
             positions=share,
+            readouts=session.method.eval_readouts,
         ).gathered()
         row.update(preds.metrics(role))
     return row, preds

@@ -18,7 +18,8 @@ every rank: statistics they depend on are reduced with `mmval.distributed`. Each
 docstring says what it reduces.
 Prediction (evaluation, valuation) is always the model's own fusion head: a method that changes
 how predictions are made does so through a fusion (`model.fusion`), so that every method's
-checkpoint is valued the same way.
+checkpoint is valued the same way. `eval_readouts` only adds accuracies of other read-outs of the
+same model to the evaluation row (an official code that validates with another head).
 """
 
 from __future__ import annotations
@@ -287,6 +288,12 @@ class Method:
 
     def on_epoch_end(self, model: MultimodalModel, ctx: TrainContext) -> dict[str, float]:
         """Called after the last step of each epoch; returns figures for the epoch log."""
+        return {}
+
+    def eval_readouts(self, model: MultimodalModel, out: ModelOutput) -> dict[str, torch.Tensor]:
+        """Logits [B, C] of other read-outs of the model in evaluation, by name: their accuracy
+        is logged beside the prediction's as `<split>_<name>_acc`; never selected on, saved or
+        valued."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

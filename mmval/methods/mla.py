@@ -46,7 +46,7 @@ gradient.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +55,9 @@ from pydantic import Field
 from mmval.data.dataset import Batch
 from mmval.distributed import batch_mean
 from mmval.methods.base import Method, MethodConfig, StepResult, StepTools, TrainContext
-from mmval.models import MultimodalModel
+from mmval.models import ModelConfig, MultimodalModel
 from mmval.models.fusions.shared import SharedFusion
+from mmval.settings import AddedLater
 
 
 class MLAConfig(MethodConfig):
@@ -64,12 +65,25 @@ class MLAConfig(MethodConfig):
     fusions: ClassVar[tuple[str, ...] | None] = ("shared",)
     min_modalities: ClassVar[int] = 2
     name: Literal["mla"] = "mla"
-    projection: Literal["none", "owm"] = Field(
+    # runs written before the field projected: they keep their settings hash as `owm`
+    projection: Annotated[Literal["none", "owm"], AddedLater(before="owm")] = Field(
         default="none",
         description="gradient projection of the shared head: none (the official code as "
         "released, whose projection never runs) or owm (the paper's, as BalanceBenchmark "
         "fixed it; mmval's MLA before this field)",
     )
+
+    def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
+        fusion = model.fusion
+        if self.projection == "owm" and getattr(fusion, "hidden", None) is not None:
+            return [
+                (
+                    "model.fusion.hidden",
+                    "MLA's owm projection edits the gradient of one Linear head; leave hidden "
+                    "unset, or use projection: none",
+                )
+            ]
+        return []
 
 
 def update_projection(projection: torch.Tensor, mean_feature: torch.Tensor, a: float) -> None:
@@ -98,9 +112,10 @@ class MLA(Method):
     ) -> StepResult:
         fusion = model.fusion
         assert isinstance(fusion, SharedFusion)
-        weight = fusion.fc.weight
         project = self.config.projection == "owm"
+        weight = fusion.fc.weight if project else None  # a Linear head (problems())
         if project and self.projection is None:
+            assert isinstance(weight, torch.Tensor)
             self.projection = torch.eye(weight.shape[1], device=weight.device)
         progress = (ctx.step - self.epoch_first_step) / max(ctx.steps_per_epoch, 1)
         a = 0.1 ** (1 + progress)
@@ -114,7 +129,7 @@ class MLA(Method):
             loss.backward()
             tools.reduce_gradients()  # DDP: the projection edits the global batch's gradient
             if project and self.updates > 0:
-                assert self.projection is not None
+                assert self.projection is not None and isinstance(weight, torch.Tensor)
                 with torch.no_grad():
                     # a resumed run loads P on the CPU
                     self.projection = self.projection.to(weight.device)

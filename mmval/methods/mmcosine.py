@@ -1,15 +1,23 @@
 """MMCosine: modality-wise cosine logits, trained with plain cross-entropy.
 
 Paper: Xu, Feng, Hu, Wei, "MMCosine: Multi-Modal Cosine Loss Towards Balanced Audio-Visual
-Fine-Grained Learning", ICASSP 2023. Follows the official code (GeWu-Lab/MMCosine_ICASSP23,
-`main_CD.py`, `--mmcosine True`); spec: docs/methods.md#mmcosine.
+Fine-Grained Learning", ICASSP 2023. Follows the official code (GeWu-Lab/MMCosine_ICASSP23 at
+00ba0a9cbd9b866b5017e972a1266d7b664bf86e, `main_CD.py`, `--mmcosine True`); spec:
+docs/methods.md#mmcosine.
 
 What it changes: only the head. z_m[c] = s cos(h_m, w_{m,c}) against modality m's slice of a
-bias-free concat head, z = sum_m z_m, L = CE(z, y), and the same logits at test time. That head
-is the model option `model.fusion: cosine` (`mmval.models.fusions.cosine.CosineFusion`), so every
-method can use it and checkpoints are valued like any other; this method is plain CE and
-refuses any other fusion. The scale s is `model.fusion.scale`: official default 10 (the
-recipes' default), BalanceBenchmark 15.
+bias-free concat head, z = sum_m z_m, L = CE(z, y) (`train_epoch`, lines 113-118), and the same
+logits predict (`acc`). That head is the model option `model.fusion: cosine`
+(`mmval.models.fusions.cosine.CosineFusion`), so every method can use it and checkpoints are
+valued like any other; this method is plain CE and refuses any other fusion. The scale s is
+`model.fusion.scale`: official default 10 (the recipes' default), BalanceBenchmark 15.
+
+The official validation (`valid`, lines 181 and 196) scores the fused accuracy with the model's
+plain output, the linear concat head W [h_1; ...; h_M] + b, not with the cosine sum: that
+read-out is logged too, as `val_linear_acc` / `test_linear_acc` (`eval_readouts`), so that the
+published figure can be compared; model selection and `acc` stay the cosine prediction, the
+one the method trains. The official head's bias gets no gradient from the cosine loss and keeps
+its random initial value; the cosine fusion has no bias, so the linear read-out here is W [h].
 
 M > 2: native (the sum runs over all modalities).
 
@@ -27,7 +35,11 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import torch
+
 from mmval.methods.base import Method, MethodConfig
+from mmval.models import ModelOutput, MultimodalModel
+from mmval.models.fusions.cosine import CosineFusion
 
 
 class MMCosineConfig(MethodConfig):
@@ -38,3 +50,10 @@ class MMCosineConfig(MethodConfig):
 
 class MMCosine(Method):
     Config: ClassVar[type[MethodConfig]] = MMCosineConfig
+
+    def eval_readouts(self, model: MultimodalModel, out: ModelOutput) -> dict[str, torch.Tensor]:
+        """The official validation's fused output: the cosine head's weight as a plain linear
+        head over the concatenated features."""
+        fusion = model.fusion
+        assert isinstance(fusion, CosineFusion)
+        return {"linear": fusion.fc(torch.cat([out.features[m] for m in fusion.names], dim=1))}

@@ -45,7 +45,7 @@ same arrays (k-means is deterministic) and moves its encoders by the same weight
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ from pydantic import Field
 from mmval.distributed import gather_rows
 from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.models import MultimodalModel
+from mmval.settings import AddedLater
 
 
 class RelearningConfig(MethodConfig):
@@ -68,7 +69,8 @@ class RelearningConfig(MethodConfig):
     )
     reinit_num: int = Field(default=3, ge=0, description="N: at most this many re-inits (ours.sh)")
     kmeans_iters: int = Field(default=300, ge=1, description="Lloyd iterations (sklearn default)")
-    kmeans_inits: int = Field(
+    # runs written before the field clustered once: they keep their settings hash as 1
+    kmeans_inits: Annotated[int, AddedLater(before=1)] = Field(
         default=10,
         ge=1,
         description="k-means++ starts, the run of least inertia kept (KMeans n_init: 10 before "
