@@ -27,8 +27,9 @@ s_m > sum_{k != m} s_k, so at most one modality is ever dropped and no sample lo
 them; the official removal of such samples (`update_flag`) therefore never acts and is left out.
 
 Deviations: needs per-modality logits for the scores, so the fusion must be decomposable. The
-official model initialises its Linear layers xavier-normal with zero bias (`main.py`
-`weight_init`); here the model's own initialisation applies.
+official model initialises its layers with `main.py` `weight_init` (xavier-normal Linear
+weights, zero biases, kaiming-normal convs), which is `model.init: xavier`, set in the
+Kinetics-Sounds recipe; the other recipes keep PyTorch's initialisation.
 
 DDP: the scores s_m are summed over the ranks (`all_reduce`, before the batch's draw, so every
 rank takes part whether or not the batch is modulated), giving every rank the global batch's
