@@ -125,3 +125,16 @@ def test_test_max_bootstraps_only_predictions_of_the_selected_epoch(tree):
     moved = published.copy()
     moved.loc[0, "checkpoint_epoch"] = moved.loc[0, "best_epoch"] + 1
     assert len(_paired_predictions(runs, moved, published, list(SEEDS), {})) == len(SEEDS) - 1
+
+
+def test_test_max_reads_runs_written_before_the_protocol_existed():
+    """Run folders of older mmval versions (no `train.protocol` in their recipe) trained on
+    train alone: they report under both selections, labelled `test-max` under the second."""
+    legacy = Path(__file__).parent / "data" / "legacy-runs"
+    runs = find_runs(legacy, "test-max").runs
+    assert len(runs) and set(runs["protocol"]) == {"validation"}
+    assert set(runs["selection"]) == {TEST_MAX_LABEL}
+    for run in runs.itertuples():
+        history = pd.read_parquet(Path(run.run) / "metrics.parquet")
+        assert run.best_epoch == history.loc[history["test_acc"].idxmax(), "epoch"]
+    assert len(find_runs(legacy).runs) == len(runs)
