@@ -57,6 +57,13 @@ def test_plugin_on_qmf_trains_resumes_and_is_valued(plugin, uci_dir, tmp_path):
     assert valued.table["contribution"].notna().all() and valued.table["correct"].mean() > 0.5
 
 
+def test_a_plugged_method_keeps_its_evaluation_readouts(uci_dir, tmp_path):
+    """mmcosine + c3r still logs the official linear-head accuracy beside the cosine one."""
+    recipe = plugged_recipe("mmcosine", "c3r", uci_dir, tmp_path / "runs")
+    _, metrics = trained(recipe)
+    assert metrics["test_linear_acc"].between(0, 1).all()
+
+
 def test_plugins_keep_the_base_methods_loss_and_add_their_terms(uci_dir, tmp_path):
     recipe = plugged_recipe("qmf", "imml", uci_dir, tmp_path / "runs", gamma1=0.0, gamma2=0.0)
     method = with_plugins(build_method(recipe.method, 10), recipe.plugins, 10)

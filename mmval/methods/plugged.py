@@ -66,6 +66,9 @@ class Plugged(Method):
             figures = figures | {f"{plugin.config.name}_{k}": v for k, v in own.items()}
         return figures
 
+    def eval_readouts(self, model: MultimodalModel, out: ModelOutput) -> dict[str, torch.Tensor]:
+        return self.base.eval_readouts(model, out)
+
     def state_dict(self) -> dict[str, Any]:
         return self.base.state_dict()  # the plug-ins keep theirs in their necks
 
