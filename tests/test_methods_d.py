@@ -31,6 +31,7 @@ from mmval.methods.reconboost import (
 from mmval.models import ModelConfig, build_model
 from mmval.models.fusions.shared import SharedFusionConfig
 from mmval.recipe import load_recipe
+from mmval.settings import SETTING, identity
 from tests.conftest import assert_resume_matches, assert_trained, quick_recipe, trained
 
 
@@ -462,3 +463,16 @@ def test_reconboost_resume_matches_an_uninterrupted_run(recipe_file):
     recipe = load_recipe(recipe_file(method=method, train__epochs=4))
     metrics = assert_resume_matches(recipe, stop=3)
     assert metrics["method_boost_rate"].nunique() > 1  # b moved, so resume had it to restore
+
+
+def test_reconboosts_added_fields_leave_older_recipes_their_hash(recipe_file):
+    """`method.pretrained` and the shared head's `hidden` came later: at their defaults they are
+    out of the run identity, so run folders written before them keep their settings hash."""
+    shared = {"name": "shared", "inference": "fixed"}
+    recipe = load_recipe(recipe_file(method={"name": "reconboost"}, model__fusion=shared))
+    kept = identity(recipe, SETTING)
+    assert "pretrained" not in kept["method"] and "hidden" not in kept["model"]["fusion"]
+    widened = load_recipe(
+        recipe_file(method={"name": "reconboost"}, model__fusion=shared | {"hidden": 8})
+    )
+    assert widened.settings_hash() != recipe.settings_hash()

@@ -100,7 +100,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +113,7 @@ from mmval.methods.base import Method, MethodConfig, StepResult, StepTools, Trai
 from mmval.methods.linear_probe import load_encoder
 from mmval.models import ModelConfig, MultimodalModel
 from mmval.models.fusions.shared import SharedFusionConfig
+from mmval.settings import ADDED_LATER
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ class ReconBoostConfig(MethodConfig):
         description="every modality in the ensemble from stage 0 (official --use_pretrain, "
         "BalanceBenchmark); off: a modality joins after its first boosting phase",
     )
-    pretrained: dict[str, Path] | None = Field(
+    pretrained: Annotated[dict[str, Path] | None, ADDED_LATER] = Field(
         default=None,
         description="modality -> checkpoint (.pt) of a finished unimodal run whose encoder "
         "initialises that modality's learner (official --use_pretrain, --m1ckpt/--m2ckpt); "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -10,6 +10,7 @@ from torch import nn
 
 from mmval.errors import UserError
 from mmval.models.fusions.base import FusionConfig
+from mmval.settings import ADDED_LATER
 
 InferenceName = Literal["dynamic", "dynamic_batch", "fixed"]
 
@@ -108,7 +109,7 @@ class SharedFusionConfig(FusionConfig):
         description="shared fusion with inference fixed: weight by modality (default 1/M; MLA "
         "official 0.5/0.5, three modalities a 0.35, v 0.25, t 0.4)",
     )
-    hidden: int | None = Field(
+    hidden: Annotated[int | None, ADDED_LATER] = Field(
         default=None,
         ge=1,
         description="shared fusion: one Linear head (none; MLA), or Linear(d, hidden)-ReLU-"
