@@ -6,7 +6,9 @@ encoders [256] -> 128, concat fusion), one per M, shared by the three contenders
 the same Parquet shards with the same batch size:
 - eval: `mmval.engine.loop.predict`, the evaluation the trainer runs each epoch;
 - engine: `value_dataset` (encoders once, all 2^M subsets through the head in batched calls);
-- naive: `value_dataset` with path="naive" (one full forward per subset).
+- naive: `value_dataset` with path="naive" (one full forward per subset);
+- subsets: `subsets_dataset`, the `mmval value --method subsets` table (every sample on every
+  non-empty subset, the missing-modality protocol), which should cost about what engine does.
 Each is timed `--repeats` times, interleaved, and the fastest run counts (the machine is
 shared). Run: python bench/valuation.py [--repeats R] [--device cpu|cuda]. Prints one JSON
 object on its last line and writes it to bench/results/valuation.json.
@@ -31,6 +33,7 @@ from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import EvalPath
 from mmval.valuation.registry import build_method
 from mmval.valuation.run import value_dataset
+from mmval.valuation.subsets import subsets_dataset
 
 DIMS = [76, 216, 64, 240, 47, 6]  # fou, fac, kar, pix, zer, mor
 CLASSES = 10
@@ -90,6 +93,9 @@ def bench_m(m: int, root: Path, repeats: int, batch_size: int, device: torch.dev
         "eval": lambda: predict(model, dataset, device, batch_size=batch_size),
         "engine": engine("auto"),
         "naive": engine("naive"),
+        "subsets": lambda: subsets_dataset(
+            model, dataset, "feature", fills=None, device=device, batch_size=batch_size
+        ),
     }
     times = fastest(runs, repeats)
     return {
@@ -98,6 +104,7 @@ def bench_m(m: int, root: Path, repeats: int, batch_size: int, device: torch.dev
         f"naive_s_M{m}": round(times["naive"], 4),
         f"engine_over_eval_M{m}": round(times["engine"] / times["eval"], 2),
         f"naive_over_eval_M{m}": round(times["naive"] / times["eval"], 2),
+        f"subsets_over_eval_M{m}": round(times["subsets"] / times["eval"], 2),
     }
 
 

@@ -388,8 +388,9 @@ def value(
     method: Annotated[
         str,
         typer.Option(
-            help="shapley (exact, M <= 10), shapley-mc (sampled), cmob, or dcor (distance "
-            "correlation of the joint representation with each ground-truth group)"
+            help="shapley (exact, M <= 10), shapley-mc (sampled), cmob, dcor (distance "
+            "correlation of the joint representation with each ground-truth group), or subsets "
+            "(every sample on every non-empty subset of modalities, M <= 10)"
         ),
     ] = "shapley",
     permutations: Annotated[
@@ -412,7 +413,23 @@ def value(
 
     Example: mmval value runs/concat-uci-mfeat/seed0/best.pt --out contrib.parquet --summary
     Ground truth: mmval value runs/concat-mmlsyndata/seed0/best.pt --method dcor --out dcor.parquet
+    Missing modalities: mmval value RUN/seed0/best.pt --method subsets --out subsets.parquet
     """
+    if method == "subsets":
+        unused = [
+            flag
+            for flag, given in (
+                ("--permutations", permutations is not None),
+                ("--seed", seed is not None),
+                ("--benefit", benefit != "correct"),
+                ("--wide", wide),
+            )
+            if given
+        ]
+        if unused:
+            raise UserError(f"{', '.join(unused)}: not options of --method subsets.")
+        _value_subsets(checkpoint, out, split, data, device, batch_size, mask)
+        return
     if method == "dcor":
         unused = [
             flag
@@ -464,6 +481,34 @@ def value(
     _print_frame(
         contribution_gaps(result.table), "mean contribution gap (row minus column)", "{:+.3f}"
     )
+
+
+def _value_subsets(
+    checkpoint: Path,
+    out: Path | None,
+    split: str,
+    data: Path | None,
+    device: str,
+    batch: int,
+    mask: str,
+) -> None:
+    from mmval.valuation.config import MASKS
+    from mmval.valuation.subsets import subset_accuracy, subsets_checkpoint, write_subsets
+
+    if mask not in MASKS:
+        raise UserError(f"--mask must be one of {', '.join(MASKS)}, not {mask!r}.")
+    with console.status(f"every subset of modalities on the {split} split ({mask} masking)"):
+        result = subsets_checkpoint(
+            checkpoint, split=split, data_dir=data, mask=mask, batch_size=batch, device=device
+        )
+        if out is not None:
+            write_subsets(result, out)
+    if out is not None:
+        subsets = result.table["subset"].nunique()
+        console.print(
+            f"wrote {out}: {result.table['sample_id'].nunique()} samples x {subsets} subsets"
+        )
+    _print_frame(subset_accuracy(result.table), "accuracy per subset of modalities", "{:.4f}")
 
 
 def _value_dcor(

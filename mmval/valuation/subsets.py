@@ -1,0 +1,149 @@
+"""`mmval value --method subsets`: every sample's prediction from every non-empty subset of the
+model's modalities, the missing ones removed as `--mask` says.
+
+This is the missing-modality protocol of C3R's Table 2 (all 15 combinations of four modalities
+and their mean): the table holds each sample once per subset, so any aggregate (per-subset
+accuracy, the mean over subsets, the worst subset) is a groupby. The encoders run once per batch
+(`Game`), so the table costs about what the exact Shapley table does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from mmval.data.dataset import ParquetSamples
+from mmval.errors import UserError
+from mmval.valuation.base import Game
+from mmval.valuation.config import MaskName, ValuationConfig
+from mmval.valuation.engine import build_evaluator, subset_masks
+from mmval.valuation.run import _device, load_with_data, split_fills
+from mmval.valuation.table import weights_fingerprint, write_parquet
+
+MAX_MODALITIES = 10  # 1023 subsets per sample
+
+
+def subset_names(modalities: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """The non-empty subsets as keep masks [K, M] and their names (`fac+pix`, in the model's
+    modality order), smallest first, then in mask order."""
+    keep = subset_masks(len(modalities))[1:]
+    order = sorted(range(len(keep)), key=lambda k: (int(keep[k].sum()), k))
+    keep = keep[order]
+    names = [
+        "+".join(m for m, on in zip(modalities, row.tolist(), strict=True) if on) for row in keep
+    ]
+    return keep, names
+
+
+@torch.no_grad()
+def subsets_dataset(
+    model: nn.Module,
+    dataset: ParquetSamples,
+    mask: MaskName,
+    *,
+    fills: dict[str, torch.Tensor] | None,
+    device: torch.device,
+    batch_size: int = 256,
+) -> pd.DataFrame:
+    """One row per (sample, non-empty subset): sample_id, label, subset, size, pred, correct,
+    p_true (the softmax probability of the label)."""
+    modalities = [s.name for s in dataset.specs]
+    if len(modalities) > MAX_MODALITIES:
+        raise UserError(
+            f"--method subsets evaluates all 2^M - 1 subsets, exact up to {MAX_MODALITIES} "
+            f"modalities; this model has {len(modalities)}."
+        )
+    model.eval()
+    keep, names = subset_names(modalities)
+    evaluator = build_evaluator(model, modalities, mask, fills, device=device)
+    preds, confidences, labels = [], [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = dataset.__getitems__(range(start, min(start + batch_size, len(dataset))))
+        batch = batch.to(device)
+        outcome = Game(evaluator, batch.inputs, batch.label, batch.index, "correct").play(keep)
+        preds.append(outcome.pred.T.cpu())  # [B, K]
+        confidences.append(outcome.confidence.T.cpu())
+        labels.append(batch.label.cpu())
+    pred = torch.cat(preds).numpy()
+    label = torch.cat(labels).numpy()
+    k = len(names)
+    return pd.DataFrame(
+        {
+            "sample_id": np.repeat(np.asarray(dataset.sample_ids, dtype=object), k),
+            "label": np.repeat(label, k),
+            "subset": np.tile(np.asarray(names, dtype=object), len(label)),
+            "size": np.tile(keep.sum(1).numpy(), len(label)),
+            "pred": pred.reshape(-1),
+            "correct": (pred == label[:, None]).reshape(-1),
+            "p_true": torch.cat(confidences).numpy().reshape(-1),
+        }
+    )
+
+
+@dataclass
+class SubsetsResult:
+    table: pd.DataFrame
+    metadata: dict[str, str]
+    modalities: list[str]
+
+
+def subsets_checkpoint(
+    checkpoint: Path,
+    *,
+    split: str = "test",
+    data_dir: Path | None = None,
+    mask: MaskName = "feature",
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> SubsetsResult:
+    """The subsets table of `split` with the data the checkpoint was trained on."""
+    torch_device = _device(device)
+    loaded = load_with_data(checkpoint, data_dir)
+    manifest, modalities = loaded.manifest, loaded.modalities
+    dataset = ParquetSamples(loaded.root, split, modalities, manifest=manifest)
+    if len(dataset) == 0:
+        raise UserError(
+            f"split {split!r} of {loaded.root} has no samples; pick another with --split."
+        )
+    specs = [manifest.modality(m) for m in modalities]
+    train_split = loaded.ckpt.recipe.get("data", {}).get("splits", {}).get("train", "train")
+    fills = split_fills(ValuationConfig(mask=mask), loaded.root, manifest, specs, train_split)
+    table = subsets_dataset(
+        loaded.model.to(torch_device),
+        dataset,
+        mask,
+        fills=fills,
+        device=torch_device,
+        batch_size=batch_size,
+    )
+    metadata = {
+        "mmval.method": "subsets",
+        "mmval.mask": mask,
+        "mmval.modalities": json.dumps(modalities),
+        "mmval.split": split,
+        "mmval.dataset": manifest.dataset,
+        "mmval.data_fingerprint": manifest.fingerprint(),
+        "mmval.checkpoint_fingerprint": weights_fingerprint(loaded.ckpt.model),
+        "mmval.checkpoint": str(checkpoint),
+    }
+    return SubsetsResult(table, metadata, modalities)
+
+
+def subset_accuracy(table: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy per subset (in the table's subset order) and the mean over subsets, as C3R's
+    Table 2 reports them."""
+    order = list(dict.fromkeys(table["subset"]))
+    per_subset = table.groupby("subset", sort=False)["correct"].mean().reindex(order)
+    frame = per_subset.rename("accuracy").reset_index()
+    mean = pd.DataFrame({"subset": ["mean over subsets"], "accuracy": [per_subset.mean()]})
+    return pd.concat([frame, mean], ignore_index=True)
+
+
+def write_subsets(result: SubsetsResult, out: Path) -> None:
+    write_parquet(result.table, result.metadata, out)
