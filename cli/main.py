@@ -396,7 +396,9 @@ def value(
     permutations: Annotated[
         int | None, typer.Option(help="shapley-mc: orders sampled per sample [default: 100]")
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="shapley-mc: seed [default: 0]")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="shapley-mc: seed; subsets: seed of --corrupt [default: 0]")
+    ] = None,
     benefit: Annotated[
         str, typer.Option(help="correct (|S| if right, else 0) or prob (true-class probability)")
     ] = "correct",
@@ -408,6 +410,16 @@ def value(
         bool, typer.Option(help="print mean contribution, weakest share and gaps per modality")
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="samples per batch")] = 256,
+    corrupt: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="subsets: corrupt a modality's input, MODALITY=KIND:LEVEL with KIND gaussian, "
+            "salt-pepper or mask (QMF's definitions); repeat for several"
+        ),
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="subsets: independent draws of the corruptions")
+    ] = 1,
 ) -> None:
     """Per-sample, per-modality contributions of a checkpoint (Shapley values by default).
 
@@ -420,7 +432,7 @@ def value(
             flag
             for flag, given in (
                 ("--permutations", permutations is not None),
-                ("--seed", seed is not None),
+                ("--seed", seed is not None and not corrupt),
                 ("--benefit", benefit != "correct"),
                 ("--wide", wide),
             )
@@ -428,8 +440,12 @@ def value(
         ]
         if unused:
             raise UserError(f"{', '.join(unused)}: not options of --method subsets.")
-        _value_subsets(checkpoint, out, split, data, device, batch_size, mask)
+        _value_subsets(
+            checkpoint, out, split, data, device, batch_size, mask, corrupt, repeats, seed
+        )
         return
+    if corrupt or repeats != 1:
+        raise UserError("--corrupt and --repeats are options of --method subsets.")
     if method == "dcor":
         unused = [
             flag
@@ -491,15 +507,28 @@ def _value_subsets(
     device: str,
     batch: int,
     mask: str,
+    corrupt: list[str] | None,
+    repeats: int,
+    seed: int | None,
 ) -> None:
     from mmval.valuation.config import MASKS
+    from mmval.valuation.corrupt import Corruption
     from mmval.valuation.subsets import subset_accuracy, subsets_checkpoint, write_subsets
 
     if mask not in MASKS:
         raise UserError(f"--mask must be one of {', '.join(MASKS)}, not {mask!r}.")
+    corruptions = [Corruption.parse(c) for c in corrupt or []]
     with console.status(f"every subset of modalities on the {split} split ({mask} masking)"):
         result = subsets_checkpoint(
-            checkpoint, split=split, data_dir=data, mask=mask, batch_size=batch, device=device
+            checkpoint,
+            split=split,
+            data_dir=data,
+            mask=mask,
+            batch_size=batch,
+            device=device,
+            corruptions=corruptions,
+            seed=seed or 0,
+            repeats=repeats,
         )
         if out is not None:
             write_subsets(result, out)

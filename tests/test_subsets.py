@@ -80,7 +80,7 @@ def test_the_command_writes_the_table_with_how_it_was_made(checkpoint, tmp_path)
     assert json.loads(meta["mmval.modalities"]) == ["a", "b", "c"]
     table = pd.read_parquet(out)
     assert list(table.columns) == [
-        "sample_id", "label", "subset", "size", "pred", "correct", "p_true"
+        "repeat", "sample_id", "label", "subset", "size", "pred", "correct", "p_true"
     ]  # fmt: skip
     for args in (["--wide"], ["--benefit", "prob"], ["--mask", "zero"]):
         refused = invoke(checkpoint, "--method", "subsets", "--out", out, *args)

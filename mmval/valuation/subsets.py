@@ -1,15 +1,17 @@
 """`mmval value --method subsets`: every sample's prediction from every non-empty subset of the
-model's modalities, the missing ones removed as `--mask` says.
-
-This is the missing-modality protocol of C3R's Table 2 (all 15 combinations of four modalities
-and their mean): the table holds each sample once per subset, so any aggregate (per-subset
-accuracy, the mean over subsets, the worst subset) is a groupby. The encoders run once per batch
-(`Game`), so the table costs about what the exact Shapley table does.
+model's modalities, the missing ones removed as `--mask` says: the missing-modality protocol of
+C3R's Table 2 (all 15 combinations of four modalities and their mean). The table holds each
+sample once per subset, so any aggregate (per-subset accuracy, the mean over subsets, the worst
+subset) is a groupby. With `corruptions` (`mmval.valuation.corrupt`) the inputs are corrupted
+first, `repeats` times, and the full-set rows are QMF's accuracy under noise. The encoders run
+once per batch (`Game`), so the table costs about what the exact Shapley table does.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,8 @@ from mmval.data.dataset import ParquetSamples
 from mmval.errors import UserError
 from mmval.valuation.base import Game
 from mmval.valuation.config import MaskName, ValuationConfig
-from mmval.valuation.engine import build_evaluator, subset_masks
+from mmval.valuation.corrupt import Corruption, check_corruptions, corrupt_inputs
+from mmval.valuation.engine import SubsetEvaluator, build_evaluator, subset_masks
 from mmval.valuation.run import _device, load_with_data, split_fills
 from mmval.valuation.table import weights_fingerprint, write_parquet
 
@@ -50,23 +53,50 @@ def subsets_dataset(
     fills: dict[str, torch.Tensor] | None,
     device: torch.device,
     batch_size: int = 256,
+    corruptions: Sequence[Corruption] = (),
+    seed: int = 0,
+    repeats: int = 1,
 ) -> pd.DataFrame:
-    """One row per (sample, non-empty subset): sample_id, label, subset, size, pred, correct,
-    p_true (the softmax probability of the label)."""
+    """One row per (repeat, sample, non-empty subset): repeat, sample_id, label, subset, size,
+    pred, correct, p_true (the softmax probability of the label). Each repeat draws the
+    corruptions anew (`mmval.valuation.corrupt`); without corruptions one repeat is enough."""
     modalities = [s.name for s in dataset.specs]
     if len(modalities) > MAX_MODALITIES:
         raise UserError(
             f"--method subsets evaluates all 2^M - 1 subsets, exact up to {MAX_MODALITIES} "
             f"modalities; this model has {len(modalities)}."
         )
+    check_corruptions(list(corruptions), modalities)
     model.eval()
     keep, names = subset_names(modalities)
     evaluator = build_evaluator(model, modalities, mask, fills, device=device)
+    specs = {s.name: s for s in dataset.specs}
+    frames = []
+    for repeat in range(repeats):
+        corrupt = functools.partial(
+            corrupt_inputs, corruptions=list(corruptions), specs=specs, seed=seed, repeat=repeat
+        )
+        frame = _one_repeat(evaluator, dataset, keep, names, device, batch_size, corrupt)
+        frames.append(frame.assign(repeat=repeat))
+    table = pd.concat(frames, ignore_index=True)
+    return table[["repeat", *table.columns[:-1]]]
+
+
+def _one_repeat(
+    evaluator: SubsetEvaluator,
+    dataset: ParquetSamples,
+    keep: torch.Tensor,
+    names: list[str],
+    device: torch.device,
+    batch_size: int,
+    corrupt: Callable[[dict[str, torch.Tensor], torch.Tensor], dict[str, torch.Tensor]],
+) -> pd.DataFrame:
     preds, confidences, labels = [], [], []
     for start in range(0, len(dataset), batch_size):
         batch = dataset.__getitems__(range(start, min(start + batch_size, len(dataset))))
-        batch = batch.to(device)
-        outcome = Game(evaluator, batch.inputs, batch.label, batch.index, "correct").play(keep)
+        inputs = {m: x.to(device) for m, x in corrupt(batch.inputs, batch.index).items()}
+        label = batch.label.to(device)
+        outcome = Game(evaluator, inputs, label, batch.index, "correct").play(keep)
         preds.append(outcome.pred.T.cpu())  # [B, K]
         confidences.append(outcome.confidence.T.cpu())
         labels.append(batch.label.cpu())
@@ -101,8 +131,12 @@ def subsets_checkpoint(
     mask: MaskName = "feature",
     batch_size: int = 256,
     device: str = "cpu",
+    corruptions: Sequence[Corruption] = (),
+    seed: int = 0,
+    repeats: int = 1,
 ) -> SubsetsResult:
-    """The subsets table of `split` with the data the checkpoint was trained on."""
+    """The subsets table of `split` with the data the checkpoint was trained on, under
+    `corruptions` drawn `repeats` times from `seed`."""
     torch_device = _device(device)
     loaded = load_with_data(checkpoint, data_dir)
     manifest, modalities = loaded.manifest, loaded.modalities
@@ -121,6 +155,9 @@ def subsets_checkpoint(
         fills=fills,
         device=torch_device,
         batch_size=batch_size,
+        corruptions=corruptions,
+        seed=seed,
+        repeats=repeats,
     )
     metadata = {
         "mmval.method": "subsets",
@@ -131,6 +168,9 @@ def subsets_checkpoint(
         "mmval.data_fingerprint": manifest.fingerprint(),
         "mmval.checkpoint_fingerprint": weights_fingerprint(loaded.ckpt.model),
         "mmval.checkpoint": str(checkpoint),
+        "mmval.corruptions": json.dumps([str(c) for c in corruptions]),
+        "mmval.seed": str(seed),
+        "mmval.repeats": str(repeats),
     }
     return SubsetsResult(table, metadata, modalities)
 
@@ -139,6 +179,7 @@ def subset_accuracy(table: pd.DataFrame) -> pd.DataFrame:
     """Accuracy per subset (in the table's subset order) and the mean over subsets, as C3R's
     Table 2 reports them."""
     order = list(dict.fromkeys(table["subset"]))
+    # over samples and repeats: every repeat holds every sample once
     per_subset = table.groupby("subset", sort=False)["correct"].mean().reindex(order)
     frame = per_subset.rename("accuracy").reset_index()
     mean = pd.DataFrame({"subset": ["mean over subsets"], "accuracy": [per_subset.mean()]})
