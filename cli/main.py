@@ -413,8 +413,8 @@ def value(
     corrupt: Annotated[
         list[str] | None,
         typer.Option(
-            help="subsets: corrupt a modality's input, MODALITY=KIND:LEVEL with KIND gaussian, "
-            "salt-pepper or mask (QMF's definitions); repeat for several"
+            help="subsets: corrupt a modality's input, MODALITY=KIND:LEVEL with KIND gaussian "
+            "or salt-pepper (QMF's definitions) or mask (a level % rectangle); repeat for several"
         ),
     ] = None,
     repeats: Annotated[
