@@ -511,19 +511,18 @@ def _value_subsets(
     repeats: int,
     seed: int | None,
 ) -> None:
-    from mmval.valuation.config import MASKS
+    from mmval.valuation.config import valuation_config
     from mmval.valuation.corrupt import Corruption
     from mmval.valuation.subsets import subset_accuracy, subsets_checkpoint, write_subsets
 
-    if mask not in MASKS:
-        raise UserError(f"--mask must be one of {', '.join(MASKS)}, not {mask!r}.")
+    checked = valuation_config(mask=mask).mask  # the --mask message of the other methods
     corruptions = [Corruption.parse(c) for c in corrupt or []]
     with console.status(f"every subset of modalities on the {split} split ({mask} masking)"):
         result = subsets_checkpoint(
             checkpoint,
             split=split,
             data_dir=data,
-            mask=mask,
+            mask=checked,
             batch_size=batch,
             device=device,
             corruptions=corruptions,

@@ -176,6 +176,15 @@ def held_out(ctx: TrainContext, count: int) -> Batch:
     )
 
 
+def loss_parts(
+    model: MultimodalModel, out: ModelOutput, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropy of the fused logits and the alignment of the unimodal heads."""
+    assert out.unimodal_logits is not None
+    cls = F.cross_entropy(out.logits, labels)
+    return cls, alignment_loss([out.unimodal_logits[m] for m in model.modalities])
+
+
 class LFM(Method):
     Config: ClassVar[type[MethodConfig]] = LFMConfig
     config: LFMConfig
@@ -188,10 +197,7 @@ class LFM(Method):
         batch = held_out(ctx, self.config.val_samples)
         # the official mode: the fresh model's before epoch 0, the test pass's afterwards
         model.train(ctx.epoch == 0)
-        out = model(batch.inputs)
-        assert out.unimodal_logits is not None
-        cls = F.cross_entropy(out.logits, batch.label)
-        align = alignment_loss([out.unimodal_logits[m] for m in model.modalities])
+        cls, align = loss_parts(model, model(batch.inputs), batch.label)
         params = list(model.parameters())
         modality = self.config.hypergradient_modality or model.modalities[0]
         first = next(model.encoders[modality].parameters())
@@ -205,9 +211,7 @@ class LFM(Method):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss, and its two parts for the epoch log (the official FusionLoss and
         AlignLoss)."""
-        assert out.unimodal_logits is not None
-        cls = F.cross_entropy(out.logits, batch.label)
-        align = alignment_loss([out.unimodal_logits[m] for m in model.modalities])
+        cls, align = loss_parts(model, out, batch.label)
         loss = 2 * ((1 - self.alpha) * cls + self.alpha * align)
         return loss, {"cls_loss": cls.item(), "align_loss": align.item()}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -11,7 +11,6 @@ from mmval.validation import problems_of
 
 MethodName = Literal["shapley", "shapley-mc", "cmob"]
 MaskName = Literal["feature", "input", "mean"]
-MASKS: tuple[MaskName, ...] = get_args(MaskName)
 BenefitName = Literal["correct", "prob"]
 ConfidenceName = Literal["subsets", "treatment"]
 ConfidenceScore = Literal["max_softmax", "true_class"]

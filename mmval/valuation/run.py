@@ -179,6 +179,32 @@ def load_with_data(checkpoint: Path, data_dir: Path | None = None) -> LoadedChec
     return LoadedCheckpoint(ckpt, root, manifest, model, modalities)
 
 
+@dataclass
+class SplitOfCheckpoint:
+    """A checkpoint's model, one split of its data, and the stand-ins for removed modalities."""
+
+    loaded: LoadedCheckpoint
+    dataset: ParquetSamples
+    fills: dict[str, torch.Tensor] | None
+
+
+def open_split(
+    checkpoint: Path, split: str, data_dir: Path | None, config: ValuationConfig
+) -> SplitOfCheckpoint:
+    """The checkpoint with `split` of the data it was trained on (refused when empty) and the
+    fills `config.mask` needs."""
+    loaded = load_with_data(checkpoint, data_dir)
+    root, manifest, modalities = loaded.root, loaded.manifest, loaded.modalities
+    dataset = ParquetSamples(root, split, modalities, manifest=manifest)
+    if len(dataset) == 0:
+        raise UserError(f"split {split!r} of {root} has no samples; pick another with --split.")
+    specs = [manifest.modality(m) for m in modalities]
+    train_split = loaded.ckpt.recipe.get("data", {}).get("splits", {}).get("train", "train")
+    return SplitOfCheckpoint(
+        loaded, dataset, split_fills(config, root, manifest, specs, train_split)
+    )
+
+
 def value_checkpoint(
     checkpoint: Path,
     *,
@@ -192,21 +218,16 @@ def value_checkpoint(
     """Value every sample of `split` with the data the checkpoint was trained on."""
     config = config or ValuationConfig()
     torch_device = _device(device)
-    loaded = load_with_data(checkpoint, data_dir)
-    ckpt, root, manifest, modalities = loaded.ckpt, loaded.root, loaded.manifest, loaded.modalities
+    opened = open_split(checkpoint, split, data_dir, config)
+    loaded = opened.loaded
+    ckpt, manifest, modalities = loaded.ckpt, loaded.manifest, loaded.modalities
     method = build_method(config, modalities)
-    specs = [manifest.modality(m) for m in modalities]
-    dataset = ParquetSamples(root, split, modalities, manifest=manifest)
-    if len(dataset) == 0:
-        raise UserError(f"split {split!r} of {root} has no samples; pick another with --split.")
-    train_split = ckpt.recipe.get("data", {}).get("splits", {}).get("train", "train")
-    fills = split_fills(config, root, manifest, specs, train_split)
     values = value_dataset(
         loaded.model.to(torch_device),
-        dataset,
+        opened.dataset,
         method,
         config,
-        fills=fills,
+        fills=opened.fills,
         device=torch_device,
         batch_size=batch_size,
         path=path,

@@ -26,8 +26,8 @@ from mmval.valuation.base import Game
 from mmval.valuation.config import MaskName, ValuationConfig
 from mmval.valuation.corrupt import Corruption, check_corruptions, corrupt_inputs
 from mmval.valuation.engine import SubsetEvaluator, build_evaluator, subset_masks
-from mmval.valuation.run import _device, load_with_data, split_fills
-from mmval.valuation.table import weights_fingerprint, write_parquet
+from mmval.valuation.run import _device, open_split
+from mmval.valuation.table import split_metadata, weights_fingerprint, write_parquet
 
 MAX_MODALITIES = 10  # 1023 subsets per sample
 
@@ -138,35 +138,23 @@ def subsets_checkpoint(
     """The subsets table of `split` with the data the checkpoint was trained on, under
     `corruptions` drawn `repeats` times from `seed`."""
     torch_device = _device(device)
-    loaded = load_with_data(checkpoint, data_dir)
-    manifest, modalities = loaded.manifest, loaded.modalities
-    dataset = ParquetSamples(loaded.root, split, modalities, manifest=manifest)
-    if len(dataset) == 0:
-        raise UserError(
-            f"split {split!r} of {loaded.root} has no samples; pick another with --split."
-        )
-    specs = [manifest.modality(m) for m in modalities]
-    train_split = loaded.ckpt.recipe.get("data", {}).get("splits", {}).get("train", "train")
-    fills = split_fills(ValuationConfig(mask=mask), loaded.root, manifest, specs, train_split)
+    opened = open_split(checkpoint, split, data_dir, ValuationConfig(mask=mask))
+    loaded = opened.loaded
     table = subsets_dataset(
         loaded.model.to(torch_device),
-        dataset,
+        opened.dataset,
         mask,
-        fills=fills,
+        fills=opened.fills,
         device=torch_device,
         batch_size=batch_size,
         corruptions=corruptions,
         seed=seed,
         repeats=repeats,
     )
-    metadata = {
-        "mmval.method": "subsets",
-        "mmval.mask": mask,
-        "mmval.modalities": json.dumps(modalities),
-        "mmval.split": split,
-        "mmval.dataset": manifest.dataset,
-        "mmval.data_fingerprint": manifest.fingerprint(),
-        "mmval.checkpoint_fingerprint": weights_fingerprint(loaded.ckpt.model),
+    weights = weights_fingerprint(loaded.ckpt.model)
+    modalities = loaded.modalities
+    metadata = split_metadata("subsets", mask, modalities, split, loaded.manifest, weights)
+    metadata |= {
         "mmval.checkpoint": str(checkpoint),
         "mmval.corruptions": json.dumps([str(c) for c in corruptions]),
         "mmval.seed": str(seed),

@@ -86,6 +86,27 @@ def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def split_metadata(
+    method: str,
+    mask: str,
+    modalities: list[str],
+    split: str,
+    manifest: DataManifest,
+    weights: str,
+) -> dict[str, str]:
+    """What every table of a model on a split records: method, masking, modalities, the split
+    and the fingerprints of the data and the weights."""
+    return {
+        "mmval.method": method,
+        "mmval.mask": mask,
+        "mmval.modalities": json.dumps(modalities),
+        "mmval.split": split,
+        "mmval.dataset": manifest.dataset,
+        "mmval.data_fingerprint": manifest.fingerprint(),
+        "mmval.checkpoint_fingerprint": weights,
+    }
+
+
 def valuation_metadata(
     config: ValuationConfig,
     modalities: list[str],
@@ -94,16 +115,8 @@ def valuation_metadata(
     weights: str,
 ) -> dict[str, str]:
     """How a table was computed, stored as Parquet key-value metadata (keys `mmval.*`)."""
-    meta = {
-        "mmval.method": config.method,
-        "mmval.mask": config.mask,
-        "mmval.benefit": config.benefit,
-        "mmval.modalities": json.dumps(modalities),
-        "mmval.split": split,
-        "mmval.dataset": manifest.dataset,
-        "mmval.data_fingerprint": manifest.fingerprint(),
-        "mmval.checkpoint_fingerprint": weights,
-    }
+    meta = split_metadata(config.method, config.mask, modalities, split, manifest, weights)
+    meta["mmval.benefit"] = config.benefit
     if config.method == "shapley-mc":
         meta["mmval.permutations"] = str(config.n_permutations)
         meta["mmval.seed"] = str(config.rng_seed)
