@@ -588,12 +588,22 @@ def report(
     figures: Annotated[
         Path | None, typer.Option(help="also write the figures as PNG into this folder")
     ] = None,
+    robustness: Annotated[
+        bool,
+        typer.Option(
+            "--robustness",
+            help="instead of the main table: accuracy under noise (Avg./Worst. per level, as "
+            "QMF) and with missing modalities (per subset, as C3R), from the runs' `mmval value "
+            "--method subsets` / `feature-mask` tables and `evaluate:` outputs",
+        ),
+    ] = False,
 ) -> None:
     """Compare finished runs: metrics at the best-on-validation epoch, over seeds, one row per
     method and recipe, a column group per data set; significance against --baseline.
 
     Example: mmval report runs --baseline concat --out report.html
     The papers' protocol (best test epoch, labelled): mmval report runs --select test-max
+    Noise and missing modalities: mmval report runs --robustness --baseline concat --out r.md
     """
     from mmval.report import (
         FORMATS,
@@ -603,7 +613,6 @@ def report(
         make_figures,
         render,
         to_rich,
-        write_figures,
     )
 
     fmt = format_ or (SUFFIX_FORMATS.get(out.suffix.lower(), "") if out else "") or "table"
@@ -611,6 +620,11 @@ def report(
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
     if fmt == "table" and out is not None:
         raise UserError("--out needs a file format: --format md, csv, latex or html.")
+    if robustness:
+        if metric:
+            raise UserError("--metric does not apply to --robustness (its tables show accuracy).")
+        _report_robustness(runs, fmt, out, split, select, baseline, alpha, resamples, figures)
+        return
     comparison = compare(
         find_runs(runs, select),
         metric,
@@ -622,24 +636,61 @@ def report(
     drawn = make_figures(comparison) if fmt == "html" or figures is not None else []
     if fmt == "table":
         console.print(to_rich(comparison))
-    else:
-        text = render(comparison, fmt, drawn)
-        if out is None:
-            sys.stdout.write(text)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text, encoding="utf-8")
-            err_console.print(f"wrote {out}")
-    if figures is not None:
-        paths = write_figures(drawn, figures)
-        err_console.print(f"wrote {len(paths)} figure(s) to {figures}")
-    for kind in ("unfinished", "duplicate", "published protocol"):
-        left = [x for x in comparison.left_out if x.reason.startswith(kind)]
+    text = render(comparison, fmt, drawn) if fmt != "table" else None
+    _write_out(text, out, figures, drawn)
+    _print_left_out(comparison.left_out)
+
+
+def _write_out(text: str | None, out: Path | None, folder: Path | None, drawn: list) -> None:
+    """The report text to stdout or --out (atomically), the figures to --figures."""
+    from mmval.atomic import write_text_atomic
+    from mmval.report import write_figures
+
+    if text is not None and out is None:
+        sys.stdout.write(text)
+    elif text is not None and out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, text)
+        err_console.print(f"wrote {out}")
+    if folder is not None:
+        paths = write_figures(drawn, folder)
+        err_console.print(f"wrote {len(paths)} figure(s) to {folder}")
+
+
+def _print_left_out(left_out: list) -> None:
+    for kind in ("unfinished", "duplicate", "published protocol", "evaluation table"):
+        left = [x for x in left_out if x.reason.startswith(kind)]
         if left:
             listing = "\n".join(f"  {x.run}: {x.reason}" for x in left)
+            noun = "table(s)" if kind == "evaluation table" else "run(s)"
             err_console.print(
-                f"left out {len(left)} {kind} run(s), not averaged:\n{listing}", highlight=False
+                f"left out {len(left)} {kind} {noun}, not averaged:\n{listing}", highlight=False
             )
+
+
+def _report_robustness(
+    runs: Path,
+    fmt: str,
+    out: Path | None,
+    split: str,
+    select: str,
+    baseline: str | None,
+    alpha: float,
+    resamples: int,
+    figures: Path | None,
+) -> None:
+    from mmval.report import find_runs, render_robustness, robustness, robustness_figures, to_rich
+
+    result = robustness(
+        find_runs(runs, select), split=split, baseline=baseline, alpha=alpha, resamples=resamples
+    )
+    drawn = robustness_figures(result) if fmt == "html" or figures is not None else []
+    if fmt == "table":
+        for comparison in result.comparisons:
+            console.print(to_rich(comparison))
+    text = render_robustness(result, fmt, drawn) if fmt != "table" else None
+    _write_out(text, out, figures, drawn)
+    _print_left_out(result.left_out)
 
 
 @app.command()

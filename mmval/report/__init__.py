@@ -2,19 +2,23 @@
 baseline, figures and a self-contained HTML report over any tree of run folders.
 
 `runs` finds and reads the runs, `tables` builds the comparison and its text formats,
-`significance` holds the tests, `figures` draws the PNGs and `html` writes the report page.
+`significance` holds the tests, `robustness` the noise and missing-modality tables (`--robustness`),
+`figures` draws the PNGs and `html` writes the report page.
 """
 
 from __future__ import annotations
 
 from mmval.errors import UserError
-from mmval.report.figures import ReportFigure, make_figures, write_figures
-from mmval.report.html import to_html
+from mmval.report.figures import ReportFigure, make_figures, robustness_figures, write_figures
+from mmval.report.html import page, to_html
+from mmval.report.robustness import Robustness, robustness, to_long_csv
 from mmval.report.runs import LeftOut, RunTree, collect_runs, find_runs
 from mmval.report.tables import (
     COLUMNS,
     Comparison,
     compare,
+    describe_left_out,
+    latex_escape,
     summarize,
     to_csv,
     to_latex,
@@ -40,6 +44,29 @@ def render(comparison: Comparison, fmt: str, figures: list[ReportFigure] | None 
     raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
 
 
+def render_robustness(result: Robustness, fmt: str, figures: list[ReportFigure]) -> str:
+    """Every robustness table in one file format, the left-out evaluations once at the end."""
+    left = describe_left_out(result.left_out, result.tree.root)
+    if fmt == "csv":
+        return to_long_csv(result)
+    if fmt == "html":
+        intro = (
+            f"mmval robustness report; {len(result.tree.runs)} finished runs, "
+            f"{len(result.tables)} evaluation table(s)."
+        )
+        return page(str(result.tree.root), intro, result.comparisons, left, figures)
+    if fmt == "md":
+        parts = [f"### {c.title}\n\n{to_markdown(c)}" for c in result.comparisons]
+        if left:
+            parts.append("Left out (not averaged):\n\n" + "\n".join(f"- {x}" for x in left))
+        return "\n\n".join(parts) + "\n"
+    if fmt == "latex":
+        parts = [f"% {latex_escape(c.title or '')}\n{to_latex(c)}" for c in result.comparisons]
+        parts += [f"% left out (not averaged): {latex_escape(x)}" for x in left]
+        return "\n\n".join(parts) + "\n"
+    raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
+
+
 __all__ = [
     "COLUMNS",
     "FORMATS",
@@ -47,12 +74,16 @@ __all__ = [
     "Comparison",
     "LeftOut",
     "ReportFigure",
+    "Robustness",
     "RunTree",
     "collect_runs",
     "compare",
     "find_runs",
     "make_figures",
     "render",
+    "render_robustness",
+    "robustness",
+    "robustness_figures",
     "summarize",
     "to_rich",
     "write_figures",

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mmval.artifacts.layout import CONTRIB_EPOCH, CONTRIB_GLOB, METRICS, PREDICTIONS
+from mmval.report.robustness import EVALUATION_METHODS, EvaluationTable, Robustness, robustness
 from mmval.report.runs import RunTree
 from mmval.report.tables import Comparison
 from mmval.valuation.summary import contribution_summary
@@ -70,7 +71,7 @@ def make_figures(comparison: Comparison) -> list[ReportFigure]:
         on_dataset = [t for t in tables if t.dataset == dataset]
         figures += _contribution_distribution(dataset, on_dataset)
         figures += _weakest_share(dataset, on_dataset)
-    return figures
+    return figures + robustness_figures(robustness(tree, split=split, required=False))
 
 
 def write_figures(figures: list[ReportFigure], folder: Path) -> list[Path]:
@@ -93,8 +94,8 @@ def find_value_tables(tree: RunTree) -> list[ValueTable]:
         if path.name in (METRICS, PREDICTIONS) or CONTRIB_EPOCH.search(path.name):
             continue
         meta = pq.read_schema(path).metadata or {}
-        if b"mmval.method" not in meta:
-            continue
+        if meta.get(b"mmval.method", b"").decode() in ("", *EVALUATION_METHODS):
+            continue  # not a contribution table
         info = {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"mmval.")}
         run = by_run.get(path.parent)
         dataset = info.get("mmval.dataset") or (run.dataset if run is not None else "?")
@@ -359,3 +360,76 @@ def _most_modalities(groups: list[tuple[str, pd.DataFrame]]) -> int:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def robustness_figures(result: Robustness) -> list[ReportFigure]:
+    """Accuracy against the noise level per corruption, and the feature-mask heatmaps."""
+    figures = [_noise_curves(c) for c in result.noise]
+    masked = [t for t in result.tables if t.method == "feature-mask"]
+    runs = result.tree.runs.set_index("run")
+    for dataset in sorted({runs.loc[t.run, "dataset"] for t in masked}):
+        on_dataset = [t for t in masked if runs.loc[t.run, "dataset"] == dataset]
+        figures.append(_feature_mask_heatmaps(dataset, on_dataset, runs))
+    return figures
+
+
+def _noise_curves(comparison: Comparison) -> ReportFigure:
+    levels = comparison.datasets  # `level 5`, or `level 5/10` when the levels differ
+    single = all("/" not in level for level in levels)
+    x = [float(level.removeprefix("level ")) if single else i for i, level in enumerate(levels)]
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for row in comparison.rows:
+        avg = [comparison.cells.get((row, level, "avg")) for level in levels]
+        worst = [comparison.cells.get((row, level, "worst")) for level in levels]
+        points = [(xi, a, w) for xi, a, w in zip(x, avg, worst, strict=True) if a is not None]
+        xs = [p[0] for p in points]
+        mean = np.array([p[1].mean for p in points])
+        std = np.nan_to_num(np.array([p[1].std for p in points]))
+        (line,) = ax.plot(xs, mean, marker="o", ms=4, label=row)
+        ax.fill_between(xs, mean - std, mean + std, alpha=0.15, lw=0, color=line.get_color())
+        ax.plot(xs, [p[2].mean for p in points], ls=":", color=line.get_color())
+    if not single:
+        ax.set_xticks(x, [level.removeprefix("level ") for level in levels])
+    ax.set(xlabel="noise level", ylabel=f"{comparison.split} accuracy (%)")
+    ax.set_title(comparison.title or "", fontsize="small")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return ReportFigure(
+        f"noise-{_slug(comparison.title or 'noise')}",
+        comparison.title or "accuracy under noise",
+        "Accuracy on all modalities against the noise level: Avg. (mean over seeds of each "
+        "run's mean over noise draws, band one std over seeds) solid, Worst. (lowest of any "
+        "seed and draw) dotted.",
+        _png(fig),
+    )
+
+
+def _feature_mask_heatmaps(
+    dataset: str, tables: list[EvaluationTable], runs: pd.DataFrame
+) -> ReportFigure:
+    """Per report row: accuracy by (modality, ratio of its feature dimensions masked), mean
+    over repeats and seeds."""
+    per_row: dict[str, list[pd.DataFrame]] = {}
+    for table in tables:
+        accuracy = table.read().groupby(["modality", "ratio"], sort=False)["correct"].mean()
+        per_row.setdefault(runs.loc[table.run, "row"], []).append(accuracy.rename(table.run))
+    fig, axes = _grid(len(per_row), width=5.0, height=2.6)
+    for ax, (row, parts) in zip(axes, sorted(per_row.items()), strict=True):
+        grid = (pd.concat(parts, axis=1).mean(axis=1) * 100).unstack("ratio")
+        image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis")
+        ax.set_xticks(range(grid.shape[1]), [f"{r:g}" for r in grid.columns], fontsize="small")
+        ax.set_yticks(range(grid.shape[0]), list(grid.index), fontsize="small")
+        for (i, j), value in np.ndenumerate(grid.to_numpy()):
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize="x-small", color="w")
+        ax.set(title=row, xlabel="ratio of feature dimensions masked")
+        ax.title.set_fontsize("small")
+        fig.colorbar(image, ax=ax, label="accuracy (%)")
+    return ReportFigure(
+        f"feature-mask-{_slug(dataset)}",
+        f"{dataset}: accuracy with feature dimensions masked",
+        "IMML's probe (`mmval value --method feature-mask`): accuracy of the frozen model when a "
+        "random share of one modality's feature dimensions is set to zero before fusion, mean "
+        "over the draws and seeds.",
+        _png(fig),
+    )

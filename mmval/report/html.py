@@ -40,28 +40,46 @@ figcaption { font-size: 0.9em; color: #444; }
 
 
 def to_html(comparison: Comparison, figures: list[ReportFigure]) -> str:
+    tree = comparison.tree
+    intro = (
+        f"mmval {__version__}; {len(tree.runs)} finished runs, {len(comparison.datasets)} data "
+        f"set(s), {len(comparison.rows)} row(s)."
+    )
+    return page(str(tree.root), intro, [comparison], left_out_lines(comparison), figures)
+
+
+def page(
+    root: str,
+    intro: str,
+    comparisons: list[Comparison],
+    left_out: list[str],
+    figures: list[ReportFigure],
+) -> str:
+    """The report page: the tables (each under its title when it has one), the runs left out,
+    the figures."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en">',
         "<head>",
         '<meta charset="utf-8">',
         '<link rel="icon" href="data:,">',  # no favicon request
-        f"<title>mmval report: {escape(str(comparison.tree.root))}</title>",
+        f"<title>mmval report: {escape(root)}</title>",
         f"<style>{_STYLE}</style>",
         "</head>",
         "<body>",
-        f"<h1>mmval report: {escape(str(comparison.tree.root))}</h1>",
-        f"<p>mmval {escape(__version__)}; {len(comparison.tree.runs)} finished runs, "
-        f"{len(comparison.datasets)} data set(s), {len(comparison.rows)} row(s).</p>",
-        _table(comparison),
-        *(f'<p class="legend">{escape(line)}</p>' for line in legend(comparison)),
+        f"<h1>mmval report: {escape(root)}</h1>",
+        f"<p>{escape(intro)}</p>",
     ]
-    left = left_out_lines(comparison)
-    if left:
+    for comparison in comparisons:
+        if comparison.title:
+            parts.append(f"<h2>{escape(comparison.title)}</h2>")
+        parts.append(_table(comparison))
+        parts += [f'<p class="legend">{escape(line)}</p>' for line in legend(comparison)]
+    if left_out:
         parts += [
             "<h2>Left out (not averaged)</h2>",
             '<ul class="left-out">',
-            *(f"<li>{escape(line)}</li>" for line in left),
+            *(f"<li>{escape(line)}</li>" for line in left_out),
             "</ul>",
         ]
     if figures:

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import yaml
@@ -104,14 +104,17 @@ class RunTree:
 
 @dataclass(frozen=True)
 class Metric:
-    """A reported metric: its short key (CSV prefix), the metrics.parquet column it reads,
-    whether it is a fraction shown in percent and which direction is better."""
+    """A reported metric: its short key (CSV prefix), the column of the runs table it reads,
+    whether it is a fraction shown in percent, which direction is better, and how seeds are
+    pooled: `mean` (mean ± sample std, tested against a baseline) or `min` (the lowest value
+    over seeds, QMF's worst case; no std, no test)."""
 
     key: str
     column: str
     label: str
     percent: bool
     higher_is_better: bool
+    over_seeds: Literal["mean", "min"] = "mean"
 
 
 def find_runs(root: Path, select: str = "val") -> RunTree:

@@ -66,6 +66,12 @@ class Comparison:
     baselines: dict[str, str] = field(default_factory=dict)  # data set -> baseline row
     alpha: float = 0.05
     resamples: int = 1000
+    # a table that is not the main comparison (`mmval report --robustness`): its own title,
+    # what its column groups are, and the sentences that replace the first legend line
+    title: str | None = None
+    group_label: str = "data set"
+    caption: list[str] | None = None
+    delta_columns: bool = True  # False: the differences only in the CSV (wide tables)
 
     @property
     def left_out(self) -> list[LeftOut]:
@@ -97,23 +103,51 @@ def compare(
     runs = tree.runs
     if runs.empty:
         raise UserError(f"no finished runs (summary.json) below {tree.root}.")
+    check_options(split, alpha, resamples)
+    columns = metric_columns(runs)
+    shown = _unique([resolve_metric(m, split, columns) for m in (metrics or ["acc", "f1"])])
+    every = _unique([*(resolve_metric(m, split, columns) for m in ("acc", "f1")), *shown])
+    return compare_metrics(
+        tree, shown, every, split=split, baseline=baseline, alpha=alpha, resamples=resamples
+    )
+
+
+def check_options(split: str, alpha: float, resamples: int) -> None:
     if split not in ("test", "val"):
         raise UserError(f"--split must be test or val, not {split!r}.")
     if not 0 < alpha < 1 or resamples < 1:
         raise UserError("--alpha must lie between 0 and 1 and --resamples be at least 1.")
-    columns = metric_columns(runs)
-    shown = _unique([resolve_metric(m, split, columns) for m in (metrics or ["acc", "f1"])])
-    every = _unique([*(resolve_metric(m, split, columns) for m in ("acc", "f1")), *shown])
-    long = _aggregate(runs, every)
-    datasets = sorted(long["dataset"].unique())
+
+
+def compare_metrics(
+    tree: RunTree,
+    shown: list[Metric],
+    every: list[Metric],
+    *,
+    split: str,
+    baseline: str | None,
+    alpha: float,
+    resamples: int,
+    groups: list[str] | None = None,
+) -> Comparison:
+    """The comparison on resolved metrics: `shown` in the tables, `every` (a superset) in the
+    CSV. The tree's runs table may be any table with the META columns and one column per
+    metric, its `dataset` column naming the column groups (in `groups` order, default
+    sorted): the robustness tables build their own."""
+    long = _aggregate(tree.runs, every)
+    present = set(long["dataset"])
+    datasets = [g for g in groups if g in present] if groups else sorted(present)
+    position = {d: i for i, d in enumerate(datasets)}
+    long = long.sort_values("dataset", key=lambda s: s.map(position), kind="stable")
+    long = long.reset_index(drop=True)
     baselines = _baselines(long, baseline) if baseline else {}
     first = sorted(set(baselines.values()))
     rows = first + sorted(set(long["row"]) - set(first))
     cells: dict[tuple[str, str, str], Cell] = {}
-    for line in long.itertuples(index=False):
+    for line in long.to_dict("records"):  # metric keys need not be identifiers
         for m in every:
-            cells[(line.row, line.dataset, m.key)] = Cell(
-                getattr(line, f"{m.key}_mean"), getattr(line, f"{m.key}_std"), line.n_seeds
+            cells[(line["row"], line["dataset"], m.key)] = Cell(
+                line[f"{m.key}_mean"], line[f"{m.key}_std"], line["n_seeds"]
             )
     comparison = Comparison(
         tree=tree,
@@ -152,8 +186,9 @@ def _aggregate(runs: pd.DataFrame, metrics: list[Metric]) -> pd.DataFrame:
         }
         for m in metrics:
             values = group[m.column].astype(np.float64) * (100 if m.percent else 1)
-            line[f"{m.key}_mean"] = values.mean()
-            line[f"{m.key}_std"] = values.std(ddof=1)
+            pooled_min = m.over_seeds == "min"
+            line[f"{m.key}_mean"] = values.min() if pooled_min else values.mean()
+            line[f"{m.key}_std"] = math.nan if pooled_min else values.std(ddof=1)
         line |= {
             "variant": group["variant"].iloc[0],
             "selection": group["selection"].iloc[0],
@@ -210,13 +245,17 @@ def _rank(comparison: Comparison, metrics: list[Metric]) -> None:
 
 
 def _test_against_baseline(comparison: Comparison, metrics: list[Metric]) -> None:
-    runs, long = comparison.tree.runs, comparison.long
-    long["baseline"] = long["dataset"].map(comparison.baselines).fillna("")
-    long["matched_seeds"] = 0
+    runs = comparison.tree.runs
+    added: dict[str, object] = {
+        "baseline": comparison.long["dataset"].map(comparison.baselines).fillna(""),
+        "matched_seeds": 0,
+    }
     for m in metrics:
         for column in ("delta", "p_ttest", "p_wilcoxon", "p_bootstrap"):
-            long[f"{m.key}_{column}"] = math.nan
-        long[f"{m.key}_marker"] = ""
+            added[f"{m.key}_{column}"] = math.nan
+        added[f"{m.key}_marker"] = ""
+    index = comparison.long.index
+    long = comparison.long = pd.concat([comparison.long, pd.DataFrame(added, index=index)], axis=1)
     predictions: dict[str, pd.DataFrame | None] = {}
     for index, line in long.iterrows():
         base_row = comparison.baselines.get(line["dataset"])
@@ -235,17 +274,18 @@ def _test_against_baseline(comparison: Comparison, metrics: list[Metric]) -> Non
                 np.float64
             ) * scale
             cell.delta = cell.mean - base_cell.mean
-            cell.p_ttest = paired_t_test(diffs)
-            cell.p_wilcoxon = wilcoxon_signed_rank(diffs)
-            if m.key in _BOOTSTRAP_METRICS and m.column == f"test_{m.key}":
-                pairs = _paired_predictions(comparison.tree, mine, base, seeds, predictions)
-                if pairs:
-                    _, cell.p_bootstrap = paired_bootstrap(
-                        pairs, m.key, resamples=comparison.resamples
-                    )
-            cell.marker = (SEED_MARK if cell.p_ttest < comparison.alpha else "") + (
-                SAMPLE_MARK if cell.p_bootstrap < comparison.alpha else ""
-            )
+            if m.over_seeds == "mean":  # a minimum over seeds is one number: nothing to pair
+                cell.p_ttest = paired_t_test(diffs)
+                cell.p_wilcoxon = wilcoxon_signed_rank(diffs)
+                if m.key in _BOOTSTRAP_METRICS and m.column == f"test_{m.key}":
+                    pairs = _paired_predictions(comparison.tree, mine, base, seeds, predictions)
+                    if pairs:
+                        _, cell.p_bootstrap = paired_bootstrap(
+                            pairs, m.key, resamples=comparison.resamples
+                        )
+                cell.marker = (SEED_MARK if cell.p_ttest < comparison.alpha else "") + (
+                    SAMPLE_MARK if cell.p_bootstrap < comparison.alpha else ""
+                )
             for column in ("delta", "p_ttest", "p_wilcoxon", "p_bootstrap", "marker"):
                 long.loc[index, f"{m.key}_{column}"] = getattr(cell, column)
 
@@ -310,14 +350,20 @@ def header_columns(comparison: Comparison) -> list[tuple[str, Metric, bool]]:
     columns = []
     for m in comparison.metrics:
         columns.append((m.label, m, False))
-        if comparison.baseline:
+        if comparison.baseline and comparison.delta_columns:
             columns.append((f"Δ {m.label}", m, True))
     return columns
 
 
+def recipe_hashes(comparison: Comparison, row: str) -> list[str]:
+    """The row's recipe hash on each column group, in column order; once when all are the
+    same (the levels of one data set)."""
+    hashes = [comparison.recipes.get((row, d), "-") for d in comparison.datasets]
+    return hashes[:1] if len(set(hashes)) == 1 else hashes
+
+
 def recipe_text(comparison: Comparison, row: str) -> str:
-    """The row's recipe hash on each data set, in column order."""
-    return " / ".join(comparison.recipes.get((row, d), "-") for d in comparison.datasets)
+    return " / ".join(recipe_hashes(comparison, row))
 
 
 def selection_text(comparison: Comparison) -> str:
@@ -332,28 +378,43 @@ def selection_text(comparison: Comparison) -> str:
 def legend(comparison: Comparison) -> list[str]:
     """The sentences under every table."""
     percent = any(m.percent for m in comparison.metrics)
-    lines = [
+    first = comparison.caption or [
         f"{comparison.split} split, {selection_text(comparison)}; mean ± sample std over seeds"
         + (" (accuracy and F1 in %)" if percent else "")
-        + "; "
-        "best bold, second underlined per column.",
-        "Recipe: sha256 (12 hex) of the resolved recipe without seed, per data set in column "
-        "order; rows with different recipes are never averaged together.",
+        + "; best bold, second underlined per column."
+    ]
+    lines = [
+        *first,
+        "Recipe: sha256 (12 hex) of the resolved recipe without seed, per "
+        f"{comparison.group_label} in column order; rows with different recipes are never "
+        "averaged together.",
     ]
     if comparison.baseline:
-        lines += [
-            f"Δ: mean difference to {comparison.baseline}. {SEED_MARK} paired t-test over "
-            f"matched seeds, p < {comparison.alpha:g}; {SAMPLE_MARK} paired bootstrap over test "
-            f"samples ({comparison.resamples} resamples, runs with saved predictions), "
-            f"p < {comparison.alpha:g}. The CSV has every p-value and the Wilcoxon "
-            "signed-rank p.",
-        ]
+        bootstrap = any(m.key in _BOOTSTRAP_METRICS for m in comparison.metrics)
+        delta = (
+            f"Δ: mean difference to {comparison.baseline}. "
+            if comparison.delta_columns
+            else f"Against {comparison.baseline} (differences in the CSV): "
+        )
+        lines.append(
+            f"{delta}{SEED_MARK} paired t-test over matched seeds, p < {comparison.alpha:g}"
+            + (
+                f"; {SAMPLE_MARK} paired bootstrap over test samples ({comparison.resamples} "
+                f"resamples, runs with saved predictions), p < {comparison.alpha:g}"
+                if bootstrap
+                else ""
+            )
+            + ". The CSV has every p-value and the Wilcoxon signed-rank p."
+        )
     return lines
 
 
 def left_out_lines(comparison: Comparison) -> list[str]:
-    root = comparison.tree.root
-    return [f"{_relative(x.run, root)}: {x.reason}" for x in comparison.left_out]
+    return describe_left_out(comparison.left_out, comparison.tree.root)
+
+
+def describe_left_out(left_out: list[LeftOut], root: Path) -> list[str]:
+    return [f"{_relative(x.run, root)}: {x.reason}" for x in left_out]
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -469,8 +530,7 @@ def to_latex(comparison: Comparison) -> str:
                 delta = delta_text(cell, m)
                 cells.append((f"${delta}$" if delta else "") if is_delta else _latex_value(cell, m))
         hashes = " / ".join(
-            rf"\texttt{{{latex_escape(comparison.recipes.get((row, d), '-'))}}}"
-            for d in comparison.datasets
+            rf"\texttt{{{latex_escape(h)}}}" for h in recipe_hashes(comparison, row)
         )
         cells += [hashes, latex_escape(comparison.versions[row])]
         lines.append(" & ".join(cells) + r" \\")
@@ -494,7 +554,8 @@ def to_rich(comparison: Comparison) -> Table:
     second."""
     columns = header_columns(comparison)
     table = Table(
-        title=f"{comparison.split} split, {selection_text(comparison)} ({comparison.tree.root})",
+        title=comparison.title
+        or f"{comparison.split} split, {selection_text(comparison)} ({comparison.tree.root})",
         caption="\n".join(legend(comparison)),
         caption_justify="left",
     )
