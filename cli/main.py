@@ -389,8 +389,10 @@ def value(
         str,
         typer.Option(
             help="shapley (exact, M <= 10), shapley-mc (sampled), cmob, dcor (distance "
-            "correlation of the joint representation with each ground-truth group), or subsets "
-            "(every sample on every non-empty subset of modalities, M <= 10)"
+            "correlation of the joint representation with each ground-truth group), subsets "
+            "(every sample on every non-empty subset of modalities, M <= 10), or feature-mask "
+            "(IMML's probe: random feature dimensions of one modality zeroed, per --ratios; "
+            "protocol \\[ours])"
         ),
     ] = "shapley",
     permutations: Annotated[
@@ -420,13 +422,41 @@ def value(
     repeats: Annotated[
         int, typer.Option(min=1, help="subsets: independent draws of the corruptions")
     ] = 1,
+    ratios: Annotated[
+        str | None,
+        typer.Option(
+            help="feature-mask: shares of each modality's feature dimensions zeroed, e.g. "
+            "0,0.25,0.5 or 0,0.1,...,0.9 (the default); one random draw of dimensions per "
+            "(--seed, repeat, modality, ratio) shared by all samples, --repeats draws \\[ours]"
+        ),
+    ] = None,
 ) -> None:
     """Per-sample, per-modality contributions of a checkpoint (Shapley values by default).
 
     Example: mmval value runs/concat-uci-mfeat/seed0/best.pt --out contrib.parquet --summary
     Ground truth: mmval value runs/concat-mmlsyndata/seed0/best.pt --method dcor --out dcor.parquet
     Missing modalities: mmval value RUN/seed0/best.pt --method subsets --out subsets.parquet
+    Masked features: mmval value RUN/seed0/best.pt --method feature-mask --out fm.parquet
     """
+    if method == "feature-mask":
+        unused = [
+            flag
+            for flag, given in (
+                ("--permutations", permutations is not None),
+                ("--benefit", benefit != "correct"),
+                ("--mask", mask != "feature"),
+                ("--wide", wide),
+                ("--summary", summary),
+                ("--corrupt", bool(corrupt)),
+            )
+            if given
+        ]
+        if unused:
+            raise UserError(f"{', '.join(unused)}: not options of --method feature-mask.")
+        _value_feature_mask(checkpoint, out, split, data, device, batch_size, ratios, repeats, seed)
+        return
+    if ratios is not None:
+        raise UserError("--ratios is an option of --method feature-mask.")
     if method == "subsets":
         unused = [
             flag
@@ -537,6 +567,52 @@ def _value_subsets(
             f"wrote {out}: {result.table['sample_id'].nunique()} samples x {subsets} subsets"
         )
     _print_frame(subset_accuracy(result.table), "accuracy per subset of modalities", "{:.4f}")
+
+
+def _value_feature_mask(
+    checkpoint: Path,
+    out: Path | None,
+    split: str,
+    data: Path | None,
+    device: str,
+    batch: int,
+    ratios: str | None,
+    repeats: int,
+    seed: int | None,
+) -> None:
+    from mmval.valuation.feature_mask import (
+        DEFAULT_RATIOS,
+        feature_mask_accuracy,
+        feature_mask_checkpoint,
+        parse_ratios,
+        write_feature_mask,
+    )
+
+    parsed = parse_ratios(DEFAULT_RATIOS if ratios is None else ratios)
+    with console.status(f"masking feature dimensions on the {split} split"):
+        result = feature_mask_checkpoint(
+            checkpoint,
+            ratios=parsed,
+            split=split,
+            data_dir=data,
+            seed=seed or 0,
+            repeats=repeats,
+            batch_size=batch,
+            device=device,
+        )
+        if out is not None:
+            write_feature_mask(result, out)
+    if out is not None:
+        samples = result.table["sample_id"].nunique()
+        console.print(
+            f"wrote {out}: {samples} samples x {len(result.modalities)} modalities x "
+            f"{len(parsed)} ratios x {repeats} repeats"
+        )
+    _print_frame(
+        feature_mask_accuracy(result.table),
+        f"accuracy with a share of one modality's feature dimensions zeroed (mean of {repeats})",
+        "{:.4f}",
+    )
 
 
 def _value_dcor(
