@@ -20,6 +20,7 @@ from mmval.plugins import PLUGINS, PluginField
 from mmval.settings import ADDED_LATER, Effect, settings_hash
 from mmval.validation import format_problems, problems_of
 from mmval.valuation.config import TrainValuationConfig
+from mmval.valuation.evaluate import EvaluateConfig
 
 
 class _Strict(BaseModel):
@@ -163,6 +164,12 @@ class Recipe(_Strict):
     valuation: Annotated[TrainValuationConfig | None, Effect.NONE] = Field(
         default=None,
         description="write per-sample modality contributions to contrib_epoch<k>.parquet",
+    )
+    evaluate: Annotated[EvaluateConfig | None, Effect.NONE] = Field(
+        default=None,
+        description="after training, evaluate best.pt under noise, with missing modalities "
+        "and feature masking into <run>/evaluate/ (`mmval report --robustness`), e.g. "
+        "{corrupt: [image=gaussian:0,5,10], repeats: 5, subsets: true}",
     )
 
     @staticmethod

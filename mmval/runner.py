@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from mmval import distributed
@@ -24,6 +25,7 @@ from mmval.engine.tensorboard import TensorBoard
 from mmval.errors import UserError
 from mmval.recipe import Recipe
 from mmval.settings import SAME_RUN, identity, normalised
+from mmval.valuation.evaluate import evaluate_run
 from mmval.valuation.training import EpochValuation
 
 
@@ -58,14 +60,19 @@ class Trainer:
         self.run_dir = run_folder(recipe.output, recipe.name, seed)
 
     def finished_summary(self) -> dict[str, Any] | None:
-        """The summary of this very run if it already finished (the same recipe, compared as
-        today's recipe model reads both, so that runs of older mmval versions and moved run
-        folders are recognised), else None."""
+        """The summary of this very run if it already finished (the same recipe but for its
+        `evaluate:` section, compared as today's recipe model reads both, so that runs of older
+        mmval versions and moved run folders are recognised), else None."""
         summary = read_summary(self.run_dir)
         if summary is None:
             return None
         stored = normalised(Recipe, summary.get("recipe", {}))
-        if stored is None or identity(stored, SAME_RUN) != identity(self.recipe, SAME_RUN):
+        if stored is None:
+            return None
+        # what is evaluated after training is read from best.pt: a new `evaluate:` section
+        # adds tables to the finished run, it does not make another run
+        stored = stored.model_copy(update={"evaluate": self.recipe.evaluate})
+        if identity(stored, SAME_RUN) != identity(self.recipe, SAME_RUN):
             return None
         return summary
 
@@ -73,6 +80,7 @@ class Trainer:
         device = distributed.setup(resolve_device(self.recipe.train.device))
         summary, started = distributed.on_main(self._open_run_dir)
         if summary is not None:
+            distributed.on_main(lambda: self._evaluate(device))
             return RunResult(self.run_dir, skipped=True, summary=summary)
         session = build_session(self.recipe, self.seed, device)
         files = RunFiles(label=self.recipe.run_label())
@@ -82,7 +90,23 @@ class Trainer:
         callbacks += [BestCheckpoint(), files, TensorBoard()]
         callbacks += [LastCheckpoint(resume=self.resume and started), *self.callbacks]
         fit(Fit(self.recipe, self.seed, self.run_dir, session, self.title), callbacks)
+        distributed.on_main(lambda: self._evaluate(device))
         return RunResult(self.run_dir, skipped=False, summary=files.summary)
+
+    def _evaluate(self, device: torch.device) -> None:
+        """The recipe's `evaluate:` tables of best.pt, those not written yet (a finished run
+        rerun with a new `evaluate:` section gets them without training again)."""
+        recipe = self.recipe
+        if recipe.evaluate is None:
+            return
+        evaluate_run(
+            recipe.evaluate,
+            self.run_dir,
+            split=getattr(recipe.data.splits, recipe.evaluate.split),
+            data_dir=recipe.data.directory(),
+            device=str(device),
+            batch_size=recipe.train.eval_batch_size,
+        )
 
     def _valuation(self, session: Session) -> list[Callback]:
         """The recipe's valuation during training, built before the first epoch, so that a

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from mmval.recipe import parse_recipe
 from mmval.runner import Trainer
 from mmval.valuation.corrupt import Corruption
+from mmval.valuation.evaluate import EvaluateConfig
 from mmval.valuation.subsets import subsets_checkpoint, write_subsets
 
 runner = CliRunner()
@@ -146,3 +147,52 @@ def test_left_out_and_refusals(tree, tmp_path):
     assert refused.exit_code == 2 and "no evaluation tables" in refused.output
     metric = runner.invoke(app, ["report", str(tree), "--robustness", "--metric", "f1"])
     assert metric.exit_code == 2 and "--metric does not apply" in metric.output
+
+
+def test_evaluate_section_levels_are_joined_and_checked():
+    config = EvaluateConfig.model_validate(
+        {"corrupt": ["a=gaussian:0", 5, 10, "b=salt-pepper:0", 5, 10], "repeats": 2}
+    )
+    assert config.corrupt == ["a=gaussian:0,5,10", "b=salt-pepper:0,5,10"]
+    assert [[str(c) for c in cs] for cs in config.conditions()] == [
+        ["a=gaussian:0", "b=salt-pepper:0"],
+        ["a=gaussian:5", "b=salt-pepper:5"],
+        ["a=gaussian:10", "b=salt-pepper:10"],
+    ]
+    one = EvaluateConfig(corrupt=["a=gaussian:0,5", "b=mask:30"])
+    assert [[str(c) for c in cs] for cs in one.conditions()] == [
+        ["a=gaussian:0", "b=mask:30"],
+        ["a=gaussian:5", "b=mask:30"],
+    ]
+    for bad in (["a=gaussian:0,5", "b=mask:10,20,30"], ["a=fog:5"], ["a=mask:150"]):
+        with pytest.raises(ValueError, match="corrupt"):
+            EvaluateConfig(corrupt=bad)
+    with pytest.raises(ValueError, match="ratios"):
+        EvaluateConfig(feature_mask=[0.5, 1.5])
+
+
+def test_recipe_evaluate_section_writes_the_tables_once(synthetic_dir, tmp_path):
+    raw = _recipe("concat", synthetic_dir, tmp_path / "runs") | {"seeds": [0]}
+    raw["evaluate"] = {"corrupt": ["a=gaussian:0,10"], "repeats": 2, "feature_mask": [0, 0.5]}
+    recipe = parse_recipe(raw, "evaluate")
+    run = Trainer(recipe, 0).run().run_dir
+    folder = run / "evaluate"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["feature-mask.parquet", "noise-a-gaussian-10.parquet", "subsets.parquet"]
+    noisy = pd.read_parquet(folder / "noise-a-gaussian-10.parquet")
+    direct = subsets_checkpoint(
+        run / "best.pt", corruptions=[Corruption.parse("a=gaussian:10")], repeats=2, seed=0
+    )
+    pd.testing.assert_frame_equal(noisy, direct.table)
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert Trainer(recipe, 0).run().skipped  # finished: nothing trained, nothing recomputed
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    raw["evaluate"]["corrupt"] = ["a=gaussian:0,10,20"]
+    assert Trainer(parse_recipe(raw, "evaluate"), 0).run().skipped
+    assert (folder / "noise-a-gaussian-20.parquet").is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name in stamps} == stamps
+    result = runner.invoke(
+        app, ["report", str(tmp_path / "runs"), "--robustness", "--format", "html"]
+    )
+    assert result.exit_code == 0, result.output
+    assert 'id="feature-mask-synthetic"' in result.stdout and "level 20" in result.stdout

@@ -48,7 +48,7 @@ def test_marks_decide_hash_and_resume(recipe_file):
 def test_free_fields_are_listed_from_the_marks(recipe_file):
     recipe = load_recipe(recipe_file())
     free = marked(recipe, frozenset({Effect.RESUMABLE, Effect.NONE}))
-    assert set(free) == {*HOST, "train.epochs", "train.nonfinite", "valuation"}
+    assert set(free) == {*HOST, "train.epochs", "train.nonfinite", "valuation", "evaluate"}
     assert marked(recipe, frozenset({Effect.RUN})) == ["name", "seeds", "output"]
 
 

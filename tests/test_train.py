@@ -257,4 +257,5 @@ def test_run_folders_of_older_versions_count_as_finished_and_resume(recipe_file,
         Trainer(changed, 0, resume=True).run()
     message = str(refused.value)
     assert "differs from the one the run was started with in train.batch_size (only " in message
-    assert "train.epochs, train.device, train.workers" in message and "valuation may" in message
+    assert "train.epochs, train.device, train.workers" in message
+    assert "valuation, evaluate may" in message

@@ -48,6 +48,7 @@ NOT_SETTINGS = (
     "train.tensorboard",
     "output",
     "valuation",
+    "evaluate",
 )
 # labelled by the selection instead (PUBLISHED_LABEL, TEST_MAX_LABEL), not as a recipe variant
 _LABELLED_APART = ("train.protocol",)
