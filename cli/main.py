@@ -377,6 +377,12 @@ def train(
         raise typer.Exit(1)
 
 
+def _refuse_options(method: str, flags: tuple[tuple[str, bool], ...]) -> None:
+    unused = [flag for flag, given in flags if given]
+    if unused:
+        raise UserError(f"{', '.join(unused)}: not options of --method {method}.")
+
+
 @app.command()
 @user_errors
 def value(
@@ -399,7 +405,11 @@ def value(
         int | None, typer.Option(help="shapley-mc: orders sampled per sample [default: 100]")
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="shapley-mc: seed; subsets: seed of --corrupt [default: 0]")
+        int | None,
+        typer.Option(
+            help="seeds shapley-mc's orders and the --corrupt draws (one seed for both) "
+            "[default: 0]"
+        ),
     ] = None,
     benefit: Annotated[
         str, typer.Option(help="correct (|S| if right, else 0) or prob (true-class probability)")
@@ -415,12 +425,14 @@ def value(
     corrupt: Annotated[
         list[str] | None,
         typer.Option(
-            help="subsets: corrupt a modality's input, MODALITY=KIND:LEVEL with KIND gaussian "
-            "or salt-pepper (QMF's definitions) or mask (a level % rectangle); repeat for several"
+            help="corrupt a modality's input before the encoders, MODALITY=KIND:LEVEL with "
+            "KIND gaussian or salt-pepper (QMF's definitions), blank (text: QMF's word "
+            "blanking, LEVEL <= 10) or mask (a level % rectangle); repeat for several"
         ),
     ] = None,
     repeats: Annotated[
-        int, typer.Option(min=1, help="subsets: independent draws of the corruptions")
+        int,
+        typer.Option(min=1, help="independent draws of --corrupt (a first column `repeat`)"),
     ] = 1,
     ratios: Annotated[
         str | None,
@@ -437,68 +449,76 @@ def value(
     Ground truth: mmval value runs/concat-mmlsyndata/seed0/best.pt --method dcor --out dcor.parquet
     Missing modalities: mmval value RUN/seed0/best.pt --method subsets --out subsets.parquet
     Masked features: mmval value RUN/seed0/best.pt --method feature-mask --out fm.parquet
+    Under noise: mmval value RUN/seed0/best.pt --corrupt image=gaussian:5 --repeats 5 --out n.pq
+
+    --corrupt applies to every method but dcor; --seed seeds both shapley-mc's orders (the same
+    in every repeat) and the corruption draws. The printed summary averages each sample's
+    contribution over the repeats.
     """
     if method == "feature-mask":
-        unused = [
-            flag
-            for flag, given in (
+        _refuse_options(
+            "feature-mask",
+            (
                 ("--permutations", permutations is not None),
                 ("--benefit", benefit != "correct"),
                 ("--mask", mask != "feature"),
                 ("--wide", wide),
                 ("--summary", summary),
                 ("--corrupt", bool(corrupt)),
-            )
-            if given
-        ]
-        if unused:
-            raise UserError(f"{', '.join(unused)}: not options of --method feature-mask.")
+            ),
+        )
         _value_feature_mask(checkpoint, out, split, data, device, batch_size, ratios, repeats, seed)
         return
     if ratios is not None:
         raise UserError("--ratios is an option of --method feature-mask.")
     if method == "subsets":
-        unused = [
-            flag
-            for flag, given in (
+        _refuse_options(
+            "subsets",
+            (
                 ("--permutations", permutations is not None),
                 ("--seed", seed is not None and not corrupt),
                 ("--benefit", benefit != "correct"),
                 ("--wide", wide),
-            )
-            if given
-        ]
-        if unused:
-            raise UserError(f"{', '.join(unused)}: not options of --method subsets.")
+            ),
+        )
         _value_subsets(
             checkpoint, out, split, data, device, batch_size, mask, corrupt, repeats, seed
         )
         return
-    if corrupt or repeats != 1:
-        raise UserError("--corrupt and --repeats are options of --method subsets.")
+    if repeats != 1 and not corrupt:
+        raise UserError("--repeats draws the --corrupt corruptions anew; pass --corrupt.")
+    if method == "dcor" and corrupt:
+        raise UserError("--corrupt, --repeats: not options of --method dcor.")
     if method == "dcor":
-        unused = [
-            flag
-            for flag, given in (
+        _refuse_options(
+            "dcor",
+            (
                 ("--permutations", permutations is not None),
                 ("--seed", seed is not None),
                 ("--benefit", benefit != "correct"),
                 ("--mask", mask != "feature"),
                 ("--wide", wide),
                 ("--summary", summary),
-            )
-            if given
-        ]
-        if unused:
-            raise UserError(f"{', '.join(unused)}: not options of --method dcor.")
+            ),
+        )
         _value_dcor(checkpoint, out, split, data, device, batch_size)
         return
     from mmval.valuation.config import valuation_config
+    from mmval.valuation.corrupt import Corruption
     from mmval.valuation.run import value_checkpoint, write_valuation
-    from mmval.valuation.summary import contribution_gaps, contribution_summary
+    from mmval.valuation.summary import (
+        contribution_gaps,
+        contribution_summary,
+        mean_over_repeats,
+    )
 
+    corruptions = [Corruption.parse(c) for c in corrupt or []]
     config = valuation_config(
-        method=method, permutations=permutations, seed=seed, benefit=benefit, mask=mask
+        method=method,
+        permutations=permutations,
+        seed=None if corruptions and method != "shapley-mc" else seed,  # the corruptions' only
+        benefit=benefit,
+        mask=mask,
     )
     if out is None and not summary:
         raise UserError("pass --out FILE to write the table, --summary to print it, or both.")
@@ -512,6 +532,9 @@ def value(
             config=config,
             batch_size=batch_size,
             device=device,
+            corruptions=corruptions,
+            seed=seed or 0,
+            repeats=repeats,
         )
         if out is not None:
             write_valuation(result, out, wide=wide)
@@ -519,13 +542,14 @@ def value(
     shape = f"{samples} samples x {len(result.modalities)} modalities"
     if out is not None:
         console.print(f"wrote {out}: {shape}")
-    table = contribution_summary(result.table)
+    contributions = mean_over_repeats(result.table)
+    table = contribution_summary(contributions)
     if not summary:
         _print_frame(table[["modality", "mean", "std"]], "mean contribution per modality", "{:.3f}")
         return
     _print_frame(table, f"contribution per modality ({shape})", "{:.3f}")
     _print_frame(
-        contribution_gaps(result.table), "mean contribution gap (row minus column)", "{:+.3f}"
+        contribution_gaps(contributions), "mean contribution gap (row minus column)", "{:+.3f}"
     )
 
 

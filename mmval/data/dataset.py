@@ -192,6 +192,7 @@ class ParquetSamples(Dataset):
         self.augment = augment if train else None
         self._files: dict[int, pq.ParquetFile] = {}
         self._cache: OrderedDict[tuple[int, int], dict[str, Any]] = OrderedDict()
+        self._text_cache: OrderedDict[tuple[int, int, str], list[str]] = OrderedDict()
 
     def set_epoch(self, epoch: int) -> None:
         """Frame picks in training mode depend on (seed, epoch, sample): resumable, and the
@@ -212,19 +213,22 @@ class ParquetSamples(Dataset):
     def __getstate__(self) -> dict:
         # Workers reopen files lazily: open handles and memory maps do not cross processes.
         state = self.__dict__.copy()
-        state["_files"], state["_cache"] = {}, OrderedDict()
+        state["_files"], state["_cache"], state["_text_cache"] = {}, OrderedDict(), OrderedDict()
         return state
+
+    def _file(self, shard: int) -> pq.ParquetFile:
+        if shard not in self._files:
+            self._files[shard] = pq.ParquetFile(
+                self.root / self.shard_paths[shard], memory_map=True
+            )
+        return self._files[shard]
 
     def _row_group(self, shard: int, row_group: int) -> dict[str, np.ndarray]:
         key = (shard, row_group)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        if shard not in self._files:
-            self._files[shard] = pq.ParquetFile(
-                self.root / self.shard_paths[shard], memory_map=True
-            )
-        table = self._files[shard].read_row_group(row_group, columns=[s.name for s in self.specs])
+        table = self._file(shard).read_row_group(row_group, columns=[s.name for s in self.specs])
         decoded = {
             s.name: decode_tensor_column(table.column(s.name), s)
             if s.encoding == "raw"
@@ -273,6 +277,39 @@ class ParquetSamples(Dataset):
 
     def __getitem__(self, position: int) -> Batch:
         return self.__getitems__([position])
+
+    def texts(self, modality: str, positions: Sequence[int]) -> list[str]:
+        """The cleaned text a token modality's ids were made from (column `<modality>_text`),
+        for corruptions that edit words and encode again (`mmval value --corrupt
+        text=blank:L`). Read by row group, as the inputs, and cached apart from them."""
+        column = f"{modality}_text"
+        positions = np.asarray(positions, dtype=np.int64)
+        shards, groups, rows = (
+            self.shard_of[positions],
+            self.row_group_of[positions],
+            self.row_of[positions],
+        )
+        out = [""] * len(positions)
+        for shard, group in dict.fromkeys(zip(shards.tolist(), groups.tolist(), strict=True)):
+            key = (shard, group, column)
+            if key in self._text_cache:
+                self._text_cache.move_to_end(key)
+            else:
+                file = self._file(shard)
+                if column not in file.schema_arrow.names:
+                    raise UserError(
+                        f"{self.root / self.shard_paths[shard]} has no column {column!r}: the "
+                        f"text of {modality!r} was not stored beside its token ids; prepare "
+                        "the data again with this mmval version."
+                    )
+                table = file.read_row_group(group, columns=[column])
+                self._text_cache[key] = table.column(column).to_pylist()
+                if len(self._text_cache) > self.cache_row_groups:
+                    self._text_cache.popitem(last=False)
+            values = self._text_cache[key]
+            for at in np.flatnonzero((shards == shard) & (groups == group)).tolist():
+                out[at] = values[int(rows[at])]
+        return out
 
     def _frames(
         self, spec: ModalitySpec, stored: list[bytes], rng: np.random.Generator

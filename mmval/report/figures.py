@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -25,10 +26,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mmval.artifacts.layout import CONTRIB_EPOCH, CONTRIB_GLOB, METRICS, PREDICTIONS
-from mmval.report.robustness import EVALUATION_METHODS, EvaluationTable, Robustness, robustness
+from mmval.report.robustness import EvaluationTable, Robustness, robustness
 from mmval.report.runs import RunTree
 from mmval.report.tables import Comparison
-from mmval.valuation.summary import contribution_summary
+from mmval.valuation.config import MethodName
+from mmval.valuation.summary import contribution_summary, mean_over_repeats
 
 _DPI = 100
 
@@ -85,18 +87,19 @@ def write_figures(figures: list[ReportFigure], folder: Path) -> list[Path]:
 
 
 def find_value_tables(tree: RunTree) -> list[ValueTable]:
-    """`mmval value` outputs anywhere below the root, recognised by their `mmval.method`
-    metadata (training-time tables are plotted per epoch instead). A table inside a finished
-    run folder is named after that run's row and seed."""
+    """`mmval value` contribution tables anywhere below the root, recognised by their
+    `mmval.method` metadata (training-time tables are plotted per epoch instead; subsets and
+    dcor tables hold no per-modality contributions). A table inside a finished run folder is
+    named after that run's row and seed."""
     by_run = {Path(r.run): r for r in tree.runs.itertuples(index=False)}
     found = []
     for path in sorted(tree.root.rglob("*.parquet")):
         if path.name in (METRICS, PREDICTIONS) or CONTRIB_EPOCH.search(path.name):
             continue
         meta = pq.read_schema(path).metadata or {}
-        if meta.get(b"mmval.method", b"").decode() in ("", *EVALUATION_METHODS):
-            continue  # not a contribution table
         info = {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"mmval.")}
+        if info.get("mmval.method") not in get_args(MethodName):
+            continue
         run = by_run.get(path.parent)
         dataset = info.get("mmval.dataset") or (run.dataset if run is not None else "?")
         source = f"{run.row} seed{run.seed}" if run is not None else path.stem
@@ -114,13 +117,16 @@ def find_value_tables(tree: RunTree) -> list[ValueTable]:
 
 
 def _long(frame: pd.DataFrame, info: dict[str, str]) -> pd.DataFrame:
-    """A `--wide` table back to one row per (sample, modality)."""
+    """A `--wide` table back to one row per (sample, modality); a table valued under
+    corruptions averaged over its repeats (`mean_over_repeats`)."""
+    keys = [k for k in ("repeat", "sample_id") if k in frame.columns]
     if "modality" in frame.columns:
-        return frame[["sample_id", "modality", "contribution"]]
+        return mean_over_repeats(frame[[*keys, "modality", "contribution"]])
     modalities = json.loads(info["mmval.modalities"])
-    return frame.melt(
-        id_vars="sample_id", value_vars=modalities, var_name="modality", value_name="contribution"
+    long = frame.melt(
+        id_vars=keys, value_vars=modalities, var_name="modality", value_name="contribution"
     )
+    return mean_over_repeats(long)
 
 
 def _png(fig: Figure) -> bytes:

@@ -1,4 +1,6 @@
-"""`mmval value`: per-sample, per-modality contributions of a checkpoint (or a model) on a split."""
+"""`mmval value`: per-sample, per-modality contributions of a checkpoint (or a model) on a split,
+optionally under test-time corruptions of the inputs (`mmval.valuation.corrupt`), so one can see
+how contributions shift when a modality degrades."""
 
 from __future__ import annotations
 
@@ -20,6 +22,13 @@ from mmval.models import ModelConfig, MultimodalModel, build_model
 from mmval.plugins import PluginField
 from mmval.valuation.base import Game, ValuationMethod
 from mmval.valuation.config import ValuationConfig
+from mmval.valuation.corrupt import (
+    Corrupt,
+    Corruption,
+    check_corruptions,
+    corruption_metadata,
+    corruptor,
+)
 from mmval.valuation.engine import EvalPath, build_evaluator, mask_fills
 from mmval.valuation.registry import build_method
 from mmval.valuation.table import (
@@ -44,16 +53,21 @@ def value_dataset(
     batch_size: int = 256,
     positions: Sequence[int] | None = None,
     path: EvalPath = "auto",
+    corrupt: Corrupt | None = None,
 ) -> Values:
-    """Value `positions` of the dataset (default: all) in eval mode. Batches are read without
-    a DataLoader, which would draw from the global RNG and so change a training run."""
+    """Value `positions` of the dataset (default: all) in eval mode, their inputs passed
+    through `corrupt` first (`mmval.valuation.corrupt.corruptor`) when given. Batches are read
+    without a DataLoader, which would draw from the global RNG and so change a training run."""
     model.eval()
     modalities = [s.name for s in dataset.specs]
     evaluator = build_evaluator(model, modalities, config.mask, fills, device=device, path=path)
     order = np.arange(len(dataset)) if positions is None else np.asarray(positions, np.int64)
     parts = []
     for start in range(0, len(order), batch_size):
-        batch = dataset.__getitems__(order[start : start + batch_size].tolist()).to(device)
+        batch = dataset.__getitems__(order[start : start + batch_size].tolist())
+        if corrupt is not None:
+            batch.inputs = corrupt(batch.inputs, batch.index)
+        batch = batch.to(device)
         game = Game(evaluator, batch.inputs, batch.label, batch.index, config.benefit)
         out = method.value(game)
         parts.append((batch.label, out))
@@ -97,7 +111,7 @@ def _device(name: str) -> torch.device:
 
 @dataclass
 class ValuationResult:
-    table: pd.DataFrame  # long format, one row per (sample, modality)
+    table: pd.DataFrame  # long format, one row per ([repeat,] sample, modality)
     metadata: dict[str, str]
     modalities: list[str]
 
@@ -214,29 +228,50 @@ def value_checkpoint(
     batch_size: int = 256,
     device: str = "cpu",
     path: EvalPath = "auto",
+    corruptions: Sequence[Corruption] = (),
+    seed: int = 0,
+    repeats: int = 1,
 ) -> ValuationResult:
-    """Value every sample of `split` with the data the checkpoint was trained on."""
+    """Value every sample of `split` with the data the checkpoint was trained on. With
+    `corruptions`, the inputs are corrupted before the encoders, drawn anew in each of
+    `repeats` repeats from `seed` (the table gains a first column `repeat`); without them the
+    table is the clean one, with no `repeat` column. shapley-mc's orders come from the config's
+    seed and are the same in every repeat, so repeats differ by the corruption draws alone."""
     config = config or ValuationConfig()
     torch_device = _device(device)
     opened = open_split(checkpoint, split, data_dir, config)
     loaded = opened.loaded
     ckpt, manifest, modalities = loaded.ckpt, loaded.manifest, loaded.modalities
+    check_corruptions(list(corruptions), modalities)
     method = build_method(config, modalities)
-    values = value_dataset(
-        loaded.model.to(torch_device),
-        opened.dataset,
-        method,
-        config,
-        fills=opened.fills,
-        device=torch_device,
-        batch_size=batch_size,
-        path=path,
-    )
+    model = loaded.model.to(torch_device)
+    frames = []
+    for repeat in range(repeats if corruptions else 1):
+        values = value_dataset(
+            model,
+            opened.dataset,
+            method,
+            config,
+            fills=opened.fills,
+            device=torch_device,
+            batch_size=batch_size,
+            path=path,
+            corrupt=corruptor(corruptions, opened.dataset, seed=seed, repeat=repeat)
+            if corruptions
+            else None,
+        )
+        frames.append(long_table(values, modalities))
     metadata = valuation_metadata(
         config, modalities, split, manifest, weights_fingerprint(ckpt.model)
     )
     metadata["mmval.checkpoint"] = str(checkpoint)
-    return ValuationResult(long_table(values, modalities), metadata, modalities)
+    if not corruptions:
+        return ValuationResult(frames[0], metadata, modalities)
+    metadata |= corruption_metadata(corruptions, seed, repeats)
+    table = pd.concat(
+        [frame.assign(repeat=repeat) for repeat, frame in enumerate(frames)], ignore_index=True
+    )
+    return ValuationResult(table[["repeat", *table.columns[:-1]]], metadata, modalities)
 
 
 def write_valuation(result: ValuationResult, out: Path, *, wide: bool = False) -> None:

@@ -9,9 +9,7 @@ once per batch (`Game`), so the table costs about what the exact Shapley table d
 
 from __future__ import annotations
 
-import functools
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,13 @@ from mmval.data.dataset import ParquetSamples
 from mmval.errors import UserError
 from mmval.valuation.base import Game
 from mmval.valuation.config import MaskName, ValuationConfig
-from mmval.valuation.corrupt import Corruption, check_corruptions, corrupt_inputs
+from mmval.valuation.corrupt import (
+    Corrupt,
+    Corruption,
+    check_corruptions,
+    corruption_metadata,
+    corruptor,
+)
 from mmval.valuation.engine import SubsetEvaluator, build_evaluator, subset_masks
 from mmval.valuation.run import _device, open_split
 from mmval.valuation.table import split_metadata, weights_fingerprint, write_parquet
@@ -70,12 +74,9 @@ def subsets_dataset(
     model.eval()
     keep, names = subset_names(modalities)
     evaluator = build_evaluator(model, modalities, mask, fills, device=device)
-    specs = {s.name: s for s in dataset.specs}
     frames = []
     for repeat in range(repeats):
-        corrupt = functools.partial(
-            corrupt_inputs, corruptions=list(corruptions), specs=specs, seed=seed, repeat=repeat
-        )
+        corrupt = corruptor(corruptions, dataset, seed=seed, repeat=repeat)
         frame = _one_repeat(evaluator, dataset, keep, names, device, batch_size, corrupt)
         frames.append(frame.assign(repeat=repeat))
     table = pd.concat(frames, ignore_index=True)
@@ -89,7 +90,7 @@ def _one_repeat(
     names: list[str],
     device: torch.device,
     batch_size: int,
-    corrupt: Callable[[dict[str, torch.Tensor], torch.Tensor], dict[str, torch.Tensor]],
+    corrupt: Corrupt,
 ) -> pd.DataFrame:
     preds, confidences, labels = [], [], []
     for start in range(0, len(dataset), batch_size):
@@ -154,12 +155,8 @@ def subsets_checkpoint(
     weights = weights_fingerprint(loaded.ckpt.model)
     modalities = loaded.modalities
     metadata = split_metadata("subsets", mask, modalities, split, loaded.manifest, weights)
-    metadata |= {
-        "mmval.checkpoint": str(checkpoint),
-        "mmval.corruptions": json.dumps([str(c) for c in corruptions]),
-        "mmval.seed": str(seed),
-        "mmval.repeats": str(repeats),
-    }
+    metadata |= {"mmval.checkpoint": str(checkpoint)}
+    metadata |= corruption_metadata(corruptions, seed, repeats)
     return SubsetsResult(table, metadata, modalities)
 
 

@@ -7,6 +7,16 @@ import numpy as np
 import pandas as pd
 
 
+def mean_over_repeats(table: pd.DataFrame) -> pd.DataFrame:
+    """A table valued under corruptions (`mmval value --corrupt`, a `repeat` column) as one row
+    per (sample, modality), the contribution averaged over the repeats: each sample's expected
+    contribution under the corruption. A table without repeats is returned as it is."""
+    if "repeat" not in table:
+        return table
+    keys = ["sample_id", "modality"]
+    return table.groupby(keys, sort=False, as_index=False)["contribution"].mean()
+
+
 def contribution_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per modality: mean and std of the contribution; the share of samples in which it alone
     has the lowest contribution (ties count for no modality: under the `correct` benefit all

@@ -57,18 +57,20 @@ def long_table(values: Values, modalities: list[str]) -> pd.DataFrame:
 
 
 def wide_table(table: pd.DataFrame, modalities: list[str]) -> pd.DataFrame:
-    """One row per sample: the sample columns, one contribution column per modality (named
-    after it) and, for sampled methods, `stderr_<modality>`."""
-    clash = sorted(set(modalities) & set(SAMPLE_COLUMNS))
+    """One row per sample (per repeat and sample under corruptions, `repeat` first): the
+    sample columns, one contribution column per modality (named after it) and, for sampled
+    methods, `stderr_<modality>`."""
+    keys = ["repeat", "sample_id"] if "repeat" in table else ["sample_id"]
+    clash = sorted(set(modalities) & {*keys, *SAMPLE_COLUMNS})
     if clash:
         raise UserError(
             f"--wide names a column after each modality, and {', '.join(clash)} is already a "
             "column of the table; write the long table (without --wide) instead."
         )
-    per_sample = table.drop_duplicates("sample_id")[SAMPLE_COLUMNS].set_index("sample_id")
-    parts = [per_sample, table.pivot(index="sample_id", columns="modality", values="contribution")]
+    per_sample = table.drop_duplicates(keys)[[*keys, *SAMPLE_COLUMNS[1:]]].set_index(keys)
+    parts = [per_sample, table.pivot(index=keys, columns="modality", values="contribution")]
     if "stderr" in table:
-        stderr = table.pivot(index="sample_id", columns="modality", values="stderr")
+        stderr = table.pivot(index=keys, columns="modality", values="stderr")
         parts.append(stderr[modalities].add_prefix("stderr_"))
     wide = pd.concat([parts[0], parts[1][modalities], *parts[2:]], axis=1)
     wide.columns.name = None
