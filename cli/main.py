@@ -503,8 +503,8 @@ def value(
         )
         _value_dcor(checkpoint, out, split, data, device, batch_size)
         return
+    from mmval.data.corrupt import Corruption
     from mmval.valuation.config import valuation_config
-    from mmval.valuation.corrupt import Corruption
     from mmval.valuation.run import value_checkpoint, write_valuation
     from mmval.valuation.summary import (
         contribution_gaps,
@@ -565,8 +565,8 @@ def _value_subsets(
     repeats: int,
     seed: int | None,
 ) -> None:
+    from mmval.data.corrupt import Corruption
     from mmval.valuation.config import valuation_config
-    from mmval.valuation.corrupt import Corruption
     from mmval.valuation.subsets import subset_accuracy, subsets_checkpoint, write_subsets
 
     checked = valuation_config(mask=mask).mask  # the --mask message of the other methods

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmval.compose import compose_recipe
+from mmval.data.corrupt import Corruption
 from mmval.data.dataset import FrameAugment
 from mmval.errors import UserError
 from mmval.methods import METHODS, MethodConfig, MethodConfigUnion
@@ -50,12 +51,31 @@ class DataConfig(_Strict):
     augment: FrameAugment | None = Field(
         default=None, description="training-time RandomResizedCrop + flip of RGB frames"
     )
+    corrupt: Annotated[list[str], ADDED_LATER] = Field(
+        default_factory=list,
+        description="training-time corruptions MODALITY=KIND:LEVEL (as `mmval value "
+        "--corrupt`: gaussian, salt-pepper, mask, blank), drawn anew per epoch and sample: "
+        "robust training as augmentation (the papers train on clean data)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
         if (self.dataset is None) == (self.path is None):
             raise ValueError("give exactly one of data.dataset (a built-in name) or data.path")
         return self
+
+    @field_validator("corrupt")
+    @classmethod
+    def _corruptions(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            try:
+                Corruption.parse(spec)
+            except UserError as exc:
+                raise ValueError(str(exc).replace("--corrupt", "data.corrupt")) from None
+        return value
+
+    def corruptions(self) -> list[Corruption]:
+        return [Corruption.parse(spec) for spec in self.corrupt]
 
     @field_validator("modalities")
     @classmethod

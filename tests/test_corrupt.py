@@ -14,6 +14,7 @@ import torch
 from mmval.cli.main import app
 
 import tests.image_text_raw as fake_raw
+from mmval.data.corrupt import Corruption, blank_words, corrupt_inputs, draw_seed
 from mmval.data.dataset import ParquetSamples
 from mmval.data.extract.text import load_saved_tokenizer
 from mmval.data.prep import prepare
@@ -24,7 +25,6 @@ from mmval.report.figures import find_value_tables
 from mmval.report.runs import find_runs
 from mmval.runner import Trainer
 from mmval.valuation.config import ValuationConfig
-from mmval.valuation.corrupt import Corruption, _stream, blank_words, corrupt_inputs
 from mmval.valuation.run import value_checkpoint, write_valuation
 from mmval.valuation.subsets import subsets_checkpoint, write_subsets
 from tests.test_subsets import checkpoint  # noqa: F401 (the fixture)
@@ -81,7 +81,7 @@ def test_gaussian_is_qmfs_on_pixels():
     level, inputs = 5.0, _batch()
     out = _apply(f"image=gaussian:{level:g}", inputs)["image"].numpy()
     for i, image in enumerate(inputs["image"].numpy()):
-        g = torch.Generator().manual_seed(_stream(0, 0, i, 0))
+        g = torch.Generator().manual_seed(draw_seed(0, 0, i, 0))
         if float(torch.rand((), generator=g)) >= 0.5:
             assert np.array_equal(out[i], image)
             continue
@@ -249,7 +249,7 @@ def test_blank_encodes_the_blanked_text_again(posts):
     texts = posts.texts("text", range(len(posts)))
     stored, corrupted = _blank(posts, 4, seed=3, repeat=2)
     for i, text in enumerate(texts):
-        g = torch.Generator().manual_seed(_stream(3, 2, i, 0))
+        g = torch.Generator().manual_seed(draw_seed(3, 2, i, 0))
         replay = Replay(lambda n, g=g: torch.rand(n, generator=g, dtype=torch.float64).numpy())
         expected_text = qmf_blank(text, 4, replay)
         ids = tokenizer.encode(expected_text)[: spec.shape[0]]

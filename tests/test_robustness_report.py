@@ -13,9 +13,9 @@ import pytest
 from mmval.cli.main import app
 from typer.testing import CliRunner
 
+from mmval.data.corrupt import Corruption
 from mmval.recipe import parse_recipe
 from mmval.runner import Trainer
-from mmval.valuation.corrupt import Corruption
 from mmval.valuation.evaluate import EvaluateConfig
 from mmval.valuation.subsets import subsets_checkpoint, write_subsets
 

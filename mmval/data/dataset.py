@@ -8,7 +8,7 @@ by position in their split; reads go through whole row groups kept in a small LR
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,13 @@ def random_resized_crop(
     )[0]
     out = resized.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     return out[:, ::-1] if rng.random() < augment.hflip else out
+
+
+# Training-time corruption of a batch's inputs (`data.corrupt`, built by
+# `mmval.data.corrupt.training_corruptor`): (inputs, positions, epoch, dataset) -> inputs
+CorruptBatch = Callable[
+    [dict[str, torch.Tensor], torch.Tensor, int, "ParquetSamples"], dict[str, torch.Tensor]
+]
 
 
 @dataclass
@@ -163,6 +170,7 @@ class ParquetSamples(Dataset):
         train: bool = False,
         seed: int = 0,
         augment: FrameAugment | None = None,
+        corrupt: CorruptBatch | None = None,
     ) -> None:
         self.root = Path(root)
         self.manifest = manifest or check_data_dir(self.root)
@@ -190,6 +198,7 @@ class ParquetSamples(Dataset):
         # in shared memory, so that persistent DataLoader workers see set_epoch
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.augment = augment if train else None
+        self.corrupt = corrupt if train else None
         self._files: dict[int, pq.ParquetFile] = {}
         self._cache: OrderedDict[tuple[int, int], dict[str, Any]] = OrderedDict()
         self._text_cache: OrderedDict[tuple[int, int, str], list[str]] = OrderedDict()
@@ -268,8 +277,11 @@ class ParquetSamples(Dataset):
                 for at, row in zip(where.tolist(), rows[where].tolist(), strict=True):
                     rng = np.random.default_rng([self.seed, self.epoch, int(codes[at])])
                     out[spec.name][at] = self._frames(spec, values[row], rng)
+        inputs = {name: torch.from_numpy(values) for name, values in out.items()}
+        if self.corrupt is not None:
+            inputs = self.corrupt(inputs, torch.from_numpy(positions), self.epoch, self)
         return Batch(
-            inputs={name: torch.from_numpy(values) for name, values in out.items()},
+            inputs=inputs,
             label=torch.from_numpy(self.labels[positions]),
             index=torch.from_numpy(positions),
             tag=torch.from_numpy(tags),

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from mmval import distributed
 from mmval.artifacts.checkpoint import DataInfo
+from mmval.data.corrupt import check_corruptions, training_corruptor
 from mmval.data.dataset import BlockShuffleSampler, ParquetSamples, collate_batch
 from mmval.data.manifest import load_dataset_manifest
 from mmval.data.prep import prepare
@@ -138,6 +139,8 @@ def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
     roles = {"train": (splits.train,), "val": (splits.val,), "test": (splits.test,)}
     if recipe.train.protocol == "published":  # no validation carve-out: it trains too
         roles["train"] = (splits.train, splits.val)
+    corruptions = recipe.data.corruptions()
+    check_corruptions(corruptions, modalities, field="data.corrupt")
     datasets = {
         role: ParquetSamples(
             data_dir,
@@ -147,6 +150,7 @@ def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
             train=role == "train",
             seed=seed,
             augment=recipe.data.augment,
+            corrupt=training_corruptor(corruptions, seed) if corruptions else None,
         )
         for role, names in roles.items()
     }

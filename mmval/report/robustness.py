@@ -33,7 +33,7 @@ from mmval.report.runs import META, LeftOut, Metric, RunTree
 from mmval.report.tables import Comparison, check_options, compare_metrics
 
 EVALUATION_METHODS = ("subsets", "feature-mask")
-# `mmval.valuation.corrupt.Corruption` as written in the metadata; parsed here so that the
+# `mmval.data.corrupt.Corruption` as written in the metadata; parsed here so that the
 # report imports no torch
 _CORRUPTION = re.compile(r"^(?P<modality>[^=]+)=(?P<kind>[a-z-]+):(?P<level>[0-9.]+)$")
 CLEAN = "clean"

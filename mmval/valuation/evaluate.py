@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mmval.artifacts.checkpoint import load_checkpoint
+from mmval.data.corrupt import Corruption
 from mmval.errors import UserError
 from mmval.valuation.config import MaskName
-from mmval.valuation.corrupt import Corruption
 from mmval.valuation.feature_mask import (
     check_ratios,
     feature_mask_checkpoint,

@@ -30,11 +30,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from mmval.data.corrupt import draw_seed
 from mmval.data.dataset import ParquetSamples
 from mmval.errors import UserError
 from mmval.models import MultimodalModel
 from mmval.valuation.config import ValuationConfig
-from mmval.valuation.corrupt import _stream
 from mmval.valuation.engine import MAX_ELEMENTS
 from mmval.valuation.run import _device, open_split
 from mmval.valuation.table import split_metadata, weights_fingerprint, write_parquet
@@ -102,7 +102,7 @@ def masked_dims(dims: int, ratio: float, *, seed: int, repeat: int, modality: in
     """The indices of the dimensions masked at `ratio` for (seed, repeat, modality index),
     shared by every sample; the same for ratios that mask as many dimensions."""
     count = masked_count(ratio, dims)
-    g = torch.Generator().manual_seed(_stream(seed, repeat, modality, count))
+    g = torch.Generator().manual_seed(draw_seed(seed, repeat, modality, count))
     return torch.randperm(dims, generator=g)[:count].sort().values
 
 

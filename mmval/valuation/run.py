@@ -1,5 +1,5 @@
 """`mmval value`: per-sample, per-modality contributions of a checkpoint (or a model) on a split,
-optionally under test-time corruptions of the inputs (`mmval.valuation.corrupt`), so one can see
+optionally under test-time corruptions of the inputs (`mmval.data.corrupt`), so one can see
 how contributions shift when a modality degrades."""
 
 from __future__ import annotations
@@ -15,6 +15,13 @@ from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
 from mmval.artifacts.checkpoint import Checkpoint, load_checkpoint
+from mmval.data.corrupt import (
+    Corrupt,
+    Corruption,
+    check_corruptions,
+    corruption_metadata,
+    corruptor,
+)
 from mmval.data.dataset import ParquetSamples
 from mmval.data.shards import DataManifest, ModalitySpec, check_data_dir
 from mmval.errors import UserError
@@ -22,13 +29,6 @@ from mmval.models import ModelConfig, MultimodalModel, build_model
 from mmval.plugins import PluginField
 from mmval.valuation.base import Game, ValuationMethod
 from mmval.valuation.config import ValuationConfig
-from mmval.valuation.corrupt import (
-    Corrupt,
-    Corruption,
-    check_corruptions,
-    corruption_metadata,
-    corruptor,
-)
 from mmval.valuation.engine import EvalPath, build_evaluator, mask_fills
 from mmval.valuation.registry import build_method
 from mmval.valuation.table import (
@@ -56,7 +56,7 @@ def value_dataset(
     corrupt: Corrupt | None = None,
 ) -> Values:
     """Value `positions` of the dataset (default: all) in eval mode, their inputs passed
-    through `corrupt` first (`mmval.valuation.corrupt.corruptor`) when given. Batches are read
+    through `corrupt` first (`mmval.data.corrupt.corruptor`) when given. Batches are read
     without a DataLoader, which would draw from the global RNG and so change a training run."""
     model.eval()
     modalities = [s.name for s in dataset.specs]

@@ -2,7 +2,7 @@
 model's modalities, the missing ones removed as `--mask` says: the missing-modality protocol of
 C3R's Table 2 (all 15 combinations of four modalities and their mean). The table holds each
 sample once per subset, so any aggregate (per-subset accuracy, the mean over subsets, the worst
-subset) is a groupby. With `corruptions` (`mmval.valuation.corrupt`) the inputs are corrupted
+subset) is a groupby. With `corruptions` (`mmval.data.corrupt`) the inputs are corrupted
 first, `repeats` times, and the full-set rows are QMF's accuracy under noise. The encoders run
 once per batch (`Game`), so the table costs about what the exact Shapley table does.
 """
@@ -18,17 +18,17 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mmval.data.dataset import ParquetSamples
-from mmval.errors import UserError
-from mmval.valuation.base import Game
-from mmval.valuation.config import MaskName, ValuationConfig
-from mmval.valuation.corrupt import (
+from mmval.data.corrupt import (
     Corrupt,
     Corruption,
     check_corruptions,
     corruption_metadata,
     corruptor,
 )
+from mmval.data.dataset import ParquetSamples
+from mmval.errors import UserError
+from mmval.valuation.base import Game
+from mmval.valuation.config import MaskName, ValuationConfig
 from mmval.valuation.engine import SubsetEvaluator, build_evaluator, subset_masks
 from mmval.valuation.run import _device, open_split
 from mmval.valuation.table import split_metadata, weights_fingerprint, write_parquet
@@ -63,7 +63,7 @@ def subsets_dataset(
 ) -> pd.DataFrame:
     """One row per (repeat, sample, non-empty subset): repeat, sample_id, label, subset, size,
     pred, correct, p_true (the softmax probability of the label). Each repeat draws the
-    corruptions anew (`mmval.valuation.corrupt`); without corruptions one repeat is enough."""
+    corruptions anew (`mmval.data.corrupt`); without corruptions one repeat is enough."""
     modalities = [s.name for s in dataset.specs]
     if len(modalities) > MAX_MODALITIES:
         raise UserError(

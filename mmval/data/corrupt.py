@@ -52,7 +52,7 @@ from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
 
 if TYPE_CHECKING:
-    from mmval.data.dataset import ParquetSamples
+    from mmval.data.dataset import CorruptBatch, ParquetSamples
 
 Kind = Literal["gaussian", "salt-pepper", "mask", "blank"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
@@ -196,7 +196,7 @@ def _blank_tokens(
     return out.to(x.device)
 
 
-def _stream(*keys: int) -> int:
+def draw_seed(*keys: int) -> int:
     """A generator seed per (seed, repeat, sample, corruption), independent across keys."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
 
@@ -225,7 +225,7 @@ def corrupt_inputs(
             continue
 
         def generator(position: int, index: int = index) -> torch.Generator:
-            return torch.Generator().manual_seed(_stream(seed, repeat, position, index))
+            return torch.Generator().manual_seed(draw_seed(seed, repeat, position, index))
 
         if corruption.kind == "blank":
             out[corruption.modality] = _blank_tokens(
@@ -259,11 +259,13 @@ def _check_input(corruption: Corruption, spec: ModalitySpec, x: torch.Tensor) ->
         )
 
 
-def check_corruptions(corruptions: list[Corruption], modalities: list[str]) -> None:
+def check_corruptions(
+    corruptions: list[Corruption], modalities: list[str], field: str = "--corrupt"
+) -> None:
     unknown = sorted({c.modality for c in corruptions} - set(modalities))
     if unknown:
         raise UserError(
-            f"--corrupt names {', '.join(unknown)}, which the model does not have "
+            f"{field} names {', '.join(unknown)}, which the model does not have "
             f"({', '.join(modalities)})."
         )
 
@@ -282,6 +284,27 @@ def corruptor(
         seed=seed,
         repeat=repeat,
         dataset=dataset,
+    )
+
+
+def training_corruptor(corruptions: Sequence[Corruption], seed: int) -> CorruptBatch:
+    """The recipe's `data.corrupt` as augmentation of the training batches: drawn anew per
+    (run seed, epoch, sample), so every epoch sees other noise and a resumed run the same."""
+    return functools.partial(_corrupt_training_batch, corruptions=list(corruptions), seed=seed)
+
+
+def _corrupt_training_batch(
+    inputs: dict[str, torch.Tensor],
+    positions: torch.Tensor,
+    epoch: int,
+    dataset: ParquetSamples,
+    *,
+    corruptions: list[Corruption],
+    seed: int,
+) -> dict[str, torch.Tensor]:
+    specs = {s.name: s for s in dataset.specs}
+    return corrupt_inputs(
+        inputs, positions, corruptions, specs, seed=seed, repeat=epoch, dataset=dataset
     )
 
 
