@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
-from mmval.atomic import remove_stale_temps, write_text_atomic
+from mmval.atomic import remove_stale_temps, write_atomic, write_text_atomic
 from mmval.data.manifest import DatasetManifest, load_dataset_manifest
 from mmval.data.pipeline import (
     CLIP_TIMEOUT,
@@ -148,6 +148,8 @@ def prepare(
         )
         return PrepResult(manifest, wrote=True, summary=summary)
     built = source.build(entry, params, raw)
+    for name, data in built.files.items():  # before the manifest, which marks a complete set
+        write_atomic(out / name, lambda path, data=data: path.write_bytes(data))
     manifest = write_dataset(
         out,
         header(built.classes, built.modalities, built.extraction, built.ground_truth),

@@ -170,12 +170,16 @@ def sha256_file(path: Path) -> str:
 
 @dataclass
 class SplitSamples:
-    """All samples of one split, in memory: enough for vector and feature data sets."""
+    """All samples of one split, in memory: enough for vector and feature data sets, and for
+    small generated image-text sets (one JPEG still image per sample, stored as the image-text
+    sources store it: one frame at time 0; token ids in `arrays` with their text in `texts`)."""
 
     sample_ids: list[str]
     labels: np.ndarray
     sources: list[str]
     arrays: dict[str, np.ndarray]  # modality -> [N, *shape]
+    texts: dict[str, list[str]] = field(default_factory=dict)  # tokens modality -> text per sample
+    images: dict[str, list[bytes]] = field(default_factory=dict)  # jpeg modality -> one JPEG each
 
     def records(self, rows: Sequence[int]) -> list[SampleRecord]:
         return [
@@ -183,7 +187,12 @@ class SplitSamples:
                 sample_id=self.sample_ids[i],
                 label=int(self.labels[i]),
                 source=self.sources[i],
-                values={name: values[i] for name, values in self.arrays.items()},
+                values={
+                    **{name: values[i] for name, values in self.arrays.items()},
+                    **{name: [images[i]] for name, images in self.images.items()},
+                },
+                times={name: np.zeros(1, np.float32) for name in self.images},
+                texts={name: texts[i] for name, texts in self.texts.items()},
             )
             for i in rows
         ]

@@ -23,6 +23,8 @@ class BuiltData:
     # per-sample variables stored beside the inputs but never fed to a model (arrays in
     # `SplitSamples.arrays` under these names)
     ground_truth: list[ModalitySpec] = field(default_factory=list)
+    # written beside the shards (the tokenizer a text modality was encoded with)
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 class Source(Protocol):
