@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from mmval.data.corrupt import Corruption, corrupt_inputs
 from mmval.data.dataset import ParquetSamples
 from mmval.data.extract.text import WordTokenizer, WordTokenizerConfig, load_saved_tokenizer
 from mmval.data.prep import prepare
@@ -18,7 +19,6 @@ from mmval.data.sources.synthetic import pseudo_word
 from mmval.errors import UserError
 from mmval.recipe import parse_recipe
 from mmval.runner import Trainer
-from mmval.valuation.corrupt import Corruption, corrupt_inputs
 
 SMALL = "per_class={train: 12, val: 4, test: 8}"
 IMAGE_TEXT = ["modalities=[image,text]", "kinds=[image,tokens]", "dims=[16,12]"]
