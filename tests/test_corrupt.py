@@ -107,6 +107,28 @@ def test_salt_pepper_is_qmfs_on_pixels():
     assert (rare != inputs["image"]).flatten(1).any(1).float().mean() < 0.15  # 0.5 x 10/100
 
 
+def test_salt_pepper_equals_qmfs_code_on_the_same_draws():
+    """QMF's `AddSaltPepperNoise.__call__` written out with numpy, fed our generator's draws:
+    `random.uniform(0, 1) < p`, then `np.random.choice((0, 1, 2), size=(h, w, 1), p=[d/2, d/2,
+    1-d])` (a choice is the first index whose cumulative p exceeds the uniform), repeated over
+    the channels, 0 -> pepper, 1 -> salt."""
+    level, inputs = 60.0, _batch()
+    out = _apply(f"image=salt-pepper:{level:g}", inputs)["image"].numpy()
+    cumulative = np.cumsum([0.05, 0.05, 0.9])
+    for i, image in enumerate(inputs["image"].numpy()):
+        g = torch.Generator().manual_seed(draw_seed(0, 0, i, 0))
+        applied = float(torch.rand((), generator=g)) < 0.5  # RandomApply(p=0.5)
+        if not applied or float(torch.rand((), generator=g)) >= level / 100:
+            assert np.array_equal(out[i], image)
+            continue
+        uniform = torch.rand((1, 32, 32, 1), generator=g).numpy()
+        mask = np.repeat(np.searchsorted(cumulative, uniform, side="right"), 3, axis=-1)
+        expected = image.copy()
+        expected[mask == 0] = 0
+        expected[mask == 1] = 255
+        assert np.array_equal(out[i], expected)
+
+
 def test_mask_covers_the_level_share_of_the_area_or_time():
     inputs = _batch()
     out = _apply("image=mask:25", inputs)["image"]

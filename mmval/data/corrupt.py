@@ -1,5 +1,5 @@
-"""Test-time corruptions of one modality's raw input (`mmval value --corrupt MODALITY=KIND:LEVEL`),
-the noisy-modality protocol of QMF, which C3R and CMoB follow.
+"""Corruptions of one modality's raw input (`mmval value --corrupt MODALITY=KIND:LEVEL`): the
+noisy-modality protocol of QMF, which C3R and CMoB follow.
 
 Definitions follow QMF's official evaluation (QingyangZhang/QMF at fe6c4c6ef7cb23f0a89594ee413d
 485f1854268b, `text-image-classification/src/data/helpers.py` `get_GaussianNoisetransforms`,
@@ -30,7 +30,8 @@ Definitions follow QMF's official evaluation (QingyangZhang/QMF at fe6c4c6ef7cb2
   random place, set to 0.
 Level 0 leaves the input untouched. Every draw comes from a generator seeded by (seed, repeat,
 the sample's position in its split, the corruption's index), so a corrupted input is the same
-whatever the batch size.
+whatever the batch size. The same corruptions augment training batches (the recipe's
+`data.corrupt`, `training_corruptor`), with the epoch in place of the repeat.
 """
 
 from __future__ import annotations
