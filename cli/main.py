@@ -110,6 +110,45 @@ def _cell(value: object, float_format: str) -> str:
     return str(value)
 
 
+def _prep_inputs(
+    dataset: str,
+    views: list[str] | None,
+    labels: Path | None,
+    ids: Path | None,
+    splits: str | None,
+) -> tuple[dict[str, object], str | None]:
+    """The file options of `prep table` / `prep folder` as source parameters (absolute paths),
+    and the --splits left for the other data sets (for `table` it names the split file)."""
+    if dataset == "table":
+        if not views or labels is None:
+            raise UserError("mmval prep table needs --view NAME=PATH (one per view) and --labels.")
+        named: dict[str, str] = {}
+        for text in views:
+            name, sep, path = text.partition("=")
+            if not sep or not name or not path:
+                raise UserError(f"--view {text!r}: write NAME=PATH (e.g. --view fac=fac.csv).")
+            if name in named:
+                raise UserError(f"--view {name} is given twice.")
+            file, colon, key = path.partition(":")
+            named[name] = str(Path(file).expanduser().resolve()) + colon + key
+        inputs: dict[str, object] = {
+            "views": named,
+            "labels": str(labels.expanduser().resolve()),
+            "ids": None if ids is None else str(ids.expanduser().resolve()),
+            "split_file": None if splits is None else str(Path(splits).expanduser().resolve()),
+        }
+        return inputs, None
+    if views or ids is not None:
+        raise UserError("--view and --ids are options of `mmval prep table`.")
+    if dataset == "folder":
+        if labels is None:
+            raise UserError("mmval prep folder needs --labels (a CSV or JSONL listing the files).")
+        return {"labels": str(labels.expanduser().resolve())}, splits
+    if labels is not None:
+        raise UserError("--labels is an option of `mmval prep table` and `mmval prep folder`.")
+    return {}, splits
+
+
 @app.command()
 @user_errors
 def prep(
@@ -153,6 +192,26 @@ def prep(
     ),
     clips: Annotated[int, typer.Option(help="synthetic-av: clips per class and split")] = 4,
     seed: Annotated[int, typer.Option(help="synthetic-av: seed")] = 0,
+    view: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="table: a view NAME=PATH (.csv, .tsv, .npy, .npz or .npz:KEY, .parquet), one "
+            "row per sample; repeat for each view"
+        ),
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="table: one label per row (.csv, .txt, .npy); folder: a CSV/JSONL with path "
+            "(or image and text), label and optional split and id columns"
+        ),
+    ] = None,
+    ids: Annotated[
+        Path | None, typer.Option(help="table: one sample id per row [default: row numbers]")
+    ] = None,
+    schema: Annotated[
+        bool, typer.Option("--schema", help="print the data set manifest schema (JSON Schema)")
+    ] = False,
 ) -> None:
     """Turn raw data into Parquet shards (shard format v1), resumably and in parallel.
 
@@ -161,6 +220,10 @@ def prep(
     --shard-index $I --num-shards 8 (I = 0..7), then mmval prep kinetics-sounds --out data/ks
     --merge.
     Test data: mmval prep synthetic-av --raw-out raw/ks --layout kinetics-sounds --clips 8
+    Your own features: mmval prep table --view a=a.csv --view b=b.npy --labels y.csv --out data/t
+    (--splits PATH: one of train/val/test per row; else --set split.ratios=[0.7,0.1,0.2]).
+    Your own files: mmval prep folder --raw clips/ --labels clips/labels.csv --out data/mine
+    Your own manifest (schema: mmval prep --schema): mmval prep my-data.yaml --raw DIR --out DIR
     """
     from mmval.data.manifest import load_dataset_manifest, manifest_names
     from mmval.data.pipeline import PartSpec, PrepCallbacks, PrepSummary
@@ -182,6 +245,11 @@ def prep(
             )
             raise typer.Exit(1)
 
+    if schema:
+        from mmval.data.prep import manifest_schema
+
+        sys.stdout.write(json.dumps(manifest_schema(), indent=2) + "\n")
+        return
     if list_ or dataset is None:
         for name in manifest_names():
             entry, _ = load_dataset_manifest(name)
@@ -191,7 +259,8 @@ def prep(
     if dataset == "synthetic-av":
         _synthetic_av(raw_out, layout, clips, seed, set_ or [])
         return
-    target = out or Path("data") / dataset
+    inputs, splits = _prep_inputs(dataset, view, labels, ids, splits)
+    target = out or Path("data") / Path(dataset).stem
     split_list = splits.split(",") if splits else None
     if merge:
         if shard_index is not None:
@@ -247,6 +316,7 @@ def prep(
             clip_timeout=clip_timeout,
             callbacks=PrepCallbacks(on_plan=on_plan, on_clip=on_clip),
             part=part,
+            inputs=inputs,
         )
     if not result.wrote:
         counts = ", ".join(f"{n} {s.samples}" for n, s in result.manifest.splits.items())

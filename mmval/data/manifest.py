@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 from typing import Literal
 
 import yaml
@@ -10,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mmval.data.shards import sha256_text
 from mmval.errors import UserError
+from mmval.validation import format_validation_error
 
 
 class _Strict(BaseModel):
@@ -48,16 +50,38 @@ def manifest_names() -> list[str]:
     )
 
 
+def is_manifest_file(name: str) -> bool:
+    """A data set given as a manifest file (`my-data.yaml`) rather than a built-in name."""
+    return name.endswith((".yaml", ".yml")) or "/" in name
+
+
 def load_dataset_manifest(name: str) -> tuple[DatasetManifest, str]:
-    """The parsed manifest and the sha256 of its text (recorded in the prepared data)."""
-    path = resources.files("mmval.data_manifests") / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(
-            f"unknown data set {name!r}; known data sets: {', '.join(manifest_names())}."
-        )
-    text = path.read_text(encoding="utf-8")
+    """The parsed manifest (a built-in name, or a manifest file of the same schema) and the
+    sha256 of its text (recorded in the prepared data)."""
+    if is_manifest_file(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UserError(f"no data set manifest file {name}.")
+        label = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read the data set manifest {path}: {exc}") from None
+    else:
+        resource = resources.files("mmval.data_manifests") / f"{name}.yaml"
+        if not resource.is_file():
+            raise UserError(
+                f"unknown data set {name!r}; known data sets: {', '.join(manifest_names())}, "
+                "or a manifest file (`mmval prep my-data.yaml`, schema: `mmval prep --schema`)."
+            )
+        label = f"{name}.yaml"
+        text = resource.read_text(encoding="utf-8")
     try:
-        manifest = DatasetManifest.model_validate(yaml.safe_load(text))
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"data manifest {label} is not YAML: {exc}") from None
+    try:
+        manifest = DatasetManifest.model_validate(loaded)
     except ValidationError as exc:
-        raise UserError(f"data manifest {name}.yaml is invalid: {exc}") from None
+        raise UserError(format_validation_error(exc, f"data manifest {label}")) from None
     return manifest, sha256_text(text)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 
 from mmval.atomic import remove_stale_temps, write_atomic, write_text_atomic
 from mmval.data.manifest import DatasetManifest, load_dataset_manifest
@@ -68,13 +69,17 @@ def prepare(
     clip_timeout: float = CLIP_TIMEOUT,
     callbacks: PrepCallbacks | None = None,
     part: PartSpec | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> PrepResult:
     """Prepare `dataset` into `out`. A complete output with the same source manifest and
     settings is verified and kept; an interrupted one (even by `kill -9`) is resumed shard by
     shard. A clip that takes longer than `clip_timeout` seconds is recorded as an error.
     With `part`, only that part's shards are extracted, into the data directory
-    `out/<part.name>`; `merge_parts` then makes one data set of all parts."""
-    entry, entry_sha, source, params = _parameters(dataset, overrides)
+    `out/<part.name>`; `merge_parts` then makes one data set of all parts. `dataset` is a
+    built-in name or a manifest file; `inputs` are parameters given as files on the command
+    line (`mmval prep table --view NAME=PATH`), applied before `overrides`."""
+    entry, entry_sha, source, params = _parameters(dataset, overrides, inputs)
+    dataset = entry.name
     if source.needs_raw and (raw is None or not Path(raw).is_dir()):
         where = "pass --raw DIR" if raw is None else f"--raw {raw} is not a folder"
         raise UserError(f"{dataset} is prepared from its raw files: {where}. {entry.description}")
@@ -429,14 +434,39 @@ def _accounted(
         )
 
 
+def manifest_schema() -> dict[str, Any]:
+    """The JSON Schema of a data set manifest (`mmval prep --schema`): `source` one of mmval's
+    sources, and `params` checked against that source's parameters."""
+    models = [(DatasetManifest, "validation")]
+    models += [(SOURCES[name].Params, "validation") for name in sorted(SOURCES)]
+    refs, schema = models_json_schema(models, title="mmval data set manifest")
+    manifest = schema["$defs"][refs[(DatasetManifest, "validation")]["$ref"].split("/")[-1]]
+    manifest["properties"]["source"]["enum"] = sorted(SOURCES)
+    schema |= {"$ref": refs[(DatasetManifest, "validation")]["$ref"]}
+    schema["allOf"] = [
+        {
+            "if": {"properties": {"source": {"const": name}}},
+            "then": {"properties": {"params": refs[(SOURCES[name].Params, "validation")]}},
+        }
+        for name in sorted(SOURCES)
+    ]
+    return schema
+
+
 def _parameters(
-    dataset: str, overrides: Sequence[str]
+    dataset: str, overrides: Sequence[str], inputs: dict[str, Any] | None = None
 ) -> tuple[DatasetManifest, str, Source, BaseModel]:
     """The data set's manifest entry, its sha256, its source and the validated parameters."""
     entry, entry_sha = load_dataset_manifest(dataset)
+    if entry.source not in SOURCES:
+        raise UserError(
+            f"data manifest {dataset}: source {entry.source!r} is not one of mmval's sources "
+            f"({', '.join(sorted(SOURCES))})."
+        )
     source = SOURCES[entry.source]
     try:
-        params = source.Params.model_validate(apply_overrides(entry.params, overrides))
+        given = {**entry.params, **(inputs or {})}
+        params = source.Params.model_validate(apply_overrides(given, overrides))
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, f"parameters of {dataset}")) from None
     return entry, entry_sha, source, params
