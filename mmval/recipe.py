@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mmval.compose import compose_recipe
 from mmval.data.corrupt import Corruption
 from mmval.data.dataset import FrameAugment
+from mmval.data.manifest import is_manifest_file
 from mmval.errors import UserError
 from mmval.methods import METHODS, MethodConfig, MethodConfigUnion
 from mmval.methods.concat import ConcatConfig
@@ -36,7 +37,9 @@ class SplitNames(_Strict):
 
 class DataConfig(_Strict):
     dataset: str | None = Field(
-        default=None, description="built-in data set name, prepared under `root` on first use"
+        default=None,
+        description="built-in data set name (or a data set manifest file), prepared under "
+        "`root` on first use",
     )
     path: Path | None = Field(default=None, description="a prepared shard directory")
     # where, not what: a moved data folder keeps its runs resumable (the manifest's fingerprint,
@@ -85,7 +88,12 @@ class DataConfig(_Strict):
         return value
 
     def directory(self) -> Path:
-        return self.path if self.path is not None else self.root / str(self.dataset)
+        """data.path, or where the data set is prepared under data.root (a manifest file's
+        data set under its file name without the suffix)."""
+        if self.path is not None:
+            return self.path
+        name = str(self.dataset)
+        return self.root / (Path(name).stem if is_manifest_file(name) else name)
 
 
 class StepSchedule(_Strict):
