@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import math
 import os
 import re
@@ -20,6 +21,7 @@ import pytest
 from mmval.cli.main import app
 from typer.testing import CliRunner
 
+from mmval.data.prep import prepare
 from mmval.engine.metrics import macro_f1
 from mmval.recipe import load_recipe, parse_recipe
 from mmval.report import compare, find_runs, make_figures, render
@@ -513,3 +515,27 @@ def test_html_report_in_headless_chromium(tree, tmp_path):
 def test_fields_left_out_of_variant_labels_are_those_the_settings_hash_leaves_out(recipe_file):
     recipe = load_recipe(recipe_file(valuation={"every": 1}))
     assert set(NOT_SETTINGS) == set(marked(recipe, frozenset({Effect.NONE, Effect.RUN})))
+
+
+def test_two_data_sets_of_one_name_are_two_column_groups(synthetic_dir, tmp_path):
+    other = tmp_path / "other"
+    small = [
+        "modalities=[a,b,c]",
+        "dims=[8,8,8]",
+        "signal=[1.0,0.5,0.2]",
+        "seed=5",
+        "per_class={train: 30, val: 5, test: 10}",
+    ]
+    prepare("synthetic", other, overrides=small)
+    runs = tmp_path / "runs"
+    for data in (synthetic_dir, other):
+        raw = _recipe("concat", data, runs) | {"seeds": [0], "valuation": None}
+        Trainer(parse_recipe(raw, data.name), 0).run()
+    table = _csv(runs)
+    fingerprints = {
+        json.loads((run / "summary.json").read_text())["data_fingerprint"][:12]
+        for run in runs.glob("*/seed0")
+    }
+    assert len(fingerprints) == 2
+    assert set(table["dataset"]) == {f"synthetic ({f})" for f in fingerprints}
+    assert set(table["data_fingerprint"]) == fingerprints

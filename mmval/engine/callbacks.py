@@ -228,6 +228,8 @@ def run_summary(fit: Fit, label: str) -> dict[str, Any]:
     return {
         "finished": True,
         "dataset": fit.session.manifest.dataset,
+        # what the data is (the manifest records where its inputs came from): reports name it
+        "data_fingerprint": fit.session.data_info.fingerprint,
         "method": label,
         "recipe_name": recipe.name,
         "settings_hash": recipe.settings_hash(),

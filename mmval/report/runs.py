@@ -60,6 +60,7 @@ _ALIASES = {"acc": "acc", "accuracy": "acc", "f1": "f1", "macro-f1": "f1", "macr
 META = [
     "run",
     "dataset",
+    "data_fingerprint",  # sha256 of the data's manifest, 12 hex ("-" for older runs)
     "method",
     "variant",
     "row",
@@ -142,7 +143,7 @@ def find_runs(root: Path, select: str = "val") -> RunTree:
     runs = pd.DataFrame(records)
     if runs.empty:
         return RunTree(root, pd.DataFrame(columns=META), left_out, select)
-    runs = _label_variants(runs)
+    runs = _label_variants(_name_data_apart(runs))
     runs["selection"] = ""
     if select == "test-max":
         runs["selection"] = runs["protocol"].map(
@@ -217,6 +218,7 @@ def _record(folder: Path, summary: dict[str, Any], select: str) -> dict[str, Any
     meta = {
         "run": str(folder),
         "dataset": summary["dataset"],
+        "data_fingerprint": summary.get("data_fingerprint", "-")[:12],
         "method": summary["method"],
         "recipe_name": summary.get("recipe_name", folder.parent.name),
         "settings_hash": summary.get("settings_hash", "-"),
@@ -230,6 +232,18 @@ def _record(folder: Path, summary: dict[str, Any], select: str) -> dict[str, Any
         "_recipe": recipe,
     }
     return meta | {k: v for k, v in values.items() if k not in meta}
+
+
+def _name_data_apart(runs: pd.DataFrame) -> pd.DataFrame:
+    """Two different data sets of one name (two `mmval prep synthetic` with other settings)
+    are two column groups, `synthetic (3b5c38412f01)`, never one."""
+    runs = runs.copy()
+    known = runs[runs["data_fingerprint"] != "-"]
+    for name, group in known.groupby("dataset"):
+        if group["data_fingerprint"].nunique() > 1:
+            mask = (runs["dataset"] == name) & (runs["data_fingerprint"] != "-")
+            runs.loc[mask, "dataset"] = name + " (" + runs.loc[mask, "data_fingerprint"] + ")"
+    return runs
 
 
 def _label_variants(runs: pd.DataFrame) -> pd.DataFrame:

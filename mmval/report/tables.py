@@ -192,6 +192,7 @@ def _aggregate(runs: pd.DataFrame, metrics: list[Metric]) -> pd.DataFrame:
         line |= {
             "variant": group["variant"].iloc[0],
             "selection": group["selection"].iloc[0],
+            "data_fingerprint": " ".join(sorted(set(group["data_fingerprint"]))),
             "settings_hash": group["settings_hash"].iloc[0],
             "mmval_version": group["mmval_version"].iloc[0],
             "seeds": " ".join(str(s) for s in sorted(group["seed"])),
