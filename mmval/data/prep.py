@@ -80,6 +80,8 @@ def prepare(
     line (`mmval prep table --view NAME=PATH`), applied before `overrides`."""
     entry, entry_sha, source, params = _parameters(dataset, overrides, inputs)
     dataset = entry.name
+    # a user's files (`table`): named by the user or the --out folder, not by the manifest
+    recorded = source.data_set_name(params, out) if hasattr(source, "data_set_name") else dataset
     if source.needs_raw and (raw is None or not Path(raw).is_dir()):
         where = "pass --raw DIR" if raw is None else f"--raw {raw} is not a folder"
         raise UserError(f"{dataset} is prepared from its raw files: {where}. {entry.description}")
@@ -104,9 +106,11 @@ def prepare(
         )
     _remove_stale_temps(out)
     settings = _settings(params, limit, splits)
+    if hasattr(source, "input_files"):  # their paths and sha256: a changed file is a new setting
+        settings["inputs"] = source.input_files(params)
     if (out / MANIFEST).is_file():
         existing = load_manifest(out)
-        same_source = (existing.dataset, existing.source_manifest_sha256) == (dataset, entry_sha)
+        same_source = (existing.dataset, existing.source_manifest_sha256) == (recorded, entry_sha)
         same = same_source and existing.extraction.get("settings") == settings
         if same and not overwrite:
             manifest = check_data_dir(out, verify_checksums=True)
@@ -137,7 +141,7 @@ def prepare(
     ) -> DatasetHeader:
         extraction = {"settings": settings, **extraction}
         return DatasetHeader(
-            dataset, entry.version, entry_sha, classes, modalities, extraction, ground_truth or []
+            recorded, entry.version, entry_sha, classes, modalities, extraction, ground_truth or []
         )
 
     if hasattr(source, "plan"):
@@ -152,7 +156,11 @@ def prepare(
             part=part,
         )
         return PrepResult(manifest, wrote=True, summary=summary)
-    built = source.build(entry, params, raw)
+    try:
+        built = source.build(entry, params, raw)
+    except UserError:  # refused input: leave nothing behind but what a successful prep writes
+        shutil.rmtree(out / PARTIAL, ignore_errors=True)
+        raise
     for name, data in built.files.items():  # before the manifest, which marks a complete set
         write_atomic(out / name, lambda path, data=data: path.write_bytes(data))
     manifest = write_dataset(
