@@ -34,8 +34,9 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Check recipes and print their schema.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
-console = Console()
-err_console = Console(stderr=True)
+# emoji=False: `:x:` in a path or a message must stay as typed (`--view v=f.npz:x`)
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 F = TypeVar("F", bound=Callable[..., object])
 
 
@@ -161,7 +162,13 @@ def prep(
         int | None, typer.Option(help="extraction processes [default: all cores]")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="at most K clips per split")] = None,
-    splits: Annotated[str | None, typer.Option(help="comma-separated splits to prepare")] = None,
+    splits: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated splits to prepare; for `prep table`: a file with the split "
+            "(train, val or test) of each row"
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="parameter, e.g. rows_per_shard=256")
     ] = None,
