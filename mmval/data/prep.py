@@ -84,6 +84,7 @@ def prepare(
         where = "pass --raw DIR" if raw is None else f"--raw {raw} is not a folder"
         raise UserError(f"{dataset} is prepared from its raw files: {where}. {entry.description}")
     root = out = Path(out)
+    name = _data_name(entry, params.model_dump(), root)
     if part is not None:
         if not hasattr(source, "plan"):
             raise UserError(
@@ -106,7 +107,7 @@ def prepare(
     settings = _settings(params, limit, splits)
     if (out / MANIFEST).is_file():
         existing = load_manifest(out)
-        same_source = (existing.dataset, existing.source_manifest_sha256) == (dataset, entry_sha)
+        same_source = (existing.dataset, existing.source_manifest_sha256) == (name, entry_sha)
         same = same_source and existing.extraction.get("settings") == settings
         if same and not overwrite:
             manifest = check_data_dir(out, verify_checksums=True)
@@ -117,6 +118,12 @@ def prepare(
                 f"{out} already holds a prepared data set made with other settings; "
                 "pass --overwrite to rebuild it or choose another --out."
             )
+    # planned before anything is written: a plan refused (a bad labels file) leaves `out` as it was
+    plan = (
+        source.plan(entry, params, Path(raw), limit=limit, only_splits=splits)
+        if hasattr(source, "plan")
+        else None
+    )
     if overwrite and out.exists():
         _clear(out)
     partial_settings = out / PARTIAL / "settings.json"
@@ -137,11 +144,10 @@ def prepare(
     ) -> DatasetHeader:
         extraction = {"settings": settings, **extraction}
         return DatasetHeader(
-            dataset, entry.version, entry_sha, classes, modalities, extraction, ground_truth or []
+            name, entry.version, entry_sha, classes, modalities, extraction, ground_truth or []
         )
 
-    if hasattr(source, "plan"):
-        plan = source.plan(entry, params, Path(raw), limit=limit, only_splits=splits)
+    if plan is not None:
         manifest, summary = run_plan(
             plan,
             out,
@@ -367,8 +373,10 @@ def _same_parameters(
             "second). Prepare it again with the others' arguments and --overwrite."
         )
     manifest = manifests[texts.index(best)]
-    if manifest.dataset != dataset:
-        raise UserError(f"the parts in {out} hold {manifest.dataset!r}, not {dataset!r}.")
+    entry, _ = load_dataset_manifest(dataset)
+    name = _data_name(entry, manifest.extraction["settings"]["params"], out)
+    if manifest.dataset != name:
+        raise UserError(f"the parts in {out} hold {manifest.dataset!r}, not {name!r}.")
     return manifest
 
 
@@ -472,6 +480,14 @@ def _parameters(
     return entry, entry_sha, source, params
 
 
+def _data_name(entry: DatasetManifest, params: dict[str, Any], out: Path) -> str:
+    """The name a prep records: the manifest's, or for the user's own data (a source whose
+    parameters have a `dataset` field) that field, by default the output folder's name."""
+    if "dataset" not in SOURCES[entry.source].Params.model_fields:
+        return entry.name
+    return params.get("dataset") or Path(out).resolve().name or entry.name
+
+
 def _settings(params: BaseModel, limit: int | None, splits: Sequence[str] | None) -> dict[str, Any]:
     """What a prep records as `extraction.settings`: a re-run or a part must match it."""
     return {
@@ -485,7 +501,8 @@ def _same_raw(dataset: str, raw: Path, reference: DataManifest, digest: str) -> 
     """Plan `raw` again with the parts' settings: it must list exactly what the parts saw."""
     if not raw.is_dir():
         raise UserError(f"--raw {raw} is not a folder.")
-    entry, _, source, _ = _parameters(dataset, ())
+    entry, _ = load_dataset_manifest(dataset)
+    source = SOURCES[entry.source]
     settings = reference.extraction["settings"]
     params = source.Params.model_validate(settings["params"])
     plan = source.plan(entry, params, raw, limit=settings["limit"], only_splits=settings["splits"])
