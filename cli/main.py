@@ -280,6 +280,7 @@ def prep(
             overrides=set_,
             limit=limit,
             splits=split_list,
+            inputs=inputs,
         )
         assert merged.summary is not None
         count = merged.manifest.extraction["parts"]["count"]

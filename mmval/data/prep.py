@@ -80,12 +80,11 @@ def prepare(
     line (`mmval prep table --view NAME=PATH`), applied before `overrides`."""
     entry, entry_sha, source, params = _parameters(dataset, overrides, inputs)
     dataset = entry.name
-    # a user's files (`table`): named by the user or the --out folder, not by the manifest
-    recorded = source.data_set_name(params, out) if hasattr(source, "data_set_name") else dataset
     if source.needs_raw and (raw is None or not Path(raw).is_dir()):
         where = "pass --raw DIR" if raw is None else f"--raw {raw} is not a folder"
         raise UserError(f"{dataset} is prepared from its raw files: {where}. {entry.description}")
     root = out = Path(out)
+    name = _data_name(entry, params.model_dump(), root)
     if part is not None:
         if not hasattr(source, "plan"):
             raise UserError(
@@ -105,12 +104,10 @@ def prepare(
             "to discard them and prepare in one piece."
         )
     _remove_stale_temps(out)
-    settings = _settings(params, limit, splits)
-    if hasattr(source, "input_files"):  # their paths and sha256: a changed file is a new setting
-        settings["inputs"] = source.input_files(params)
+    settings = _settings(source, params, limit, splits)
     if (out / MANIFEST).is_file():
         existing = load_manifest(out)
-        same_source = (existing.dataset, existing.source_manifest_sha256) == (recorded, entry_sha)
+        same_source = (existing.dataset, existing.source_manifest_sha256) == (name, entry_sha)
         same = same_source and existing.extraction.get("settings") == settings
         if same and not overwrite:
             manifest = check_data_dir(out, verify_checksums=True)
@@ -121,6 +118,12 @@ def prepare(
                 f"{out} already holds a prepared data set made with other settings; "
                 "pass --overwrite to rebuild it or choose another --out."
             )
+    # planned before anything is written: a plan refused (a bad labels file) leaves `out` as it was
+    plan = (
+        source.plan(entry, params, Path(raw), limit=limit, only_splits=splits)
+        if hasattr(source, "plan")
+        else None
+    )
     if overwrite and out.exists():
         _clear(out)
     partial_settings = out / PARTIAL / "settings.json"
@@ -141,11 +144,10 @@ def prepare(
     ) -> DatasetHeader:
         extraction = {"settings": settings, **extraction}
         return DatasetHeader(
-            recorded, entry.version, entry_sha, classes, modalities, extraction, ground_truth or []
+            name, entry.version, entry_sha, classes, modalities, extraction, ground_truth or []
         )
 
-    if hasattr(source, "plan"):
-        plan = source.plan(entry, params, Path(raw), limit=limit, only_splits=splits)
+    if plan is not None:
         manifest, summary = run_plan(
             plan,
             out,
@@ -220,6 +222,7 @@ def merge_parts(
     overrides: Sequence[str] | None = None,
     limit: int | None = None,
     splits: Sequence[str] | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> PrepResult:
     """Make one data set in `out` of the parts `out/part-IIIII-of-NNNNN/` of a prep split
     across machines: a manifest, index and errors table over the parts' shards, which stay where
@@ -258,7 +261,8 @@ def merge_parts(
     reference = _same_parameters(dataset, out, parts, manifests)
     record = reference.extraction["part"]
     if overrides or limit is not None or splits:
-        asked = _settings(_parameters(dataset, overrides or ())[3], limit, splits)
+        _, _, source, params = _parameters(dataset, overrides or (), inputs)
+        asked = _settings(source, params, limit, splits)
         if asked != reference.extraction["settings"]:
             found_diff = _differences(asked, reference.extraction["settings"], "settings")
             raise UserError(
@@ -375,8 +379,10 @@ def _same_parameters(
             "second). Prepare it again with the others' arguments and --overwrite."
         )
     manifest = manifests[texts.index(best)]
-    if manifest.dataset != dataset:
-        raise UserError(f"the parts in {out} hold {manifest.dataset!r}, not {dataset!r}.")
+    entry, _ = load_dataset_manifest(dataset)
+    name = _data_name(entry, manifest.extraction["settings"]["params"], out)
+    if manifest.dataset != name:
+        raise UserError(f"the parts in {out} hold {manifest.dataset!r}, not {name!r}.")
     return manifest
 
 
@@ -480,20 +486,37 @@ def _parameters(
     return entry, entry_sha, source, params
 
 
-def _settings(params: BaseModel, limit: int | None, splits: Sequence[str] | None) -> dict[str, Any]:
-    """What a prep records as `extraction.settings`: a re-run or a part must match it."""
-    return {
+def _data_name(entry: DatasetManifest, params: dict[str, Any], out: Path) -> str:
+    """The name a prep records: the manifest's, or for the user's own data (a source whose
+    parameters have a `name` field: table, folder) that field, by default the output folder's
+    name, so that two users' data sets are told apart in runs and reports."""
+    if "name" not in SOURCES[entry.source].Params.model_fields:
+        return entry.name
+    return params.get("name") or Path(out).resolve().name or entry.name
+
+
+def _settings(
+    source: Source, params: BaseModel, limit: int | None, splits: Sequence[str] | None
+) -> dict[str, Any]:
+    """What a prep records as `extraction.settings`: a re-run or a part must match it. A
+    source that reads the user's files (`input_files`) adds their paths and sha256, so that a
+    number can be traced to its files and a changed file is a changed setting."""
+    settings: dict[str, Any] = {
         "params": params.model_dump(mode="json"),
         "limit": limit,
         "splits": list(splits) if splits else None,
     }
+    if hasattr(source, "input_files"):
+        settings["inputs"] = source.input_files(params)
+    return settings
 
 
 def _same_raw(dataset: str, raw: Path, reference: DataManifest, digest: str) -> None:
     """Plan `raw` again with the parts' settings: it must list exactly what the parts saw."""
     if not raw.is_dir():
         raise UserError(f"--raw {raw} is not a folder.")
-    entry, _, source, _ = _parameters(dataset, ())
+    entry, _ = load_dataset_manifest(dataset)
+    source = SOURCES[entry.source]
     settings = reference.extraction["settings"]
     params = source.Params.model_validate(settings["params"])
     plan = source.plan(entry, params, raw, limit=settings["limit"], only_splits=settings["splits"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mmval.data.sources.av_clips import AVClipsSource
 from mmval.data.sources.base import BuiltData, Source
+from mmval.data.sources.folder import FolderSource
 from mmval.data.sources.image_text import ImageTextSource
 from mmval.data.sources.mmlsyndata import MMLSynDataSource
 from mmval.data.sources.mult_pickle import MultPickleSource
@@ -18,6 +19,7 @@ SOURCES: dict[str, Source] = {
         SyntheticSource(),
         AVClipsSource(),
         ImageTextSource(),
+        FolderSource(),
         MultPickleSource(),
         MMLSynDataSource(),
         TableSource(),

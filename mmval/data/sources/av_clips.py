@@ -401,7 +401,8 @@ class _MediaIndex:
         return files, None
 
 
-def _modality_spec(params: ModalityParams) -> ModalitySpec:
+def modality_spec(params: ModalityParams) -> ModalitySpec:
+    """How a modality of `params` is stored (dtype, shape, encoding)."""
     if isinstance(params, FramesParams):
         h, w = params.size
         return ModalitySpec(
@@ -625,7 +626,7 @@ class AVClipsSource:
             )
         return PrepPlan(
             classes=classes,
-            modalities=[_modality_spec(m) for m in params.modalities],
+            modalities=[modality_spec(m) for m in params.modalities],
             extraction={},
             splits=splits,
             extractor=functools.partial(extract_clip, params),

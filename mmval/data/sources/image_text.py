@@ -141,7 +141,7 @@ class ImageTextParams(_Strict):
 
 # ---------------------------------------------------------------------------- reading
 @dataclass
-class _Post:
+class Post:
     sample_id: str
     label: str
     text: str
@@ -165,7 +165,7 @@ def _decode(data: bytes) -> str:
         return data.decode("latin-1")
 
 
-def _jsonl(root: Path, spec: JsonlAnnotations) -> list[_Post]:
+def _jsonl(root: Path, spec: JsonlAnnotations) -> list[Post]:
     posts = []
     for split, rel in spec.files.items():
         for number, line in enumerate(_open(root, rel).splitlines(), 1):
@@ -174,7 +174,7 @@ def _jsonl(root: Path, spec: JsonlAnnotations) -> list[_Post]:
             try:
                 row = json.loads(line)
                 posts.append(
-                    _Post(
+                    Post(
                         str(row[spec.id]),
                         str(row[spec.label]),
                         str(row[spec.text]),
@@ -187,7 +187,7 @@ def _jsonl(root: Path, spec: JsonlAnnotations) -> list[_Post]:
     return posts
 
 
-def _csv(root: Path, spec: CsvAnnotations) -> list[_Post]:
+def _csv(root: Path, spec: CsvAnnotations) -> list[Post]:
     posts = []
     cols = spec.columns
     for split, rel in spec.files.items():
@@ -198,7 +198,7 @@ def _csv(root: Path, spec: CsvAnnotations) -> list[_Post]:
             image, label = row[cols["image"]].strip(), row[cols["label"]].strip()
             path = spec.image.format(split=split, label=label, image=image)
             posts.append(
-                _Post(str(Path(path).with_suffix("")), label, row[cols["text"]], path, split)
+                Post(str(Path(path).with_suffix("")), label, row[cols["text"]], path, split)
             )
     return posts
 
@@ -220,7 +220,7 @@ def _majority(labels: list[str]) -> str | None:
     return label if count * 2 > len(labels) else None
 
 
-def _mvsa(root: Path, spec: MvsaAnnotations) -> tuple[list[_Post], list[tuple[str, str]]]:
+def _mvsa(root: Path, spec: MvsaAnnotations) -> tuple[list[Post], list[tuple[str, str]]]:
     posts, dropped = [], []
     lines = _open(root, spec.file).splitlines()
     for line in lines[1:]:
@@ -245,11 +245,11 @@ def _mvsa(root: Path, spec: MvsaAnnotations) -> tuple[list[_Post], list[tuple[st
             dropped.append((spec.text.format(id=post_id), "text file not found"))
             continue
         text = _decode(text_path.read_bytes())
-        posts.append(_Post(post_id, label, text, spec.image.format(id=post_id), ""))
+        posts.append(Post(post_id, label, text, spec.image.format(id=post_id), ""))
     return posts, dropped
 
 
-def _hfm(root: Path, spec: HfmAnnotations) -> tuple[list[_Post], list[tuple[str, str]]]:
+def _hfm(root: Path, spec: HfmAnnotations) -> tuple[list[Post], list[tuple[str, str]]]:
     posts, dropped = [], []
     leaks = set(spec.exclude_words)
     for split, rel in spec.files.items():
@@ -265,19 +265,31 @@ def _hfm(root: Path, spec: HfmAnnotations) -> tuple[list[_Post], list[tuple[str,
             if leak:
                 dropped.append((post_id, f"text names the label ({sorted(leak)[0]})"))
                 continue
-            posts.append(_Post(post_id, label, text, spec.image.format(id=post_id), split))
+            posts.append(Post(post_id, label, text, spec.image.format(id=post_id), split))
     return posts, dropped
 
 
 # ------------------------------------------------------------------------------ source
-def extract_post(params: ImageTextParams, task: ClipTask) -> SampleRecord:
-    image = read_image(
-        Path(task.files["image"]),
-        params.image.size,
-        params.image.resize,
-        params.image.short_side,
+def image_modality(params: ImageParams) -> ModalitySpec:
+    """How an image is stored: one JPEG frame of the resized image."""
+    h, w = params.size
+    return ModalitySpec(
+        name=params.name,
+        dtype="uint8",
+        shape=[1, h, w, 3],
+        encoding="jpeg",
+        description=f"image, {params.resize} to {h}x{w}",
     )
-    frames = encode_jpeg(image[None], params.image.jpeg_quality)
+
+
+def image_frames(params: ImageParams, path: Path) -> list[bytes]:
+    """The stored form of one image file: decoded, resized, one JPEG frame."""
+    image = read_image(path, params.size, params.resize, params.short_side)
+    return encode_jpeg(image[None], params.jpeg_quality)
+
+
+def extract_post(params: ImageTextParams, task: ClipTask) -> SampleRecord:
+    frames = image_frames(params.image, Path(task.files["image"]))
     text = params.text.name
     return SampleRecord(
         task.sample_id,
@@ -286,6 +298,82 @@ def extract_post(params: ImageTextParams, task: ClipTask) -> SampleRecord:
         values={params.image.name: frames, text: task.inline["ids"]},
         times={params.image.name: [0.0]},
         texts={text: task.inline["text"]},
+    )
+
+
+def plan_posts(
+    name: str,
+    classes: list[str],
+    splits: dict[str, list[Post]],
+    params: ImageTextParams,
+    raw: Path,
+    dropped: list[tuple[str, str]],
+    limit: int | None,
+    only_splits: list[str] | None,
+) -> PrepPlan:
+    """The plan of posts already split: the tokenizer fitted on the cleaned training texts, every
+    text tokenized now, one task per post whose image exists (the others go to `dropped`)."""
+    class_index = {c: i for i, c in enumerate(classes)}
+    train = splits.get("train")
+    if not train:
+        raise UserError(f"{name}: the training split is empty; nothing to fit on.")
+    cleaning = params.text.cleaning
+    tokenizer = build_tokenizer(
+        params.text.tokenizer, [clean_text(p.text, cleaning) for p in train]
+    )
+    if only_splits is not None:
+        missing = sorted(set(only_splits) - set(splits))
+        if missing:
+            raise UserError(f"--splits: {name} has no split(s) {missing}; it has {sorted(splits)}.")
+        splits = {split: items for split, items in splits.items() if split in only_splits}
+    tasks: dict[str, list[ClipTask]] = {}
+    for split, items in splits.items():
+        tasks[split] = []
+        for post in sorted(items, key=lambda p: p.sample_id)[:limit]:
+            image = raw / post.image
+            if not image.is_file():
+                dropped.append((post.image, "image file not found"))
+                continue
+            text = clean_text(post.text, cleaning)
+            inline = {"text": text, "ids": tokenizer.encode(text)}
+            tasks[split].append(
+                ClipTask(
+                    post.sample_id,
+                    class_index[post.label],
+                    post.image,
+                    {"image": str(image)},
+                    inline=inline,
+                )
+            )
+    if not any(tasks.values()):
+        raise UserError(
+            f"none of the images named in the annotations of {name} was found under "
+            f"{raw} (expected files like {train[0].image})."
+        )
+    vocab_file = f"tokenizer-{params.text.name}.json"
+    vocab = tokenizer.to_bytes()
+    modalities = [
+        image_modality(params.image),
+        ModalitySpec(
+            name=params.text.name,
+            dtype="int32",
+            shape=[params.text.tokenizer.max_length],
+            encoding="tokens",
+            description=f"{params.text.tokenizer.kind} token ids",
+            vocab_size=tokenizer.vocab_size,
+            pad_id=tokenizer.pad_id,
+            vocab_file=vocab_file,
+        ),
+    ]
+    return PrepPlan(
+        classes=classes,
+        modalities=modalities,
+        extraction={"files": {vocab_file: sha256_text(vocab.decode("utf-8"))}},
+        splits=tasks,
+        extractor=functools.partial(extract_post, params),
+        rows_per_shard=params.rows_per_shard,
+        errors=dropped,
+        files={vocab_file: vocab},
     )
 
 
@@ -328,76 +416,12 @@ class ImageTextSource:
         train = splits.get("train")
         if not train:
             raise UserError(f"{manifest.name}: the training split is empty; nothing to fit on.")
-        cleaning = params.text.cleaning
-        tokenizer = build_tokenizer(
-            params.text.tokenizer, [clean_text(p.text, cleaning) for p in train]
-        )
-        if only_splits is not None:
-            missing = sorted(set(only_splits) - set(splits))
-            if missing:
-                raise UserError(
-                    f"--splits: {manifest.name} has no split(s) {missing}; it has {sorted(splits)}."
-                )
-            splits = {name: items for name, items in splits.items() if name in only_splits}
-        tasks: dict[str, list[ClipTask]] = {}
-        for name, items in splits.items():
-            tasks[name] = []
-            for post in sorted(items, key=lambda p: p.sample_id)[:limit]:
-                image = raw / post.image
-                if not image.is_file():
-                    dropped.append((post.image, "image file not found"))
-                    continue
-                text = clean_text(post.text, cleaning)
-                inline = {"text": text, "ids": tokenizer.encode(text)}
-                tasks[name].append(
-                    ClipTask(
-                        post.sample_id,
-                        class_index[post.label],
-                        post.image,
-                        {"image": str(image)},
-                        inline=inline,
-                    )
-                )
-        if not any(tasks.values()):
-            raise UserError(
-                f"none of the images named in the annotations of {manifest.name} was found under "
-                f"{raw} (expected files like {posts[0].image if posts else '?'})."
-            )
-        vocab_file = f"tokenizer-{params.text.name}.json"
-        vocab = tokenizer.to_bytes()
-        h, w = params.image.size
-        modalities = [
-            ModalitySpec(
-                name=params.image.name,
-                dtype="uint8",
-                shape=[1, h, w, 3],
-                encoding="jpeg",
-                description=f"image, {params.image.resize} to {h}x{w}",
-            ),
-            ModalitySpec(
-                name=params.text.name,
-                dtype="int32",
-                shape=[params.text.tokenizer.max_length],
-                encoding="tokens",
-                description=f"{params.text.tokenizer.kind} token ids",
-                vocab_size=tokenizer.vocab_size,
-                pad_id=tokenizer.pad_id,
-                vocab_file=vocab_file,
-            ),
-        ]
-        return PrepPlan(
-            classes=list(manifest.classes),
-            modalities=modalities,
-            extraction={"files": {vocab_file: sha256_text(vocab.decode("utf-8"))}},
-            splits=tasks,
-            extractor=functools.partial(extract_post, params),
-            rows_per_shard=params.rows_per_shard,
-            errors=dropped,
-            files={vocab_file: vocab},
+        return plan_posts(
+            manifest.name, list(manifest.classes), splits, params, raw, dropped, limit, only_splits
         )
 
     @staticmethod
-    def _unique(posts: list[_Post], dropped: list[tuple[str, str]]) -> list[_Post]:
+    def _unique(posts: list[Post], dropped: list[tuple[str, str]]) -> list[Post]:
         seen: dict[str, str] = {}
         kept = []
         for post in posts:
@@ -410,8 +434,8 @@ class ImageTextSource:
 
     @staticmethod
     def _split(
-        posts: list[_Post], layout: ImageTextRaw, class_index: dict[str, int]
-    ) -> dict[str, list[_Post]]:
+        posts: list[Post], layout: ImageTextRaw, class_index: dict[str, int]
+    ) -> dict[str, list[Post]]:
         by_id = {p.sample_id: p for p in posts}
         if layout.split_fractions is not None:
             parts = stratified_fractions(
@@ -421,7 +445,7 @@ class ImageTextSource:
                 layout.split_seed,
             )
             return {name: [by_id[k] for k in keys] for name, keys in parts.items()}
-        splits: dict[str, list[_Post]] = {}
+        splits: dict[str, list[Post]] = {}
         for post in posts:
             splits.setdefault(post.split, []).append(post)
         for name, carve in layout.carve.items():

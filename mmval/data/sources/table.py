@@ -422,11 +422,6 @@ class TableSource:
     needs_raw: ClassVar[bool] = False
     Params: ClassVar[type[BaseModel]] = TableParams
 
-    def data_set_name(self, params: TableParams, out: Path) -> str:
-        """The name the prepared data records: `name`, or the --out folder's, so that two
-        users' tables are told apart in runs and reports."""
-        return params.name or Path(out).resolve().name
-
     def input_files(self, params: TableParams) -> dict[str, object]:
         """Each input file's path and sha256, in the layout of the parameters (views by name):
         recorded in the prepared data, so a number can be traced to its files, and a changed
