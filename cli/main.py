@@ -23,6 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from mmval.atomic import WRITE_ERRNOS, WriteError, write_failure
 from mmval.errors import UserError
 
 app = typer.Typer(
@@ -46,16 +47,24 @@ def _main_process() -> bool:
 
 
 def user_errors(func: F) -> F:
-    """Print a user mistake as one paragraph and exit 2, without a traceback."""
+    """Print a user mistake, or a write the file system refused (disk full, quota, read-only:
+    the file and the free space there), as one paragraph and exit 2, without a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: object, **kwargs: object) -> object:
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
         except UserError as exc:
-            if _main_process():
-                err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            message = str(exc)
+        except OSError as exc:
+            if not isinstance(exc, WriteError) and exc.errno not in WRITE_ERRNOS:
+                raise
+            message = write_failure(exc)
+        else:
+            return result
+        if _main_process():
+            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -827,7 +836,6 @@ def _write_out(text: str | None, out: Path | None, folder: Path | None, drawn: l
     if text is not None and out is None:
         sys.stdout.write(text)
     elif text is not None and out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, text)
         err_console.print(f"wrote {out}")
     if folder is not None:
@@ -835,15 +843,41 @@ def _write_out(text: str | None, out: Path | None, folder: Path | None, drawn: l
         err_console.print(f"wrote {len(paths)} figure(s) to {folder}")
 
 
+# how the CLI names each kind of left-out folder or table, by the start of its reason
+_LEFT_OUT_KINDS = (
+    ("unfinished", "unfinished"),
+    ("duplicate", "duplicate"),
+    ("published protocol", "published protocol"),
+    ("evaluation table", "evaluation table"),
+    ("damaged", "damaged"),
+    ("not an mmval run", "foreign"),
+)
+
+
 def _print_left_out(left_out: list) -> None:
-    for kind in ("unfinished", "duplicate", "published protocol", "evaluation table"):
-        left = [x for x in left_out if x.reason.startswith(kind)]
-        if left:
-            listing = "\n".join(f"  {x.run}: {x.reason}" for x in left)
-            noun = "table(s)" if kind == "evaluation table" else "run(s)"
-            err_console.print(
-                f"left out {len(left)} {kind} {noun}, not averaged:\n{listing}", highlight=False
-            )
+    """Every left-out run folder and table, grouped by kind (any other reason last)."""
+    known = [prefix for prefix, _ in _LEFT_OUT_KINDS]
+    kinds = [*_LEFT_OUT_KINDS, ("", "other")]
+    for prefix, label in kinds:
+        if prefix:
+            left = [x for x in left_out if x.reason.startswith(prefix)]
+        else:
+            left = [x for x in left_out if not x.reason.startswith(tuple(known))]
+        for noun in ("run(s)", "table(s)", "folder(s)"):
+            group = [x for x in left if _left_out_noun(Path(x.run), label) == noun]
+            if group:
+                listing = "\n".join(f"  {x.run}: {x.reason}" for x in group)
+                err_console.print(
+                    f"left out {len(group)} {label} {noun}, not averaged:\n{listing}",
+                    highlight=False,
+                    soft_wrap=True,  # whole paths, to copy
+                )
+
+
+def _left_out_noun(path: Path, label: str) -> str:
+    if label == "evaluation table" or path.suffix == ".parquet":
+        return "table(s)"
+    return "folder(s)" if label == "foreign" else "run(s)"
 
 
 def _report_robustness(

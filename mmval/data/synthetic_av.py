@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import io
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ import av
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mmval.atomic import atomic_path, write_atomic, write_text_atomic
 from mmval.data.manifest import load_dataset_manifest
 from mmval.errors import UserError
 from mmval.overrides import apply_overrides
@@ -198,10 +200,12 @@ def _render(
 
 def _write_media(path: Path, fmt: _Format, media: _Media, p: SyntheticAVParams) -> None:
     """Encode the streams `fmt` names into one file, bit-exact so reruns match byte for byte."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(
-        str(path), "w", format=fmt.container, container_options={"fflags": "+bitexact"}
-    ) as c:
+    with (
+        atomic_path(path) as tmp,
+        av.open(
+            str(tmp), "w", format=fmt.container, container_options={"fflags": "+bitexact"}
+        ) as c,
+    ):
         video = audio = None
         if fmt.video_codec is not None:
             options = {**fmt.video_options, **_REPRODUCIBLE}
@@ -233,8 +237,8 @@ def _write_media(path: Path, fmt: _Format, media: _Media, p: SyntheticAVParams) 
 
 
 def _write_lines(path: Path, lines: list[str], newline: str = "\n") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes("".join(line + newline for line in lines).encode())
+    data = "".join(line + newline for line in lines).encode()
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _youtube_id(rng: np.random.Generator, used: set[str]) -> str:
@@ -270,10 +274,11 @@ def _kinetics_sounds(out: Path, p: SyntheticAVParams, rng: np.random.Generator) 
                 )
     (out / "annotations").mkdir(exist_ok=True)
     for folder, rows in annotations.items():
-        with open(out / "annotations" / f"{folder}.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["label", "youtube_id", "time_start", "time_end", "split"])
-            writer.writerows(rows)
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["label", "youtube_id", "time_start", "time_end", "split"])
+        writer.writerows(rows)
+        write_text_atomic(out / "annotations" / f"{folder}.csv", text.getvalue())
     _write_lines(out / "my_train.txt", lists["train"], "\r\n")
     _write_lines(out / "my_test.txt", lists["test"], "\r\n")
     return clips
@@ -378,8 +383,9 @@ def _vggsound(out: Path, p: SyntheticAVParams, rng: np.random.Generator) -> list
                 clips.append(
                     RawClip(split, label, path, path, clip_id, media.visual_cue, media.audio_cue)
                 )
-    with open(out / "vggsound.csv", "w", newline="", encoding="utf-8") as f:
-        csv.writer(f, lineterminator="\n").writerows(sorted(rows))
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(sorted(rows))
+    write_text_atomic(out / "vggsound.csv", text.getvalue())
     return clips
 
 
@@ -408,7 +414,7 @@ def _vggsound_mm_debiased(
                     RawClip(split, label, path, path, clip_id, media.visual_cue, media.audio_cue)
                 )
     shuffled = dict(entries[i] for i in rng.permutation(len(entries)))
-    (out / "MM-Debiased.json").write_text(json.dumps(shuffled), encoding="utf-8")
+    write_text_atomic(out / "MM-Debiased.json", json.dumps(shuffled))
     return clips
 
 

@@ -6,6 +6,7 @@ order their files must be written in; under DDP only rank 0 writes.
 from __future__ import annotations
 
 import json
+import os
 from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any
@@ -22,7 +23,7 @@ from mmval.artifacts.checkpoint import (
     save_checkpoint,
 )
 from mmval.artifacts.layout import BEST, LAST, LOG, METRICS, PREDICTIONS, PREVIOUS, SUMMARY
-from mmval.atomic import atomic_path, write_text_atomic
+from mmval.atomic import WriteError, atomic_path, write_text_atomic
 from mmval.engine.loop import Callback, Fit, FitState, Predictions
 from mmval.errors import UserError
 from mmval.recipe import Recipe
@@ -204,8 +205,23 @@ class RunFiles(Callback):
             return
         with atomic_path(fit.run_dir / METRICS) as tmp:
             pd.DataFrame(fit.state.rows).to_parquet(tmp, index=False)
-        self._log.write(json.dumps(row) + "\n")
-        self._log.flush()
+        self._append_log(fit.run_dir / LOG, json.dumps(row) + "\n")
+
+    def _append_log(self, path: Path, line: str) -> None:
+        """Append one whole line to train.log: a write the file system refuses (disk full) is
+        cut back to the lines before it and raised as a `WriteError` naming the log."""
+        assert self._log is not None
+        size = path.stat().st_size  # flushed after every line: the whole lines so far
+        try:
+            self._log.write(line)
+            self._log.flush()
+        except OSError as exc:
+            with suppress(OSError):
+                self._log.close()  # flushes the rest of the line again, and fails again
+            self._log = None
+            with suppress(OSError):
+                os.truncate(path, size)
+            raise WriteError.of(path, exc) from exc
 
     def on_fit_end(self, fit: Fit) -> None:
         self.summary = run_summary(fit, self.label)

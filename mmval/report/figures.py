@@ -20,14 +20,16 @@ from typing import get_args
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mmval.artifacts.layout import CONTRIB_EPOCH, CONTRIB_GLOB, METRICS, PREDICTIONS
+from mmval.artifacts.layout import CONTRIB_EPOCH, CONTRIB_GLOB, METRICS, PREDICTIONS, error_line
+from mmval.atomic import write_atomic
 from mmval.report.robustness import EvaluationTable, Robustness, robustness
-from mmval.report.runs import RunTree
+from mmval.report.runs import LeftOut, RunTree
 from mmval.report.tables import Comparison
 from mmval.valuation.config import MethodName
 from mmval.valuation.summary import contribution_summary, mean_over_repeats
@@ -77,11 +79,11 @@ def make_figures(comparison: Comparison) -> list[ReportFigure]:
 
 
 def write_figures(figures: list[ReportFigure], folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Each figure as `folder/<name>.png`, atomically (a full disk leaves no torn PNG)."""
     paths = []
     for figure in figures:
         path = folder / f"{figure.name}.png"
-        path.write_bytes(figure.png)
+        write_atomic(path, lambda tmp, png=figure.png: tmp.write_bytes(png))
         paths.append(path)
     return paths
 
@@ -90,15 +92,27 @@ def find_value_tables(tree: RunTree) -> list[ValueTable]:
     """`mmval value` contribution tables anywhere below the root, recognised by their
     `mmval.method` metadata (training-time tables are plotted per epoch instead; subsets and
     dcor tables hold no per-modality contributions). A table inside a finished run folder is
-    named after that run's row and seed."""
+    named after that run's row and seed. A table that cannot be read is added to the tree's
+    left-out list, which the report prints."""
     by_run = {Path(r.run): r for r in tree.runs.itertuples(index=False)}
     found = []
     for path in sorted(tree.root.rglob("*.parquet")):
         if path.name in (METRICS, PREDICTIONS) or CONTRIB_EPOCH.search(path.name):
             continue
-        meta = pq.read_schema(path).metadata or {}
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            if any(p in by_run for p in path.parents):  # elsewhere it may be anything
+                why = f"damaged: not a Parquet file mmval can read ({error_line(exc)})"
+                _leave_out(tree, path, why)
+            continue
         info = {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"mmval.")}
         if info.get("mmval.method") not in get_args(MethodName):
+            continue
+        try:
+            frame = pd.read_parquet(path)
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            _leave_out(tree, path, f"damaged: the value table cannot be read ({error_line(exc)})")
             continue
         run = by_run.get(path.parent)
         dataset = info.get("mmval.dataset") or (run.dataset if run is not None else "?")
@@ -110,10 +124,15 @@ def find_value_tables(tree: RunTree) -> list[ValueTable]:
                 source=source,
                 split=info.get("mmval.split", "?"),
                 method=info["mmval.method"],
-                table=_long(pd.read_parquet(path), info),
+                table=_long(frame, info),
             )
         )
     return found
+
+
+def _leave_out(tree: RunTree, path: Path, reason: str) -> None:
+    if all(x.run != path for x in tree.left_out):
+        tree.left_out.append(LeftOut(path, reason))
 
 
 def _long(frame: pd.DataFrame, info: dict[str, str]) -> pd.DataFrame:

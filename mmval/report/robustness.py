@@ -26,8 +26,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmval.artifacts.layout import error_line
 from mmval.errors import UserError
 from mmval.report.runs import META, LeftOut, Metric, RunTree
 from mmval.report.tables import Comparison, check_options, compare_metrics
@@ -79,23 +81,25 @@ def find_evaluation_tables(
     left_out: list[LeftOut] = []
     seen: dict[tuple[str, str, str, str], Path] = {}
     for path in sorted(tree.root.rglob("*.parquet")):
-        info = _metadata(path)
+        run = next((str(p) for p in path.parents if str(p) in runs), None)
+        try:
+            info = _metadata(path)
+        except _Damaged as exc:
+            if run is not None:  # elsewhere it may be anything; inside a run it is mmval's
+                left_out.append(LeftOut(path, f"damaged: {exc}"))
+            continue
         if info.get("mmval.method") not in EVALUATION_METHODS:
             continue
-        run = next((str(p) for p in path.parents if str(p) in runs), None)
         if run is None:
             left_out.append(LeftOut(path, "evaluation table outside a finished, reported run"))
             continue
         if info.get("mmval.split") != split:
             continue
-        table = EvaluationTable(
-            path=path,
-            run=run,
-            method=info["mmval.method"],
-            split=split,
-            corruptions=tuple(_parse(c) for c in json.loads(info.get("mmval.corruptions", "[]"))),
-            modalities=tuple(json.loads(info["mmval.modalities"])),
-        )
+        try:
+            table = _evaluation_table(path, run, info, split)
+        except _Damaged as exc:
+            left_out.append(LeftOut(path, f"damaged: {exc}"))
+            continue
         key = (run, table.method, table.family, CLEAN if table.clean else table.level)
         if key in seen:
             left_out.append(LeftOut(path, f"duplicate: the same evaluation as {seen[key]}"))
@@ -105,11 +109,38 @@ def find_evaluation_tables(
     return found, left_out
 
 
+class _Damaged(Exception):
+    """A Parquet file that cannot be read whole, or an evaluation table whose metadata is not
+    what mmval writes."""
+
+
+def _evaluation_table(path: Path, run: str, info: dict[str, str], split: str) -> EvaluationTable:
+    """The table as its metadata describes it, its data read once to know it is whole."""
+    try:
+        corruptions = tuple(_parse(c) for c in json.loads(info.get("mmval.corruptions", "[]")))
+        modalities = tuple(json.loads(info["mmval.modalities"]))
+    except (ValueError, KeyError, TypeError, UserError) as exc:
+        raise _Damaged(f"the evaluation table's metadata is not mmval's ({exc})") from exc
+    try:
+        pq.read_table(path)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise _Damaged(f"the evaluation table cannot be read ({error_line(exc)})") from exc
+    return EvaluationTable(
+        path=path,
+        run=run,
+        method=info["mmval.method"],
+        split=split,
+        corruptions=corruptions,
+        modalities=modalities,
+    )
+
+
 def _metadata(path: Path) -> dict[str, str]:
+    """The `mmval.*` metadata of a Parquet file; `_Damaged` when its footer cannot be read."""
     try:
         meta = pq.read_schema(path).metadata or {}
-    except (OSError, ValueError):
-        return {}  # not a Parquet file mmval can read; not an evaluation table either
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise _Damaged(f"not a Parquet file mmval can read ({error_line(exc)})") from exc
     return {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"mmval.")}
 
 

@@ -25,10 +25,12 @@ import yaml
 
 from mmval.artifacts.layout import (
     LOG,
-    PREDICTIONS,
+    METRICS,
     RECIPE_FILE,
     SUMMARY,
+    DamagedRunFile,
     read_metrics,
+    read_predictions,
     read_summary,
 )
 from mmval.errors import UserError
@@ -100,8 +102,7 @@ class RunTree:
 
     def predictions(self, run: str) -> pd.DataFrame | None:
         """Test-split predictions of the selected checkpoint, when the run saved them."""
-        path = Path(run) / PREDICTIONS
-        return pd.read_parquet(path) if path.is_file() else None
+        return read_predictions(Path(run))
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,9 @@ class Metric:
 
 
 def find_runs(root: Path, select: str = "val") -> RunTree:
-    """Every run folder below `root`, finished or not, each read at the epoch `select` picks."""
+    """Every run folder below `root`, finished or not, each read at the epoch `select` picks.
+    A folder whose files cannot be read, or a summary.json of another tool, is left out with
+    the reason; it never stops the report of the others."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder.")
@@ -131,11 +134,18 @@ def find_runs(root: Path, select: str = "val") -> RunTree:
     records: list[dict[str, Any]] = []
     left_out: list[LeftOut] = []
     for folder in folders:
-        summary = read_summary(folder)
-        if summary is None or not summary.get("finished"):
-            left_out.append(LeftOut(folder, _unfinished_reason(folder)))
+        try:
+            summary = _mmval_summary(folder)
+            if summary is None or not summary.get("finished"):
+                left_out.append(LeftOut(folder, _unfinished_reason(folder)))
+                continue
+            record = _record(folder, summary, select)
+        except DamagedRunFile as exc:
+            left_out.append(LeftOut(folder, f"damaged: {exc.reason}"))
             continue
-        record = _record(folder, summary, select)
+        except _Foreign as exc:
+            left_out.append(LeftOut(folder, f"{NOT_MMVAL}: {exc}"))
+            continue
         if select == "val" and record["protocol"] == "published":
             left_out.append(LeftOut(folder, _PUBLISHED_LEFT_OUT))
             continue
@@ -161,6 +171,47 @@ def find_runs(root: Path, select: str = "val") -> RunTree:
         left_out.append(LeftOut(Path(dup["run"]), f"duplicate: same recipe and seed as {first}"))
     runs = runs[~duplicate].drop(columns="_recipe").reset_index(drop=True)
     return RunTree(root, runs, sorted(left_out, key=lambda x: str(x.run)), select)
+
+
+NOT_MMVAL = "not an mmval run"
+# the fields `_record` reads of a finished run's summary, and their types
+_REQUIRED = {"dataset": str, "method": str, "seed": int, "epochs": int, "best_epoch": int}
+_OPTIONAL = {"recipe": dict, "data_fingerprint": str, "recipe_name": str}
+
+
+class _Foreign(Exception):
+    """A summary.json that is not mmval's, in a folder mmval did not start training in."""
+
+
+def _mmval_summary(folder: Path) -> dict[str, Any] | None:
+    """The folder's summary if it is mmval's, None if there is none; `DamagedRunFile` for one
+    of an mmval run folder (recipe.yaml and train.log) that is not mmval's, `_Foreign` for one
+    of another folder that is not."""
+    summary = read_summary(folder)
+    if summary is None:
+        return None
+    started = (folder / RECIPE_FILE).is_file() and (folder / LOG).is_file()
+    if not isinstance(summary, dict):
+        what = f"a JSON {type(summary).__name__}, not an object"
+        if started:
+            raise DamagedRunFile(folder, f"{SUMMARY} is {what}")
+        raise _Foreign(f"its {SUMMARY} is {what}")
+    if not started and not set(summary) & {"finished", *_REQUIRED}:
+        raise _Foreign(
+            f"its {SUMMARY} has none of mmval's fields (finished, {', '.join(_REQUIRED)})"
+        )
+    if summary.get("finished"):
+        missing = sorted(k for k in _REQUIRED if k not in summary)
+        if missing:
+            raise DamagedRunFile(folder, f"{SUMMARY} lacks {', '.join(missing)}")
+        for key, kind in (_REQUIRED | _OPTIONAL).items():
+            value = summary.get(key)
+            if key in summary and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise DamagedRunFile(
+                    folder,
+                    f"{SUMMARY} has a {type(value).__name__} as {key}, not a {kind.__name__}",
+                )
+    return summary
 
 
 _PUBLISHED_LEFT_OUT = (
@@ -197,18 +248,36 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
 
 
 def _unfinished_reason(folder: Path) -> str:
-    """How far an unfinished run got, from its metrics and recipe."""
-    done = len(read_metrics(folder))
+    """How far an unfinished run got, from its metrics and recipe (`?` where they cannot be
+    read: a run killed while writing is unfinished whatever its files say)."""
+    damaged: list[str] = []
+    try:
+        done = str(len(read_metrics(folder)))
+    except DamagedRunFile as exc:
+        done, damaged = "?", [exc.reason]
     planned = "?"
     if (folder / RECIPE_FILE).is_file():
-        recipe = yaml.safe_load((folder / RECIPE_FILE).read_text(encoding="utf-8")) or {}
-        planned = str(recipe.get("train", {}).get("epochs", "?"))
-    return f"unfinished: {done} of {planned} epochs, no final summary"
+        try:
+            recipe = yaml.safe_load((folder / RECIPE_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            recipe, damaged = None, [*damaged, f"{RECIPE_FILE} cannot be read"]
+        train = recipe.get("train") if isinstance(recipe, dict) else None
+        planned = str(train.get("epochs", "?")) if isinstance(train, dict) else "?"
+    note = f" ({'; '.join(damaged)})" if damaged else ""
+    return f"unfinished: {done} of {planned} epochs, no final summary{note}"
 
 
 def _record(folder: Path, summary: dict[str, Any], select: str) -> dict[str, Any]:
-    """A finished run's identity and every metric at its selected epoch."""
+    """A finished run's identity and every metric at its selected epoch; `DamagedRunFile` when
+    its metrics or predictions cannot be read or lack what the selection needs."""
     history = read_metrics(folder)
+    read_predictions(folder)  # read now: a damaged one would stop the paired tests later
+    needed = ["epoch", "test_acc"] if select == "test-max" else ["epoch"]
+    lacking = [c for c in needed if c not in history.columns]
+    if not (folder / METRICS).is_file():
+        raise DamagedRunFile(folder, f"{METRICS} is missing")
+    if lacking:
+        raise DamagedRunFile(folder, f"{METRICS} has no {' or '.join(lacking)} column")
     selected = summary["best_epoch"]
     if select == "test-max" and history["test_acc"].notna().any():
         selected = int(history.loc[history["test_acc"].idxmax(), "epoch"])  # the first maximum
