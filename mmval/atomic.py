@@ -34,6 +34,15 @@ class WriteError(OSError):
         return cls(code, os.strerror(code), str(target))
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temp path beside `target`; on success fsync it and rename it over `target`.
@@ -45,6 +54,9 @@ def atomic_path(target: Path) -> Iterator[Path]:
         fd, tmp_name = tempfile.mkstemp(
             prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent
         )
+        # mkstemp makes 0600 files: give the usual mode (0666 less the umask) so that
+        # colleagues on a shared cluster can read the data and runs, as with open()
+        os.fchmod(fd, 0o666 & ~_UMASK)
         os.close(fd)
     except WriteError:
         raise

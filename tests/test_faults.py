@@ -355,3 +355,13 @@ def test_a_damaged_evaluation_table_is_left_out_of_the_robustness_report(good_ru
     assert "subsets.parquet: damaged: the evaluation table cannot be read" in stderr, stderr
     missing = pd.read_csv(pd.io.common.StringIO(result.stdout))
     assert set(missing["n_seeds"]) == {2}, missing
+
+
+def test_written_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
+    """As open() would: 0666 less the umask, so a shared cluster's group can read data and
+    runs (mkstemp alone makes 0600)."""
+    import mmval.atomic
+
+    mmval.atomic.write_text_atomic(tmp_path / "shared.txt", "x")
+    mode = (tmp_path / "shared.txt").stat().st_mode & 0o777
+    assert mode == 0o666 & ~mmval.atomic._UMASK
