@@ -25,6 +25,7 @@ from rich.table import Table
 
 from mmval.atomic import WRITE_ERRNOS, WriteError, write_failure
 from mmval.errors import UserError
+from mmval.locks import locked
 
 app = typer.Typer(
     help="Balanced multimodal learning and per-sample modality valuation.",
@@ -65,6 +66,21 @@ def user_errors(func: F) -> F:
         if _main_process():
             err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def locks_out(func: F) -> F:
+    """Hold the lock of the command's --out file while it runs, so that a second command writing
+    the same file stops (exit 2) naming the first, instead of both writing it."""
+
+    @functools.wraps(func)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        out = kwargs.get("out")
+        if not isinstance(out, Path):
+            return func(*args, **kwargs)
+        with locked(out, folder=False, what=f"output file {out}"):
+            return func(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
@@ -472,6 +488,7 @@ def _refuse_options(method: str, flags: tuple[tuple[str, bool], ...]) -> None:
 
 @app.command()
 @user_errors
+@locks_out
 def value(
     checkpoint: Annotated[Path, typer.Argument(help="a best.pt or last.pt of a run")],
     out: Annotated[Path | None, typer.Option(help="output Parquet file")] = None,
@@ -744,6 +761,7 @@ def _value_dcor(
 
 @app.command()
 @user_errors
+@locks_out
 def report(
     runs: Annotated[Path, typer.Argument(help="a folder of runs (searched recursively)")],
     format_: Annotated[

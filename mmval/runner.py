@@ -6,7 +6,7 @@ the callbacks, valuation during training included, and runs `mmval.engine.loop.f
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +16,24 @@ import torch
 import yaml
 
 from mmval import distributed
-from mmval.artifacts.layout import LAST, PREVIOUS, RECIPE_FILE, read_summary, run_folder
+from mmval.artifacts.layout import (
+    EVALUATE_DIR,
+    LAST,
+    PREVIOUS,
+    RECIPE_FILE,
+    TB_DIR,
+    read_summary,
+    run_files,
+    run_folder,
+    run_folder_state,
+)
 from mmval.atomic import remove_stale_temps, write_text_atomic
 from mmval.engine.callbacks import BestCheckpoint, LastCheckpoint, RankCheck, RunFiles
 from mmval.engine.loop import Callback, Fit, fit
 from mmval.engine.session import Session, build_session, resolve_device
 from mmval.engine.tensorboard import TensorBoard
 from mmval.errors import UserError
+from mmval.locks import LOCK_FILE, locked
 from mmval.recipe import Recipe
 from mmval.settings import SAME_RUN, identity, normalised
 from mmval.valuation.evaluate import evaluate_run
@@ -77,8 +88,15 @@ class Trainer:
         return summary
 
     def run(self) -> RunResult:
+        """Train (or find finished) and evaluate the run, holding its folder's lock from the
+        opening of the folder to the end of its `evaluate:` tables (rank 0 only: the other ranks
+        write nothing there)."""
         device = distributed.setup(resolve_device(self.recipe.train.device))
-        summary, started = distributed.on_main(self._open_run_dir)
+        with contextlib.ExitStack() as held:
+            return self._run(device, held)
+
+    def _run(self, device: torch.device, held: contextlib.ExitStack) -> RunResult:
+        summary, started = distributed.on_main(lambda: self._open_run_dir(held))
         if summary is not None:
             distributed.on_main(lambda: self._evaluate(device))
             return RunResult(self.run_dir, skipped=True, summary=summary)
@@ -127,14 +145,25 @@ class Trainer:
         )
         return [_Valuation(valuation)]
 
-    def _open_run_dir(self) -> tuple[dict[str, Any] | None, bool]:
+    def _open_run_dir(self, held: contextlib.ExitStack) -> tuple[dict[str, Any] | None, bool]:
         """(the summary of this very run if it finished, else None; whether a run was started
-        here): prepares the run folder. Under DDP only rank 0 calls it."""
+        here): locks the run folder for `held` and prepares it. Under DDP only rank 0 calls it."""
         run_dir = self.run_dir
+        held.enter_context(locked(run_dir, folder=True, what=f"run folder {run_dir}"))
+        if run_folder_state(run_dir) == "foreign":
+            held_files = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+            listed = ", ".join(held_files[:3]) + (
+                f" and {len(held_files) - 3} more" if held_files[3:] else ""
+            )
+            raise UserError(
+                f"{run_dir} is not an mmval run folder: it holds {listed}, but no {RECIPE_FILE}. "
+                "mmval neither writes into nor deletes from another program's folder: change "
+                "the recipe's output: or name: (--set name=...), or move those files away."
+            )
         if not self.overwrite and (summary := self.finished_summary()) is not None:
             return summary, False
-        if self.overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
+        if self.overwrite:
+            _clear_run(run_dir)
         started = (run_dir / LAST).is_file() or (run_dir / PREVIOUS).is_file()
         if started and not self.resume:
             raise UserError(
@@ -146,6 +175,16 @@ class Trainer:
         dump = self.recipe.model_dump(mode="json")
         write_text_atomic(run_dir / RECIPE_FILE, yaml.safe_dump(dump, sort_keys=False))
         return None, started
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Delete the files of a run folder that mmval wrote (known by name), and tb/ and evaluate/
+    once empty; the user's files stay."""
+    for path in run_files(run_dir):
+        path.unlink(missing_ok=True)
+    for folder in (TB_DIR, EVALUATE_DIR):
+        with contextlib.suppress(OSError):  # not there, or it holds the user's files
+            (run_dir / folder).rmdir()
 
 
 class _Valuation(Callback):

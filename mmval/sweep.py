@@ -49,11 +49,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from mmval import distributed
 from mmval.artifacts.layout import LAST
 from mmval.compose import compose_recipe
 from mmval.engine.loop import Callback
 from mmval.engine.session import ensure_data, join_ranks
 from mmval.errors import UserError
+from mmval.locks import ensure_free
 from mmval.methods import METHODS, MethodConfigUnion
 from mmval.plugins import PLUGINS
 from mmval.recipe import (
@@ -355,9 +357,17 @@ def run_statuses(plan: SweepPlan) -> list[tuple[Variant, int, Path, RunStatus]]:
 
 def check_plan(plan: SweepPlan, *, resume: bool, overwrite: bool) -> None:
     """Fail before anything trains: started runs without --resume/--overwrite, missing data, a
-    method that does not fit the modalities its data set turns out to have."""
+    method that does not fit the modalities its data set turns out to have; first, a run folder
+    another command holds (named with its holder)."""
+    statuses = run_statuses(plan)
+
+    def free() -> None:
+        for _, _, run_dir, _ in statuses:
+            ensure_free(run_dir, folder=True, what=f"run folder {run_dir}")
+
+    distributed.on_main(free)
     if not (resume or overwrite):
-        started = [str(d) for _, _, d, status in run_statuses(plan) if status == "started"]
+        started = [str(d) for _, _, d, status in statuses if status == "started"]
         if started:
             listed = ", ".join(started[:5]) + (
                 f" and {len(started) - 5} more" if started[5:] else ""

@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import pyarrow as pa
 
+from mmval.atomic import TEMP_SUFFIX
 from mmval.errors import UserError
+from mmval.locks import LOCK_FILE
 
 LAST = "last.pt"  # newest training state, for --resume
 PREVIOUS = "last.prev.pt"  # the last.pt before the newest: resume falls back on it
@@ -26,6 +28,12 @@ PREDICTIONS = "predictions.parquet"  # per-sample test predictions of best.pt
 TB_DIR = "tb"  # TensorBoard event files (train.tensorboard)
 CONTRIB_GLOB = "contrib_epoch*.parquet"  # valuation during training (the recipe's valuation:)
 CONTRIB_EPOCH = re.compile(r"contrib_epoch(\d+)\.parquet$")
+EVALUATE_DIR = "evaluate"  # the recipe's evaluate: tables (mmval.valuation.evaluate)
+CORRUPT_LAST = LAST + ".corrupt"  # a damaged last.pt set aside by --resume
+TB_EVENTS = "events.out.tfevents.*"  # TensorBoard's files in tb/
+# every file of a run folder that mmval writes under a fixed name
+RUN_FILES = (RECIPE_FILE, LOG, METRICS, SUMMARY, LAST, PREVIOUS, CORRUPT_LAST, BEST, PREDICTIONS)
+RUN_MARKERS = (RECIPE_FILE, SUMMARY)  # written first and last: a folder with one is a run folder
 
 
 def contrib_file(epoch: int) -> str:
@@ -87,3 +95,39 @@ def error_line(exc: BaseException) -> str:
     """For a left-out reason: the first line of an error (pyarrow's run over several), cut."""
     text = str(exc).strip().splitlines()
     return text[0][:120] if text else type(exc).__name__
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """The files of `run_dir` that mmval wrote, known by name: RUN_FILES, contributions,
+    TensorBoard's events in tb/, evaluate/'s tables and the temp files of interrupted writes.
+    What `--overwrite` deletes; anything else in the folder is the user's and is kept."""
+    run_dir = Path(run_dir)
+    found = [run_dir / name for name in RUN_FILES]
+    found += [p for p in run_dir.glob("contrib_epoch*.parquet") if CONTRIB_EPOCH.match(p.name)]
+    found += run_dir.glob(f"{TB_DIR}/{TB_EVENTS}")
+    found += run_dir.glob(f"{EVALUATE_DIR}/*.parquet")
+    for folder in (run_dir, run_dir / TB_DIR, run_dir / EVALUATE_DIR):
+        found += folder.glob(f".*{TEMP_SUFFIX}")
+    return [path for path in found if path.is_file() and not path.is_symlink()]
+
+
+def run_folder_state(run_dir: Path) -> Literal["empty", "run", "foreign"]:
+    """The folder's kind: "empty" (or missing), "run" (it holds recipe.yaml or summary.json,
+    or nothing but files mmval names), or "foreign": a folder of other files, which mmval
+    neither writes into nor deletes from."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return "empty"
+    entries = [p for p in run_dir.iterdir() if p.name != LOCK_FILE]
+    if not entries:
+        return "empty"
+    if any((run_dir / name).is_file() for name in RUN_MARKERS):
+        return "run"
+    known = set(run_files(run_dir))
+    mine = [
+        p
+        for p in entries
+        if p in known
+        or (p.name in (TB_DIR, EVALUATE_DIR) and p.is_dir() and set(p.iterdir()) <= known)
+    ]
+    return "run" if len(mine) == len(entries) else "foreign"

@@ -3,19 +3,21 @@ in parts on several machines (`part`), then merged into one data set (`merge_par
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from mmval.atomic import remove_stale_temps, write_atomic, write_text_atomic
+from mmval.atomic import TEMP_SUFFIX, remove_stale_temps, write_atomic, write_text_atomic
 from mmval.data.manifest import DatasetManifest, load_dataset_manifest
 from mmval.data.pipeline import (
     CLIP_TIMEOUT,
@@ -45,6 +47,7 @@ from mmval.data.shards import (
 )
 from mmval.data.sources import SOURCES, Source
 from mmval.errors import UserError
+from mmval.locks import LOCK_FILE, locked
 from mmval.overrides import apply_overrides
 from mmval.validation import format_validation_error
 
@@ -56,6 +59,21 @@ class PrepResult:
     summary: PrepSummary | None = None
 
 
+def _one_writer(prep: Callable[..., PrepResult]) -> Callable[..., PrepResult]:
+    """Run `prep` holding the lock of the folder it writes (the data folder, or with `part` the
+    part folder), so that a second prep of it stops (exit 2) naming the first."""
+
+    @functools.wraps(prep)
+    def locked_prep(dataset: str, out: Path, **kwargs: Any) -> PrepResult:
+        part: PartSpec | None = kwargs.get("part")
+        folder = Path(out) if part is None else Path(out) / part.name
+        with locked(folder, folder=True, what=f"data folder {folder}"):
+            return prep(dataset, out, **kwargs)
+
+    return locked_prep
+
+
+@_one_writer
 def prepare(
     dataset: str,
     out: Path,
@@ -97,27 +115,27 @@ def prepare(
                 "another --out."
             )
         out = root / part.name
-    elif part_dirs(root) and not (root / MANIFEST).is_file() and not overwrite:
+    _check_data_folder(out)
+    parts = _mmval_parts(root)
+    if part is None and parts and not (root / MANIFEST).is_file() and not overwrite:
         raise UserError(
-            f"{root} holds parts of a prep split across machines ({', '.join(part_dirs(root))}): "
+            f"{root} holds parts of a prep split across machines ({', '.join(parts)}): "
             f"merge them with `mmval prep {dataset} --out {root} --merge`, or pass --overwrite "
             "to discard them and prepare in one piece."
         )
     _remove_stale_temps(out)
     settings = _settings(source, params, limit, splits)
-    if (out / MANIFEST).is_file():
+    if not overwrite and (out / MANIFEST).is_file():
         existing = load_manifest(out)
         same_source = (existing.dataset, existing.source_manifest_sha256) == (name, entry_sha)
-        same = same_source and existing.extraction.get("settings") == settings
-        if same and not overwrite:
+        if same_source and existing.extraction.get("settings") == settings:
             manifest = check_data_dir(out, verify_checksums=True)
             shutil.rmtree(out / PARTIAL, ignore_errors=True)  # killed after its manifest
             return PrepResult(manifest, wrote=False)
-        if not overwrite:
-            raise UserError(
-                f"{out} already holds a prepared data set made with other settings; "
-                "pass --overwrite to rebuild it or choose another --out."
-            )
+        raise UserError(
+            f"{out} already holds a prepared data set made with other settings; "
+            "pass --overwrite to rebuild it or choose another --out."
+        )
     # planned before anything is written: a plan refused (a bad labels file) leaves `out` as it was
     plan = (
         source.plan(entry, params, Path(raw), limit=limit, only_splits=splits)
@@ -180,17 +198,111 @@ def prepare(
 
 
 def _clear(out: Path) -> None:
-    """Remove what a previous prep wrote (and only that) before rebuilding, parts included."""
-    for name in (MANIFEST, "index.parquet", "errors.parquet", VERIFIED):
-        (out / name).unlink(missing_ok=True)
+    """Remove what a previous prep wrote, and only that, before rebuilding: the files its
+    manifest and its `.partial/` records list, the files mmval names (manifest, index, errors,
+    verified marker, `.partial/`), and the same in each part folder. Anything else stays: the
+    user's files, and shards no record lists (a rebuild ignores them). A part-like folder that
+    holds no mmval data is refused before anything is deleted."""
+    parts = part_dirs(out)
+    foreign = [name for name in parts if _folder_kind(out / name) == "foreign"]
+    if foreign:
+        raise UserError(
+            f"{out} holds folders named like parts of a prep that hold no mmval data "
+            f"({', '.join(foreign[:3])}); mmval does not delete them. Move them away, or prepare "
+            "into another --out."
+        )
+    for name in parts:
+        _clear(out / name)
+        _remove_if_empty(out / name)
+    for path in _written_files(out):
+        path.unlink(missing_ok=True)
+        if path.parent != out:
+            _remove_if_empty(path.parent)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
-    for written in (*out.glob("*/part-*.parquet"), *out.glob("tokenizer-*.json")):
-        written.unlink()
-    for name in part_dirs(out):
-        shutil.rmtree(out / name)
+
+
+def _written_files(out: Path) -> list[Path]:
+    """The files of data folder `out` that a prep wrote, by its own records: the named files,
+    the shards and files (tokenizers) its manifest lists, the shards `.partial/` records list,
+    and shard temp files a killed prep left. Only paths inside `out`."""
+    named = [MANIFEST, INDEX, ERRORS, VERIFIED]
+    manifest = _manifest_json(out) or {}
+    splits = manifest.get("splits")
+    for info in splits.values() if isinstance(splits, dict) else []:
+        shards = info.get("shards") if isinstance(info, dict) else None
+        named += [s.get("path") for s in shards or [] if isinstance(s, dict)]
+    extraction = manifest.get("extraction")
+    files = extraction.get("files") if isinstance(extraction, dict) else None
+    named += list(files) if isinstance(files, dict) else []
+    for record in (out / PARTIAL).glob("*/*.json"):
+        try:
+            shard = json.loads(record.read_text(encoding="utf-8")).get("shard")
+        except (OSError, ValueError, AttributeError):
+            continue
+        named.append(shard.get("path") if isinstance(shard, dict) else None)
+    found = [out / p for p in named if isinstance(p, str) and _inside(p)]
+    found += out.glob(".*.tmp")
+    for folder in {path.parent for path in found}:
+        found += folder.glob(SHARD_TEMP)
+    return [path for path in dict.fromkeys(found) if path.is_file() and not path.is_symlink()]
+
+
+def _inside(relative: str) -> bool:
+    """Whether a path a record lists stays inside its folder (no `..`, not absolute)."""
+    path = Path(relative)
+    return not path.is_absolute() and ".." not in path.parts and bool(path.parts)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def _manifest_json(out: Path) -> dict[str, Any] | None:
+    """`out/manifest.json` read as plain JSON when it is an mmval manifest (any version), else
+    None: only its own records say what a data folder holds."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    keys = {"schema_version", "dataset", "splits"}
+    return manifest if isinstance(manifest, dict) and keys <= manifest.keys() else None
+
+
+def _folder_kind(out: Path) -> Literal["empty", "data", "foreign"]:
+    """The folder's kind: "empty" (or missing; a lock file does not count), "data" (an mmval
+    manifest, the `.partial/` record of a prep under way, or part folders that are data
+    folders), or "foreign": another program's folder, which prep neither writes into nor
+    deletes from."""
+    if not out.is_dir():
+        return "empty"
+    if not [p for p in out.iterdir() if p.name != LOCK_FILE]:
+        return "empty"
+    if _manifest_json(out) is not None or (out / PARTIAL).is_dir() or _mmval_parts(out):
+        return "data"
+    return "foreign"
+
+
+def _mmval_parts(out: Path) -> list[str]:
+    """The part folders in `out` that hold (part of) an mmval prep."""
+    return [name for name in part_dirs(out) if _folder_kind(out / name) == "data"]
+
+
+def _check_data_folder(out: Path) -> None:
+    """Refuse (exit 2) to prepare into a folder that holds other files than an mmval data set."""
+    if _folder_kind(out) != "foreign":
+        return
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+    listed = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if held[3:] else "")
+    raise UserError(
+        f"{out} is not an mmval data folder: it holds {listed}, but no mmval manifest.json, "
+        f"{PARTIAL}/ record or part folders. mmval neither writes into nor deletes from another "
+        "program's folder: choose a new or empty --out."
+    )
 
 
 PART_DIR = re.compile(r"part-(\d{5,})-of-(\d{5,})")
+SHARD_TEMP = f".part-*.parquet.*{TEMP_SUFFIX}"  # a shard's temp file (mmval.atomic.atomic_path)
 
 
 def part_dirs(out: Path) -> dict[str, tuple[int, int]]:
@@ -213,6 +325,23 @@ def _is_merged(out: Path) -> bool:
         return False
 
 
+def _merge_locks(merge: Callable[..., PrepResult]) -> Callable[..., PrepResult]:
+    """Run `merge` holding the locks of the merged folder and of each part folder: no part is
+    prepared again while it is merged, and two merges do not write one folder."""
+
+    @functools.wraps(merge)
+    def locked_merge(dataset: str, out: Path, **kwargs: Any) -> PrepResult:
+        out = Path(out)
+        with contextlib.ExitStack() as held:
+            if part_dirs(out):  # else `merge` refuses, creating no folder
+                for folder in [out, *(out / name for name in part_dirs(out))]:
+                    held.enter_context(locked(folder, folder=True, what=f"data folder {folder}"))
+            return merge(dataset, out, **kwargs)
+
+    return locked_merge
+
+
+@_merge_locks
 def merge_parts(
     dataset: str,
     out: Path,
@@ -528,14 +657,18 @@ def _same_raw(dataset: str, raw: Path, reference: DataManifest, digest: str) -> 
 
 
 def _remove_stale_temps(out: Path, *, parts: bool = True) -> None:
-    """Half-written files of a killed prep: in `out`, its split folders and `.partial`. Part
-    folders are left alone (`parts=False`, or a part's own run): another machine may be writing."""
+    """Half-written files of a killed prep: in `out` and `.partial`, and the shard temps in its
+    subfolders (nothing else there: a subfolder may be the user's). Part folders are left alone
+    (`parts=False`, or a part's own run): another machine may be writing."""
     if not out.is_dir():
         return
-    folders = [out, *(p for p in out.iterdir() if p.is_dir() and p.name not in part_dirs(out))]
-    if not parts:
-        folders = [out]
+    folders = [out]
     if (out / PARTIAL).is_dir():
-        folders += [p for p in (out / PARTIAL).iterdir() if p.is_dir()]
+        folders += [out / PARTIAL, *(p for p in (out / PARTIAL).iterdir() if p.is_dir())]
     for folder in folders:
         remove_stale_temps(folder)
+    if parts:
+        for folder in out.iterdir():
+            if folder.is_dir() and folder.name not in part_dirs(out) and folder.name != PARTIAL:
+                for temp in folder.glob(SHARD_TEMP):
+                    temp.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mmval.artifacts.checkpoint import load_checkpoint
+from mmval.artifacts.layout import EVALUATE_DIR
 from mmval.data.corrupt import Corruption
 from mmval.errors import UserError
 from mmval.valuation.config import MaskName
@@ -31,7 +32,7 @@ from mmval.valuation.feature_mask import (
 from mmval.valuation.subsets import subsets_checkpoint, write_subsets
 from mmval.valuation.table import weights_fingerprint
 
-FOLDER = "evaluate"
+FOLDER = EVALUATE_DIR
 
 
 class EvaluateConfig(BaseModel):
