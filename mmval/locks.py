@@ -24,6 +24,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from mmval.atomic import WriteError
 from mmval.errors import UserError
 
 LOCK_FILE = ".mmval.lock"  # in a folder that one command writes
@@ -52,7 +53,7 @@ def locked(target: Path, *, folder: bool, what: str) -> Iterator[None]:
     if key in _HELD:
         yield
         return
-    fd = _acquire(path, what)
+    fd = _acquire(path, what, target)
     _HELD.add(key)
     try:
         yield
@@ -74,9 +75,12 @@ def ensure_free(target: Path, *, folder: bool, what: str) -> None:
             pass
 
 
-def _acquire(path: Path, what: str) -> int:
+def _acquire(path: Path, what: str, target: Path) -> int:
     for _ in range(_ATTEMPTS):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # a read-only or full file system: name what was to be written
+            raise WriteError.of(Path(target), exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -97,7 +101,12 @@ def _acquire(path: Path, what: str) -> int:
         except FileNotFoundError:
             same = False
         if same:
-            _record(fd)
+            try:
+                _record(fd)
+            except OSError as exc:  # a full disk: name what the command was to write
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise WriteError.of(Path(target), exc) from exc
             return fd
         os.close(fd)  # its holder removed it after we opened it: lock the new file
     raise UserError(f"{what} is locked and released by other processes in turn ({path}).")
