@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from mmval.errors import UserError
-from mmval.overrides import apply_overrides
+from mmval.overrides import apply_overrides, load_yaml
+from mmval.validation import shown
 
 BASE_KEY = "base"
 
@@ -59,7 +60,7 @@ def _read(path: Path, chain: tuple[Path, ...]) -> Any:
     if not path.is_file():
         raise UserError(f"{what if chain else f'recipe file {path}'} does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise UserError(f"{what} is not valid YAML: {exc}") from None
     if chain and not isinstance(raw, dict):
@@ -74,7 +75,7 @@ def _base_paths(raw: dict[str, Any], path: Path) -> list[Path]:
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise UserError(
             f"{path}: base must be a file name or a list of file names, relative to "
-            f"{path.parent}; it is {names!r}."
+            f"{path.parent}; it is {shown(names)}."
         )
     return [path.parent / name for name in names]
 

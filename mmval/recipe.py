@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from mmval.valuation.evaluate import EvaluateConfig
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SplitNames(_Strict):
@@ -166,16 +167,23 @@ class TrainConfig(_Strict):
     )
 
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.{}+\-]*$"
+NAME_MAX = 100  # characters of a run name: a folder name, well below file systems' 255 bytes
+NAME_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9_.{{}}+\-]{{0,{NAME_MAX - 1}}}$"
+# numpy's legacy seeding (and so every library seeded through it) takes seeds in [0, 2^32)
+Seed = Annotated[int, Field(strict=True, ge=0, lt=2**32)]
 SWEEP_KEYS = ("methods", "grid")
 
 
 class Recipe(_Strict):
     name: Annotated[str, Effect.RUN] = Field(
+        max_length=NAME_MAX,
         pattern=NAME_PATTERN,
-        description="run folder name; may use {dotted.field} placeholders",
+        description=f"run folder name (at most {NAME_MAX} characters); may use {{dotted.field}} "
+        "placeholders",
     )
-    seeds: Annotated[list[int], Effect.RUN] = Field(min_length=1)
+    seeds: Annotated[list[Seed], Effect.RUN] = Field(
+        min_length=1, description="one run per seed, each an integer in [0, 2^32)"
+    )
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfigUnion = Field(default_factory=ConcatConfig)
@@ -247,7 +255,7 @@ class Recipe(_Strict):
 
     @field_validator("seeds")
     @classmethod
-    def _distinct(cls, value: list[int]) -> list[int]:
+    def _distinct(cls, value: list[Seed]) -> list[Seed]:
         if len(set(value)) != len(value):
             raise ValueError("seeds must be distinct")
         return value
@@ -281,6 +289,29 @@ def _cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
             if name not in modalities:
                 found.append((f"model.encoders.{name}", "not one of data.modalities"))
     return found
+
+
+def _number_problems(raw: Any, valid: Any, where: str = "") -> list[tuple[str, str]]:
+    """Non-finite floats anywhere in the validated recipe (`valid`, its python-mode dump: the
+    method, model and plug-in settings included), and booleans that pydantic's lax mode read as
+    numbers (`true` for 1), found by walking the raw recipe alongside."""
+    if isinstance(valid, dict):
+        found = []
+        for key, value in valid.items():
+            child = raw.get(key) if isinstance(raw, dict) else None
+            found += _number_problems(child, value, f"{where}.{key}" if where else str(key))
+        return found
+    if isinstance(valid, list):
+        found = []
+        for i, value in enumerate(valid):
+            child = raw[i] if isinstance(raw, list) and i < len(raw) else None
+            found += _number_problems(child, value, f"{where}[{i}]")
+        return found
+    if isinstance(raw, bool) and isinstance(valid, int | float) and not isinstance(valid, bool):
+        return [(where, f"a number is expected, not the boolean {str(raw).lower()}")]
+    if isinstance(valid, float) and not math.isfinite(valid):
+        return [(where, f"must be a finite number (got {valid})")]
+    return []
 
 
 def check_against_data(recipe: Recipe, modalities: list[str]) -> None:
@@ -325,7 +356,7 @@ def parse_recipe(raw: Any, where: str) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise UserError(format_problems(problems_of(exc, raw), f"recipe {where}")) from None
-    found = _cross_checks(recipe)
+    found = _number_problems(raw, recipe.model_dump()) or _cross_checks(recipe)
     if found:
         raise UserError(format_problems(found, f"recipe {where}"))
     return recipe

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,9 +38,32 @@ def _child(node: Any, key: Any) -> Any:
     return None
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+class _CutRepr(reprlib.Repr):
+    """A repr that renders only the first items of the first levels of a value: the full repr
+    of a YAML alias bomb (billions of shared items) or a huge list would never end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxtuple = self.maxlist = self.maxarray = self.maxdict = 4
+        self.maxset = self.maxfrozenset = self.maxdeque = 4
+        self.maxstring = self.maxother = self.maxlong = 60
+
+    def repr_int(self, x: int, level: int) -> str:
+        """Without converting all digits (Python refuses ints of more than 4300 digits)."""
+        if x.bit_length() > 200:
+            return f"<an integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_CUT = _CutRepr()
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """`value` for an error message: cut to `limit` characters, built from its first items
+    only."""
+    text = _CUT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def problems_of(exc: ValidationError, raw: Any) -> list[tuple[str, str]]:
@@ -53,14 +77,19 @@ def problems_of(exc: ValidationError, raw: Any) -> list[tuple[str, str]]:
             and "input" in err
             and not isinstance(err["input"], dict)
         ):
-            message += f" (got {_shown(err['input'])})"
+            message += f" (got {shown(err['input'])})"
         out.append((_dotted(err["loc"], raw), message))
     return out
 
 
+MAX_PROBLEMS = 20  # lines of a message; a value of a million wrong items is not listed whole
+
+
 def format_problems(problems: list[tuple[str, str]], what: str) -> str:
-    lines = "\n".join(f"  - {path}: {message}" for path, message in problems)
-    return f"{what} is invalid:\n{lines}"
+    lines = [f"  - {path}: {message}" for path, message in problems[:MAX_PROBLEMS]]
+    if len(problems) > MAX_PROBLEMS:
+        lines.append(f"  - and {len(problems) - MAX_PROBLEMS} more")
+    return f"{what} is invalid:\n" + "\n".join(lines)
 
 
 def format_validation_error(exc: ValidationError, what: str, raw: Any = None) -> str:

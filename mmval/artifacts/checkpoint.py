@@ -1,6 +1,13 @@
 """Checkpoints: a typed `Checkpoint` (recipe, data, weights, training state), written
 atomically and read with `weights_only=True` so that a file can never run code.
 
+Before anything is inflated, the sizes a file's zip records declare are added up and checked
+(`check_declared_size`): torch.save stores records uncompressed, so a file whose records inflate
+to more than 4 times its size (a deflated "bomb") was not written by torch.save, and no file may
+declare more than MMVAL_MAX_CHECKPOINT_SIZE (default 8 GiB). After loading, the payload is
+validated against the dataclasses below (keys and types), so that a foreign or damaged file is a
+UserError naming its wrong keys, not a KeyError later.
+
 A file that cannot be read whole (truncated, zero bytes, a record whose CRC does not match) is a
 `CorruptCheckpoint`; a run that keeps its previous checkpoint then resumes from that one. A
 complete file that holds anything but tensors and plain values (a pickle crafted to run code) is
@@ -16,45 +23,59 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import shutil
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ConfigDict, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 from mmval.atomic import atomic_path
 from mmval.errors import UserError
+from mmval.validation import format_problems, problems_of, shown
 
 FORMAT = "mmval-checkpoint-v1"
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives; a cut one still starts with this
 log = logging.getLogger(__name__)
+
+SIZE_LIMIT_ENV = "MMVAL_MAX_CHECKPOINT_SIZE"
+DEFAULT_SIZE_LIMIT = 8 << 30  # bytes: far above any model mmval trains (resnet18: 45 MB)
+INFLATION = 4  # the most a file's records may declare, as a multiple of its size on disk
+INFLATION_FLOOR = 64 << 20  # ...or this, for small files compressed by another tool
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_TYPED = ConfigDict(arbitrary_types_allowed=True)  # tensors are checked with isinstance
 
 
 class CorruptCheckpoint(UserError):
     """A checkpoint file that is incomplete or damaged (not one crafted to run code)."""
 
 
+# The field types below are also the schema a loaded payload is validated against (pydantic,
+# Strict*: no conversion, so that "3" or true is not an epoch).
 @dataclass
 class DataInfo:
     """The data a model was trained on, so that `mmval value` needs nothing else: where it was,
     its manifest fingerprint (to refuse other data) and what the model's inputs and outputs are."""
 
-    path: str
-    dataset: str
-    fingerprint: str
-    classes: list[str]
-    modalities: list[str]
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    path: StrictStr
+    dataset: StrictStr
+    fingerprint: StrictStr
+    classes: list[StrictStr]
+    modalities: list[StrictStr]
 
 
 @dataclass
 class TrainingState:
     """What a resumed run needs beside the weights (last.pt only)."""
 
+    __pydantic_config__ = _TYPED
     optimizer: dict[str, Any]
     scheduler: dict[str, Any] | None
-    sampler: dict[str, int]
+    sampler: dict[str, StrictInt]
     method: dict[str, Any]
     method_modules: dict[str, torch.Tensor] | None  # absent from runs before methods had modules
     rng: dict[str, Any]
@@ -63,11 +84,12 @@ class TrainingState:
 
 @dataclass
 class Checkpoint:
+    __pydantic_config__ = _TYPED
     recipe: dict[str, Any]  # the recipe dump (JSON mode) the model was trained with
     data: DataInfo
     model: dict[str, torch.Tensor]
-    epoch: int  # epochs trained, counted from 1
-    metrics: dict[str, float] | None = None  # the epoch's metrics row (best.pt)
+    epoch: StrictInt  # epochs trained, counted from 1
+    metrics: dict[str, Any] | None = None  # the epoch's metrics row, numbers (best.pt)
     training: TrainingState | None = None  # (last.pt)
 
     def payload(self) -> dict[str, Any]:
@@ -87,21 +109,32 @@ class Checkpoint:
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], where: Path) -> Checkpoint:
-        missing = [k for k in ("recipe", "data", "model", "epoch") if k not in payload]
-        if missing:
-            raise UserError(f"{where} is an mmval checkpoint without {', '.join(missing)}.")
-        training = None
-        if "optimizer" in payload:
-            names = [f.name for f in fields(TrainingState)]
-            training = TrainingState(**{name: payload.get(name) for name in names})
-        return cls(
-            recipe=payload["recipe"],
-            data=DataInfo(**payload["data"]),
-            model=payload["model"],
-            epoch=int(payload["epoch"]),
-            metrics=payload.get("metrics"),
-            training=training,
-        )
+        """The checkpoint of an on-disk dict, validated: a missing key or one of the wrong type
+        is a UserError naming it. Keys it does not know (`format`) are left out."""
+        names = [f.name for f in fields(TrainingState)]
+        state = {k: v for k, v in payload.items() if k in names}
+        core = {k: v for k, v in payload.items() if k not in names and k != "training"}
+        problems: list[tuple[str, str]] = []
+        checkpoint = training = None
+        try:
+            checkpoint = _CHECKPOINT.validate_python(core)
+        except ValidationError as exc:
+            problems += problems_of(exc, core)
+        if state:  # last.pt; runs before methods had modules saved none
+            try:
+                training = _TRAINING.validate_python({"method_modules": None, **state})
+            except ValidationError as exc:
+                problems += problems_of(exc, state)
+        if problems or checkpoint is None:
+            raise UserError(
+                format_problems(problems, f"checkpoint {where}")
+                + "\nIt was not written by mmval, or it is damaged."
+            )
+        return replace(checkpoint, training=training)
+
+
+_CHECKPOINT = TypeAdapter(Checkpoint)
+_TRAINING = TypeAdapter(TrainingState)
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint, *, previous: Path | None = None) -> None:
@@ -136,6 +169,60 @@ def save_payload(path: Path, payload: dict[str, Any], *, previous: Path | None =
                     shutil.copyfile(path, keep)
 
 
+def _size_text(size: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError  # the loop returns at GiB
+
+
+def size_limit() -> int:
+    """The most a checkpoint may declare: MMVAL_MAX_CHECKPOINT_SIZE (bytes, or a number with K,
+    M, G or T for powers of 1024), else DEFAULT_SIZE_LIMIT."""
+    text = os.environ.get(SIZE_LIMIT_ENV, "").strip()
+    if not text:
+        return DEFAULT_SIZE_LIMIT
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?", text.upper())
+    if match is None or float(match[1]) * _UNITS[match[2]] < 1:
+        raise UserError(
+            f"{SIZE_LIMIT_ENV}={shown(text)} is not a size: give bytes or a number with K, M, G "
+            "or T (e.g. 16G)."
+        )
+    return int(float(match[1]) * _UNITS[match[2]])
+
+
+def check_declared_size(path: Path, what: str) -> None:
+    """Refuse a file whose records would inflate beyond the limits of the module docstring,
+    from the sizes its zip directory declares (nothing is inflated); a file that is not a zip
+    (a legacy pickle) counts its size on disk."""
+    on_disk = path.stat().st_size
+    declared = on_disk
+    with open(path, "rb") as fh:
+        zipped = fh.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+    if zipped:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                declared = sum(info.file_size for info in archive.infolist())
+        except (zipfile.BadZipFile, OSError, EOFError):
+            return  # no readable directory: _check_archive says what is wrong
+    limit, inflation = size_limit(), max(INFLATION * on_disk, INFLATION_FLOOR)
+    if declared <= min(limit, inflation):
+        return
+    allowed, why = limit, f"{SIZE_LIMIT_ENV}; raise it if the file is genuine, e.g. to 32G"
+    if declared > inflation:
+        allowed = inflation
+        why = (
+            f"{INFLATION} times its size on disk, here {_size_text(on_disk)}, or "
+            f"{_size_text(INFLATION_FLOOR)}; torch.save stores records uncompressed, so a file "
+            "that inflates further was compressed by another program"
+        )
+    raise UserError(
+        f"{what} {path} declares {_size_text(declared)} of records, more than the "
+        f"{_size_text(allowed)} allowed ({why}). It was refused before anything was inflated."
+    )
+
+
 def _check_archive(path: Path) -> None:
     """Raise CorruptCheckpoint unless every record of the zip archive reads back whole."""
     with open(path, "rb") as fh:
@@ -153,20 +240,29 @@ def _check_archive(path: Path) -> None:
         raise CorruptCheckpoint(f"checkpoint {path} is damaged: record {bad} fails its CRC.")
 
 
-def load_payload(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The on-disk dict of a checkpoint file, after the safety checks."""
+def read_torch_file(
+    path: Path, what: str = "mmval checkpoint", map_location: str | torch.device = "cpu"
+) -> Any:
+    """The object a torch file holds, read after the safety checks (declared size, then every
+    record's CRC) with `weights_only=True`; `what` names the file in messages."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist.")
+        raise UserError(f"{what} {path} does not exist.")
+    check_declared_size(path, what)
     _check_archive(path)
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
-            f"{path} is not a loadable mmval checkpoint ({reason}). It may be truncated, or "
-            "hold objects other than tensors and plain values, which mmval refuses to unpickle."
+            f"{path} is not a loadable {what} ({reason}). It may be truncated, or hold "
+            "objects other than tensors and plain values, which mmval refuses to unpickle."
         ) from None
+
+
+def load_payload(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The on-disk dict of a checkpoint file, after the safety checks."""
+    payload = read_torch_file(path, "mmval checkpoint", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is a torch file but not an mmval checkpoint ({FORMAT}).")
     return payload

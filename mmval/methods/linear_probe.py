@@ -32,6 +32,7 @@ from mmval.data.dataset import Batch
 from mmval.errors import UserError
 from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.models import ModelOutput, MultimodalModel
+from mmval.models.encoders import load_state
 
 
 class LinearProbeConfig(MethodConfig):
@@ -50,14 +51,7 @@ def load_encoder(path: Path, modality: str, encoder: nn.Module, field: str) -> N
             f"{field}: {path} holds no encoder for modality {modality!r} (its run was trained "
             f"on {', '.join(ckpt.data.modalities)})."
         )
-    try:
-        encoder.load_state_dict(state)
-    except RuntimeError as exc:
-        raise UserError(
-            f"{field}: the {modality!r} encoder in {path} does not fit this recipe's encoder "
-            f"(use the model.encoder settings of the run that wrote it): "
-            f"{str(exc).splitlines()[0]}"
-        ) from None
+    load_state(encoder, state, f"{field}: the {modality!r} encoder in {path}")
 
 
 class LinearProbe(Method):

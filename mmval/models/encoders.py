@@ -19,6 +19,7 @@ import torchvision
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from torch import nn
 
+from mmval.artifacts.checkpoint import read_torch_file
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
 
@@ -145,7 +146,11 @@ class ResNet18Encoder(nn.Module):
             )
         net = torchvision.models.resnet18(weights=None)
         if config.pretrained is not None:
-            net.load_state_dict(_load_weights(config.pretrained))
+            load_state(
+                net,
+                _load_weights(config.pretrained),
+                f"pretrained weights file {config.pretrained}",
+            )
         if channels != 3:
             conv = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
             with torch.no_grad():
@@ -192,10 +197,49 @@ class ResNet18Encoder(nn.Module):
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A local state dict (or a file whose `state_dict` entry is one), read as checkpoints are:
+    its declared size checked before anything is inflated, tensors and plain values only."""
     if not path.is_file():
         raise UserError(f"pretrained weights {path} do not exist (mmval never downloads weights).")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    state = read_torch_file(path, "pretrained weights file")
+    if isinstance(state, dict):
+        state = state.get("state_dict", state)
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UserError(
+            f"pretrained weights {path} are not a state dict (parameter names to tensors, as "
+            f"torch.save(module.state_dict()) writes); it holds a {type(state).__name__}."
+        )
+    return state
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """`module.load_state_dict(state)`, or a UserError naming the missing and unexpected keys
+    and the tensors of another shape (torch's own error is a traceback that lists them)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [
+        f"{k} {list(v.shape)} (the encoder's: {list(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    problems = [
+        f"{label}: {', '.join(keys[:8])}{f' and {len(keys) - 8} more' if len(keys) > 8 else ''}"
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("of another shape", reshaped),
+        )
+        if keys
+    ]
+    if problems:
+        raise UserError(
+            f"{what} does not fit the {type(module).__name__} this recipe builds "
+            f"({'; '.join(problems)}): use the encoder settings the weights were trained with."
+        )
+    module.load_state_dict(state)
 
 
 def _token_spec(spec: ModalitySpec, kind: str) -> int:
@@ -277,5 +321,9 @@ def build_encoder(spec: ModalitySpec, config: EncoderConfigType) -> nn.Module:
     else:
         encoder = TransformerEncoder(spec, config)
     if config.pretrained is not None:
-        encoder.load_state_dict(_load_weights(config.pretrained))
+        load_state(
+            encoder,
+            _load_weights(config.pretrained),
+            f"pretrained weights file {config.pretrained}",
+        )
     return encoder
