@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mmval.data.shards import sha256_text
 from mmval.errors import UserError
+from mmval.overrides import load_yaml
 from mmval.validation import format_validation_error
 
 
@@ -77,7 +78,7 @@ def load_dataset_manifest(name: str) -> tuple[DatasetManifest, str]:
         label = f"{name}.yaml"
         text = resource.read_text(encoding="utf-8")
     try:
-        loaded = yaml.safe_load(text)
+        loaded = load_yaml(text)
     except yaml.YAMLError as exc:
         raise UserError(f"data manifest {label} is not YAML: {exc}") from None
     try:

@@ -34,6 +34,7 @@ from mmval.artifacts.layout import (
     read_summary,
 )
 from mmval.errors import UserError
+from mmval.overrides import load_yaml
 
 # Recipe fields that do not make a different experiment: those the settings hash leaves out
 # (marked Effect.NONE or Effect.RUN in mmval.recipe; the report reads recipes without importing
@@ -258,7 +259,7 @@ def _unfinished_reason(folder: Path) -> str:
     planned = "?"
     if (folder / RECIPE_FILE).is_file():
         try:
-            recipe = yaml.safe_load((folder / RECIPE_FILE).read_text(encoding="utf-8"))
+            recipe = load_yaml((folder / RECIPE_FILE).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             recipe, damaged = None, [*damaged, f"{RECIPE_FILE} cannot be read"]
         train = recipe.get("train") if isinstance(recipe, dict) else None
