@@ -19,6 +19,7 @@ import mmval.data.shards as shards_module
 from mmval.data.dataset import ParquetSamples
 from mmval.data.pipeline import PartSpec, assign_parts
 from mmval.data.prep import merge_parts, prepare
+from mmval.data.shards import sha256_file
 from mmval.data.synthetic_av import SyntheticAVParams, write_synthetic_raw
 from mmval.errors import UserError
 from mmval.recipe import parse_recipe
@@ -124,6 +125,9 @@ def test_merged_parts_hold_what_one_prep_holds(prepped):
     mb = json.loads((merged / "manifest.json").read_text())
     assert mb["extraction"].pop("parts")["count"] == PARTS
     mb.pop("extraction_sha256"), ma.pop("extraction_sha256")
+    # each index sha256 is its own file's (the merged index names the part folders)
+    assert ma.pop("index_sha256") == sha256_file(one / "index.parquet")
+    assert mb.pop("index_sha256") == sha256_file(merged / "index.parquet")
     for split in mb["splits"].values():
         for shard in split["shards"]:
             shard["path"] = shard["path"].split("/", 1)[1]

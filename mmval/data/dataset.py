@@ -26,7 +26,10 @@ from mmval.data.shards import (
     DataManifest,
     ModalitySpec,
     check_data_dir,
+    corrupt_data,
     decode_tensor_column,
+    is_float_raw,
+    row_mismatch,
 )
 from mmval.errors import UserError
 
@@ -193,6 +196,16 @@ class ParquetSamples(Dataset):
         self.shard_of = index["shard"].map(shard_no).to_numpy(np.int64)
         self.row_group_of = index["row_group"].to_numpy(np.int64)
         self.row_of = index["row"].to_numpy(np.int64)
+        # what the first read of each row group checks against the shard (`_check_block`)
+        self._ids = np.asarray(self.sample_ids, dtype=object)
+        blocks = self.block_ids()
+        self._by_block = np.argsort(blocks, kind="stable")
+        self._block_of = blocks[self._by_block]
+        split_of = {
+            s.path: name for name, info in self.manifest.splits.items() for s in info.shards
+        }
+        self._split_of = [split_of.get(path, "?") for path in self.shard_paths]
+        self._checked: set[tuple[int, int]] = set()
         self.cache_row_groups = cache_row_groups
         self.train, self.seed = train, seed
         # in shared memory, so that persistent DataLoader workers see set_epoch
@@ -237,17 +250,73 @@ class ParquetSamples(Dataset):
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        table = self._file(shard).read_row_group(row_group, columns=[s.name for s in self.specs])
+        first = key not in self._checked
+        columns = [s.name for s in self.specs] + (["sample_id", "label"] if first else [])
+        table = self._file(shard).read_row_group(row_group, columns=columns)
         decoded = {
             s.name: decode_tensor_column(table.column(s.name), s)
             if s.encoding == "raw"
             else table.column(s.name).to_pylist()
             for s in self.specs
         }
+        if first:
+            self._check_block(shard, row_group, table, decoded)
+            self._checked.add(key)
         self._cache[key] = decoded
         if len(self._cache) > self.cache_row_groups:
             self._cache.popitem(last=False)
         return decoded
+
+    def _check_block(self, shard: int, row_group: int, table: Any, decoded: dict[str, Any]) -> None:
+        """On the first read of a row group (once per process), what the index says of the
+        rows it points to there against the rows themselves: each row exists and holds the
+        sample id and label the index gives. And every float value of the block is finite:
+        data prepared before prep refused NaN and Inf may hold them. Raises a UserError naming
+        the data folder, the split, the sample and what disagrees."""
+        code = shard * (int(self.row_group_of.max(initial=0)) + 1) + row_group
+        lo, hi = np.searchsorted(self._block_of, [code, code + 1])
+        positions = self._by_block[lo:hi]
+        rows = self.row_of[positions]
+        ids = table.column("sample_id").to_numpy(zero_copy_only=False)
+        labels = table.column("label").to_numpy()
+        path, split = self.shard_paths[shard], self._split_of[shard]
+        beyond = (rows < 0) | (rows >= len(ids))
+        if beyond.any():
+            i = int(positions[np.argmax(beyond)])
+            raise corrupt_data(
+                self.root,
+                [
+                    f"split {split}: sample {self.sample_ids[i]!r} is at row {int(self.row_of[i])} "
+                    f"of row group {row_group} of {path}, which has {len(ids)} rows there"
+                ],
+            )
+        differ = (ids[rows] != self._ids[positions]) | (labels[rows] != self.labels[positions])
+        if differ.any():
+            j = int(np.argmax(differ))
+            i, row = int(positions[j]), int(rows[j])
+            what = row_mismatch(
+                split,
+                self.sample_ids[i],
+                int(self.labels[i]),
+                path,
+                row_group,
+                row,
+                (str(ids[row]), int(labels[row])),
+            )
+            more = int(differ.sum()) - 1
+            raise corrupt_data(self.root, [what + (f" (and {more} more)" if more else "")])
+        for spec in self.specs:
+            values = decoded[spec.name]
+            if not is_float_raw(spec) or np.isfinite(values).all():
+                continue
+            row = int(np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(1))[0])
+            raise UserError(
+                f"data directory {self.root}: sample {str(ids[row])!r} (split {split}, row "
+                f"{row} of row group {row_group} of {path}) holds NaN or Inf in modality "
+                f"{spec.name!r}; a model cannot learn from or be judged on it. The folder was "
+                "prepared before prep refused such values: fix the input, or run `mmval prep` "
+                "again with --overwrite (the sample then goes to errors.parquet)."
+            )
 
     def __getitems__(self, entries: Sequence[int]) -> Batch:
         """A batch of positions, or of sampler entries `tag * len(self) + position`. Random

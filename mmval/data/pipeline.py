@@ -4,9 +4,10 @@ Samples are assigned to shards before anything is extracted (`shard_order`), so 
 the same shards; each finished shard leaves a small record in `<out>/.partial/`, and a re-run
 reuses every shard whose record and checksum still agree. A prep split across machines runs the
 same plan on each and extracts only the shards of its part (`assign_parts`). Clips that fail go
-to the errors table with a reason and never stop the run: every clip is extracted in a worker
-process, and a worker that takes longer than the per-clip timeout (a decoder stuck in a broken
-file) or dies (a crash in native code) is killed and replaced, its clip recorded as an error.
+to the errors table with a reason and never stop the run (so do samples with a NaN or Inf in a
+float modality): every clip is extracted in a worker process, and a worker that takes longer
+than the per-clip timeout (a decoder stuck in a broken file) or dies (a crash in native code) is
+killed and replaced, its clip recorded as an error.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from mmval.data.shards import (
     SampleRecord,
     ShardResult,
     finalize_dataset,
+    record_problem,
     records_table,
     sha256_file,
     shard_order,
@@ -388,6 +390,10 @@ def run_plan(
             errors: list[tuple[str, str]] = []
             for _ in tasks:
                 outcome = next(stream)
+                if isinstance(outcome, SampleRecord):
+                    problem = record_problem(outcome, header.modalities)
+                    if problem:  # a NaN or Inf input: an error, as a clip that fails
+                        outcome = (outcome.source, problem)
                 if isinstance(outcome, SampleRecord):
                     records.append(outcome)
                 else:

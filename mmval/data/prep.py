@@ -190,8 +190,12 @@ def prepare(
         built.errors,
     )
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
-    counts = {
-        name: SplitCounts(planned=len(s.sample_ids), written=len(s.sample_ids))
+    counts = {  # samples with a NaN or Inf went to the errors table
+        name: SplitCounts(
+            planned=len(s.sample_ids),
+            written=manifest.splits[name].samples,
+            failed=len(s.sample_ids) - manifest.splits[name].samples,
+        )
         for name, s in built.splits.items()
     }
     return PrepResult(manifest, wrote=True, summary=PrepSummary(counts, len(built.errors)))
@@ -468,7 +472,7 @@ def _complete_parts(out: Path, parts: Sequence[PartSpec], usage: str) -> list[Da
 
 def _part_key(manifest: DataManifest) -> dict[str, Any]:
     """What must be equal in every part: the manifest without its shards and its own share."""
-    dump = manifest.model_dump(mode="json", exclude={"splits", "extraction_sha256"})
+    dump = manifest.model_dump(mode="json", exclude={"splits", "extraction_sha256", "index_sha256"})
     record = dump["extraction"].pop("part", None)
     dump["plan"] = (
         None if record is None else {k: record[k] for k in ("count", "plan", "plan_sha256")}

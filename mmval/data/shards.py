@@ -7,7 +7,8 @@ Layout of a data directory (see docs/shard-format.md):
     <split>/part-NNNNN.parquet
     part-IIIII-of-NNNNN/   a part of a prep split across machines (a data directory itself); a
                            merged manifest and index reference the parts' shards where they lie
-    .verified.json         (size, mtime) at which each shard last matched its sha256
+    .verified.json         (size, mtime) at which each shard last matched its sha256, and at
+                           which the index last matched the shards row by row
 Tensors are stored as raw little-endian bytes in binary columns with their dtype and shape in
 the manifest (and the field metadata): Arrow tensor types and compression on media columns were
 measured to be several times slower to read (docs/data.md#why-parquet-shards). Video frames and
@@ -22,7 +23,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import numpy as np
@@ -119,6 +120,11 @@ class DataManifest(_Strict):
         description="per-sample variables that are not model inputs (a generator's latent "
         "factors), stored as raw columns beside the modalities; no recipe can pick them",
     )
+    index_sha256: str | None = Field(
+        default=None,
+        description="sha256 of index.parquet; absent in data folders prepared before it was "
+        "recorded (their index is still checked against the manifest and the shards)",
+    )
 
     @model_validator(mode="after")
     def _ground_truth_columns(self) -> DataManifest:
@@ -132,12 +138,14 @@ class DataManifest(_Strict):
         return self
 
     @model_serializer(mode="wrap")
-    def _omit_empty_ground_truth(self, handler: SerializerFunctionWrapHandler) -> dict:
-        """A data set without ground truth dumps as before the field existed, so its
-        manifest.json and fingerprint (recorded in checkpoints) do not change."""
+    def _omit_empty_optional_fields(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """A data set without ground truth or index sha256 dumps as before those fields
+        existed, so its manifest.json and fingerprint (recorded in checkpoints) do not change."""
         dump = handler(self)
         if not self.ground_truth:
             dump.pop("ground_truth", None)
+        if self.index_sha256 is None:
+            dump.pop("index_sha256", None)
         return dump
 
     def modality(self, name: str) -> ModalitySpec:
@@ -148,8 +156,10 @@ class DataManifest(_Strict):
         raise UserError(f"data set {self.dataset!r} has no modality {name!r} (it has: {known}).")
 
     def fingerprint(self) -> str:
-        """Identifies the exact shard content a checkpoint was trained on."""
-        return sha256_text(self.model_dump_json())
+        """Identifies the exact shard content a checkpoint was trained on. The index sha256 is
+        left out: the shards' sha256 already pin the samples, and a checkpoint trained before
+        the index had one must still match the same data prepared again."""
+        return sha256_text(self.model_copy(update={"index_sha256": None}).model_dump_json())
 
 
 def sha256_text(text: str) -> str:
@@ -180,6 +190,17 @@ class SplitSamples:
     arrays: dict[str, np.ndarray]  # modality -> [N, *shape]
     texts: dict[str, list[str]] = field(default_factory=dict)  # tokens modality -> text per sample
     images: dict[str, list[bytes]] = field(default_factory=dict)  # jpeg modality -> one JPEG each
+
+    def subset(self, rows: np.ndarray) -> SplitSamples:
+        """The samples at `rows`, in that order."""
+        return SplitSamples(
+            sample_ids=[self.sample_ids[i] for i in rows],
+            labels=self.labels[rows],
+            sources=[self.sources[i] for i in rows],
+            arrays={name: values[rows] for name, values in self.arrays.items()},
+            texts={name: [texts[i] for i in rows] for name, texts in self.texts.items()},
+            images={name: [images[i] for i in rows] for name, images in self.images.items()},
+        )
 
     def records(self, rows: Sequence[int]) -> list[SampleRecord]:
         return [
@@ -222,8 +243,8 @@ class DatasetHeader:
     extraction: dict
     ground_truth: list[ModalitySpec] = field(default_factory=list)
 
-    def manifest(self, splits: dict[str, SplitInfo]) -> DataManifest:
-        """The data folder's manifest once its splits are written."""
+    def manifest(self, splits: dict[str, SplitInfo], index_sha256: str) -> DataManifest:
+        """The data folder's manifest once its splits and its index are written."""
         return DataManifest(
             dataset=self.dataset,
             version=self.version,
@@ -234,6 +255,7 @@ class DatasetHeader:
             extraction_sha256=sha256_json(dict(self.extraction)),
             splits=splits,
             ground_truth=list(self.ground_truth),
+            index_sha256=index_sha256,
         )
 
 
@@ -245,6 +267,52 @@ class ShardResult(_Strict):
     sample_ids: list[str]
     labels: list[int]
     errors: list[tuple[str, str]] = Field(default_factory=list)
+
+
+def is_float_raw(spec: ModalitySpec) -> bool:
+    """A raw-encoded modality of a float dtype: the kind that can hold NaN or Inf."""
+    return spec.encoding == "raw" and np.dtype(spec.dtype).kind == "f"
+
+
+def non_finite_reason(values: np.ndarray, spec: ModalitySpec) -> str:
+    """Why one sample's tensor of a float modality may not be stored ("": it may). Checked in
+    the stored dtype: a value beyond float16's range becomes Inf when it is cast."""
+    if not is_float_raw(spec) or np.isfinite(np.asarray(values).astype(spec.dtype)).all():
+        return ""
+    return f"NaN or Inf in modality {spec.name!r} (as {spec.dtype}); the sample is not stored"
+
+
+def record_problem(record: SampleRecord, modalities: Sequence[ModalitySpec]) -> str:
+    """Why an extracted sample may not be stored ("": it may): a non-finite float value."""
+    for spec in modalities:
+        value = record.values.get(spec.name)
+        if isinstance(value, np.ndarray):
+            reason = non_finite_reason(value, spec)
+            if reason:
+                return reason
+    return ""
+
+
+def finite_samples(
+    samples: SplitSamples, modalities: Sequence[ModalitySpec]
+) -> tuple[SplitSamples, list[tuple[str, str]]]:
+    """The samples whose float modalities are finite, and (source, reason) for the others:
+    a NaN or Inf input trains to nothing (every prediction one class) or stops training far
+    from its cause, so it goes to the errors table like any input that gave no sample."""
+    reasons = [""] * len(samples.sample_ids)
+    for spec in modalities:
+        values = samples.arrays.get(spec.name)
+        if values is None or not len(values) or not is_float_raw(spec):
+            continue
+        stored = values.astype(spec.dtype, copy=False).reshape(len(values), -1)
+        for i in np.flatnonzero(~np.isfinite(stored).all(axis=1)).tolist():
+            reasons[i] = reasons[i] or non_finite_reason(values[i], spec)
+    bad = [i for i, reason in enumerate(reasons) if reason]
+    if not bad:
+        return samples, []
+    errors = [(samples.sources[i], reasons[i]) for i in bad]
+    keep = np.asarray([i for i, reason in enumerate(reasons) if not reason], dtype=np.int64)
+    return samples.subset(keep), errors
 
 
 def _tensor_column(values: list[np.ndarray], spec: ModalitySpec) -> pa.Array:
@@ -376,8 +444,9 @@ def finalize_dataset(
             )
         split_infos[split_name] = SplitInfo(samples=sum(s.rows for s in shards), shards=shards)
     index = pa.concat_tables(index_parts) if index_parts else INDEX_SCHEMA.empty_table()
+    index_bytes = _index_bytes(index)
     with atomic_path(out / INDEX) as tmp:
-        pq.write_table(index, tmp, compression="zstd")
+        tmp.write_bytes(index_bytes)
     error_schema = pa.schema([("source", pa.string()), ("reason", pa.string())])
     error_table = pa.Table.from_pylist(
         [{"source": source, "reason": reason} for source, reason in all_errors],
@@ -385,9 +454,16 @@ def finalize_dataset(
     )
     with atomic_path(out / ERRORS) as tmp:
         pq.write_table(error_table, tmp)
-    manifest = header.manifest(split_infos)
+    manifest = header.manifest(split_infos, hashlib.sha256(index_bytes).hexdigest())
     write_text_atomic(out / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
     return manifest
+
+
+def _index_bytes(index: pa.Table) -> bytes:
+    """index.parquet as it is written, so that its sha256 goes in the manifest."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(index, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
 def write_dataset(
@@ -397,13 +473,18 @@ def write_dataset(
     errors: Sequence[tuple[str, str]] = (),
 ) -> DataManifest:
     """Write in-memory splits as shards, then index, errors and manifest. The same input always
-    gives the same bytes; the manifest is written last: its presence marks a complete set."""
+    gives the same bytes; the manifest is written last: its presence marks a complete set.
+    A sample with a NaN or Inf in a float modality is not written: it goes to the errors
+    table with the modality named."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     results: dict[str, list[ShardResult]] = {}
     columns = [*header.modalities, *header.ground_truth]  # ground truth: raw columns too
+    errors = list(errors)
     for split_name, samples in splits.items():
+        samples, dropped = finite_samples(samples, header.modalities)
+        errors += dropped
         order = shard_order(samples.sample_ids)
         results[split_name] = []
         for number, start in enumerate(range(0, len(order), ROWS_PER_SHARD)):
@@ -455,13 +536,15 @@ def merge_data_dirs(
     )
     errors = pa.concat_tables([pq.read_table(out / part / ERRORS) for part in parts])
     errors = errors.combine_chunks()
-    manifest = header.manifest(split_infos)
+    index_bytes = _index_bytes(index)
+    manifest = header.manifest(split_infos, hashlib.sha256(index_bytes).hexdigest())
     text = manifest.model_dump_json(indent=2) + "\n"
-    if _holds(out, text, index, errors, [(out / parts[0] / name, out / name) for name in files]):
+    copies = [(out / parts[0] / name, out / name) for name in files]
+    if _holds(out, text, index_bytes, errors, copies):
         return manifest, False
     (out / MANIFEST).unlink(missing_ok=True)
     with atomic_path(out / INDEX) as tmp:
-        pq.write_table(index, tmp, compression="zstd")
+        tmp.write_bytes(index_bytes)
     with atomic_path(out / ERRORS) as tmp:
         pq.write_table(errors, tmp)
     for name in files:
@@ -473,16 +556,17 @@ def merge_data_dirs(
 
 
 def _holds(
-    out: Path, manifest: str, index: pa.Table, errors: pa.Table, copies: Sequence[tuple[Path, Path]]
+    out: Path, manifest: str, index: bytes, errors: pa.Table, copies: Sequence[tuple[Path, Path]]
 ) -> bool:
-    """Whether `out` already holds exactly this manifest, index, errors table and copies."""
+    """Whether `out` already holds exactly this manifest, index (its bytes), errors table and
+    copies."""
     paths = [out / MANIFEST, out / INDEX, out / ERRORS, *(target for _, target in copies)]
     if not all(path.is_file() for path in paths):
         return False
     try:
         same = (
             (out / MANIFEST).read_text(encoding="utf-8") == manifest
-            and pq.read_table(out / INDEX).equals(index)
+            and (out / INDEX).read_bytes() == index
             and pq.read_table(out / ERRORS).equals(errors)
         )
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError):
@@ -513,9 +597,13 @@ def load_manifest(root: Path) -> DataManifest:
 def check_data_dir(
     root: Path, *, verify_checksums: bool = False, cached: bool = False
 ) -> DataManifest:
-    """Check the shards against the manifest (presence, size, Parquet footer, schema, and with
-    `verify_checksums` the sha256); raise a UserError listing every problem found. `cached`
-    skips the sha256 of shards unchanged (size, mtime) since they last matched it."""
+    """Check the folder against its manifest and raise one UserError listing every problem.
+    Shards: inside the folder, present, their size, Parquet footer and schema, and with
+    `verify_checksums` their sha256. Index: its sha256 (when the manifest records one), and,
+    since a tampered index with a recomputed or absent sha256 would be trusted otherwise, its
+    rows against the manifest (`_index_problems`) and, with `verify_checksums`, row by row
+    against the shards' sample ids and labels. `cached` skips the sha256 of shards, and the
+    row-by-row comparison, for files unchanged (size, mtime) since they last agreed."""
     root = Path(root)
     manifest = load_manifest(root)
     problems: list[str] = []
@@ -529,6 +617,10 @@ def check_data_dir(
     for split_name, split in manifest.splits.items():
         for shard in split.shards:
             path = root / shard.path
+            outside = _outside(root, shard.path)
+            if outside:
+                problems.append(f"{shard.path} ({split_name}) {outside}")
+                continue
             if not path.is_file():
                 problems.append(f"{shard.path} ({split_name}) is missing")
                 continue
@@ -552,15 +644,263 @@ def check_data_dir(
                 problems.append(schema_problem)
                 continue
             intact.append(shard)
+    index: IndexRows | None = None
+    if index_problem is None:
+        data = (root / INDEX).read_bytes()
+        index = IndexRows.read(pa.BufferReader(data))
+        problems += index.problems(root, manifest)
+        if manifest.index_sha256 not in (None, hashlib.sha256(data).hexdigest()):
+            changed = [] if problems else index.against_shards(root)  # name a sample
+            what = f" ({'; '.join(changed)})" if changed else ""
+            problems.insert(0, f"{INDEX} does not match its sha256 in the manifest{what}")
     if verify_checksums:
-        problems += _verify_checksums(root, intact, cached=cached)
+        known = _stamps(root) if cached else {}
+        stamps, bad = _verify_checksums(root, intact, known)
+        problems += bad
+        if not problems and index is not None:
+            stamp = _index_stamp(root, stamps)
+            if known.get(INDEX) != stamp:
+                problems += index.against_shards(root)
+            if not problems:
+                stamps[INDEX] = stamp
+        if stamps != known:
+            with contextlib.suppress(OSError):  # a read-only data folder: verified again next time
+                write_text_atomic(root / VERIFIED, json.dumps(stamps))
     if problems:
-        listing = "; ".join(problems)
-        raise UserError(
-            f"data directory {root} is incomplete or corrupt: {listing}. "
-            "Re-run `mmval prep` with --overwrite to rebuild it."
-        )
+        raise corrupt_data(root, problems)
     return manifest
+
+
+def corrupt_data(root: Path, problems: Sequence[str]) -> UserError:
+    """The error for a data folder that disagrees with its manifest."""
+    listing = "; ".join(problems)
+    return UserError(
+        f"data directory {root} is incomplete or corrupt: {listing}. "
+        "Re-run `mmval prep` with --overwrite to rebuild it."
+    )
+
+
+def _outside(root: Path, rel: str) -> str:
+    """Why the shard path `rel` (from the manifest or the index) does not name a file inside
+    the data folder ("": it does): absolute, climbing with `..`, or a symlink leading out."""
+    if PurePosixPath(rel).is_absolute() or Path(rel).is_absolute():
+        return "is outside the data folder (an absolute path)"
+    if ".." in PurePosixPath(rel).parts:
+        return "is outside the data folder (a path with '..')"
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root.resolve()):
+        return f"resolves outside the data folder (to {target})"
+    return ""
+
+
+def row_mismatch(
+    split: str,
+    sample: str,
+    label: int,
+    shard: str,
+    row_group: int,
+    row: int,
+    held: tuple[str, int],
+) -> str:
+    """An index row whose sample id or label differs from the row of the shard it points to."""
+    return (
+        f"split {split}: {INDEX} says sample {sample!r} with label {label} is row {row} of "
+        f"row group {row_group} of {shard}, but the shard holds sample {held[0]!r} with label "
+        f"{held[1]} there"
+    )
+
+
+def _first(what: str, count: int) -> str:
+    return what if count <= 1 else f"{what} (and {count - 1} more)"
+
+
+@dataclass
+class IndexRows:
+    """index.parquet as arrays, with the (split, shard) pair of each row numbered."""
+
+    sample_id: np.ndarray  # object
+    split: list[str]  # split of each pair
+    shard: list[str]  # shard path of each pair
+    pair: np.ndarray  # [N] pair number of each row
+    label: np.ndarray
+    row_group: np.ndarray
+    row: np.ndarray
+    nulls: list[str]  # columns holding nulls (then the arrays are empty)
+
+    @classmethod
+    def read(cls, source: pa.BufferReader | Path) -> IndexRows:
+        table = pq.read_table(source).combine_chunks()
+        nulls = [name for name in table.column_names if table.column(name).null_count]
+        if nulls:
+            table = table.slice(0, 0)
+        splits = pc.dictionary_encode(table.column("split")).chunks
+        shards = pc.dictionary_encode(table.column("shard")).chunks
+        split_names = splits[0].dictionary.to_pylist() if splits else []
+        shard_names = shards[0].dictionary.to_pylist() if shards else []
+        split_of = splits[0].indices.to_numpy().astype(np.int64) if splits else np.zeros(0, int)
+        shard_of = shards[0].indices.to_numpy().astype(np.int64) if shards else np.zeros(0, int)
+        width = max(len(shard_names), 1)
+        pairs, pair = np.unique(split_of * width + shard_of, return_inverse=True)
+        return cls(
+            sample_id=table.column("sample_id").to_numpy(zero_copy_only=False),
+            split=[split_names[p // width] for p in pairs.tolist()],
+            shard=[shard_names[p % width] for p in pairs.tolist()],
+            pair=pair.reshape(-1).astype(np.int64),
+            label=table.column("label").to_numpy().astype(np.int64),
+            row_group=table.column("row_group").to_numpy().astype(np.int64),
+            row=table.column("row").to_numpy().astype(np.int64),
+            nulls=nulls,
+        )
+
+    def _pair_rows(self) -> list[np.ndarray]:
+        """The rows of each pair, in index order."""
+        if not self.split:
+            return []
+        order = np.argsort(self.pair, kind="stable")
+        ends = np.cumsum(np.bincount(self.pair, minlength=len(self.split)))
+        return np.split(order, ends[:-1])
+
+    def problems(self, root: Path, manifest: DataManifest) -> list[str]:
+        """Where the index disagrees with the manifest: a row in a split the manifest lacks or
+        pointing to a shard it does not list for that split (a path outside the folder
+        included), a row address beyond its shard, two rows at one address, a shard or split
+        with another count of rows than the manifest says, a label beyond the classes."""
+        if self.nulls:
+            return [f"{INDEX} has empty values in column(s) {', '.join(self.nulls)}"]
+        listed = {
+            (s, shard.path): shard for s, info in manifest.splits.items() for shard in info.shards
+        }
+        problems: list[str] = []
+        rows_of_pair = self._pair_rows()
+        capacity = np.zeros(len(self.split), np.int64)  # rows of each pair's shard
+        groups = np.zeros(len(self.split), np.int64)
+        known = np.zeros(len(self.split), bool)
+        counted: dict[tuple[str, str], int] = {}
+        for k, (split, shard, rows) in enumerate(
+            zip(self.split, self.shard, rows_of_pair, strict=True)
+        ):
+            info = listed.get((split, shard))
+            first = repr(str(self.sample_id[rows[0]]))
+            if split not in manifest.splits:
+                problems.append(
+                    _first(
+                        f"sample {first} is in split {split!r}, which the manifest does not have",
+                        len(rows),
+                    )
+                )
+            elif info is None:
+                outside = _outside(root, shard) if shard else "is empty"
+                where = f", and {outside}" if outside else ""
+                problems.append(
+                    _first(
+                        f"split {split}: sample {first} points to {shard!r}, not a shard the "
+                        f"manifest lists for this split{where}",
+                        len(rows),
+                    )
+                )
+            else:
+                capacity[k], groups[k], known[k] = info.rows, info.row_groups, True
+                counted[(split, shard)] = len(rows)
+        group, row = self.row_group, self.row
+        address = group * ROW_GROUP_SIZE + row
+        beyond = known[self.pair] & (
+            (group < 0)
+            | (group >= groups[self.pair])
+            | (row < 0)
+            | (row >= ROW_GROUP_SIZE)
+            | (address >= capacity[self.pair])
+        )
+        for count, i in _worst(beyond):
+            k = int(self.pair[i])
+            problems.append(
+                _first(
+                    f"split {self.split[k]}: sample {str(self.sample_id[i])!r} is at row "
+                    f"{int(row[i])} of row group {int(group[i])} of {self.shard[k]}, which "
+                    f"has {int(capacity[k])} rows in {int(groups[k])} row groups",
+                    count,
+                )
+            )
+        placed = known[self.pair] & ~beyond
+        where = self.pair[placed] * (int(capacity.max(initial=0)) + 1) + address[placed]
+        values, counts = np.unique(where, return_counts=True)
+        if (counts > 1).any():
+            at = np.flatnonzero(placed)
+            twice = np.flatnonzero(where == values[np.argmax(counts > 1)])
+            i, j = at[twice[0]], at[twice[1]]
+            k = int(self.pair[i])
+            problems.append(
+                _first(
+                    f"split {self.split[k]}: samples {str(self.sample_id[i])!r} and "
+                    f"{str(self.sample_id[j])!r} both point to row {int(row[i])} of row group "
+                    f"{int(group[i])} of {self.shard[k]}",
+                    int((counts > 1).sum()),
+                )
+            )
+        for (split, path), shard in listed.items():
+            found = counted.get((split, path), 0)
+            if found != shard.rows:
+                problems.append(
+                    f"split {split}: {INDEX} lists {found} samples in {path}, which holds "
+                    f"{shard.rows}"
+                )
+        per_pair = np.bincount(self.pair, minlength=len(self.split))
+        for split, info in manifest.splits.items():
+            found = int(sum(n for s, n in zip(self.split, per_pair, strict=True) if s == split))
+            if found != info.samples:
+                problems.append(
+                    f"split {split}: {INDEX} lists {found} samples, the manifest says "
+                    f"{info.samples}"
+                )
+        classes = len(manifest.classes)
+        wrong = (self.label < 0) | (self.label >= classes)
+        for count, i in _worst(wrong):
+            problems.append(
+                _first(
+                    f"split {self.split[int(self.pair[i])]}: sample {str(self.sample_id[i])!r} "
+                    f"has label {int(self.label[i])}, but the data set has {classes} classes "
+                    f"(labels 0..{classes - 1})",
+                    count,
+                )
+            )
+        return problems
+
+    def against_shards(self, root: Path) -> list[str]:
+        """Rows whose sample id or label differs from the row of the shard they point to
+        (every shard read whole, its sample_id and label columns only); call it once
+        `problems` found nothing."""
+        problems: list[str] = []
+        for k, rows in enumerate(self._pair_rows()):
+            try:
+                table = pq.read_table(root / self.shard[k], columns=["sample_id", "label"])
+            except (pa.ArrowInvalid, OSError) as exc:
+                problems.append(f"{self.shard[k]} is not a readable Parquet file ({exc})")
+                continue
+            ids = table.column("sample_id").to_numpy(zero_copy_only=False)
+            labels = table.column("label").to_numpy()
+            at = self.row_group[rows] * ROW_GROUP_SIZE + self.row[rows]
+            differ = (ids[at] != self.sample_id[rows]) | (labels[at] != self.label[rows])
+            if differ.any():
+                j = int(np.argmax(differ))
+                i = int(rows[j])
+                what = row_mismatch(
+                    self.split[k],
+                    str(self.sample_id[i]),
+                    int(self.label[i]),
+                    self.shard[k],
+                    int(self.row_group[i]),
+                    int(self.row[i]),
+                    (str(ids[at[j]]), int(labels[at[j]])),
+                )
+                problems.append(_first(what, int(differ.sum())))
+        if len(problems) > 3:
+            problems[3:] = [f"{len(problems) - 3} more shards disagree with {INDEX}"]
+        return problems
+
+
+def _worst(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[(how many rows are flagged, the first of them)], or [] when none is."""
+    flagged = np.flatnonzero(mask)
+    return [(len(flagged), int(flagged[0]))] if len(flagged) else []
 
 
 def _schema_problem(path: Path, expected: pa.Schema, name: str | None = None) -> str | None:
@@ -608,16 +948,20 @@ def _meta(column: pa.Field) -> str:
     return f"{meta or ''}{'' if column.nullable else ' not null'}".strip()
 
 
-def _verify_checksums(root: Path, shards: Sequence[ShardInfo], *, cached: bool) -> list[str]:
-    """Problems of shards whose sha256 differs from the manifest's. The stamps of those that
-    match are saved in VERIFIED when the folder is writable (`cached` trusts them)."""
-    stamp_file = root / VERIFIED
-    known: dict[str, list] = {}
-    if cached and stamp_file.is_file():
-        try:
-            known = json.loads(stamp_file.read_text(encoding="utf-8"))
-        except (ValueError, OSError):
-            known = {}
+def _stamps(root: Path) -> dict[str, list]:
+    """What VERIFIED says was last found intact ({} when absent or unreadable)."""
+    try:
+        known = json.loads((root / VERIFIED).read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _verify_checksums(
+    root: Path, shards: Sequence[ShardInfo], known: Mapping[str, list]
+) -> tuple[dict[str, list], list[str]]:
+    """The stamps (size, mtime, sha256) of the shards that match their sha256 in the manifest
+    (those `known` with the same stamp are trusted), and problems for those that do not."""
     problems: list[str] = []
     stamps: dict[str, list] = {}
     for shard in shards:
@@ -628,10 +972,14 @@ def _verify_checksums(root: Path, shards: Sequence[ShardInfo], *, cached: bool) 
             problems.append(f"{shard.path} does not match its sha256 in the manifest")
             continue
         stamps[shard.path] = stamp
-    if stamps != known:
-        with contextlib.suppress(OSError):  # a read-only data folder: verified again next time
-            write_text_atomic(stamp_file, json.dumps(stamps))
-    return problems
+    return stamps, problems
+
+
+def _index_stamp(root: Path, shard_stamps: Mapping[str, list]) -> list:
+    """The index's (size, mtime) and a digest of the shards' stamps: the index was last found
+    to agree with the shards row by row under this stamp."""
+    stat = (root / INDEX).stat()
+    return [stat.st_size, stat.st_mtime_ns, sha256_json(dict(shard_stamps))]
 
 
 def decode_tensor_column(column: pa.ChunkedArray | pa.Array, spec: ModalitySpec) -> np.ndarray:

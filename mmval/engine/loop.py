@@ -320,14 +320,14 @@ def train_one_epoch(run: Fit, ctx: TrainContext, callbacks: Sequence[Callback]) 
         try:
             result = method.train_step(model, batch, ctx, tools)
         except _NonFiniteStep:
-            raise _non_finite(run, ctx, number, "gradient") from None
+            raise _non_finite(run, ctx, number, "gradient", batch) from None
         loss = float(result.loss)
         finite = math.isfinite(loss)
         if distributed.world_size() > 1:  # every rank stops or skips alike
             finite = not bool(distributed.all_reduce(torch.tensor(not finite), "max"))
         if not finite:
             if not tools.skip:
-                raise _non_finite(run, ctx, number, "loss")
+                raise _non_finite(run, ctx, number, "loss", batch)
             tools.skipped = max(tools.skipped, skipped + 1)  # and left out of the figures
         else:
             for key, value in result.figures.items():
@@ -370,18 +370,45 @@ def train_one_epoch(run: Fit, ctx: TrainContext, callbacks: Sequence[Callback]) 
     return row
 
 
-def _non_finite(run: Fit, ctx: TrainContext, batch: int, what: str) -> NonFiniteLoss:
+def _non_finite(run: Fit, ctx: TrainContext, number: int, what: str, batch: Batch) -> NonFiniteLoss:
+    """The error that stops a run at a non-finite step. It names the inputs when the batch
+    holds a NaN or Inf (the step could not be finite whatever the learning rate), and advises
+    a lower learning rate only when the inputs are finite."""
     kept = (
         f"{run.run_dir / LAST} keeps the last good state (epoch {run.saved_epoch})"
         if run.saved_epoch is not None
         else "no checkpoint was written yet"
     )
-    return NonFiniteLoss(
+    where = (
         f"the training {what} became NaN or infinite at epoch {ctx.epoch + 1}, step "
-        f"{ctx.step + 1} (batch {batch} of {ctx.steps_per_epoch}); the run stopped and "
-        f"{kept}. Lower optim.lr, or set train.nonfinite: skip to drop such steps "
+        f"{ctx.step + 1} (batch {number} of {ctx.steps_per_epoch}); the run stopped and {kept}."
+    )
+    inputs = _non_finite_inputs(batch, run.session.datasets["train"])
+    if inputs:
+        return NonFiniteLoss(
+            f"{where} The batch's inputs hold NaN or Inf: {inputs}. Find where they come from "
+            "(data.corrupt, or the data folder: `mmval prep` with --overwrite sends such "
+            "samples to errors.parquet); train.nonfinite: skip drops such steps."
+        )
+    return NonFiniteLoss(
+        f"{where} Lower optim.lr, or set train.nonfinite: skip to drop such steps "
         "(--resume continues from last.pt)."
     )
+
+
+def _non_finite_inputs(batch: Batch, dataset: ParquetSamples) -> str:
+    """The samples (ids) and modality of each float input of `batch` holding NaN or Inf ("":
+    none does)."""
+    found = []
+    for modality, values in batch.inputs.items():
+        if not values.is_floating_point() or bool(torch.isfinite(values).all()):
+            continue
+        rows = ~torch.isfinite(values.reshape(len(values), -1)).all(1).cpu()
+        positions = batch.index[rows].tolist()
+        ids = ", ".join(repr(dataset.sample_ids[p]) for p in positions[:5])
+        more = f" and {len(positions) - 5} more" if len(positions) > 5 else ""
+        found.append(f"modality {modality!r} of sample(s) {ids}{more}")
+    return "; ".join(found)
 
 
 def ordered_batches(run: Fit, role: str, positions: np.ndarray | None = None) -> Iterator[Batch]:
