@@ -8,6 +8,7 @@ from mmval.data.sources.folder import FolderSource
 from mmval.data.sources.image_text import ImageTextSource
 from mmval.data.sources.mmlsyndata import MMLSynDataSource
 from mmval.data.sources.mult_pickle import MultPickleSource
+from mmval.data.sources.rgbd_scenes import RgbdScenesSource
 from mmval.data.sources.synthetic import SyntheticSource
 from mmval.data.sources.table import TableSource
 from mmval.data.sources.uci_mfeat import UciMfeatSource
@@ -23,6 +24,7 @@ SOURCES: dict[str, Source] = {
         MultPickleSource(),
         MMLSynDataSource(),
         TableSource(),
+        RgbdScenesSource(),
     )
 }
 
