@@ -28,6 +28,7 @@ CLASSES = {
     "ucf101": ["ApplyEyeMakeup", "Archery"],
     "vggsound": ["male speech, man speaking", "playing cello"],
     "vggsound-mm-debiased": ["bowling", "lawn mowing"],
+    "meld": ["neutral", "joy"],
 }
 SPLITS = {
     "kinetics-sounds": 2,
@@ -36,6 +37,7 @@ SPLITS = {
     "ucf101": 2,
     "vggsound": 2,
     "vggsound-mm-debiased": 3,
+    "meld": 3,
 }
 SECONDS, FPS, SIZE, RATE = 2.0, 10, (32, 48), 16000
 YTID = r"[A-Za-z0-9_-]{11}"

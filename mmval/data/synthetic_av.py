@@ -2,9 +2,10 @@
 
 Tests run `mmval prep <dataset> --raw DIR` on these instead of downloading gigabytes, so the
 file names, containers, codecs and split lists copy the real distributions (Kinetics-Sounds as
-CVDF Kinetics + OGM-GE lists, CREMA-D, AVE, UCF-101 split 1, VGGSound, MM-Debiased), including
-their quirks (CRLF lists, unpadded start seconds in the OGM-GE test list, event windows in AVE,
-quoted class names with commas in vggsound.csv, three id forms in MM-Debiased.json).
+CVDF Kinetics + OGM-GE lists, CREMA-D, AVE, UCF-101 split 1, VGGSound, MM-Debiased, MELD),
+including their quirks (CRLF lists, unpadded start seconds in the OGM-GE test list, event windows
+in AVE, quoted class names with commas in vggsound.csv, three id forms in MM-Debiased.json,
+cp1252 punctuation kept as C1 characters in MELD's utterances).
 
 Content: class c has a visual cue (a square of colour `class_rgb(c)` moving in direction
 2*pi*c/n over noisy grey) and an audio cue (a tone at `tone_hz(c)` over noise). Per clip and
@@ -37,7 +38,9 @@ from mmval.errors import UserError
 from mmval.overrides import apply_overrides
 from mmval.validation import format_validation_error
 
-Layout = Literal["kinetics-sounds", "crema-d", "ave", "ucf101", "vggsound", "vggsound-mm-debiased"]
+Layout = Literal[
+    "kinetics-sounds", "crema-d", "ave", "ucf101", "vggsound", "vggsound-mm-debiased", "meld"
+]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 _AUDIO_CHUNK = 1024  # AAC frame size; PCM accepts any
@@ -88,6 +91,7 @@ class SyntheticAVParams(BaseModel):
             "ucf101": "/_ \t\r\n",
             "vggsound": "\r\n",
             "vggsound-mm-debiased": "\r\n",
+            "meld": "\r\n",
         }[self.layout]
         bad = [name for name in self.classes if any(ch in forbidden for ch in name)]
         if bad:
@@ -418,6 +422,77 @@ def _vggsound_mm_debiased(
     return clips
 
 
+_MELD_COLUMNS = [
+    "Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID",
+    "Season", "Episode", "StartTime", "EndTime",
+]  # fmt: skip
+# split -> (its csv, its clip folder), as MELD.Raw's archives unpack
+_MELD_SPLITS = {
+    "train": ("train/train_sent_emo.csv", "train/train_splits"),
+    "val": ("dev_sent_emo.csv", "dev/dev_splits_complete"),
+    "test": ("test_sent_emo.csv", "output_repeated_splits_test"),
+}
+_MELD_SPEAKERS = ("Chandler", "Joey", "Monica", "Phoebe", "Rachel", "Ross")
+
+
+def meld_sentiment(emotion: str, k: int) -> str:
+    """The Sentiment a fake MELD row gets: neutral and joy as in MELD, surprise positive or
+    negative by turns (MELD has both), any other emotion negative."""
+    if emotion == "surprise":
+        return ("positive", "negative")[k % 2]
+    return {"neutral": "neutral", "joy": "positive"}.get(emotion, "negative")
+
+
+def _meld_time(seconds: float) -> str:
+    whole = int(seconds)
+    millis = round((seconds - whole) * 1000)
+    return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d},{millis:03d}"
+
+
+def _meld(out: Path, p: SyntheticAVParams, rng: np.random.Generator) -> list[RawClip]:
+    """MELD.Raw: one *_sent_emo.csv per split (the official columns, quoted timestamps with
+    commas, utterances naming their emotion with cp1252 "\x92"/"\x85" kept as characters)
+    and the clips {folder}/dia{D}_utt{U}.mp4, two utterances per dialogue."""
+    clips: list[RawClip] = []
+    for split, (csv_path, folder) in _MELD_SPLITS.items():
+        rows = []
+        k = 0
+        for label, emotion in enumerate(p.classes):
+            for _ in range(p.clips_per_class):
+                dialogue, utterance = k // 2, k % 2
+                stem = f"dia{dialogue}_utt{utterance}"
+                path = out / folder / f"{stem}.mp4"
+                media = _render(p, rng, label)
+                _write_media(path, _MP4, media, p)
+                words = ("Oh", "I\x92m", "so", emotion, "right", "now\x85", "aren\x92t", "you?")
+                start = float(rng.uniform(0, 1200))
+                rows.append(
+                    [
+                        str(len(rows) + 1),
+                        " ".join(words[: 4 + k % 5]) if k % 3 else ", ".join(words),
+                        _MELD_SPEAKERS[k % len(_MELD_SPEAKERS)],
+                        emotion,
+                        meld_sentiment(emotion, k),
+                        str(dialogue),
+                        str(utterance),
+                        str(1 + k % 9),
+                        str(1 + k % 23),
+                        _meld_time(start),
+                        _meld_time(start + p.seconds),
+                    ]
+                )
+                clips.append(
+                    RawClip(split, label, path, path, stem, media.visual_cue, media.audio_cue)
+                )
+                k += 1
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(_MELD_COLUMNS)
+        writer.writerows(rows)
+        write_text_atomic(out / csv_path, text.getvalue())
+    return clips
+
+
 _WRITERS: dict[str, Callable[[Path, SyntheticAVParams, np.random.Generator], list[RawClip]]] = {
     "kinetics-sounds": _kinetics_sounds,
     "crema-d": _crema_d,
@@ -425,6 +500,7 @@ _WRITERS: dict[str, Callable[[Path, SyntheticAVParams, np.random.Generator], lis
     "ucf101": _ucf101,
     "vggsound": _vggsound,
     "vggsound-mm-debiased": _vggsound_mm_debiased,
+    "meld": _meld,
 }
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from mmval.errors import UserError
 
@@ -26,20 +26,62 @@ class _Strict(BaseModel):
 
 
 class TextCleaning(_Strict):
-    """Rules of BalanceBenchmark's Food-101 loader (`clean_text`), each optional."""
+    """Rules of BalanceBenchmark's Food-101 loader (`clean_text`), each optional, and the repair
+    of MELD's mis-decoded punctuation."""
 
     strip_retweet: bool = Field(default=False, description='drop a leading "RT "')
     strip_urls: bool = Field(default=False, description="drop from http(s):// to the line end")
     strip_hash: bool = Field(default=False, description="drop '#' characters")
     collapse_spaces: bool = Field(default=True, description="trim and collapse whitespace")
+    fix_cp1252: bool = Field(
+        default=False,
+        description="repair text decoded with the wrong code page (MELD: 'I\\x92m' -> \"I'm\")",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_repair(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """Off (its default), `fix_cp1252` dumps as before it existed, so a data set prepared
+        earlier still matches its settings on a re-run."""
+        dump = handler(self)
+        if not self.fix_cp1252:
+            dump.pop("fix_cp1252", None)
+        return dump
 
 
 _RETWEET = re.compile(r"^RT\s+")
+_C1_CONTROLS = re.compile("[\x80-\x9f]")
+# typographic punctuation -> ASCII, as MELD loaders do ("\x92" -> "'")
+_ASCII_PUNCTUATION = str.maketrans(
+    {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-",
+     "\u2026": "..."}
+)  # fmt: skip
 _URL = re.compile(r"https?://.*")
 _SPACES = re.compile(r"\s+")
 
 
+def fix_cp1252(text: str) -> str:
+    """Undo the code-page mix-ups of MELD's CSVs [ours: no reference loader publishes one].
+
+    Their utterances keep Windows-1252 punctuation bytes as C1 control characters ("I\x92m",
+    "\x85" for an ellipsis), and some hold UTF-8 bytes read as Latin-1 or Windows-1252
+    ("\u00e2\x80\x99" or "\u00e2\u20ac\u2122" for a right quote). Such a text is re-decoded
+    when it survives the round trip; leftover C1 characters are read as Windows-1252 bytes
+    (the five it leaves undefined are dropped); typographic quotes, dashes and the ellipsis
+    become ASCII, as MELD loaders replace "\x92" by "'".
+    """
+    for code_page in ("latin-1", "cp1252"):
+        try:
+            text = text.encode(code_page).decode("utf-8")
+            break
+        except UnicodeError:
+            continue
+    text = _C1_CONTROLS.sub(lambda m: bytes([ord(m[0])]).decode("cp1252", errors="ignore"), text)
+    return text.translate(_ASCII_PUNCTUATION)
+
+
 def clean_text(text: str, rules: TextCleaning) -> str:
+    if rules.fix_cp1252:
+        text = fix_cp1252(text)
     if rules.strip_retweet:
         text = _RETWEET.sub("", text)
     if rules.strip_urls:

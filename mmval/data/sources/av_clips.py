@@ -1,14 +1,18 @@
-"""Audio-visual clip data sets (Kinetics-Sounds, CREMA-D, AVE, UCF-101, VGGSound, ...).
+"""Audio-visual clip data sets (Kinetics-Sounds, CREMA-D, AVE, UCF-101, VGGSound, MELD, ...).
 
 The manifest's `raw` section says where the split lists are and how to parse them, and where
 each clip's video and audio files are; its `params` say what to extract per modality. Planning
-reads only the lists and the folder tree; extraction runs per clip in worker processes.
+reads only the lists and the folder tree; extraction runs per clip in worker processes. A list
+may also carry a text column (MELD's utterances): a `text` modality tokenizes it while planning,
+with a tokenizer fitted on the training split, as the image-text data sets do.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
+import io
 import json
 import re
 from collections import defaultdict
@@ -29,10 +33,19 @@ from mmval.data.extract import ExtractionError
 from mmval.data.extract.audio import kaldi_fbank, read_audio, stft_spectrogram
 from mmval.data.extract.flow import flow_pair_frames, optical_flow
 from mmval.data.extract.psd import log_psd
+from mmval.data.extract.text import (
+    HFTokenizer,
+    TextCleaning,
+    TokenizerConfig,
+    WordTokenizer,
+    WordTokenizerConfig,
+    build_tokenizer,
+    clean_text,
+)
 from mmval.data.extract.video import encode_jpeg, open_media, read_video_frames
 from mmval.data.manifest import DatasetManifest
 from mmval.data.pipeline import ClipTask, PrepPlan
-from mmval.data.shards import ROWS_PER_SHARD, ModalitySpec, SampleRecord
+from mmval.data.shards import ROWS_PER_SHARD, ModalitySpec, SampleRecord, sha256_text
 from mmval.errors import UserError
 
 
@@ -59,13 +72,27 @@ class ListSpec(_Strict):
     row per entry, whose columns are field names and whose column 0 is the entry's key.
     """
 
-    path: str = Field(description="relative to the raw folder")
+    path: str | list[str] = Field(
+        description="relative to the raw folder; or alternatives, the first that exists is read"
+    )
     format: Literal["csv", "whitespace", "ampersand", "json"] = "csv"
     encoding: str = Field(default="utf-8-sig", description="utf-8-sig also strips a BOM")
     header: bool = False
     id: Column | list[Column] = Field(
         default=0, description="column of the clip id, or columns joined with '_'"
     )
+    id_format: str | None = Field(
+        default=None,
+        description="the id from the id columns by Python format, {0} the first: "
+        "'train/dia{0}_utt{1}' (default: the columns joined with '_')",
+    )
+    video: list[str] | None = Field(
+        default=None,
+        description="this list's video paths instead of media.video: patterns with {id} and "
+        "the id columns {0}, {1}, ..., tried in order (MELD keeps each split in its own folder, "
+        "where its archive was unpacked)",
+    )
+    text: Column | None = Field(default=None, description="column of the text (`text` modality)")
     label: Column | None = Field(default=1, description="column of the label (None: `folder`)")
     label_kind: Literal["index", "index1", "name", "folder"] = "name"
     window: tuple[Column, Column] | None = Field(default=None, description="event start/end")
@@ -79,7 +106,7 @@ class ListSpec(_Strict):
     def _columns_fit_format(self) -> ListSpec:
         if isinstance(self.id, list) and not self.id:
             raise ValueError("id needs at least one column")
-        columns = [*self.id_columns, self.label, *(self.window or ())]
+        columns = [*self.id_columns, self.label, self.text, *(self.window or ())]
         columns.append(self.where.column if self.where else None)
         if self.format == "json":
             bad = [c for c in columns if isinstance(c, int) and c != 0]
@@ -221,15 +248,39 @@ class FlowParams(_Strict):
     pick: int = Field(default=3, ge=1)
 
 
+class TextParams(_Strict):
+    """Token ids of the list's text column, cleaned and tokenized while planning (the tokenizer
+    is fitted on the training split's texts only, or read from a local path)."""
+
+    kind: Literal["text"] = "text"
+    name: str = "text"
+    cleaning: TextCleaning = Field(default_factory=TextCleaning)
+    tokenizer: TokenizerConfig = Field(default_factory=WordTokenizerConfig)
+
+
 ModalityParams = Annotated[
     FramesParams | FbankParams | StftParams | PsdParams | FlowParams, Field(discriminator="kind")
+]
+ClipModalityParams = Annotated[
+    FramesParams | FbankParams | StftParams | PsdParams | FlowParams | TextParams,
+    Field(discriminator="kind"),
 ]
 
 
 class AVParams(_Strict):
-    modalities: list[ModalityParams]
+    modalities: list[ClipModalityParams]
     rows_per_shard: int = Field(default=ROWS_PER_SHARD, ge=1)
     min_seconds: float = Field(default=0.5, description="shorter clips are errors")
+
+    @model_validator(mode="after")
+    def _one_text(self) -> AVParams:
+        if sum(isinstance(m, TextParams) for m in self.modalities) > 1:
+            raise ValueError("at most one text modality: a list has one text column")
+        return self
+
+    @property
+    def text(self) -> TextParams | None:
+        return next((m for m in self.modalities if isinstance(m, TextParams)), None)
 
 
 # ---------------------------------------------------------------------------- planning
@@ -247,19 +298,29 @@ def _youtube_key(stem: str) -> tuple[str, int | None] | None:
     return match["yt"], None if match["start"] is None else int(match["start"])
 
 
+def _list_path(root: Path, spec: ListSpec) -> str:
+    """The split list's file: `path`, or the first of its alternatives that exists."""
+    paths = [spec.path] if isinstance(spec.path, str) else spec.path
+    found = next((rel for rel in paths if (root / rel).is_file()), None)
+    if found is None:
+        raise UserError(f"the raw folder {root} has no split list {' or '.join(paths)}.")
+    return found
+
+
 def _read_rows(root: Path, spec: ListSpec) -> list[Row]:
-    path = root / spec.path
-    if not path.is_file():
-        raise UserError(f"the raw folder {root} has no split list {spec.path}.")
-    text = path.read_text(encoding=spec.encoding)
+    rel = _list_path(root, spec)
+    text = (root / rel).read_text(encoding=spec.encoding)
     if spec.format == "json":
-        return _json_rows(text, spec.path)
+        return _json_rows(text, rel)
+    if spec.format == "csv":
+        # rows, not lines: a quoted field may hold a line break, and str.splitlines would also
+        # break at U+0085 (MELD's utterances keep cp1252's ellipsis byte as that character)
+        cells = [r for r in csv.reader(io.StringIO(text)) if r and (len(r) > 1 or r[0].strip())]
+        return [dict(enumerate(row)) for row in cells[1 if spec.header else 0 :]]
     lines = [line for line in text.splitlines() if line.strip()]
     if spec.header:
         lines = lines[1:]
-    if spec.format == "csv":
-        cells = list(csv.reader(lines))
-    elif spec.format == "ampersand":
+    if spec.format == "ampersand":
         cells = [line.split("&") for line in lines]
     else:
         cells = [line.split() for line in lines]
@@ -276,10 +337,10 @@ def _json_rows(text: str, name: str) -> list[Row]:
     return [{0: key, **{k: str(v) for k, v in entry.items()}} for key, entry in entries.items()]
 
 
-def _cell(row: Row, column: Column, spec: ListSpec) -> str:
+def _cell(row: Row, column: Column, spec: ListSpec, strip: bool = True) -> str:
     if column not in row:
         raise UserError(f"a row of {spec.path} has no column {column!r}: {list(row.values())}")
-    return row[column].strip()
+    return row[column].strip() if strip else row[column]
 
 
 def _label_of(row: Row, clip_id: str, spec: ListSpec, class_index: dict[str, int]) -> int:
@@ -295,9 +356,13 @@ def _label_of(row: Row, clip_id: str, spec: ListSpec, class_index: dict[str, int
     return class_index[name]
 
 
+@dataclasses.dataclass
 class _Listed:
-    def __init__(self, clip_id: str, label: int, window: tuple[float, float] | None) -> None:
-        self.clip_id, self.label, self.window = clip_id, label, window
+    clip_id: str
+    label: int
+    window: tuple[float, float] | None
+    videos: list[str] | None = None  # the list's own video paths (raw-relative), in order
+    text: str | None = None
 
 
 def _list_split(root: Path, split: SplitSpec, class_index: dict[str, int]) -> list[_Listed]:
@@ -310,8 +375,15 @@ def _list_split(root: Path, split: SplitSpec, class_index: dict[str, int]) -> li
             if spec.window is not None:
                 start, end = (float(_cell(row, c, spec)) for c in spec.window)
                 window = (start, end)
-            clip_id = "_".join(_cell(row, c, spec) for c in spec.id_columns)
-            listed[clip_id] = _Listed(clip_id, _label_of(row, clip_id, spec, class_index), window)
+            ids = [_cell(row, c, spec) for c in spec.id_columns]
+            clip_id = "_".join(ids) if spec.id_format is None else spec.id_format.format(*ids)
+            videos = None
+            if spec.video is not None:
+                videos = [pattern.format(*ids, id=clip_id) for pattern in spec.video]
+            # unstripped: str.strip drops U+0085, MELD's ellipsis (the cleaning trims the text)
+            text = None if spec.text is None else _cell(row, spec.text, spec, strip=False)
+            label = _label_of(row, clip_id, spec, class_index)
+            listed[clip_id] = _Listed(clip_id, label, window, videos, text)
     return list(listed.values())
 
 
@@ -379,10 +451,17 @@ class _MediaIndex:
             return None
         return self.root / self.media.video.format(id=clip_id)
 
-    def files(self, clip_id: str) -> tuple[dict[str, str], str | None]:
-        """The files of a clip, or the reason it cannot be extracted."""
+    def files(
+        self, clip_id: str, videos: list[str] | None = None
+    ) -> tuple[dict[str, str], str | None]:
+        """The files of a clip (its list's own `videos` first), or why it cannot be extracted."""
         files: dict[str, str] = {}
-        if self.media.video is not None or self.media.match == "youtube-start":
+        if videos is not None:
+            found = next((self.root / v for v in videos if (self.root / v).is_file()), None)
+            if found is None:
+                return files, f"video file not found ({' or '.join(videos)})"
+            files["video"] = str(found)
+        elif self.media.video is not None or self.media.match == "youtube-start":
             video = self.video(clip_id)
             if video is None or not video.is_file():
                 clips = len(self.by_video.get(Path(clip_id).name, []))
@@ -453,6 +532,38 @@ def modality_spec(params: ModalityParams) -> ModalitySpec:
     )
 
 
+def _fit_tokenizer(
+    name: str, params: TextParams, listed: dict[str, list[_Listed]]
+) -> WordTokenizer | HFTokenizer:
+    """The tokenizer of the text modality: fitted on the cleaned texts of the whole training
+    split (before --limit and --splits, so a partial prep tokenizes as the full one)."""
+    items = [it for items in listed.values() for it in items]
+    if any(it.text is None for it in items):
+        raise UserError(
+            f"{name} has a text modality, but a split list of its manifest names no `text` column."
+        )
+    train = listed.get("train")
+    if not train:
+        raise UserError(f"{name}: the training split is empty; no text to fit a tokenizer on.")
+    return build_tokenizer(
+        params.tokenizer, [clean_text(it.text or "", params.cleaning) for it in train]
+    )
+
+
+def _text_spec(params: TextParams, tokenizer: WordTokenizer | HFTokenizer | None) -> ModalitySpec:
+    assert tokenizer is not None
+    return ModalitySpec(
+        name=params.name,
+        dtype="int32",
+        shape=[params.tokenizer.max_length],
+        encoding="tokens",
+        description=f"{params.tokenizer.kind} token ids",
+        vocab_size=tokenizer.vocab_size,
+        pad_id=tokenizer.pad_id,
+        vocab_file=f"tokenizer-{params.name}.json",
+    )
+
+
 # -------------------------------------------------------------------------- extraction
 def _in_window(task: ClipTask, use: bool) -> tuple[float, float | None]:
     return task.window if use and task.window is not None else (0.0, None)
@@ -493,8 +604,11 @@ def _flow_like(params: FlowParams, path: str) -> tuple[list[bytes], np.ndarray]:
 def extract_clip(params: AVParams, task: ClipTask) -> SampleRecord:
     values: dict[str, np.ndarray | list[bytes]] = {}
     times: dict[str, np.ndarray] = {}
+    texts: dict[str, str] = {}
     for spec in params.modalities:
-        if isinstance(spec, FramesParams):
+        if isinstance(spec, TextParams):  # tokenized while planning
+            values[spec.name], texts[spec.name] = task.inline["ids"], task.inline["text"]
+        elif isinstance(spec, FramesParams):
             start, end = _in_window(task, spec.within_window)
             video = read_video_frames(
                 Path(task.files["video"]),
@@ -550,7 +664,7 @@ def extract_clip(params: AVParams, task: ClipTask) -> SampleRecord:
                     log=spec.log,
                 )
             values[spec.name] = feats.astype(np.float16)
-    return SampleRecord(task.sample_id, task.label, task.source, values, times)
+    return SampleRecord(task.sample_id, task.label, task.source, values, times, texts)
 
 
 class AVClipsSource:
@@ -589,13 +703,16 @@ class AVClipsSource:
             keep = {class_index[c]: i for i, c in enumerate(layout.class_subset)}
             listed = {
                 name: [
-                    _Listed(it.clip_id, keep[it.label], it.window)
+                    dataclasses.replace(it, label=keep[it.label])
                     for it in items
                     if it.label in keep
                 ]
                 for name, items in listed.items()
             }
             classes = list(layout.class_subset)
+        tokenizer = (
+            None if params.text is None else _fit_tokenizer(manifest.name, params.text, listed)
+        )
         if only_splits is not None:
             unknown = sorted(set(only_splits) - set(listed))
             if unknown:
@@ -610,12 +727,18 @@ class AVClipsSource:
             items = sorted(items, key=lambda it: it.clip_id)[:limit]
             splits[name] = []
             for item in items:
-                files, problem = index.files(item.clip_id)
+                files, problem = index.files(item.clip_id, item.videos)
                 if problem is not None:
                     errors.append((item.clip_id, problem))
                     continue
                 source = str(Path(files.get("video") or files["audio"]).relative_to(raw))
-                splits[name].append(ClipTask(item.clip_id, item.label, source, files, item.window))
+                inline = {}
+                if params.text is not None and tokenizer is not None:
+                    text = clean_text(item.text or "", params.text.cleaning)
+                    inline = {"text": text, "ids": tokenizer.encode(text)}
+                splits[name].append(
+                    ClipTask(item.clip_id, item.label, source, files, item.window, inline)
+                )
         planned = sum(len(tasks) for tasks in splits.values())
         if planned == 0:
             example = layout.media.video or layout.media.audio or layout.media.search
@@ -624,14 +747,25 @@ class AVClipsSource:
                 f"(expected files like {example}); found at the top level: "
                 f"{', '.join(sorted(p.name for p in raw.iterdir())[:12]) or 'nothing'}."
             )
+        modalities = [
+            modality_spec(m) if not isinstance(m, TextParams) else _text_spec(m, tokenizer)
+            for m in params.modalities
+        ]
+        extraction: dict = {}
+        files: dict[str, bytes] = {}
+        if params.text is not None and tokenizer is not None:
+            vocab_file = f"tokenizer-{params.text.name}.json"
+            files[vocab_file] = tokenizer.to_bytes()
+            extraction["files"] = {vocab_file: sha256_text(files[vocab_file].decode("utf-8"))}
         return PrepPlan(
             classes=classes,
-            modalities=[modality_spec(m) for m in params.modalities],
-            extraction={},
+            modalities=modalities,
+            extraction=extraction,
             splits=splits,
             extractor=functools.partial(extract_clip, params),
             rows_per_shard=params.rows_per_shard,
             errors=errors,
+            files=files,
         )
 
     @staticmethod
