@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from mmval.data.prep import prepare
@@ -224,3 +225,13 @@ def assert_resume_matches(straight: Recipe, stop: int = 2) -> pd.DataFrame:
     metrics = timeless_metrics(a)
     pd.testing.assert_frame_equal(metrics, timeless_metrics(b))
     return metrics
+
+
+@pytest.fixture
+def one_thread():
+    """Two cores shared with other processes: one torch thread avoids OpenMP's waits (modules
+    that start many small runs use it through `pytestmark`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

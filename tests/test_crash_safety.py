@@ -49,12 +49,7 @@ PREP_SETS = ["modalities.0.size=[32,32]", "rows_per_shard=2"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:

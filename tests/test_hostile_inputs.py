@@ -50,13 +50,7 @@ from tests.conftest import EpochHook
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared with other processes: one torch thread avoids OpenMP's waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ checkpoints that run code

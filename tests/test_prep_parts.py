@@ -260,15 +260,6 @@ def test_merge_exit_1_above_max_failures(prepped, tmp_path):
     assert "verified" in result.output  # nothing rewritten
 
 
-@pytest.fixture
-def one_thread():
-    """Runs compared bit for bit must use the same thread count (see test_crash_safety.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_training_on_merged_parts_equals_training_on_one_prep(prepped, tmp_path, one_thread):
     losses = []
     for data in (prepped["one"], prepped["parts"]):
