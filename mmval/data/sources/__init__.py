@@ -9,6 +9,7 @@ from mmval.data.sources.image_text import ImageTextSource
 from mmval.data.sources.mmlsyndata import MMLSynDataSource
 from mmval.data.sources.mult_pickle import MultPickleSource
 from mmval.data.sources.multiview_mat import MultiviewMatSource
+from mmval.data.sources.nvgesture import NvGestureSource
 from mmval.data.sources.rgbd_scenes import RgbdScenesSource
 from mmval.data.sources.synthetic import SyntheticSource
 from mmval.data.sources.table import TableSource
@@ -27,6 +28,7 @@ SOURCES: dict[str, Source] = {
         TableSource(),
         MultiviewMatSource(),
         RgbdScenesSource(),
+        NvGestureSource(),
     )
 }
 
