@@ -87,7 +87,8 @@ def test_prep_writes_every_split(tmp_path: Path) -> None:
                         assert np.all(stored < 2), (sample, name, k)
                         continue
                     ref = source[index] if sensor == "color" else source[index][2:3]
-                    assert np.abs(stored - ref).max() < 4.5, (sample, name, k)  # neighbours: 7 apart
+                    # neighbouring frames are 7 grey levels apart
+                    assert np.abs(stored - ref).max() < 4.5, (sample, name, k)
                 compared += 1
     assert compared >= 3 * 6
     assert not ids["val"] & ids["train"]
