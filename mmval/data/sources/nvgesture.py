@@ -126,7 +126,7 @@ def _read_list(raw: Path, paths: list[str], classes: int) -> list[Entry]:
             f"the raw folder {raw} has no split list {' or '.join(paths)} (found: {found})."
         )
     entries = []
-    for number, line in enumerate((raw / rel).read_text().splitlines(), 1):
+    for number, line in enumerate((raw / rel).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
