@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmval.artifacts.layout import error_line
+from mmval.artifacts.layout import CONTRIB_EPOCH, METRICS, PREDICTIONS, error_line
 from mmval.errors import UserError
 from mmval.report.runs import META, LeftOut, Metric, RunTree
 from mmval.report.tables import Comparison, check_options, compare_metrics
@@ -81,6 +81,8 @@ def find_evaluation_tables(
     left_out: list[LeftOut] = []
     seen: dict[tuple[str, str, str, str], Path] = {}
     for path in sorted(tree.root.rglob("*.parquet")):
+        if path.name in (METRICS, PREDICTIONS) or CONTRIB_EPOCH.search(path.name):
+            continue  # a run's own files: never evaluation tables
         run = next((str(p) for p in path.parents if str(p) in runs), None)
         try:
             info = _metadata(path)
