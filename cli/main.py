@@ -178,7 +178,10 @@ def _prep_inputs(
 @app.command()
 @user_errors
 def prep(
-    dataset: Annotated[str | None, typer.Argument(help="data set name (see --list)")] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Argument(help="data set name (see --list), table, folder, or a manifest file"),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="output directory [default: data/DATASET]")
     ] = None,
@@ -248,14 +251,13 @@ def prep(
     """Turn raw data into Parquet shards (shard format v1), resumably and in parallel.
 
     Example: mmval prep kinetics-sounds --raw /data/kinetics --out data/ks --workers 16
-    On 8 machines: mmval prep kinetics-sounds --raw /data/kinetics --out data/ks
-    --shard-index $I --num-shards 8 (I = 0..7), then mmval prep kinetics-sounds --out data/ks
-    --merge.
+    On 8 machines: mmval prep kinetics-sounds --raw R --out D --shard-index $I --num-shards 8
+    (I = 0..7), then: mmval prep kinetics-sounds --out D --merge
     Test data: mmval prep synthetic-av --raw-out raw/ks --layout kinetics-sounds --clips 8
     Your own features: mmval prep table --view a=a.csv --view b=b.npy --labels y.csv --out data/t
-    (--splits PATH: one of train/val/test per row; else --set split.ratios=[0.7,0.1,0.2]).
+    (--splits PATH gives each row's split, else --set split.ratios=[0.7,0.1,0.2])
     Your own files: mmval prep folder --raw clips/ --labels clips/labels.csv --out data/mine
-    Your own manifest (schema: mmval prep --schema): mmval prep my-data.yaml --raw DIR --out DIR
+    Your own manifest: mmval prep my-data.yaml --raw DIR --out DIR (schema: mmval prep --schema)
     """
     from mmval.data.manifest import load_dataset_manifest, manifest_names
     from mmval.data.pipeline import PartSpec, PrepCallbacks, PrepSummary
@@ -555,9 +557,9 @@ def value(
     Masked features: mmval value RUN/seed0/best.pt --method feature-mask --out fm.parquet
     Under noise: mmval value RUN/seed0/best.pt --corrupt image=gaussian:5 --repeats 5 --out n.pq
 
-    --corrupt applies to every method but dcor; --seed seeds both shapley-mc's orders (the same
-    in every repeat) and the corruption draws. The printed summary averages each sample's
-    contribution over the repeats.
+    --corrupt applies to every method but dcor.
+    --seed seeds shapley-mc's orders (the same in every repeat) and the corruption draws.
+    The printed summary averages each sample's contribution over the repeats.
     """
     if method == "feature-mask":
         _refuse_options(
