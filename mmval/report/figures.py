@@ -21,15 +21,14 @@ from typing import get_args
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mmval.artifacts.layout import CONTRIB_EPOCH, CONTRIB_GLOB, METRICS, PREDICTIONS, error_line
+from mmval.artifacts.layout import CONTRIB_EPOCH, CONTRIB_GLOB, error_line
 from mmval.atomic import write_atomic
 from mmval.report.robustness import EvaluationTable, Robustness, robustness
-from mmval.report.runs import LeftOut, RunTree
+from mmval.report.runs import LeftOut, RunTree, TableFile, table_files
 from mmval.report.tables import Comparison
 from mmval.valuation.config import MethodName
 from mmval.valuation.summary import contribution_summary, mean_over_repeats
@@ -65,7 +64,8 @@ def make_figures(comparison: Comparison) -> list[ReportFigure]:
     tree, split = comparison.tree, comparison.split
     figures: list[ReportFigure] = []
     histories = {run: tree.history(run) for run in tree.runs["run"]}
-    tables = find_value_tables(tree)
+    files = table_files(tree)  # their footers read once for both kinds of figure
+    tables = find_value_tables(tree, files)
     for dataset in comparison.datasets:
         runs = tree.runs[tree.runs["dataset"] == dataset]
         rows = [r for r in comparison.rows if r in set(runs["row"])]
@@ -75,7 +75,8 @@ def make_figures(comparison: Comparison) -> list[ReportFigure]:
         on_dataset = [t for t in tables if t.dataset == dataset]
         figures += _contribution_distribution(dataset, on_dataset)
         figures += _weakest_share(dataset, on_dataset)
-    return figures + robustness_figures(robustness(tree, split=split, required=False))
+    evaluated = robustness(tree, split=split, required=False, files=files)
+    return figures + robustness_figures(evaluated)
 
 
 def write_figures(figures: list[ReportFigure], folder: Path) -> list[Path]:
@@ -88,25 +89,20 @@ def write_figures(figures: list[ReportFigure], folder: Path) -> list[Path]:
     return paths
 
 
-def find_value_tables(tree: RunTree) -> list[ValueTable]:
+def find_value_tables(tree: RunTree, files: list[TableFile] | None = None) -> list[ValueTable]:
     """`mmval value` contribution tables anywhere below the root, recognised by their
     `mmval.method` metadata (training-time tables are plotted per epoch instead; subsets and
     dcor tables hold no per-modality contributions). A table inside a finished run folder is
     named after that run's row and seed. A table that cannot be read is added to the tree's
-    left-out list, which the report prints."""
+    left-out list, which the report prints. `files`: the tree's `table_files`, if read."""
     by_run = {Path(r.run): r for r in tree.runs.itertuples(index=False)}
     found = []
-    for path in sorted(tree.root.rglob("*.parquet")):
-        if path.name in (METRICS, PREDICTIONS) or CONTRIB_EPOCH.search(path.name):
+    for file in table_files(tree) if files is None else files:
+        path, info = file.path, file.info
+        if info is None:
+            if file.run is not None:  # elsewhere it may be anything
+                _leave_out(tree, path, f"damaged: {file.damaged}")
             continue
-        try:
-            meta = pq.read_schema(path).metadata or {}
-        except (OSError, ValueError, pa.ArrowException) as exc:
-            if any(p in by_run for p in path.parents):  # elsewhere it may be anything
-                why = f"damaged: not a Parquet file mmval can read ({error_line(exc)})"
-                _leave_out(tree, path, why)
-            continue
-        info = {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"mmval.")}
         if info.get("mmval.method") not in get_args(MethodName):
             continue
         try:
@@ -437,7 +433,7 @@ def _feature_mask_heatmaps(
     over repeats and seeds."""
     per_row: dict[str, list[pd.DataFrame]] = {}
     for table in tables:
-        accuracy = table.read().groupby(["modality", "ratio"], sort=False)["correct"].mean()
+        accuracy = table.frame.groupby(["modality", "ratio"], sort=False)["correct"].mean()
         per_row.setdefault(runs.loc[table.run, "row"], []).append(accuracy.rename(table.run))
     fig, axes = _grid(len(per_row), width=5.0, height=2.6)
     for ax, (row, parts) in zip(axes, sorted(per_row.items()), strict=True):

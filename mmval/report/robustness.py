@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from mmval.artifacts.layout import CONTRIB_EPOCH, METRICS, PREDICTIONS, error_line
+from mmval.artifacts.layout import error_line
 from mmval.errors import UserError
-from mmval.report.runs import META, LeftOut, Metric, RunTree
+from mmval.report.runs import META, LeftOut, Metric, RunTree, TableFile, table_files
 from mmval.report.tables import Comparison, check_options, compare_metrics
 
 EVALUATION_METHODS = ("subsets", "feature-mask")
@@ -44,7 +43,8 @@ CLEAN = "clean"
 @dataclass(frozen=True)
 class EvaluationTable:
     """One evaluation table of a finished run: its run folder, method, split, the corruptions
-    it was computed under (modality, kind, level) and the modalities of the model."""
+    it was computed under (modality, kind, level), the modalities of the model, how missing
+    modalities were removed, and its rows (read once, when it is found)."""
 
     path: Path
     run: str
@@ -52,6 +52,8 @@ class EvaluationTable:
     split: str
     corruptions: tuple[tuple[str, str, float], ...]
     modalities: tuple[str, ...]
+    mask: str
+    frame: pd.DataFrame = field(compare=False, repr=False)
 
     @property
     def clean(self) -> bool:
@@ -67,28 +69,21 @@ class EvaluationTable:
         levels = sorted({level for _, _, level in self.corruptions})
         return "level " + "/".join(f"{level:g}" for level in levels)
 
-    def read(self) -> pd.DataFrame:
-        return pd.read_parquet(self.path)
-
 
 def find_evaluation_tables(
-    tree: RunTree, split: str
+    tree: RunTree, split: str, files: list[TableFile] | None = None
 ) -> tuple[list[EvaluationTable], list[LeftOut]]:
     """The subsets and feature-mask tables of `split` inside the tree's finished runs (at any
-    depth below the run folder, e.g. `evaluate/`), and the ones left out with the reason."""
-    runs = set(tree.runs["run"])
+    depth below the run folder, e.g. `evaluate/`), and the ones left out with the reason;
+    `files` is the tree's `table_files` when the caller has them already."""
     found: list[EvaluationTable] = []
     left_out: list[LeftOut] = []
     seen: dict[tuple[str, str, str, str], Path] = {}
-    for path in sorted(tree.root.rglob("*.parquet")):
-        if path.name in (METRICS, PREDICTIONS) or CONTRIB_EPOCH.search(path.name):
-            continue  # a run's own files: never evaluation tables
-        run = next((str(p) for p in path.parents if str(p) in runs), None)
-        try:
-            info = _metadata(path)
-        except _Damaged as exc:
+    for file in table_files(tree) if files is None else files:
+        path, run, info = file.path, file.run, file.info
+        if info is None:
             if run is not None:  # elsewhere it may be anything; inside a run it is mmval's
-                left_out.append(LeftOut(path, f"damaged: {exc}"))
+                left_out.append(LeftOut(path, f"damaged: {file.damaged}"))
             continue
         if info.get("mmval.method") not in EVALUATION_METHODS:
             continue
@@ -117,14 +112,15 @@ class _Damaged(Exception):
 
 
 def _evaluation_table(path: Path, run: str, info: dict[str, str], split: str) -> EvaluationTable:
-    """The table as its metadata describes it, its data read once to know it is whole."""
+    """The table as its metadata describes it, with its rows (a table that cannot be read
+    whole is damaged)."""
     try:
         corruptions = tuple(_parse(c) for c in json.loads(info.get("mmval.corruptions", "[]")))
         modalities = tuple(json.loads(info["mmval.modalities"]))
     except (ValueError, KeyError, TypeError, UserError) as exc:
         raise _Damaged(f"the evaluation table's metadata is not mmval's ({exc})") from exc
     try:
-        pq.read_table(path)
+        frame = pd.read_parquet(path)
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise _Damaged(f"the evaluation table cannot be read ({error_line(exc)})") from exc
     return EvaluationTable(
@@ -134,16 +130,9 @@ def _evaluation_table(path: Path, run: str, info: dict[str, str], split: str) ->
         split=split,
         corruptions=corruptions,
         modalities=modalities,
+        mask=info.get("mmval.mask", "?"),
+        frame=frame,
     )
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    """The `mmval.*` metadata of a Parquet file; `_Damaged` when its footer cannot be read."""
-    try:
-        meta = pq.read_schema(path).metadata or {}
-    except (OSError, ValueError, pa.ArrowException) as exc:
-        raise _Damaged(f"not a Parquet file mmval can read ({error_line(exc)})") from exc
-    return {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"mmval.")}
 
 
 def _parse(text: str) -> tuple[str, str, float]:
@@ -164,11 +153,7 @@ def full_set_accuracy(table: pd.DataFrame, modalities: tuple[str, ...]) -> pd.Se
 def noise_comparisons(
     tree: RunTree,
     tables: list[EvaluationTable],
-    *,
-    split: str,
-    baseline: str | None,
-    alpha: float,
-    resamples: int,
+    options: _Options,
 ) -> list[Comparison]:
     """One table per (data set, corruption family), a column group per level."""
     subsets = [t for t in tables if t.method == "subsets"]
@@ -182,7 +167,7 @@ def noise_comparisons(
         if table.run in clean:
             per_run.append(("level 0", clean[table.run]))
         for level, source in per_run:
-            accuracy = full_set_accuracy(source.read(), source.modalities)
+            accuracy = full_set_accuracy(source.frame, source.modalities)
             records.setdefault((run["dataset"], table.family), []).append(
                 {
                     **{c: run[c] for c in META},
@@ -200,25 +185,16 @@ def noise_comparisons(
     for (dataset, family), rows in sorted(records.items()):
         frame = pd.DataFrame(rows).drop_duplicates(["run", "dataset"])
         levels = sorted(set(frame["dataset"]), key=_level_order)
-        comparison = compare_metrics(
-            RunTree(tree.root, frame, [], tree.select),
-            metrics,
-            metrics,
-            split=split,
-            baseline=_present(baseline, frame),
-            alpha=alpha,
-            resamples=resamples,
-            groups=levels,
-        )
+        comparison = _compare(tree, frame, metrics, options, groups=levels)
         noised = frame[frame["dataset"] != "level 0"]
         draws = "/".join(str(n) for n in sorted(set(noised["draws"])))
         comparisons.append(
             replace(
                 comparison,
-                title=f"{dataset}: accuracy under noise ({family}), {split} split",
+                title=f"{dataset}: accuracy under noise ({family}), {options.split} split",
                 group_label="level",
                 caption=[
-                    f"{split} split, {family}; accuracy on all modalities in %. Avg.: each "
+                    f"{options.split} split, {family}; accuracy on all modalities in %. Avg.: each "
                     "run's accuracy averaged over its noise draws, then mean ± sample std over "
                     "seeds; Worst.: the lowest accuracy of any (seed, draw), as QMF takes both "
                     "over its trained runs and noise seeds. Level 0 is the clean test set. "
@@ -234,21 +210,42 @@ def _level_order(label: str) -> tuple[float, ...]:
     return tuple(float(x) for x in label.removeprefix("level ").split("/"))
 
 
-def _present(baseline: str | None, frame: pd.DataFrame) -> str | None:
-    """The baseline when this table has it (a method evaluated elsewhere only is not one)."""
-    if baseline is None:
-        return None
-    return baseline if {baseline} & (set(frame["row"]) | set(frame["method"])) else None
+@dataclass(frozen=True)
+class _Options:
+    split: str
+    baseline: str | None
+    alpha: float
+    resamples: int
+
+
+def _compare(
+    tree: RunTree,
+    frame: pd.DataFrame,
+    metrics: list[Metric],
+    options: _Options,
+    groups: list[str] | None = None,
+) -> Comparison:
+    """The main table's comparison over `frame` (a runs table with one column per metric); the
+    baseline only where this table has it (a method evaluated elsewhere only is not one)."""
+    baseline = options.baseline
+    if baseline is not None and not {baseline} & (set(frame["row"]) | set(frame["method"])):
+        baseline = None
+    return compare_metrics(
+        RunTree(tree.root, frame, [], tree.select),
+        metrics,
+        metrics,
+        split=options.split,
+        baseline=baseline,
+        alpha=options.alpha,
+        resamples=options.resamples,
+        groups=groups,
+    )
 
 
 def missing_modality_comparisons(
     tree: RunTree,
     tables: list[EvaluationTable],
-    *,
-    split: str,
-    baseline: str | None,
-    alpha: float,
-    resamples: int,
+    options: _Options,
 ) -> list[Comparison]:
     """Per data set: accuracy on each subset of the modalities and the mean over subsets."""
     runs = tree.runs.set_index("run", drop=False)
@@ -258,8 +255,7 @@ def missing_modality_comparisons(
         if table.method != "subsets" or not table.clean or len(table.modalities) < 2:
             continue
         run = runs.loc[table.run]
-        frame = table.read()
-        per_subset = frame.groupby("subset", sort=False)["correct"].mean()
+        per_subset = table.frame.groupby("subset", sort=False)["correct"].mean()
         order = names.setdefault(run["dataset"], [])
         order += [s for s in per_subset.index if s not in order]
         record: dict[str, object] = {c: run[c] for c in META}
@@ -273,35 +269,25 @@ def missing_modality_comparisons(
             Metric(s, f"acc[{s}]", s, percent=True, higher_is_better=True) for s in [*order, "mean"]
         ]
         frame = pd.DataFrame(rows)
-        comparison = compare_metrics(
-            RunTree(tree.root, frame, [], tree.select),
-            metrics,
-            metrics,
-            split=split,
-            baseline=_present(baseline, frame),
-            alpha=alpha,
-            resamples=resamples,
+        comparison = _compare(tree, frame, metrics, options)
+        shown = set(frame["run"])
+        masks = sorted(
+            {t.mask for t in tables if t.method == "subsets" and t.clean and t.run in shown}
         )
-        masks = sorted(set(frame["run"].map(lambda r: _mask_of(tables, r))))
         comparisons.append(
             replace(
                 comparison,
-                title=f"{dataset}: accuracy with missing modalities, {split} split",
+                title=f"{dataset}: accuracy with missing modalities, {options.split} split",
                 delta_columns=False,
                 caption=[
-                    f"{split} split; accuracy in % of the prediction from each subset of the "
-                    f"modalities (the others removed by mask {'/'.join(masks)}) and the mean "
-                    "over subsets, as C3R's Table 2; mean ± sample std over seeds. Best bold, "
+                    f"{options.split} split; accuracy in % of the prediction from each subset "
+                    f"of the modalities (the others removed by mask {'/'.join(masks)}) and the "
+                    "mean over subsets, as C3R's Table 2; mean ± sample std over seeds. Best bold, "
                     "second underlined per column.",
                 ],
             )
         )
     return comparisons
-
-
-def _mask_of(tables: list[EvaluationTable], run: str) -> str:
-    path = next(t.path for t in tables if t.run == run and t.method == "subsets" and t.clean)
-    return _metadata(path).get("mmval.mask", "?")
 
 
 @dataclass
@@ -327,15 +313,17 @@ def robustness(
     alpha: float = 0.05,
     resamples: int = 1000,
     required: bool = True,
+    files: list[TableFile] | None = None,
 ) -> Robustness:
-    """The robustness tables of the tree's runs; with `required`, having none is an error."""
+    """The robustness tables of the tree's runs (`files`: its `table_files`, if read already);
+    with `required`, having none is an error."""
     check_options(split, alpha, resamples)
     if tree.runs.empty:
         raise UserError(f"no finished runs (summary.json) below {tree.root}.")
-    tables, left_out = find_evaluation_tables(tree, split)
-    options = {"split": split, "baseline": baseline, "alpha": alpha, "resamples": resamples}
-    noise = noise_comparisons(tree, tables, **options)
-    missing = missing_modality_comparisons(tree, tables, **options)
+    tables, left_out = find_evaluation_tables(tree, split, files)
+    options = _Options(split, baseline, alpha, resamples)
+    noise = noise_comparisons(tree, tables, options)
+    missing = missing_modality_comparisons(tree, tables, options)
     if required and not tables:
         raise UserError(
             f"no evaluation tables of the {split} split in the finished runs below {tree.root}: "

@@ -21,14 +21,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 from mmval.artifacts.layout import (
+    CONTRIB_EPOCH,
     LOG,
     METRICS,
+    PREDICTIONS,
     RECIPE_FILE,
     SUMMARY,
     DamagedRunFile,
+    error_line,
     read_metrics,
     read_predictions,
     read_summary,
@@ -104,6 +109,39 @@ class RunTree:
     def predictions(self, run: str) -> pd.DataFrame | None:
         """Test-split predictions of the selected checkpoint, when the run saved them."""
         return read_predictions(Path(run))
+
+
+@dataclass(frozen=True)
+class TableFile:
+    """A Parquet file below a report's root that is not a run's own file (metrics,
+    predictions, training-time contributions): `mmval value` and evaluation tables among them.
+    `run` is the finished run folder it lies in (if any); `info` its `mmval.*` metadata, None
+    with `damaged` saying why when its footer cannot be read."""
+
+    path: Path
+    run: str | None
+    info: dict[str, str] | None
+    damaged: str = ""
+
+
+def table_files(tree: RunTree) -> list[TableFile]:
+    """Every such file below the tree's root, its footer read once (the contribution figures
+    and the robustness tables both look through them)."""
+    runs = set(tree.runs["run"])
+    found = []
+    for path in sorted(tree.root.rglob("*.parquet")):
+        if path.name in (METRICS, PREDICTIONS) or CONTRIB_EPOCH.search(path.name):
+            continue
+        run = next((str(p) for p in path.parents if str(p) in runs), None)
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            why = f"not a Parquet file mmval can read ({error_line(exc)})"
+            found.append(TableFile(path, run, None, why))
+            continue
+        info = {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"mmval.")}
+        found.append(TableFile(path, run, info))
+    return found
 
 
 @dataclass(frozen=True)

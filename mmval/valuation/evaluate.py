@@ -12,6 +12,7 @@ rerun (or a resumed sweep) computes only what is missing.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -23,13 +24,14 @@ from mmval.artifacts.checkpoint import load_checkpoint
 from mmval.artifacts.layout import EVALUATE_DIR
 from mmval.data.corrupt import Corruption
 from mmval.errors import UserError
-from mmval.valuation.config import MaskName
+from mmval.valuation.config import MaskName, ValuationConfig
 from mmval.valuation.feature_mask import (
     check_ratios,
-    feature_mask_checkpoint,
+    feature_mask_of_split,
     write_feature_mask,
 )
-from mmval.valuation.subsets import subsets_checkpoint, write_subsets
+from mmval.valuation.run import SplitOfCheckpoint, open_split
+from mmval.valuation.subsets import subsets_of_split, write_subsets
 from mmval.valuation.table import weights_fingerprint
 
 FOLDER = EVALUATE_DIR
@@ -136,12 +138,11 @@ def evaluate_run(
         raise UserError(f"{run_dir} has no best.pt to evaluate.")
     folder = run_dir / FOLDER
     weights = weights_fingerprint(load_checkpoint(best).model)
-    common: dict[str, Any] = {
-        "split": split,
-        "data_dir": data_dir,
-        "device": device,
-        "batch_size": batch_size,
-    }
+
+    @functools.cache  # opened once, and only when some table is stale
+    def split_of_best() -> SplitOfCheckpoint:
+        return open_split(best, split, data_dir, ValuationConfig(mask=config.mask))
+
     same = {"mmval.checkpoint_fingerprint": weights, "mmval.split": split}
     noisy = [c for c in config.conditions() if any(x.level for x in c)]
     jobs: list[tuple[Path, list[Corruption]]] = [
@@ -160,13 +161,14 @@ def evaluate_run(
         if corruptions:
             expected["mmval.seed"] = str(config.seed)
         if not _current(path, expected):
-            result = subsets_checkpoint(
-                best,
+            result = subsets_of_split(
+                split_of_best(),
                 mask=config.mask,
+                batch_size=batch_size,
+                device=device,
                 corruptions=corruptions,
                 seed=config.seed,
                 repeats=repeats,
-                **common,
             )
             write_subsets(result, path)
         written.append(path)
@@ -178,8 +180,13 @@ def evaluate_run(
             "mmval.repeats": str(config.repeats),
         }
         if not _current(path, expected):
-            result = feature_mask_checkpoint(
-                best, ratios=config.feature_mask, seed=config.seed, repeats=config.repeats, **common
+            result = feature_mask_of_split(
+                split_of_best(),
+                ratios=config.feature_mask,
+                seed=config.seed,
+                repeats=config.repeats,
+                batch_size=batch_size,
+                device=device,
             )
             write_feature_mask(result, path)
         written.append(path)

@@ -36,7 +36,7 @@ from mmval.errors import UserError
 from mmval.models import MultimodalModel
 from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import MAX_ELEMENTS
-from mmval.valuation.run import _device, open_split
+from mmval.valuation.run import SplitOfCheckpoint, _device, open_split
 from mmval.valuation.table import split_metadata, weights_fingerprint, write_parquet
 
 DEFAULT_RATIOS = "0,0.1,...,0.9"  # [ours]
@@ -217,8 +217,24 @@ def feature_mask_checkpoint(
 ) -> FeatureMaskResult:
     """The feature-mask table of `split` with the data the checkpoint was trained on."""
     check_ratios(ratios)
-    torch_device = _device(device)
     opened = open_split(checkpoint, split, data_dir, ValuationConfig(mask="feature"))
+    return feature_mask_of_split(
+        opened, ratios=ratios, seed=seed, repeats=repeats, batch_size=batch_size, device=device
+    )
+
+
+def feature_mask_of_split(
+    opened: SplitOfCheckpoint,
+    *,
+    ratios: list[float],
+    seed: int,
+    repeats: int,
+    batch_size: int,
+    device: str,
+) -> FeatureMaskResult:
+    """`feature_mask_checkpoint` on a split already opened (it reads no fills), for ratios
+    already checked."""
+    torch_device = _device(device)
     loaded = opened.loaded
     model = loaded.model.to(torch_device)
     table = feature_mask_dataset(
@@ -232,11 +248,12 @@ def feature_mask_checkpoint(
     )
     modalities = loaded.modalities
     weights = weights_fingerprint(loaded.ckpt.model)
+    split = opened.dataset.split
     metadata = split_metadata(
         "feature-mask", "feature", modalities, split, loaded.manifest, weights
     )
     metadata |= {
-        "mmval.checkpoint": str(checkpoint),
+        "mmval.checkpoint": str(opened.checkpoint),
         "mmval.ratios": json.dumps(ratios),
         "mmval.repeats": str(repeats),
         "mmval.seed": str(seed),

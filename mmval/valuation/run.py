@@ -197,6 +197,7 @@ def load_with_data(checkpoint: Path, data_dir: Path | None = None) -> LoadedChec
 class SplitOfCheckpoint:
     """A checkpoint's model, one split of its data, and the stand-ins for removed modalities."""
 
+    checkpoint: Path
     loaded: LoadedCheckpoint
     dataset: ParquetSamples
     fills: dict[str, torch.Tensor] | None
@@ -215,7 +216,7 @@ def open_split(
     specs = [manifest.modality(m) for m in modalities]
     train_split = loaded.ckpt.recipe.get("data", {}).get("splits", {}).get("train", "train")
     return SplitOfCheckpoint(
-        loaded, dataset, split_fills(config, root, manifest, specs, train_split)
+        checkpoint, loaded, dataset, split_fills(config, root, manifest, specs, train_split)
     )
 
 

@@ -30,7 +30,7 @@ from mmval.errors import UserError
 from mmval.valuation.base import Game
 from mmval.valuation.config import MaskName, ValuationConfig
 from mmval.valuation.engine import SubsetEvaluator, build_evaluator, subset_masks
-from mmval.valuation.run import _device, open_split
+from mmval.valuation.run import SplitOfCheckpoint, _device, open_split
 from mmval.valuation.table import split_metadata, weights_fingerprint, write_parquet
 
 MAX_MODALITIES = 10  # 1023 subsets per sample
@@ -138,8 +138,31 @@ def subsets_checkpoint(
 ) -> SubsetsResult:
     """The subsets table of `split` with the data the checkpoint was trained on, under
     `corruptions` drawn `repeats` times from `seed`."""
-    torch_device = _device(device)
     opened = open_split(checkpoint, split, data_dir, ValuationConfig(mask=mask))
+    return subsets_of_split(
+        opened,
+        mask=mask,
+        batch_size=batch_size,
+        device=device,
+        corruptions=corruptions,
+        seed=seed,
+        repeats=repeats,
+    )
+
+
+def subsets_of_split(
+    opened: SplitOfCheckpoint,
+    *,
+    mask: MaskName,
+    batch_size: int,
+    device: str,
+    corruptions: Sequence[Corruption],
+    seed: int,
+    repeats: int,
+) -> SubsetsResult:
+    """`subsets_checkpoint` on a split already opened (several tables of one checkpoint, as
+    the recipe's `evaluate:` section writes, load it once); `opened`'s fills must be `mask`'s."""
+    torch_device = _device(device)
     loaded = opened.loaded
     table = subsets_dataset(
         loaded.model.to(torch_device),
@@ -154,8 +177,9 @@ def subsets_checkpoint(
     )
     weights = weights_fingerprint(loaded.ckpt.model)
     modalities = loaded.modalities
+    split = opened.dataset.split
     metadata = split_metadata("subsets", mask, modalities, split, loaded.manifest, weights)
-    metadata |= {"mmval.checkpoint": str(checkpoint)}
+    metadata |= {"mmval.checkpoint": str(opened.checkpoint)}
     metadata |= corruption_metadata(corruptions, seed, repeats)
     return SubsetsResult(table, metadata, modalities)
 

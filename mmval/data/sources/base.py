@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mmval.data.manifest import DatasetManifest, StratifiedSplits
 from mmval.data.shards import ModalitySpec, SplitSamples
@@ -81,3 +81,38 @@ def stratified_fractions(
             out[name].extend(members[lo:hi])
             start += share
     return out
+
+
+SPLITS = ("train", "val", "test")
+
+
+class SplitShares(BaseModel):
+    """A stratified train/val/test split of the user's own data, when no split is given."""
+
+    model_config = ConfigDict(extra="forbid")
+    ratios: list[float] = Field(
+        default=[0.7, 0.1, 0.2],
+        min_length=3,
+        max_length=3,
+        description="shares of train, val and test within each class (normalised to sum 1) [ours]",
+    )
+    seed: int = Field(default=0, description="seed of the per-class permutation")
+
+    @field_validator("ratios")
+    @classmethod
+    def _usable(cls, ratios: list[float]) -> list[float]:
+        if any(r < 0 for r in ratios) or ratios[0] <= 0:
+            raise ValueError("ratios are [train, val, test] shares >= 0, with train > 0")
+        return ratios
+
+    def fractions(self) -> dict[str, float]:
+        return dict(zip(SPLITS, self.ratios, strict=True))
+
+
+def stratified_positions(
+    ids: list[str], labels: np.ndarray, shares: SplitShares
+) -> dict[str, np.ndarray]:
+    """`stratified_fractions` as sorted positions into `ids`, one array per split."""
+    chosen = stratified_fractions(ids, labels.tolist(), shares.fractions(), shares.seed)
+    position = {sample: i for i, sample in enumerate(ids)}
+    return {s: np.sort(np.array([position[k] for k in chosen[s]], int)) for s in SPLITS}

@@ -45,7 +45,7 @@ from mmval.data.sources.av_clips import (
     extract_clip,
     modality_spec,
 )
-from mmval.data.sources.base import stratified_fractions
+from mmval.data.sources.base import SPLITS, SplitShares, stratified_fractions
 from mmval.data.sources.image_text import (
     ImageParams,
     ImageTextParams,
@@ -58,7 +58,6 @@ from mmval.data.sources.image_text import (
 from mmval.errors import UserError
 
 Media = Literal["video+audio", "video", "audio", "image"]
-SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
 AUDIO_SUFFIXES = {".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma"}
 DECIDING_ROWS = 5  # the first readable files that decide the modalities
@@ -80,19 +79,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SplitRatios(_Strict):
-    ratios: tuple[float, float, float] = Field(
-        default=(0.7, 0.1, 0.2), description="train, val, test shares of each class [ours]"
-    )
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _positive(self) -> SplitRatios:
-        if min(self.ratios) < 0 or self.ratios[0] <= 0:
-            raise ValueError("ratios are shares >= 0, the train share > 0")
-        return self
-
-
 class FolderParams(_Strict):
     labels: str = Field(description="the labels file, CSV/TSV/JSONL (set by --labels)")
     name: str | None = Field(
@@ -107,7 +93,7 @@ class FolderParams(_Strict):
     flow_params: FlowParams = Field(default_factory=FlowParams, description="with flow: true")
     image: ImageParams = Field(default_factory=ImageParams, description="of images")
     text: TextParams = Field(default_factory=TextParams, description="of image-text posts")
-    split: SplitRatios = Field(default_factory=SplitRatios, description="without a split column")
+    split: SplitShares = Field(default_factory=SplitShares, description="without a split column")
     rows_per_shard: int = Field(default=ROWS_PER_SHARD, ge=1)
     min_seconds: float = Field(default=0.5, description="shorter clips are errors")
 
@@ -226,7 +212,7 @@ def class_names(labels: list[str]) -> list[str]:
 def _split(rows: list[_Row], index: dict[str, int], params: FolderParams) -> dict[str, list[_Row]]:
     if rows[0].split is not None:
         return {name: [r for r in rows if r.split == name] for name in SPLITS}
-    shares = dict(zip(SPLITS, params.split.ratios, strict=True))
+    shares = params.split.fractions()
     parts = stratified_fractions(
         [r.sample_id for r in rows],
         [index[r.label] for r in rows],

@@ -26,8 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mmval.data.manifest import DatasetManifest
 from mmval.data.shards import ModalitySpec, SplitSamples, sha256_file
-from mmval.data.sources.base import BuiltData, standardize, stratified_fractions
-from mmval.data.sources.table import SPLITS, TableSplit
+from mmval.data.sources.base import BuiltData, SplitShares, standardize, stratified_positions
 from mmval.errors import UserError
 
 
@@ -55,8 +54,8 @@ class MultiviewMatParams(BaseModel):
         "(TMC's MinMaxScaler, fitted on train only [ours]); zscore: mean and std of the train "
         "split, as uci-mfeat; constant features become 0 in both; none: as stored",
     )
-    split: TableSplit = Field(
-        default_factory=TableSplit,
+    split: SplitShares = Field(
+        default_factory=SplitShares,
         description="stratified train/val/test shares per class and the permutation seed",
     )
     dtype: Literal["float32"] = Field(default="float32", description="stored dtype of the views")
@@ -207,10 +206,7 @@ class MultiviewMatSource:
             raise UserError(f"{path}: every row holds a NaN or Inf label or feature.")
         labels, offset = _classes(stored[rows], len(manifest.classes), label_key, path)
         ids = [f"row{r + 1:04d}" for r in rows]
-        fractions = dict(zip(SPLITS, params.split.ratios, strict=True))
-        chosen = stratified_fractions(ids, labels.tolist(), fractions, params.split.seed)
-        position = {sample: i for i, sample in enumerate(ids)}
-        parts = {s: np.sort(np.array([position[k] for k in chosen[s]], int)) for s in SPLITS}
+        parts = stratified_positions(ids, labels, params.split)
         if not len(parts["train"]):
             raise UserError(f"{path}: the train split is empty; {len(rows)} usable rows.")
         arrays = {name: values[rows] for name, values in views.items()}

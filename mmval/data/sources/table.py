@@ -24,32 +24,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mmval.data.manifest import DatasetManifest
 from mmval.data.shards import SMALL_COLUMNS, ModalitySpec, SplitSamples, sha256_file
-from mmval.data.sources.base import BuiltData, standardize, stratified_fractions
+from mmval.data.sources.base import (
+    SPLITS,
+    BuiltData,
+    SplitShares,
+    standardize,
+    stratified_positions,
+)
 from mmval.errors import UserError
 
-SPLITS = ("train", "val", "test")
 VIEW_SUFFIXES = (".csv", ".tsv", ".npy", ".npz", ".parquet")
 COLUMN_SUFFIXES = (".csv", ".tsv", ".txt", ".npy")  # labels, ids, split file
 HINT_NAN = "pass --set nan=drop to drop such samples from every view, or --set nan=zero"
-
-
-class TableSplit(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    ratios: list[float] = Field(
-        default=[0.7, 0.1, 0.2],
-        min_length=3,
-        max_length=3,
-        description="shares of train, val and test within each class (normalised to sum 1), "
-        "used when no split file is given",
-    )
-    seed: int = Field(default=0, description="seed of the per-class permutation")
-
-    @field_validator("ratios")
-    @classmethod
-    def _usable(cls, ratios: list[float]) -> list[float]:
-        if any(r < 0 for r in ratios) or ratios[0] <= 0:
-            raise ValueError("ratios are [train, val, test] shares >= 0, with train > 0")
-        return ratios
 
 
 class TableParams(BaseModel):
@@ -73,8 +59,8 @@ class TableParams(BaseModel):
         description="absolute path of a file holding train, val or test for each row (an "
         "optional `split` header); default: a stratified split by `split`",
     )
-    split: TableSplit = Field(
-        default_factory=TableSplit, description="the stratified split made without a split file"
+    split: SplitShares = Field(
+        default_factory=SplitShares, description="the stratified split made without a split file"
     )
     standardize: Literal["train", "none"] = Field(
         default="train",
@@ -544,10 +530,8 @@ class TableSource:
                     )
             kept = [values[r] for r in np.flatnonzero(keep)]
             return {s: np.array([i for i, v in enumerate(kept) if v == s], int) for s in SPLITS}
-        fractions = dict(zip(SPLITS, params.split.ratios, strict=True))
-        chosen = stratified_fractions(ids, labels.tolist(), fractions, params.split.seed)
-        position = {sample: i for i, sample in enumerate(ids)}
-        parts = {s: np.sort(np.array([position[k] for k in chosen[s]], int)) for s in SPLITS}
+        fractions = params.split.fractions()
+        parts = stratified_positions(ids, labels, params.split)
         for c, name in enumerate(classes):
             counts = {s: int((labels[parts[s]] == c).sum()) for s in SPLITS}
             empty = [s for s in SPLITS if fractions[s] > 0 and counts[s] == 0]
