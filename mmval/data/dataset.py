@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, Sampler
 from mmval.data.extract.video import decode_jpeg, segment_indices
 from mmval.data.shards import (
     INDEX,
+    TARGET,
     DataManifest,
     ModalitySpec,
     check_data_dir,
@@ -102,6 +103,9 @@ class Batch:
     label: torch.Tensor
     index: torch.Tensor
     tag: torch.Tensor | None = None  # [B] int64; None is filled with zeros
+    # [B, *target shape] of a regression, localisation or segmentation data set (None: the
+    # label is the target); moved with the label
+    target: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tag is None:
@@ -114,6 +118,9 @@ class Batch:
             label=self.label.to(device, non_blocking=non_blocking),
             index=self.index,
             tag=None if self.tag is None else self.tag.to(device, non_blocking=non_blocking),
+            target=None
+            if self.target is None
+            else self.target.to(device, non_blocking=non_blocking),
         )
 
     def pin_memory(self) -> Batch:
@@ -125,6 +132,7 @@ class Batch:
             label=self.label.pin_memory(),
             index=self.index,
             tag=None if self.tag is None else self.tag.pin_memory(),
+            target=None if self.target is None else self.target.pin_memory(),
         )
 
     def __len__(self) -> int:
@@ -186,6 +194,7 @@ class ParquetSamples(Dataset):
                 )
         self.split = "+".join(self.splits)  # for messages
         self.specs = [self.manifest.modality(m) for m in modalities]
+        self.target_spec = self.manifest.target
         index = pq.read_table(
             self.root / INDEX, filters=[("split", "in", list(self.splits))]
         ).to_pandas()
@@ -251,13 +260,14 @@ class ParquetSamples(Dataset):
             self._cache.move_to_end(key)
             return self._cache[key]
         first = key not in self._checked
-        columns = [s.name for s in self.specs] + (["sample_id", "label"] if first else [])
+        specs = self.specs + ([self.target_spec] if self.target_spec is not None else [])
+        columns = [s.name for s in specs] + (["sample_id", "label"] if first else [])
         table = self._file(shard).read_row_group(row_group, columns=columns)
         decoded = {
             s.name: decode_tensor_column(table.column(s.name), s)
             if s.encoding == "raw"
             else table.column(s.name).to_pylist()
-            for s in self.specs
+            for s in specs
         }
         if first:
             self._check_block(shard, row_group, table, decoded)
@@ -324,6 +334,8 @@ class ParquetSamples(Dataset):
         codes = np.asarray(entries, dtype=np.int64)
         positions, tags = decode_entries(codes, len(self))
         out = {s.name: np.empty((len(positions), *s.shape), np.dtype(s.dtype)) for s in self.specs}
+        kept = self.target_spec
+        target = None if kept is None else np.empty((len(positions), *kept.shape), kept.dtype)
         shards, groups, rows = (
             self.shard_of[positions],
             self.row_group_of[positions],
@@ -332,6 +344,8 @@ class ParquetSamples(Dataset):
         for shard, group in dict.fromkeys(zip(shards.tolist(), groups.tolist(), strict=True)):
             where = np.flatnonzero((shards == shard) & (groups == group))
             block = self._row_group(shard, group)
+            if target is not None:
+                target[where] = block[TARGET][rows[where]]
             for spec in self.specs:
                 values = block[spec.name]
                 if spec.encoding == "raw":
@@ -354,6 +368,9 @@ class ParquetSamples(Dataset):
             label=torch.from_numpy(self.labels[positions]),
             index=torch.from_numpy(positions),
             tag=torch.from_numpy(tags),
+            target=None
+            if target is None or kept is None
+            else torch.from_numpy(target.astype(_widened(kept))),
         )
 
     def __getitem__(self, position: int) -> Batch:
@@ -407,6 +424,12 @@ class ParquetSamples(Dataset):
         picks = segment_indices(len(stored) // 2, k, train=self.train, rng=rng)
         planes = decode_jpeg([stored[j] for i in picks for j in (2 * i, 2 * i + 1)])
         return planes.reshape(k, 2, *planes.shape[1:3]).transpose(0, 2, 3, 1)
+
+
+def _widened(spec: ModalitySpec) -> np.dtype:
+    """The dtype a target is trained with: class indices as int64 (what cross-entropy takes),
+    scores as float32."""
+    return np.dtype(np.float32 if np.dtype(spec.dtype).kind == "f" else np.int64)
 
 
 def collate_batch(batch: Batch) -> Batch:

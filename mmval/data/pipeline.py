@@ -37,6 +37,7 @@ from mmval.data.shards import (
     ModalitySpec,
     SampleRecord,
     ShardResult,
+    TaskKind,
     finalize_dataset,
     record_problem,
     records_table,
@@ -76,6 +77,8 @@ class PrepPlan:
     rows_per_shard: int
     errors: list[tuple[str, str]] = field(default_factory=list)  # found while planning
     files: dict[str, bytes] = field(default_factory=dict)  # written beside the shards (tokenizers)
+    task: TaskKind = "classification"
+    target: ModalitySpec | None = None  # the `target` column (`DataManifest.target`)
 
 
 @dataclass(frozen=True)
@@ -403,7 +406,7 @@ def run_plan(
             info = None
             if records:
                 info = write_shard(
-                    out, rel, records_table(records, split, header.modalities), header.modalities
+                    out, rel, records_table(records, split, header.columns), header.columns
                 )
             result = ShardResult(
                 tasks=[t.sample_id for t in tasks],

@@ -24,6 +24,7 @@ from mmval.data.pipeline import (
     PARTIAL,
     PartSpec,
     PrepCallbacks,
+    PrepPlan,
     PrepSummary,
     SplitCounts,
     part_ranges,
@@ -37,7 +38,6 @@ from mmval.data.shards import (
     VERIFIED,
     DataManifest,
     DatasetHeader,
-    ModalitySpec,
     check_data_dir,
     load_manifest,
     merge_data_dirs,
@@ -45,7 +45,7 @@ from mmval.data.shards import (
     shard_path,
     write_dataset,
 )
-from mmval.data.sources import SOURCES, Source
+from mmval.data.sources import SOURCES, BuiltData, Source
 from mmval.errors import UserError
 from mmval.locks import LOCK_FILE, locked
 from mmval.overrides import apply_overrides
@@ -154,22 +154,26 @@ def prepare(
     if part is not None:  # the merged data set no longer matches this part: merge again
         (root / MANIFEST).unlink(missing_ok=True)
 
-    def header(
-        classes: list[str],
-        modalities: list[ModalitySpec],
-        extraction: dict,
-        ground_truth: list[ModalitySpec] | None = None,
-    ) -> DatasetHeader:
-        extraction = {"settings": settings, **extraction}
+    def header(data: PrepPlan | BuiltData) -> DatasetHeader:
+        extraction = {"settings": settings, **data.extraction}
+        ground_truth = data.ground_truth if isinstance(data, BuiltData) else []
         return DatasetHeader(
-            name, entry.version, entry_sha, classes, modalities, extraction, ground_truth or []
+            name,
+            entry.version,
+            entry_sha,
+            data.classes,
+            data.modalities,
+            extraction,
+            ground_truth,
+            data.task,
+            data.target,
         )
 
     if plan is not None:
         manifest, summary = run_plan(
             plan,
             out,
-            header(plan.classes, plan.modalities, plan.extraction),
+            header(plan),
             workers=workers,
             clip_timeout=clip_timeout,
             callbacks=callbacks,
@@ -185,7 +189,7 @@ def prepare(
         write_atomic(out / name, lambda path, data=data: path.write_bytes(data))
     manifest = write_dataset(
         out,
-        header(built.classes, built.modalities, built.extraction, built.ground_truth),
+        header(built),
         built.splits,
         built.errors,
     )
@@ -424,6 +428,8 @@ def merge_parts(
         reference.modalities,
         extraction,
         reference.ground_truth,
+        reference.task,
+        reference.target,
     )
     _remove_stale_temps(out, parts=False)
     manifest, wrote = merge_data_dirs(out, header, [p.name for p in parts], list(files))

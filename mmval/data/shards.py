@@ -67,6 +67,10 @@ class _Strict(BaseModel):
 
 
 Encoding = Literal["raw", "jpeg", "jpeg-uv", "tokens"]
+# what a data set's samples are labelled for (`mmval.tasks` holds what each means for training):
+# one class per sample, a score, a class per time segment, a class per voxel
+TaskKind = Literal["classification", "regression", "localisation", "segmentation"]
+TARGET = "target"  # the column holding a non-classification task's per-sample target
 
 
 class ModalitySpec(_Strict):
@@ -125,6 +129,16 @@ class DataManifest(_Strict):
         description="sha256 of index.parquet; absent in data folders prepared before it was "
         "recorded (their index is still checked against the manifest and the shards)",
     )
+    task: TaskKind = Field(
+        default="classification",
+        description="what the samples are labelled for; `label` is always one class per "
+        "sample (stratified splits, class-balanced sampling), other tasks add `target`",
+    )
+    target: ModalitySpec | None = Field(
+        default=None,
+        description="the raw column `target` of a regression (score [1]), localisation "
+        "(class per segment [T]) or segmentation (class per voxel [D, H, W]) data set",
+    )
 
     @model_validator(mode="after")
     def _ground_truth_columns(self) -> DataManifest:
@@ -135,7 +149,20 @@ class DataManifest(_Strict):
             if spec.name in taken:
                 raise ValueError(f"ground-truth column {spec.name!r} clashes with another column")
             taken.add(spec.name)
+        if (self.task == "classification") != (self.target is None):
+            raise ValueError(
+                f"a {self.task} data set needs a target exactly when it is not classification"
+            )
+        if self.target is not None and (
+            self.target.name != TARGET or self.target.encoding != "raw" or TARGET in taken
+        ):
+            raise ValueError(f"the target must be the raw column {TARGET!r}, used by nothing else")
         return self
+
+    @property
+    def stored_columns(self) -> list[ModalitySpec]:
+        """Every tensor column of a shard: the modalities, the ground truth, the target."""
+        return [*self.modalities, *self.ground_truth, *([self.target] if self.target else [])]
 
     @model_serializer(mode="wrap")
     def _omit_empty_optional_fields(self, handler: SerializerFunctionWrapHandler) -> dict:
@@ -146,6 +173,9 @@ class DataManifest(_Strict):
             dump.pop("ground_truth", None)
         if self.index_sha256 is None:
             dump.pop("index_sha256", None)
+        if self.target is None:  # a classification set: as before tasks existed
+            dump.pop("task", None)
+            dump.pop("target", None)
         return dump
 
     def modality(self, name: str) -> ModalitySpec:
@@ -242,6 +272,13 @@ class DatasetHeader:
     modalities: list[ModalitySpec]
     extraction: dict
     ground_truth: list[ModalitySpec] = field(default_factory=list)
+    task: TaskKind = "classification"
+    target: ModalitySpec | None = None
+
+    @property
+    def columns(self) -> list[ModalitySpec]:
+        """Every tensor column a shard stores (`DataManifest.stored_columns`)."""
+        return [*self.modalities, *self.ground_truth, *([self.target] if self.target else [])]
 
     def manifest(self, splits: dict[str, SplitInfo], index_sha256: str) -> DataManifest:
         """The data folder's manifest once its splits and its index are written."""
@@ -256,6 +293,8 @@ class DatasetHeader:
             splits=splits,
             ground_truth=list(self.ground_truth),
             index_sha256=index_sha256,
+            task=self.task,
+            target=self.target,
         )
 
 
@@ -480,7 +519,7 @@ def write_dataset(
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     results: dict[str, list[ShardResult]] = {}
-    columns = [*header.modalities, *header.ground_truth]  # ground truth: raw columns too
+    columns = header.columns  # ground truth and target: raw columns too
     errors = list(errors)
     for split_name, samples in splits.items():
         samples, dropped = finite_samples(samples, header.modalities)
@@ -612,7 +651,7 @@ def check_data_dir(
     index_problem = _schema_problem(root / INDEX, INDEX_SCHEMA)
     if index_problem is not None:
         problems.append(index_problem)
-    expected = _schema([*manifest.modalities, *manifest.ground_truth])
+    expected = _schema(manifest.stored_columns)
     intact: list[ShardInfo] = []
     for split_name, split in manifest.splits.items():
         for shard in split.shards:

@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mmval.data.manifest import DatasetManifest, StratifiedSplits
-from mmval.data.shards import ModalitySpec, SplitSamples
+from mmval.data.shards import ModalitySpec, SplitSamples, TaskKind
 
 
 @dataclass
@@ -25,6 +25,9 @@ class BuiltData:
     ground_truth: list[ModalitySpec] = field(default_factory=list)
     # written beside the shards (the tokenizer a text modality was encoded with)
     files: dict[str, bytes] = field(default_factory=dict)
+    task: TaskKind = "classification"
+    # the per-sample target of other tasks (`SplitSamples.arrays["target"]`)
+    target: ModalitySpec | None = None
 
 
 class Source(Protocol):
