@@ -115,10 +115,20 @@ def _train_callbacks(progress: Progress) -> list:
             progress.advance(self.task)
 
         def on_epoch_end(self, fit: Fit, row: dict[str, float]) -> None:
-            val = row.get("val_acc", float("nan"))
-            progress.update(self.task, status=f"epoch {int(row['epoch'])} val {val:.3f}")
+            name, val = _headline(row, "val")
+            status = f"epoch {int(row['epoch'])} val {name} {val:.3f}" if name else ""
+            progress.update(self.task, status=status)
 
     return [Bars()]
+
+
+def _headline(row: dict, split: str) -> tuple[str, float]:
+    """The task's headline metric of an epoch row or a summary (its first `<split>_` entry:
+    accuracy for classification, MAE for regression, ...) by name, and its value."""
+    for key, value in row.items():
+        if key.startswith(f"{split}_"):
+            return key.removeprefix(f"{split}_"), float(value)
+    return "", float("nan")
 
 
 def _print_frame(frame, title: str, float_format: str = "{:.2f}") -> None:
@@ -445,9 +455,10 @@ def train(
             return
         s = outcome.summary
         note = "already finished, kept" if outcome.status == "skipped" else "done"
+        name, val = _headline(s, "val")
         progress.console.print(
             f"{outcome.run_dir}: {note}; best epoch {s['best_epoch']}, "
-            f"val acc {s['val_acc']:.4f}, test acc {s['test_acc']:.4f}"
+            f"val {name} {val:.4f}, test {name} {s[f'test_{name}']:.4f}"
         )
 
     with _progress() as progress:
@@ -461,13 +472,16 @@ def train(
     if not plan.is_sweep:
         return
     table = Table(title=f"sweep {recipe}")
-    for column in ("run", "seed", "status", "best epoch", "val acc", "test acc"):
+    name = next((_headline(o.summary, "val")[0] for o in outcomes if o.summary), "acc")
+    for column in ("run", "seed", "status", "best epoch", f"val {name}", f"test {name}"):
         table.add_column(column, justify="right" if column != "run" else "left")
     style = {"trained": "green", "skipped": "dim", "failed": "bold red"}
     for o in outcomes:
         s = o.summary
         numbers = (
-            [str(s["best_epoch"]), f"{s['val_acc']:.4f}", f"{s['test_acc']:.4f}"] if s else [""] * 3
+            [str(s["best_epoch"]), f"{s[f'val_{name}']:.4f}", f"{s[f'test_{name}']:.4f}"]
+            if s and f"val_{name}" in s
+            else [""] * 3
         )
         table.add_row(o.label, str(o.seed), f"[{style[o.status]}]{o.status}[/]", *numbers)
     console.print(table)

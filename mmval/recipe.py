@@ -21,6 +21,7 @@ from mmval.methods.plugged import plugin_problems
 from mmval.models import ModelConfig
 from mmval.plugins import PLUGINS, PluginField
 from mmval.settings import ADDED_LATER, Effect, settings_hash
+from mmval.tasks import TaskField
 from mmval.validation import format_problems, problems_of
 from mmval.valuation.config import TrainValuationConfig
 from mmval.valuation.evaluate import EvaluateConfig
@@ -187,6 +188,12 @@ class Recipe(_Strict):
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfigUnion = Field(default_factory=ConcatConfig)
+    task: Annotated[TaskField | None, ADDED_LATER] = Field(
+        default=None,
+        description="what the model is trained for: classification, regression, "
+        "localisation or segmentation, or a mapping with the task's settings "
+        "(`{name: regression, loss: mse}`); unset, the data set's own task",
+    )
     plugins: Annotated[list[PluginField], ADDED_LATER] = Field(
         default_factory=list,
         description="components added to the method's model and loss, in order (c3r, imml; "
@@ -278,9 +285,38 @@ class Recipe(_Strict):
         return "+".join([label, *(plugin.name for plugin in self.plugins)])
 
 
+def _task_problems(recipe: Recipe, task: str) -> list[tuple[str, str]]:
+    """The method or plug-ins of the recipe that are not defined for `task`."""
+    found = []
+    if task not in recipe.method.tasks:
+        found.append(
+            (
+                "method" if recipe.task is None else "task",
+                f"{recipe.method.name} is defined for {' and '.join(recipe.method.tasks)}, "
+                f"not {task}",
+            )
+        )
+    for i, plugin in enumerate(recipe.plugins):
+        if task not in plugin.tasks:
+            found.append(
+                (f"plugins[{i}]", f"{plugin.name} is defined for {' and '.join(plugin.tasks)}")
+            )
+    return found
+
+
+def check_task(recipe: Recipe, task: str) -> None:
+    """The recipe's method and plug-ins against the task it trains for (the data's task when
+    the recipe names none)."""
+    found = _task_problems(recipe, task)
+    if found:
+        raise UserError(format_problems(found, f"recipe {recipe.name} ({task} task)"))
+
+
 def _cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
     modalities = recipe.data.modalities
     found = recipe.method.recipe_problems(recipe.model, modalities)
+    if recipe.task is not None:
+        found += _task_problems(recipe, recipe.task.name)
     built_on = None if modalities is None else recipe.method.model_modalities(modalities)
     found += plugin_problems(METHODS[recipe.method.name], recipe.plugins, built_on)
     found += recipe.model.flat_problems()

@@ -142,6 +142,7 @@ class Trainer:
             seed=self.seed,
             device=session.device,
             batch_size=recipe.train.eval_batch_size,
+            task=session.task,
         )
         return [_Valuation(valuation)]
 

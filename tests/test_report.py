@@ -22,7 +22,7 @@ from mmval.cli.main import app
 from typer.testing import CliRunner
 
 from mmval.data.prep import prepare
-from mmval.engine.metrics import macro_f1
+from mmval.metrics import macro_f1
 from mmval.recipe import load_recipe, parse_recipe
 from mmval.report import compare, find_runs, make_figures, render
 from mmval.report.runs import NOT_SETTINGS

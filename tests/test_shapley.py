@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from mmval.data.dataset import Batch
 from mmval.data.shards import ModalitySpec
 from mmval.models import ModelConfig, build_model
 from mmval.valuation.base import Game
@@ -47,7 +48,7 @@ def game(
     names = list(inputs)
     fills = None if mask == "feature" else {n: torch.zeros(5) for n in names}
     evaluator = build_evaluator(model, names, mask, fills, device=torch.device("cpu"))
-    return Game(evaluator, inputs, labels, torch.arange(len(labels)), benefit)
+    return Game(evaluator, Batch(inputs, labels, torch.arange(len(labels))), benefit)
 
 
 def value(g: Game, method: MethodName = "shapley", **options):

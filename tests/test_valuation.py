@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mmval.artifacts.checkpoint import load_checkpoint
-from mmval.data.dataset import ParquetSamples
+from mmval.data.dataset import Batch, ParquetSamples
 from mmval.data.shards import ModalitySpec, check_data_dir
 from mmval.errors import UserError
 from mmval.models import ModelConfig, build_model
@@ -190,7 +190,7 @@ def table_game(confidence: dict[int, list[float]]) -> Game:
         p[code] = torch.tensor(values, dtype=torch.float64)
     table = torch.stack([p.log(), (1 - p).log()], -1)
     labels = torch.zeros(samples, dtype=torch.long)
-    return Game(TableEvaluator(table), {}, labels, torch.arange(samples), "correct")
+    return Game(TableEvaluator(table), Batch({}, labels, torch.arange(samples)), "correct")
 
 
 def test_cmob_by_hand():
@@ -269,7 +269,7 @@ def test_cmob_is_twice_shapley_for_two_modalities_when_the_full_set_is_most_conf
     p[3] = 0.95  # the full set: most confident
     table = torch.stack([p.log(), (1 - p).log()], -1)
     labels = torch.zeros(50, dtype=torch.long)
-    g = Game(TableEvaluator(table), {}, labels, torch.arange(50), "correct")
+    g = Game(TableEvaluator(table), Batch({}, labels, torch.arange(50)), "correct")
     config = ValuationConfig(method="cmob", confidence=confidence, confidence_score="true_class")
     cmob = build_method(config, ["x0", "x1"]).value(g).contribution
     exact = build_method(ValuationConfig(), ["x0", "x1"]).value(g).contribution

@@ -238,7 +238,8 @@ class RunFiles(Callback):
 
 def run_summary(fit: Fit, label: str) -> dict[str, Any]:
     """summary.json: what the report reads of a finished run."""
-    state, recipe = fit.state, fit.recipe
+    state, recipe, task = fit.state, fit.recipe, fit.session.task
+    headline = task.headline
     best = next(r for r in state.rows if r["epoch"] == state.best_epoch)
     final = state.rows[-1]
     return {
@@ -255,9 +256,9 @@ def run_summary(fit: Fit, label: str) -> dict[str, Any]:
         "epochs": recipe.train.epochs,
         "best_epoch": state.best_epoch,
         "protocol": recipe.train.protocol,
-        **{k: best[k] for k in ("val_acc", "val_f1", "test_acc", "test_f1")},
-        "final_test_acc": final["test_acc"],
-        "final_test_f1": final["test_f1"],
+        **({} if task.kind == "classification" else {"task": task.kind, "headline": headline}),
+        **{f"{split}_{k}": best[f"{split}_{k}"] for split in ("val", "test") for k in headline},
+        **{f"final_test_{k}": final[f"test_{k}"] for k in headline},
         "train_seconds": sum(r["seconds"] for r in state.rows),
         "processes": distributed.world_size(),
         "recipe": recipe.model_dump(mode="json"),
@@ -266,8 +267,6 @@ def run_summary(fit: Fit, label: str) -> dict[str, Any]:
 
 def _write_predictions(path: Path, sample_ids: list[str], preds: Predictions) -> None:
     """Per-sample test predictions of best.pt, for `mmval report`'s paired bootstrap."""
-    frame = pd.DataFrame(
-        {"sample_id": sample_ids, "label": preds.labels, "pred": preds.logits.argmax(1)}
-    )
+    frame = pd.DataFrame({"sample_id": sample_ids, **preds.columns()})
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)

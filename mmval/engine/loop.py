@@ -41,18 +41,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from mmval import distributed
 from mmval.artifacts.layout import LAST
 from mmval.data.dataset import Batch, ParquetSamples, collate_batch
-from mmval.engine.metrics import accuracy, macro_f1
 from mmval.engine.session import Session, autocast
 from mmval.errors import UserError
 from mmval.methods import TrainContext
 from mmval.methods.base import StepTools
+from mmval.metrics import accuracy
 from mmval.models import ModelOutput, MultimodalModel
 from mmval.recipe import Recipe
+from mmval.tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -89,22 +91,25 @@ class _GuardedTools(StepTools):
 
 @dataclass
 class Predictions:
-    logits: np.ndarray
-    labels: np.ndarray
-    unimodal_pred: dict[str, np.ndarray]
-    readout_pred: dict[str, np.ndarray] = field(default_factory=dict)  # Method.eval_readouts
+    """What evaluation kept of a split: the task's per-sample arrays (`Task.collect`), each
+    modality's own where the fusion has per-modality logits, and the classes of the method's
+    other read-outs (`Method.eval_readouts`)."""
+
+    task: Task
+    collected: dict[str, np.ndarray]
+    unimodal: dict[str, dict[str, np.ndarray]]
+    readout_pred: dict[str, np.ndarray] = field(default_factory=dict)
 
     def metrics(self, prefix: str) -> dict[str, float]:
-        pred = self.logits.argmax(1)
-        row = {
-            f"{prefix}_acc": accuracy(pred, self.labels),
-            f"{prefix}_f1": macro_f1(pred, self.labels),
-        }
-        for m, upred in self.unimodal_pred.items():
-            row[f"{prefix}_acc_{m}"] = accuracy(upred, self.labels)
+        row = self.task.metrics(self.collected, self.unimodal, prefix)
+        labels = self.collected["label"]
         for name, rpred in self.readout_pred.items():
-            row[f"{prefix}_{name}_acc"] = accuracy(rpred, self.labels)
+            row[f"{prefix}_{name}_acc"] = accuracy(rpred, labels)
         return row
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """predictions.parquet's columns besides sample_id."""
+        return self.task.prediction_columns(self.collected)
 
     def gathered(self) -> Predictions:
         """Every rank's predictions in rank order (each rank predicted its share of a split)."""
@@ -112,19 +117,23 @@ class Predictions:
         def cat(values: np.ndarray) -> np.ndarray:
             return distributed.gather_rows(torch.from_numpy(values)).numpy()
 
+        def cat_all(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {name: cat(values) for name, values in arrays.items()}
+
         return Predictions(
-            logits=cat(self.logits),
-            labels=cat(self.labels),
-            unimodal_pred={m: cat(v) for m, v in self.unimodal_pred.items()},
-            readout_pred={name: cat(v) for name, v in self.readout_pred.items()},
+            task=self.task,
+            collected=cat_all(self.collected),
+            unimodal={m: cat_all(own) for m, own in self.unimodal.items()},
+            readout_pred=cat_all(self.readout_pred),
         )
 
 
 @torch.no_grad()
 def predict(
-    model: MultimodalModel,
+    model: nn.Module,
     dataset: ParquetSamples,
     device: torch.device,
+    task: Task,
     *,
     batch_size: int,
     precision: str = "fp32",
@@ -141,25 +150,28 @@ def predict(
         sampler=None if positions is None else list(positions),
         collate_fn=collate_batch,
     )
-    logits, labels, unimodal = [], [], {m: [] for m in model.modalities}
+    collected: list[dict[str, np.ndarray]] = []
+    unimodal: dict[str, list[dict[str, np.ndarray]]] = {}
     extra: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
         batch = batch.to(device)
         with autocast(device, precision):
-            out = model(batch.inputs)
+            out = task.eval_forward(model, batch.inputs)
             for name, z in ({} if readouts is None else readouts(model, out)).items():
                 extra.setdefault(name, []).append(z.argmax(1).cpu())
-        logits.append(out.logits.float().cpu())
-        labels.append(batch.label.cpu())
-        if out.unimodal_logits is not None:
-            for m, z in out.unimodal_logits.items():
-                unimodal[m].append(z.argmax(1).cpu())
+        collected.append(task.collect(out.logits, batch))
+        for m, z in (out.unimodal_logits or {}).items():
+            unimodal.setdefault(m, []).append(task.collect(z, batch))
     return Predictions(
-        logits=torch.cat(logits).numpy(),
-        labels=torch.cat(labels).numpy(),
-        unimodal_pred={m: torch.cat(v).numpy() for m, v in unimodal.items() if v},
+        task=task,
+        collected=_joined(collected),
+        unimodal={m: _joined(parts) for m, parts in unimodal.items()},
         readout_pred={name: torch.cat(v).numpy() for name, v in extra.items()},
     )
+
+
+def _joined(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 @dataclass
@@ -168,7 +180,9 @@ class FitState:
 
     epoch: int = 0  # epochs done
     step: int = 0  # optimizer steps taken
-    best_val: float = -math.inf  # the selection score: val acc (test acc, published protocol)
+    # the selection score: the task's selection metric on val (test, published protocol),
+    # negated when lower is better, so that higher is always better here
+    best_val: float = -math.inf
     best_epoch: int = 0
     rows: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics
 
@@ -240,7 +254,9 @@ def fit(run: Fit, callbacks: Sequence[Callback]) -> FitState:
         session.sampler.set_epoch(state.epoch)  # len(loader): a whole epoch, also after resume
         # the published protocol trained on val: best.pt is the best test epoch, as the
         # official codes keep it
-        selected_by = "test_acc" if train.protocol == "published" else "val_acc"
+        task = session.task
+        selected_by = f"{'test' if train.protocol == 'published' else 'val'}_{task.selected_on}"
+        sign = 1.0 if task.higher_is_better else -1.0
         for callback in callbacks:
             callback.on_train_start(run)
         for epoch in range(state.epoch, run.epochs):
@@ -263,7 +279,7 @@ def fit(run: Fit, callbacks: Sequence[Callback]) -> FitState:
             if (epoch + 1) % train.eval_every == 0 or epoch + 1 == run.epochs:
                 metrics, test_preds = evaluate(run)
                 row.update(metrics)
-                score = row[selected_by]
+                score = sign * row[selected_by]
                 best = score > state.best_val
                 if best:
                     state.best_val, state.best_epoch = score, epoch + 1
@@ -298,7 +314,7 @@ def train_one_epoch(run: Fit, ctx: TrainContext, callbacks: Sequence[Callback]) 
         torch.empty((), dtype=torch.int64).random_()
     model.train()
     method.on_epoch_start(model, ctx)
-    loss_sum, correct, seen, data_seconds = 0.0, 0, 0, 0.0
+    loss_sum, score_sum, seen, data_seconds = 0.0, 0.0, 0, 0.0
     method_sums: dict[str, float] = {}
     tools = _GuardedTools(
         optimizer,
@@ -333,14 +349,14 @@ def train_one_epoch(run: Fit, ctx: TrainContext, callbacks: Sequence[Callback]) 
             for key, value in result.figures.items():
                 method_sums[key] = method_sums.get(key, 0.0) + value * len(batch)
             loss_sum += loss * len(batch)
-            correct += int((result.logits.argmax(1) == batch.label).sum())
+            score_sum += session.task.train_score(result.logits, batch)
             seen += len(batch)
         ctx.step += 1
         session.sampler.advance(len(batch))
         for callback in callbacks:
             callback.on_train_step(run)
     totals = distributed.sum_dict(
-        {"loss": loss_sum, "correct": correct, "seen": seen}
+        {"loss": loss_sum, "score": score_sum, "seen": seen}
         | {f"method_{k}": v for k, v in method_sums.items()}
     )
     seen = int(totals.pop("seen"))
@@ -348,7 +364,7 @@ def train_one_epoch(run: Fit, ctx: TrainContext, callbacks: Sequence[Callback]) 
         "epoch": ctx.epoch + 1,
         "lr": optimizer.param_groups[0]["lr"],
         "train_loss": totals.pop("loss") / seen if seen else math.nan,  # nan: all skipped
-        "train_acc": totals.pop("correct") / seen if seen else math.nan,
+        f"train_{session.task.train_figure}": totals.pop("score") / seen if seen else math.nan,
     }
     if tools.skip:
         row["skipped_steps"] = tools.skipped
@@ -446,6 +462,7 @@ def evaluate(run: Fit) -> tuple[dict[str, float], Predictions]:
             session.model,
             dataset,
             session.device,
+            session.task,
             batch_size=train.eval_batch_size,
             precision=train.precision,
             positions=share,

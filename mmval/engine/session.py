@@ -26,8 +26,9 @@ from mmval.data.sources import SOURCES
 from mmval.errors import UserError
 from mmval.methods import Method, build_method
 from mmval.methods.plugged import with_plugins
-from mmval.models import MultimodalModel, build_model
-from mmval.recipe import DataConfig, OptimConfig, Recipe, check_against_data
+from mmval.models import build_model
+from mmval.recipe import DataConfig, OptimConfig, Recipe, check_against_data, check_task
+from mmval.tasks import Task, resolve_task
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,8 +108,9 @@ class Session:
     manifest: DataManifest
     data_info: DataInfo
     modalities: list[str]  # those the model is built on
+    task: Task
     method: Method
-    model: MultimodalModel
+    model: nn.Module  # a MultimodalModel, or a segmentation model
     datasets: dict[str, ParquetSamples]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
@@ -130,8 +132,12 @@ def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
     available = recipe.data.modalities or [s.name for s in manifest.modalities]
     check_against_data(recipe, available)
     specs = [manifest.modality(m) for m in available]
+    task = resolve_task(recipe.task, manifest.task, len(manifest.classes))
+    check_task(recipe, task.kind)
     method = with_plugins(
-        build_method(recipe.method, len(manifest.classes)), recipe.plugins, len(manifest.classes)
+        build_method(recipe.method, len(manifest.classes), task),
+        recipe.plugins,
+        len(manifest.classes),
     )
     modalities = method.model_modalities(available)
     specs = [s for s in specs if s.name in modalities]
@@ -166,7 +172,7 @@ def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
         )
     torch.manual_seed(seed)  # on every rank: the same weights everywhere
     model = _for_ranks(
-        build_model(recipe.model, specs, len(manifest.classes), recipe.plugins), device
+        build_model(recipe.model, specs, task.out_dim(), recipe.plugins, task=task.kind), device
     )
     model = model.to(device)
     if recipe.train.channels_last:  # the conv weights; resnet18 inputs arrive channels-last
@@ -210,6 +216,7 @@ def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
         manifest=manifest,
         data_info=data_info,
         modalities=modalities,
+        task=task,
         method=method,
         model=model,
         datasets=datasets,

@@ -36,6 +36,7 @@ from mmval.methods.ume import UME
 from mmval.methods.umt import UMT
 from mmval.methods.unimodal import Unimodal
 from mmval.registry import Tagged, register, tag_of
+from mmval.tasks import Task
 
 METHODS: dict[str, type[Method]] = {
     tag_of(cls.Config): cls
@@ -84,8 +85,12 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def build_method(config: MethodConfig, num_classes: int) -> Method:
-    return METHODS[config.name](config, num_classes)
+def build_method(config: MethodConfig, num_classes: int, task: Task | None = None) -> Method:
+    """The method of `config`, training for `task` (classification when None)."""
+    method = METHODS[config.name](config, num_classes)
+    if task is not None:
+        method.task = task
+    return method
 
 
 __all__ = [

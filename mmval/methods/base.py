@@ -40,6 +40,7 @@ from mmval.distributed import GradientSync, shard_bounds, world_size
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.models.fusions import FUSIONS, FusionConfig, count_phrase
 from mmval.registry import tag_of
+from mmval.tasks import CLASSIFICATION, Task
 
 
 class MethodConfig(BaseModel):
@@ -56,6 +57,9 @@ class MethodConfig(BaseModel):
     fusions: ClassVar[tuple[str, ...] | None] = None  # the fusions it can train (None: any)
     needs_unimodal_logits: ClassVar[bool] = False  # reads each modality's logits
     needs_additive: ClassVar[bool] = False  # needs fused logits that are the sum of those
+    # the tasks (mmval.tasks) the method is defined for: its hooks read class labels unless
+    # it says otherwise
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
     min_modalities: ClassVar[int] = 1  # of the data (2 for balancing methods)
     max_modalities: ClassVar[int | None] = None
     # the least a quick test run (a few epochs, tiny data) needs: recipe overrides as nested
@@ -227,6 +231,7 @@ class StepResult:
 
 class Method:
     Config: ClassVar[type[MethodConfig]]
+    task: Task = CLASSIFICATION  # what the run trains for (`build_method` sets it)
 
     def __init__(self, config: MethodConfig, num_classes: int) -> None:
         self.config = config
@@ -251,7 +256,7 @@ class Method:
 
     def forward(self, model: MultimodalModel, batch: Batch, ctx: TrainContext) -> ModelOutput:
         """The training forward pass."""
-        return model(batch.inputs)
+        return self.task.train_forward(model, batch, ctx.epoch)
 
     def train_step(
         self, model: MultimodalModel, batch: Batch, ctx: TrainContext, tools: StepTools
@@ -277,7 +282,7 @@ class Method:
     def loss(
         self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
     ) -> torch.Tensor:
-        return F.cross_entropy(out.logits, batch.label)
+        return self.task.loss(out.logits, batch)
 
     def after_backward(
         self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext

@@ -293,6 +293,7 @@ class CMoB(Method):
         positions = torch.from_numpy(valued.positions)
         self.phi = torch.full((ctx.train_size, len(model.modalities)), torch.inf)
         self.phi[positions] = torch.from_numpy(valued.contributions).float()
+        assert valued.correct is not None  # cmob is a classification method
         self.correct = torch.ones(ctx.train_size, dtype=torch.bool)
         self.correct[positions] = torch.from_numpy(valued.correct)
         figures = {"valuation_seconds": time.perf_counter() - started}

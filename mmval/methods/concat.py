@@ -1,5 +1,6 @@
-"""Plain joint training with cross-entropy on the fused logits (the fusion comes from
-`model.fusion`): the baseline every balancing method is compared to.
+"""Plain joint training with the task's loss (cross-entropy for classification) on the fused
+logits (the fusion comes from `model.fusion`): the baseline every balancing method is compared
+to, for every task.
 
 No paper and no official code of its own; the default concat head is the OGM-GE code's
 (GeWu-Lab/OGM-GE_CVPR2022 @343dc1d95c9bda88f105c0da8d24f185e0e98b54,
@@ -18,6 +19,13 @@ from mmval.methods.base import Method, MethodConfig
 
 class ConcatConfig(MethodConfig):
     name: Literal["concat"] = "concat"
+    # its only hook is the task's loss on the fused output
+    tasks: ClassVar[tuple[str, ...]] = (
+        "classification",
+        "regression",
+        "localisation",
+        "segmentation",
+    )
 
 
 class Concat(Method):

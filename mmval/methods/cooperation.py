@@ -48,6 +48,7 @@ from mmval.data.dataset import Batch, TaggedPositions
 from mmval.distributed import gather_rows
 from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.models import ModelOutput, MultimodalModel
+from mmval.tasks import CLASSIFICATION, Task
 from mmval.valuation.base import Game, ValuationMethod
 from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import build_evaluator
@@ -65,7 +66,8 @@ class SplitValues:
 
     positions: np.ndarray  # [N] positions in the split
     contributions: np.ndarray  # [N, M] float64
-    correct: np.ndarray  # [N] bool: the prediction from every modality is right
+    # [N] bool: the prediction from every modality is right (classification; None otherwise)
+    correct: np.ndarray | None
 
 
 @torch.no_grad()
@@ -74,6 +76,7 @@ def value_split(
     ctx: TrainContext,
     valuation: ValuationMethod,
     positions: np.ndarray | None = None,
+    task: Task = CLASSIFICATION,
 ) -> SplitValues:
     """The train split (or `positions` of it) valued in eval mode, removing modalities by
     zeroing their features (the official code's `exec_drop`); the benefit is the paper's, |S|
@@ -87,8 +90,7 @@ def value_split(
     values = [torch.zeros(0, len(model.modalities), dtype=torch.float64)]
     correct = [torch.zeros(0, dtype=torch.uint8)]  # uint8: every backend gathers it
     for batch in ctx.rank_batches("train", positions):
-        game = Game(evaluator, batch.inputs, batch.label, batch.index, "correct")
-        valued = valuation.value(game)
+        valued = valuation.value(Game(evaluator, batch, "correct", task))
         values.append(valued.contribution.cpu())
         right = valued.pred == batch.label.to(valued.pred.device)
         correct.append(right.to(torch.uint8).cpu())
@@ -97,7 +99,9 @@ def value_split(
     return SplitValues(
         gather_rows(torch.cat(index)).numpy(),
         gather_rows(torch.cat(values)).numpy(),
-        gather_rows(torch.cat(correct)).numpy().astype(bool),
+        gather_rows(torch.cat(correct)).numpy().astype(bool)
+        if task.kind == "classification"
+        else None,
     )
 
 

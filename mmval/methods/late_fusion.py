@@ -24,11 +24,10 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, TrainContext, unimodal_cross_entropy
+from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.models import ModelOutput, MultimodalModel
 
 
@@ -36,6 +35,7 @@ class LateFusionMethodConfig(MethodConfig):
     fusion: ClassVar[str] = "late"
     fusions: ClassVar[tuple[str, ...] | None] = ("late",)
     min_modalities: ClassVar[int] = 2
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "regression", "localisation")
     name: Literal["late_fusion"] = "late_fusion"
     unimodal_weight: float = Field(
         default=1.0,
@@ -51,5 +51,6 @@ class LateFusionMethod(Method):
     def loss(
         self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
     ) -> torch.Tensor:
-        unimodal = unimodal_cross_entropy(out, batch.label)
-        return F.cross_entropy(out.logits, batch.label) + self.config.unimodal_weight * unimodal
+        assert out.unimodal_logits is not None
+        unimodal = self.task.unimodal_loss(out.unimodal_logits, batch)
+        return self.task.loss(out.logits, batch) + self.config.unimodal_weight * unimodal

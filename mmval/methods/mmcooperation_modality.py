@@ -61,6 +61,8 @@ Shape = Literal["linear", "tanh", "power"]
 
 
 class MMCooperationModalityConfig(CooperationConfig):
+    # localisation [ours], as mmcooperation_sample
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "localisation")
     name: Literal["mmcooperation_modality"] = "mmcooperation_modality"
     part_ratio: float = Field(
         default=0.2, gt=0, le=1, description="Z / N, the share of train drawn (official 0.2)"
@@ -96,7 +98,7 @@ class MMCooperationModality(Cooperation):
         cfg, n = self.config, ctx.train_size
         draws = torch.randint(n, (max(1, int(n * cfg.part_ratio)),)).numpy()
         unique, counts = np.unique(draws, return_counts=True)
-        phi = value_split(model, ctx, self.valuation, unique).contributions
+        phi = value_split(model, ctx, self.valuation, unique, self.task).contributions
         mean = (phi * counts[:, None]).sum(0) / len(draws)
         p, weakest = resample_probability(mean, cfg.function, cfg.alpha)
         extra = int(p * n)

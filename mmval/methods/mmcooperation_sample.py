@@ -70,6 +70,9 @@ EPS = 1e-9  # Shapley values are sums of float64 weights: 0.5 may come out as 0.
 
 
 class MMCooperationSampleConfig(CooperationConfig):
+    # localisation [ours]: the clip's phi values the mean over its segments of the segment
+    # benefit (Wei et al.'s Table 3 code is not public)
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "localisation")
     name: Literal["mmcooperation_sample"] = "mmcooperation_sample"
     frequency: Frequency = Field(
         default="step",
@@ -104,7 +107,7 @@ class MMCooperationSample(Cooperation):
         self, model: MultimodalModel, ctx: TrainContext
     ) -> tuple[TaggedPositions, dict[str, float]]:
         cfg, m = self.config, self.num_modalities
-        valued = value_split(model, ctx, self.valuation)
+        valued = value_split(model, ctx, self.valuation, task=self.task)
         positions, phi = valued.positions, valued.contributions
         uniform = None
         if cfg.frequency != "step":

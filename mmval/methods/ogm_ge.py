@@ -47,6 +47,9 @@ from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 class OGMGEConfig(MethodConfig):
     needs_unimodal_logits: ClassVar[bool] = True
     min_modalities: ClassVar[int] = 2
+    # localisation [ours]: every segment is a unit of s_m (Tian et al.'s AVE task has no
+    # official OGM-GE code)
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "localisation")
     name: Literal["ogm_ge"] = "ogm_ge"
     alpha: float = Field(default=0.1, gt=0, description="modulation strength (README default)")
     modulation_starts: int = Field(default=0, ge=0, description="first modulated epoch")
@@ -83,10 +86,7 @@ class OGMGE(Method):
         names = model.modalities
         with torch.no_grad():
             scores = torch.stack(
-                [
-                    out.unimodal_logits[m].float().softmax(1).gather(1, batch.label[:, None]).sum()
-                    for m in names
-                ]
+                [self._true_class_mass(out.unimodal_logits[m], batch) for m in names]
             )
             scores = all_reduce(scores)  # the global batch's
             coeffs = modulation_coefficients(scores, self.config.alpha)
@@ -105,6 +105,12 @@ class OGMGE(Method):
                 else:
                     param.grad = grad * coeff
         return {f"coef_{m}": c for m, c in zip(names, coeffs.tolist(), strict=True)}
+
+    def _true_class_mass(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """s_m: the summed softmax probability of the true class over the batch's units (its
+        clips; for localisation, every segment of every clip)."""
+        units, labels = self.task.class_units(logits, batch)
+        return units.float().softmax(1).gather(1, labels[:, None]).sum()
 
     def _min_grad_dim(self, encoder: torch.nn.Module) -> int:
         if self.config.params == "conv":

@@ -15,6 +15,13 @@ from mmval.models import ModelConfig
 
 
 class UnimodalConfig(MethodConfig):
+    # plain training on one modality: the task's loss only
+    tasks: ClassVar[tuple[str, ...]] = (
+        "classification",
+        "regression",
+        "localisation",
+        "segmentation",
+    )
     name: Literal["unimodal"] = "unimodal"
     quick: ClassVar[dict[str, Any]] = {"method": {"modality": "{modality}"}}
     modality: str = Field(description="the modality to train on")

@@ -79,8 +79,25 @@ class TransformerEncoderConfig(BaseModel):
     pretrained: Path | None = Field(default=None, description="local state dict of this encoder")
 
 
+class SegmentLSTMEncoderConfig(BaseModel):
+    """Per-segment features [T, ..., D] (AVE's [10, 128] VGGish audio, [10, 7, 7, 512] VGG-19
+    maps) to per-segment features [T, 2 * hidden]: the grid of a map averaged [ours: Tian et
+    al. attend over it guided by the audio], then a bidirectional LSTM over the segments with
+    zero initial states, as Tian et al.'s baseline models each stream (YapengTian/AVE-ECCV18
+    93f843fed72fb17394df76330df958b0c2dbde76, `models.py` 16-17, 62-71: hidden 128 per
+    direction). The fusion head is then applied to every segment (localisation)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["segment_lstm"] = "segment_lstm"
+    hidden: int = Field(default=128, ge=1, description="LSTM size per direction (official 128)")
+
+
 EncoderConfigType = (
-    MLPEncoderConfig | ResNet18EncoderConfig | EmbeddingBagEncoderConfig | TransformerEncoderConfig
+    MLPEncoderConfig
+    | ResNet18EncoderConfig
+    | EmbeddingBagEncoderConfig
+    | TransformerEncoderConfig
+    | SegmentLSTMEncoderConfig
 )
 
 
@@ -93,9 +110,29 @@ EncoderConfig = Annotated[
     Annotated[MLPEncoderConfig, Tag("mlp")]
     | Annotated[ResNet18EncoderConfig, Tag("resnet18")]
     | Annotated[EmbeddingBagEncoderConfig, Tag("embedding_bag")]
-    | Annotated[TransformerEncoderConfig, Tag("transformer")],
+    | Annotated[TransformerEncoderConfig, Tag("transformer")]
+    | Annotated[SegmentLSTMEncoderConfig, Tag("segment_lstm")],
     Discriminator(_encoder_kind),
 ]
+
+
+class SegmentLSTMEncoder(nn.Module):
+    def __init__(self, in_shape: list[int], config: SegmentLSTMEncoderConfig) -> None:
+        super().__init__()
+        if len(in_shape) < 2:
+            raise UserError(
+                f"the segment_lstm encoder reads per-segment features [T, ..., D]; this "
+                f"modality's items are {in_shape}."
+            )
+        self.lstm = nn.LSTM(in_shape[-1], config.hidden, batch_first=True, bidirectional=True)
+        self.out_dim = 2 * config.hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if x.dim() > 3:  # [B, T, *grid, D]: the mean over the grid
+            x = x.flatten(2, -2).mean(2)
+        out, _ = self.lstm(x)  # zero initial states
+        return out
 
 
 class MLPEncoder(nn.Module):
@@ -315,6 +352,8 @@ def build_encoder(spec: ModalitySpec, config: EncoderConfigType) -> nn.Module:
         return ResNet18Encoder(spec.shape, config)
     if isinstance(config, MLPEncoderConfig):
         return MLPEncoder(spec.shape, config)
+    if isinstance(config, SegmentLSTMEncoderConfig):
+        return SegmentLSTMEncoder(spec.shape, config)
     encoder: nn.Module
     if isinstance(config, EmbeddingBagEncoderConfig):
         encoder = EmbeddingBagEncoder(spec, config)

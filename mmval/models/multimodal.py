@@ -210,7 +210,14 @@ class MultimodalModel(nn.Module):
         return features
 
     def fuse(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.fusion(features)
+        """The fusion head's logits; on per-segment features [B, T, D] (temporal encoders) the
+        head is applied to every segment alike, giving [B, T, C]."""
+        return _per_position(self.fusion, features)
+
+    def unimodal_logits(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each modality's share of the fused logits (decomposable fusions), per segment as
+        `fuse`."""
+        return _per_position(self.fusion.unimodal_logits, features)
 
     def representation(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The joint representation the head classifies (for distance-correlation analyses):
@@ -223,8 +230,20 @@ class MultimodalModel(nn.Module):
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> ModelOutput:
         features = self.encode(inputs)
-        unimodal = self.fusion.unimodal_logits(features) if self.decomposable else None
+        unimodal = self.unimodal_logits(features) if self.decomposable else None
         return ModelOutput(self.fuse(features), features, unimodal)
+
+
+def _per_position(head: Any, features: dict[str, torch.Tensor]) -> Any:
+    """`head` on features [B, D]; on [B, T, D] on the B x T positions, reshaped back."""
+    first = next(iter(features.values()))
+    if first.dim() != 3:
+        return head(features)
+    b, t = first.shape[:2]
+    out = head({m: x.flatten(0, 1) for m, x in features.items()})
+    if isinstance(out, dict):
+        return {m: z.unflatten(0, (b, t)) for m, z in out.items()}
+    return out.unflatten(0, (b, t))
 
 
 def xavier_init(module: nn.Module) -> None:
@@ -247,7 +266,11 @@ def xavier_init(module: nn.Module) -> None:
 def build_model(
     config: ModelConfig,
     specs: list[ModalitySpec],
-    num_classes: int,
+    out_dim: int,
     plugins: Sequence[NeckSource] = (),
-) -> MultimodalModel:
-    return MultimodalModel(config, specs, num_classes, plugins)
+    *,
+    task: str = "classification",
+) -> nn.Module:
+    """The model of `config` predicting `out_dim` values per position (classes, or 1 for a
+    score) for `task`."""
+    return MultimodalModel(config, specs, out_dim, plugins)

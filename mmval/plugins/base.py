@@ -48,6 +48,7 @@ class PluginConfig(BaseModel, ABC):
     # must come last in `plugins:`: its loss treats the fusion head alone as the head that reads
     # its neck's output
     last: ClassVar[bool] = False
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)  # those it is defined for
     # the least a quick test run needs: overrides of this entry's own fields
     quick: ClassVar[dict[str, Any]] = {}
 

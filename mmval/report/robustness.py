@@ -38,6 +38,21 @@ EVALUATION_METHODS = ("subsets", "feature-mask")
 # report imports no torch
 _CORRUPTION = re.compile(r"^(?P<modality>[^=]+)=(?P<kind>[a-z-]+):(?P<level>[0-9.]+)$")
 CLEAN = "clean"
+# what a subsets-table column averages to (`Task.subset_metrics`, recorded in the table's
+# metadata; classification tables written before tasks existed have `correct`): the metric's
+# key, its name in titles, whether it is shown in percent, whether higher is better
+_SUBSET_METRICS = {
+    "correct": ("acc", "accuracy", True, True),
+    "abs_error": ("mae", "MAE", False, False),
+    "seg_acc": ("seg_acc", "segment accuracy", True, True),
+    "dice_wt": ("dice_wt", "Dice WT", True, True),
+    "dice_tc": ("dice_tc", "Dice TC", True, True),
+    "dice_et": ("dice_et", "Dice ET", True, True),
+}
+
+
+def _subset_metric(column: str) -> tuple[str, str, bool, bool]:
+    return _SUBSET_METRICS.get(column, (column, column, False, True))
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,8 @@ class EvaluationTable:
     modalities: tuple[str, ...]
     mask: str
     frame: pd.DataFrame = field(compare=False, repr=False)
+    # the columns the report averages per subset (`Task.subset_metrics`)
+    metrics: tuple[str, ...] = ("correct",)
 
     @property
     def clean(self) -> bool:
@@ -117,6 +134,7 @@ def _evaluation_table(path: Path, run: str, info: dict[str, str], split: str) ->
     try:
         corruptions = tuple(_parse(c) for c in json.loads(info.get("mmval.corruptions", "[]")))
         modalities = tuple(json.loads(info["mmval.modalities"]))
+        metrics = tuple(json.loads(info.get("mmval.subset_metrics", '["correct"]')))
     except (ValueError, KeyError, TypeError, UserError) as exc:
         raise _Damaged(f"the evaluation table's metadata is not mmval's ({exc})") from exc
     try:
@@ -132,6 +150,7 @@ def _evaluation_table(path: Path, run: str, info: dict[str, str], split: str) ->
         modalities=modalities,
         mask=info.get("mmval.mask", "?"),
         frame=frame,
+        metrics=metrics,
     )
 
 
@@ -142,12 +161,15 @@ def _parse(text: str) -> tuple[str, str, float]:
     return match["modality"], match["kind"], float(match["level"])
 
 
-def full_set_accuracy(table: pd.DataFrame, modalities: tuple[str, ...]) -> pd.Series:
-    """Accuracy on all the model's modalities, per repeat (the noise draws)."""
+def full_set_accuracy(
+    table: pd.DataFrame, modalities: tuple[str, ...], column: str = "correct"
+) -> pd.Series:
+    """Accuracy (or the mean of another subsets-table column) on all the model's modalities,
+    per repeat (the noise draws)."""
     full = table[table["size"] == len(modalities)]
     if "repeat" not in full:  # written without --corrupt by an mmval before the column
-        return pd.Series([full["correct"].mean()])
-    return full.groupby("repeat")["correct"].mean()
+        return pd.Series([full[column].mean()])
+    return full.groupby("repeat")[column].mean()
 
 
 def noise_comparisons(
@@ -160,29 +182,32 @@ def noise_comparisons(
     clean = {t.run: t for t in subsets if t.clean}
     noisy = [t for t in subsets if not t.clean]
     runs = tree.runs.set_index("run", drop=False)
-    records: dict[tuple[str, str], list[dict[str, object]]] = {}
+    records: dict[tuple[str, str, str], list[dict[str, object]]] = {}
     for table in noisy:
         run = runs.loc[table.run]
         per_run = [(table.level, table)]
         if table.run in clean:
             per_run.append(("level 0", clean[table.run]))
+        column = table.metrics[0]
         for level, source in per_run:
-            accuracy = full_set_accuracy(source.frame, source.modalities)
-            records.setdefault((run["dataset"], table.family), []).append(
+            accuracy = full_set_accuracy(source.frame, source.modalities, column)
+            records.setdefault((run["dataset"], table.family, column), []).append(
                 {
                     **{c: run[c] for c in META},
                     "dataset": level,
                     "avg": accuracy.mean(),
-                    "worst": accuracy.min(),
+                    "worst": accuracy.min() if _subset_metric(column)[3] else accuracy.max(),
                     "draws": len(accuracy),
                 }
             )
-    metrics = [
-        Metric("avg", "avg", "Avg.", percent=True, higher_is_better=True),
-        Metric("worst", "worst", "Worst.", percent=True, higher_is_better=True, over_seeds="min"),
-    ]
     comparisons = []
-    for (dataset, family), rows in sorted(records.items()):
+    for (dataset, family, column), rows in sorted(records.items()):
+        _, name, percent, higher = _subset_metric(column)
+        metrics = [
+            Metric("avg", "avg", "Avg.", percent=percent, higher_is_better=higher),
+            # the worst draw: the lowest score, or the highest error
+            Metric("worst", "worst", "Worst.", percent, higher, "min" if higher else "max"),
+        ]
         frame = pd.DataFrame(rows).drop_duplicates(["run", "dataset"])
         levels = sorted(set(frame["dataset"]), key=_level_order)
         comparison = _compare(tree, frame, metrics, options, groups=levels)
@@ -191,12 +216,13 @@ def noise_comparisons(
         comparisons.append(
             replace(
                 comparison,
-                title=f"{dataset}: accuracy under noise ({family}), {options.split} split",
+                title=f"{dataset}: {name} under noise ({family}), {options.split} split",
                 group_label="level",
                 caption=[
-                    f"{options.split} split, {family}; accuracy on all modalities in %. Avg.: each "
-                    "run's accuracy averaged over its noise draws, then mean ± sample std over "
-                    "seeds; Worst.: the lowest accuracy of any (seed, draw), as QMF takes both "
+                    f"{options.split} split, {family}; {name} on all modalities"
+                    f"{' in %' if percent else ''}. Avg.: each run's {name} averaged over its "
+                    "noise draws, then mean ± sample std over seeds; Worst.: the worst "
+                    f"{name} of any (seed, draw), as QMF takes both "
                     "over its trained runs and noise seeds. Level 0 is the clean test set. "
                     f"Noise draws per run and level: {draws}. Best bold, second underlined per "
                     "column.",
@@ -247,26 +273,30 @@ def missing_modality_comparisons(
     tables: list[EvaluationTable],
     options: _Options,
 ) -> list[Comparison]:
-    """Per data set: accuracy on each subset of the modalities and the mean over subsets."""
+    """Per data set and subset metric (accuracy; per-region Dice for segmentation): its value
+    on each subset of the modalities and the mean over subsets."""
     runs = tree.runs.set_index("run", drop=False)
-    by_dataset: dict[str, list[dict[str, object]]] = {}
+    by_table: dict[tuple[str, str], list[dict[str, object]]] = {}
     names: dict[str, list[str]] = {}
     for table in tables:
         if table.method != "subsets" or not table.clean or len(table.modalities) < 2:
             continue
         run = runs.loc[table.run]
-        per_subset = table.frame.groupby("subset", sort=False)["correct"].mean()
-        order = names.setdefault(run["dataset"], [])
-        order += [s for s in per_subset.index if s not in order]
-        record: dict[str, object] = {c: run[c] for c in META}
-        record |= {f"acc[{s}]": v for s, v in per_subset.items()}
-        record["acc[mean]"] = per_subset.mean()
-        by_dataset.setdefault(run["dataset"], []).append(record)
+        for column in table.metrics:
+            per_subset = table.frame.groupby("subset", sort=False)[column].mean()
+            order = names.setdefault(run["dataset"], [])
+            order += [s for s in per_subset.index if s not in order]
+            record: dict[str, object] = {c: run[c] for c in META}
+            record |= {f"{column}[{s}]": v for s, v in per_subset.items()}
+            record[f"{column}[mean]"] = per_subset.mean()
+            by_table.setdefault((run["dataset"], column), []).append(record)
     comparisons = []
-    for dataset, rows in sorted(by_dataset.items()):
+    for (dataset, column), rows in sorted(by_table.items()):
+        _, name, percent, higher = _subset_metric(column)
         order = sorted(names[dataset], key=lambda s: (s.count("+"), names[dataset].index(s)))
         metrics = [
-            Metric(s, f"acc[{s}]", s, percent=True, higher_is_better=True) for s in [*order, "mean"]
+            Metric(s, f"{column}[{s}]", s, percent=percent, higher_is_better=higher)
+            for s in [*order, "mean"]
         ]
         frame = pd.DataFrame(rows)
         comparison = _compare(tree, frame, metrics, options)
@@ -277,13 +307,14 @@ def missing_modality_comparisons(
         comparisons.append(
             replace(
                 comparison,
-                title=f"{dataset}: accuracy with missing modalities, {options.split} split",
+                title=f"{dataset}: {name} with missing modalities, {options.split} split",
                 delta_columns=False,
                 caption=[
-                    f"{options.split} split; accuracy in % of the prediction from each subset "
-                    f"of the modalities (the others removed by mask {'/'.join(masks)}) and the "
-                    "mean over subsets, as C3R's Table 2; mean ± sample std over seeds. Best bold, "
-                    "second underlined per column.",
+                    f"{options.split} split; {name}{' in %' if percent else ''} of the "
+                    "prediction from each subset of the modalities (the others removed by mask "
+                    f"{'/'.join(masks)}) and the mean over subsets, as C3R's Table 2 (and the "
+                    "15-combination tables of the missing-MRI-sequence papers); mean ± sample "
+                    "std over seeds. Best bold, second underlined per column.",
                 ],
             )
         )

@@ -81,7 +81,30 @@ META = [
     "checkpoint_epoch",  # best.pt's epoch, whose test predictions the run saved
     "protocol",
     "selection",  # the label of a row not selected on validation
+    "task",  # what the run trained for (mmval.tasks)
+    "headline",  # the task's main metrics, comma-separated (the report's default columns)
 ]
+# how the report names metrics, and the metrics where lower is better
+_LABELS = {
+    "acc": "Acc",
+    "f1": "F1",
+    "mae": "MAE",
+    "corr": "Corr",
+    "acc7": "Acc-7",
+    "acc5": "Acc-5",
+    "acc2_has0": "Acc-2 (has0)",
+    "f1_has0": "F1 (has0)",
+    "acc2_non0": "Acc-2 (non0)",
+    "f1_non0": "F1 (non0)",
+    "seg_acc": "Seg. acc",
+    "dice_wt": "Dice WT",
+    "dice_tc": "Dice TC",
+    "dice_et": "Dice ET",
+    "dice_et_post": "Dice ET (post)",
+    "dice_mean": "Dice mean",
+}
+_LOWER_IS_BETTER = re.compile(r"(^|_)(loss|mae)(_|$)")
+_PERCENT = re.compile(r"(^|_)(acc\d*|f1|seg_acc|dice)(_|$)")
 
 
 @dataclass(frozen=True)
@@ -148,15 +171,16 @@ def table_files(tree: RunTree) -> list[TableFile]:
 class Metric:
     """A reported metric: its short key (CSV prefix), the column of the runs table it reads,
     whether it is a fraction shown in percent, which direction is better, and how seeds are
-    pooled: `mean` (mean ± sample std, tested against a baseline) or `min` (the lowest value
-    over seeds, QMF's worst case; no std, no test)."""
+    pooled: `mean` (mean ± sample std, tested against a baseline) or `min` / `max` (the
+    lowest / highest value over seeds, QMF's worst case of a score / an error; no std, no
+    test)."""
 
     key: str
     column: str
     label: str
     percent: bool
     higher_is_better: bool
-    over_seeds: Literal["mean", "min"] = "mean"
+    over_seeds: Literal["mean", "min", "max"] = "mean"
 
 
 def find_runs(root: Path, select: str = "val") -> RunTree:
@@ -272,13 +296,21 @@ def resolve_metric(name: str, split: str, columns: Iterable[str]) -> Metric:
     available = set(columns)
     for column in (f"{split}_{key}", key):
         if column in available:
-            percent = re.search(r"(^|_)(acc|f1)(_|$)", key) is not None
-            label = {"acc": "Acc", "f1": "F1"}.get(key, key)
-            return Metric(key, column, label, percent, "loss" not in key)
+            percent = _PERCENT.search(key) is not None
+            label = _LABELS.get(key, key)
+            return Metric(key, column, label, percent, not _LOWER_IS_BETTER.search(key))
     logged = sorted(c.removeprefix(f"{split}_") for c in available if c not in META)
     raise UserError(
         f"--metric {name}: no run logged it on the {split} split; logged: {', '.join(logged)}."
     )
+
+
+def headline_metrics(runs: pd.DataFrame) -> list[str]:
+    """The main metrics of the runs' tasks, in order (accuracy and macro-F1 for
+    classification): what a report shows unless told otherwise."""
+    if runs.empty or "headline" not in runs:
+        return ["acc", "f1"]
+    return list(dict.fromkeys(m for names in runs["headline"] for m in names.split(",")))
 
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:
@@ -337,6 +369,8 @@ def _record(folder: Path, summary: dict[str, Any], select: str) -> dict[str, Any
         "checkpoint_epoch": summary["best_epoch"],
         # runs written before the protocol existed trained on train alone
         "protocol": recipe.get("train", {}).get("protocol", "validation"),
+        "task": summary.get("task", "classification"),
+        "headline": ",".join(summary.get("headline", ["acc", "f1"])),
         "_recipe": recipe,
     }
     return meta | {k: v for k, v in values.items() if k not in meta}

@@ -19,7 +19,14 @@ from rich.table import Table
 from rich.text import Text
 
 from mmval.errors import UserError
-from mmval.report.runs import LeftOut, Metric, RunTree, metric_columns, resolve_metric
+from mmval.report.runs import (
+    LeftOut,
+    Metric,
+    RunTree,
+    headline_metrics,
+    metric_columns,
+    resolve_metric,
+)
 from mmval.report.significance import (
     PairedPredictions,
     paired_bootstrap,
@@ -86,7 +93,7 @@ def summarize(runs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
         return pd.DataFrame(columns=COLUMNS)
     columns = metric_columns(runs)
     metrics = [resolve_metric(m, split, columns) for m in ("acc", "f1")]
-    return _aggregate(runs, metrics).assign(method=lambda t: t["row"])[COLUMNS]
+    return _aggregate(runs, metrics).assign(method=lambda t: t["row"])[COLUMNS]  # classification
 
 
 def compare(
@@ -105,8 +112,9 @@ def compare(
         raise UserError(f"no finished runs (summary.json) below {tree.root}.")
     check_options(split, alpha, resamples)
     columns = metric_columns(runs)
-    shown = _unique([resolve_metric(m, split, columns) for m in (metrics or ["acc", "f1"])])
-    every = _unique([*(resolve_metric(m, split, columns) for m in ("acc", "f1")), *shown])
+    headline = headline_metrics(runs)
+    shown = _unique([resolve_metric(m, split, columns) for m in (metrics or headline)])
+    every = _unique([*(resolve_metric(m, split, columns) for m in headline), *shown])
     return compare_metrics(
         tree, shown, every, split=split, baseline=baseline, alpha=alpha, resamples=resamples
     )
@@ -186,9 +194,15 @@ def _aggregate(runs: pd.DataFrame, metrics: list[Metric]) -> pd.DataFrame:
         }
         for m in metrics:
             values = group[m.column].astype(np.float64) * (100 if m.percent else 1)
-            pooled_min = m.over_seeds == "min"
-            line[f"{m.key}_mean"] = values.min() if pooled_min else values.mean()
-            line[f"{m.key}_std"] = math.nan if pooled_min else values.std(ddof=1)
+            pooled = m.over_seeds != "mean"
+            line[f"{m.key}_mean"] = (
+                values.mean()
+                if not pooled
+                else values.min()
+                if m.over_seeds == "min"
+                else values.max()
+            )
+            line[f"{m.key}_std"] = math.nan if pooled else values.std(ddof=1)
         line |= {
             "variant": group["variant"].iloc[0],
             "selection": group["selection"].iloc[0],

@@ -14,18 +14,10 @@ from typing import ClassVar
 
 import torch
 
-from mmval.valuation.config import BenefitName, ValuationConfig
+from mmval.data.dataset import Batch
+from mmval.tasks import CLASSIFICATION, Outcome, Task
+from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import SubsetEvaluator
-
-
-@dataclass
-class Outcome:
-    """What the model does on K subsets of a batch of B samples."""
-
-    benefit: torch.Tensor  # [K, B] float64: v(S) under the chosen benefit
-    confidence: torch.Tensor  # [K, B] float64: softmax probability of the true class
-    pred: torch.Tensor  # [K, B] int64
-    top: torch.Tensor  # [K, B] float64: the largest softmax probability (the model's confidence)
 
 
 @dataclass
@@ -37,23 +29,25 @@ class BatchValues:
 
 
 class Game:
-    """One batch's cooperative game over its modalities; the encoders run once, here."""
+    """One batch's cooperative game over its modalities; the encoders run once, here. What a
+    subset's outcome is worth (its benefit) is the task's (`Task.outcome`)."""
 
     @torch.no_grad()
     def __init__(
         self,
         evaluator: SubsetEvaluator,
-        inputs: dict[str, torch.Tensor],
-        labels: torch.Tensor,
-        positions: torch.Tensor,
-        benefit: BenefitName,
+        batch: Batch,
+        benefit: str,
+        task: Task = CLASSIFICATION,
     ) -> None:
         self.evaluator = evaluator
-        self.labels = labels
-        self.positions = positions  # positions in the split: seeds per-sample sampling
+        self.batch = batch
+        self.labels = batch.label
+        self.positions = batch.index  # positions in the split: seeds per-sample sampling
         self.benefit = benefit
+        self.task = task
         self.m = len(evaluator.modalities)
-        self.prepared = evaluator.prepare(inputs)
+        self.prepared = evaluator.prepare(batch.inputs)
         self.chunk = evaluator.chunk_size(self.prepared)
 
     @torch.no_grad()
@@ -64,18 +58,18 @@ class Game:
             keep = keep[:, None, :].expand(-1, len(self.labels), -1)
         parts = []
         for start in range(0, keep.shape[0], self.chunk):
-            logits = self.evaluator.logits(self.prepared, keep[start : start + self.chunk])
-            prob = torch.softmax(logits.double(), -1)
-            labels = self.labels[None, :, None].expand(logits.shape[0], -1, 1)
-            parts.append((prob.gather(-1, labels)[..., 0], logits.argmax(-1), prob.amax(-1)))
-        confidence = torch.cat([c for c, _, _ in parts])
-        pred = torch.cat([p for _, p, _ in parts])
-        top = torch.cat([t for _, _, t in parts])
-        if self.benefit == "prob":
-            benefit = confidence
-        else:
-            benefit = (pred == self.labels[None]).double() * keep.sum(-1).double()
-        return Outcome(benefit, confidence, pred, top)
+            chunk = keep[start : start + self.chunk]
+            logits = self.evaluator.logits(self.prepared, chunk)
+            parts.append(self.task.outcome(logits, self.batch, chunk, self.benefit))
+        return Outcome(
+            *(
+                None if values[0] is None else torch.cat(values)
+                for values in zip(
+                    *((o.benefit, o.pred, o.confidence, o.top) for o in parts), strict=True
+                )
+            ),
+            extra={name: torch.cat([o.extra[name] for o in parts]) for name in parts[0].extra},
+        )
 
 
 class ValuationMethod(ABC):

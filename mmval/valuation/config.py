@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmval.errors import UserError
+
+if TYPE_CHECKING:  # the report reads valuation configs without importing torch
+    from mmval.tasks import Task
 from mmval.validation import problems_of
 
 MethodName = Literal["shapley", "shapley-mc", "cmob"]
 MaskName = Literal["feature", "input", "mean"]
-BenefitName = Literal["correct", "prob"]
+BenefitName = Literal["correct", "prob", "abs_error", "acc2", "dice"]
 ConfidenceName = Literal["subsets", "treatment"]
 ConfidenceScore = Literal["max_softmax", "true_class"]
 DEFAULT_PERMUTATIONS = 100
@@ -33,10 +36,13 @@ class ValuationConfig(BaseModel):
         description="how a modality is removed: feature (zero its encoder output), input (zero "
         "its raw input), mean (replace its input by the training-split mean)",
     )
-    benefit: BenefitName = Field(
-        default="correct",
-        description="correct: |S| if the prediction from S is right, else 0; prob: probability "
-        "of the true class",
+    benefit: BenefitName | None = Field(
+        default=None,
+        description="what v(S) is; unset, the task's first. Classification and localisation "
+        "(per segment, averaged): correct (|S| if the prediction from S is right, else 0) or "
+        "prob (probability of the true class); regression: abs_error (minus the absolute "
+        "error) or acc2 (|S| if the sign is right); segmentation: dice (mean Dice of WT, TC, "
+        "ET)",
     )
     confidence: ConfidenceName | None = Field(
         default=None,
@@ -80,6 +86,24 @@ class ValuationConfig(BaseModel):
         ):
             return {k: v for k, v in data.items() if k != "confidence"}
         return data
+
+    def for_task(self, task: Task) -> ValuationConfig:
+        """This config with the benefit resolved for `task` (refused when undefined there)."""
+        if self.method == "cmob" and task.kind != "classification":
+            raise UserError(
+                f"cmob's benefit is conditioned on the classifier's confidence; the {task.kind} "
+                "task has none: use --method shapley or shapley-mc."
+            )
+        if self.benefit is None:
+            return self.model_copy(update={"benefit": task.default_benefit()})
+        task.check_benefit(self.benefit)
+        return self
+
+    @property
+    def resolved_benefit(self) -> str:
+        """The benefit of a config passed through `for_task`."""
+        assert self.benefit is not None, "call for_task first"
+        return self.benefit
 
     @property
     def n_permutations(self) -> int:

@@ -127,11 +127,11 @@ class LateFusionEvaluator(SubsetEvaluator):
             absent = {m: torch.zeros(1, model.feature_dims[m], device=device) for m in modalities}
         else:  # encoded once: in eval mode the same for every sample
             absent = {m: model.encoders[m](fills[m][None].to(device)) for m in modalities}
-        self.absent = model.fusion.unimodal_logits(absent) if self.additive else absent
+        self.absent = model.unimodal_logits(absent) if self.additive else absent
 
     def prepare(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         features = self.model.encode(inputs)
-        return self.model.fusion.unimodal_logits(features) if self.additive else features
+        return self.model.unimodal_logits(features) if self.additive else features
 
     def logits(self, prepared: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
         k, b = keep.shape[:2]
@@ -141,7 +141,8 @@ class LateFusionEvaluator(SubsetEvaluator):
         }
         if self.additive:
             return torch.stack(list(parts.values())).sum(0)
-        return self.model.fuse({m: x.flatten(0, 1) for m, x in parts.items()}).view(k, b, -1)
+        fused = self.model.fuse({m: x.flatten(0, 1) for m, x in parts.items()})
+        return fused.unflatten(0, (k, b))
 
 
 class JointEvaluator(SubsetEvaluator):
@@ -166,7 +167,7 @@ class JointEvaluator(SubsetEvaluator):
 
     def logits(self, prepared: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
         k, b = keep.shape[:2]
-        return _logits(self.model(self.masked_inputs(prepared, keep))).view(k, b, -1)
+        return _logits(self.model(self.masked_inputs(prepared, keep))).unflatten(0, (k, b))
 
 
 class NaiveEvaluator(SubsetEvaluator):

@@ -25,8 +25,9 @@ from mmval.data.corrupt import (
 from mmval.data.dataset import ParquetSamples
 from mmval.data.shards import DataManifest, ModalitySpec, check_data_dir
 from mmval.errors import UserError
-from mmval.models import ModelConfig, MultimodalModel, build_model
+from mmval.models import ModelConfig, build_model
 from mmval.plugins import PluginField
+from mmval.tasks import CLASSIFICATION, Task, TaskField, resolve_task
 from mmval.valuation.base import Game, ValuationMethod
 from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import EvalPath, build_evaluator, mask_fills
@@ -50,6 +51,7 @@ def value_dataset(
     *,
     fills: dict[str, torch.Tensor] | None,
     device: torch.device,
+    task: Task = CLASSIFICATION,
     batch_size: int = 256,
     positions: Sequence[int] | None = None,
     path: EvalPath = "auto",
@@ -59,6 +61,7 @@ def value_dataset(
     through `corrupt` first (`mmval.data.corrupt.corruptor`) when given. Batches are read
     without a DataLoader, which would draw from the global RNG and so change a training run."""
     model.eval()
+    config = config.for_task(task)
     modalities = [s.name for s in dataset.specs]
     evaluator = build_evaluator(model, modalities, config.mask, fills, device=device, path=path)
     order = np.arange(len(dataset)) if positions is None else np.asarray(positions, np.int64)
@@ -68,21 +71,25 @@ def value_dataset(
         if corrupt is not None:
             batch.inputs = corrupt(batch.inputs, batch.index)
         batch = batch.to(device)
-        game = Game(evaluator, batch.inputs, batch.label, batch.index, config.benefit)
+        game = Game(evaluator, batch, config.resolved_benefit, task)
         out = method.value(game)
         parts.append((batch.label, out))
     stderr = [o.stderr for _, o in parts]
+    labels = torch.cat([label for label, _ in parts]).cpu().numpy()
+    pred = torch.cat([o.pred for _, o in parts]).cpu().numpy()
     return Values(
         sample_ids=[dataset.sample_ids[i] for i in order.tolist()],
-        labels=torch.cat([label for label, _ in parts]).cpu().numpy(),
-        pred=torch.cat([o.pred for _, o in parts]).cpu().numpy(),
+        labels=labels,
+        pred=pred,
         v_full=torch.cat([o.v_full for _, o in parts]).cpu().numpy(),
         contribution=torch.cat([o.contribution for _, o in parts]).cpu().numpy(),
         stderr=None if stderr[0] is None else torch.cat(stderr).cpu().numpy(),
+        correct=task.correct(pred, labels),
     )
 
 
 PLUGIN_LIST = TypeAdapter(list[PluginField])  # a checkpoint recipe's `plugins:`
+TASK_FIELD = TypeAdapter(TaskField | None)  # a checkpoint recipe's `task:`
 
 
 def split_fills(
@@ -116,16 +123,27 @@ class ValuationResult:
     modalities: list[str]
 
 
+def checkpoint_task(ckpt: Checkpoint, manifest: DataManifest) -> Task:
+    """The task the checkpoint was trained for: its recipe's, else its data's."""
+    try:
+        config = TASK_FIELD.validate_python(ckpt.recipe.get("task"))
+    except ValidationError:
+        raise UserError(
+            "the checkpoint's recipe names a task this mmval version does not know."
+        ) from None
+    return resolve_task(config, manifest.task, len(manifest.classes))
+
+
 def _load_weights(
-    ckpt: Checkpoint, specs: list[ModalitySpec], num_classes: int
-) -> tuple[MultimodalModel | None, str]:
+    ckpt: Checkpoint, specs: list[ModalitySpec], task: Task
+) -> tuple[nn.Module | None, str]:
     """The checkpoint's model built for these modality specs, or why its weights do not fit."""
     try:
         config = ModelConfig.model_validate(ckpt.recipe["model"])
         plugins = PLUGIN_LIST.validate_python(ckpt.recipe.get("plugins", []))
     except ValidationError:
         return None, "its recipe's model or plugins section is not valid for this mmval version"
-    model = build_model(config, specs, num_classes, plugins)
+    model = build_model(config, specs, task.out_dim(), plugins, task=task.kind)
     try:
         model.load_state_dict(ckpt.model)
     except RuntimeError as exc:
@@ -153,7 +171,7 @@ def _data_problems(ckpt: Checkpoint, manifest: DataManifest) -> list[str]:
         problems.append("the class names or their order differ")
     elif not missing:
         specs = [manifest.modality(m) for m in data.modalities]
-        model, why = _load_weights(ckpt, specs, len(classes))
+        model, why = _load_weights(ckpt, specs, checkpoint_task(ckpt, manifest))
         if model is None:
             problems.append(why)
     return problems
@@ -166,8 +184,9 @@ class LoadedCheckpoint:
     ckpt: Checkpoint
     root: Path
     manifest: DataManifest
-    model: MultimodalModel
+    model: nn.Module
     modalities: list[str]
+    task: Task
 
 
 def load_with_data(checkpoint: Path, data_dir: Path | None = None) -> LoadedCheckpoint:
@@ -187,10 +206,11 @@ def load_with_data(checkpoint: Path, data_dir: Path | None = None) -> LoadedChec
         )
     modalities: list[str] = data.modalities
     specs = [manifest.modality(m) for m in modalities]
-    model, why = _load_weights(ckpt, specs, len(manifest.classes))
+    task = checkpoint_task(ckpt, manifest)
+    model, why = _load_weights(ckpt, specs, task)
     if model is None:
         raise UserError(f"{checkpoint} does not match its own recipe: {why}.")
-    return LoadedCheckpoint(ckpt, root, manifest, model, modalities)
+    return LoadedCheckpoint(ckpt, root, manifest, model, modalities, task)
 
 
 @dataclass
@@ -242,6 +262,7 @@ def value_checkpoint(
     torch_device = _device(device)
     opened = open_split(checkpoint, split, data_dir, config)
     loaded = opened.loaded
+    config = config.for_task(loaded.task)
     ckpt, manifest, modalities = loaded.ckpt, loaded.manifest, loaded.modalities
     check_corruptions(list(corruptions), modalities)
     method = build_method(config, modalities)
@@ -255,6 +276,7 @@ def value_checkpoint(
             config,
             fills=opened.fills,
             device=torch_device,
+            task=loaded.task,
             batch_size=batch_size,
             path=path,
             corrupt=corruptor(corruptions, opened.dataset, seed=seed, repeat=repeat)
@@ -266,6 +288,7 @@ def value_checkpoint(
         config, modalities, split, manifest, weights_fingerprint(ckpt.model)
     )
     metadata["mmval.checkpoint"] = str(checkpoint)
+    metadata["mmval.task"] = loaded.task.kind
     if not corruptions:
         return ValuationResult(frames[0], metadata, modalities)
     metadata |= corruption_metadata(corruptions, seed, repeats)

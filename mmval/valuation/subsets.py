@@ -9,6 +9,7 @@ once per batch (`Game`), so the table costs about what the exact Shapley table d
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from mmval.data.corrupt import (
 )
 from mmval.data.dataset import ParquetSamples
 from mmval.errors import UserError
+from mmval.tasks import CLASSIFICATION, Task
 from mmval.valuation.base import Game
 from mmval.valuation.config import MaskName, ValuationConfig
 from mmval.valuation.engine import SubsetEvaluator, build_evaluator, subset_masks
@@ -56,14 +58,16 @@ def subsets_dataset(
     *,
     fills: dict[str, torch.Tensor] | None,
     device: torch.device,
+    task: Task = CLASSIFICATION,
     batch_size: int = 256,
     corruptions: Sequence[Corruption] = (),
     seed: int = 0,
     repeats: int = 1,
 ) -> pd.DataFrame:
     """One row per (repeat, sample, non-empty subset): repeat, sample_id, label, subset, size,
-    pred, correct, p_true (the softmax probability of the label). Each repeat draws the
-    corruptions anew (`mmval.data.corrupt`); without corruptions one repeat is enough."""
+    then the task's columns (`Task.subset_columns`; classification: pred, correct, p_true, the
+    softmax probability of the label). Each repeat draws the corruptions anew
+    (`mmval.data.corrupt`); without corruptions one repeat is enough."""
     modalities = [s.name for s in dataset.specs]
     if len(modalities) > MAX_MODALITIES:
         raise UserError(
@@ -77,7 +81,7 @@ def subsets_dataset(
     frames = []
     for repeat in range(repeats):
         corrupt = corruptor(corruptions, dataset, seed=seed, repeat=repeat)
-        frame = _one_repeat(evaluator, dataset, keep, names, device, batch_size, corrupt)
+        frame = _one_repeat(evaluator, dataset, keep, names, device, task, batch_size, corrupt)
         frames.append(frame.assign(repeat=repeat))
     table = pd.concat(frames, ignore_index=True)
     return table[["repeat", *table.columns[:-1]]]
@@ -89,19 +93,20 @@ def _one_repeat(
     keep: torch.Tensor,
     names: list[str],
     device: torch.device,
+    task: Task,
     batch_size: int,
     corrupt: Corrupt,
 ) -> pd.DataFrame:
-    preds, confidences, labels = [], [], []
+    columns: dict[str, list[torch.Tensor]] = {}
+    labels = []
     for start in range(0, len(dataset), batch_size):
         batch = dataset.__getitems__(range(start, min(start + batch_size, len(dataset))))
-        inputs = {m: x.to(device) for m, x in corrupt(batch.inputs, batch.index).items()}
-        label = batch.label.to(device)
-        outcome = Game(evaluator, inputs, label, batch.index, "correct").play(keep)
-        preds.append(outcome.pred.T.cpu())  # [B, K]
-        confidences.append(outcome.confidence.T.cpu())
+        batch.inputs = corrupt(batch.inputs, batch.index)
+        batch = batch.to(device)
+        outcome = Game(evaluator, batch, task.default_benefit(), task).play(keep)
+        for name, values in task.subset_columns(outcome, batch).items():
+            columns.setdefault(name, []).append(values.T.cpu())  # [B, K]
         labels.append(batch.label.cpu())
-    pred = torch.cat(preds).numpy()
     label = torch.cat(labels).numpy()
     k = len(names)
     return pd.DataFrame(
@@ -110,9 +115,7 @@ def _one_repeat(
             "label": np.repeat(label, k),
             "subset": np.tile(np.asarray(names, dtype=object), len(label)),
             "size": np.tile(keep.sum(1).numpy(), len(label)),
-            "pred": pred.reshape(-1),
-            "correct": (pred == label[:, None]).reshape(-1),
-            "p_true": torch.cat(confidences).numpy().reshape(-1),
+            **{name: torch.cat(parts).numpy().reshape(-1) for name, parts in columns.items()},
         }
     )
 
@@ -170,6 +173,7 @@ def subsets_of_split(
         mask,
         fills=opened.fills,
         device=torch_device,
+        task=loaded.task,
         batch_size=batch_size,
         corruptions=corruptions,
         seed=seed,
@@ -179,7 +183,11 @@ def subsets_of_split(
     modalities = loaded.modalities
     split = opened.dataset.split
     metadata = split_metadata("subsets", mask, modalities, split, loaded.manifest, weights)
-    metadata |= {"mmval.checkpoint": str(opened.checkpoint)}
+    metadata |= {
+        "mmval.checkpoint": str(opened.checkpoint),
+        "mmval.task": loaded.task.kind,
+        "mmval.subset_metrics": json.dumps(loaded.task.subset_metrics),
+    }
     metadata |= corruption_metadata(corruptions, seed, repeats)
     return SubsetsResult(table, metadata, modalities)
 

@@ -31,11 +31,16 @@ class Values:
     v_full: np.ndarray  # [N]
     contribution: np.ndarray  # [N, M]
     stderr: np.ndarray | None  # [N, M], sampled methods only
+    # [N]: the prediction from all modalities is right (`Task.correct`; None where the task
+    # has no single right answer: localisation, segmentation)
+    correct: np.ndarray | None = None
 
 
 def long_table(values: Values, modalities: list[str]) -> pd.DataFrame:
     """One row per (sample, modality), sorted by sample_id, modalities in model order:
-    sample_id, label, modality, contribution, pred, correct, v_full[, stderr]."""
+    sample_id, label, modality, contribution, pred[, correct], v_full[, stderr]; `pred` is
+    the class for classification, else the task's score (the predicted score, the clip's
+    segment accuracy, the case's mean Dice)."""
     n, m = values.contribution.shape
     order = np.array(sorted(range(n), key=values.sample_ids.__getitem__), dtype=np.int64)
     rows, cols = np.repeat(order, m), np.tile(np.arange(m), n)
@@ -47,7 +52,7 @@ def long_table(values: Values, modalities: list[str]) -> pd.DataFrame:
             "modality": np.asarray(modalities, dtype=object)[cols],
             "contribution": values.contribution[rows, cols],
             "pred": pred,
-            "correct": pred == label,
+            **({} if values.correct is None else {"correct": values.correct[rows]}),
             "v_full": values.v_full[rows],
         }
     )
@@ -67,7 +72,8 @@ def wide_table(table: pd.DataFrame, modalities: list[str]) -> pd.DataFrame:
             f"--wide names a column after each modality, and {', '.join(clash)} is already a "
             "column of the table; write the long table (without --wide) instead."
         )
-    per_sample = table.drop_duplicates(keys)[[*keys, *SAMPLE_COLUMNS[1:]]].set_index(keys)
+    columns = [c for c in SAMPLE_COLUMNS[1:] if c in table]
+    per_sample = table.drop_duplicates(keys)[[*keys, *columns]].set_index(keys)
     parts = [per_sample, table.pivot(index=keys, columns="modality", values="contribution")]
     if "stderr" in table:
         stderr = table.pivot(index=keys, columns="modality", values="stderr")
@@ -118,7 +124,7 @@ def valuation_metadata(
 ) -> dict[str, str]:
     """How a table was computed, stored as Parquet key-value metadata (keys `mmval.*`)."""
     meta = split_metadata(config.method, config.mask, modalities, split, manifest, weights)
-    meta["mmval.benefit"] = config.benefit
+    meta["mmval.benefit"] = config.resolved_benefit
     if config.method == "shapley-mc":
         meta["mmval.permutations"] = str(config.n_permutations)
         meta["mmval.seed"] = str(config.rng_seed)

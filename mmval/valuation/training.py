@@ -20,6 +20,7 @@ from mmval.data.dataset import ParquetSamples
 from mmval.data.shards import DataManifest
 from mmval.errors import UserError
 from mmval.models import MultimodalModel
+from mmval.tasks import CLASSIFICATION, Task
 from mmval.valuation.config import TrainValuationConfig
 from mmval.valuation.registry import build_method
 from mmval.valuation.run import split_fills, value_dataset
@@ -48,8 +49,10 @@ class EpochValuation:
         seed: int,
         device: torch.device,
         batch_size: int,
+        task: Task = CLASSIFICATION,
     ) -> None:
-        self.config, self.manifest, self.modalities = config, manifest, modalities
+        self.config = config.for_task(task)
+        self.manifest, self.modalities, self.task = manifest, modalities, task
         self.device, self.batch_size = device, batch_size
         self.method = build_method(config, modalities)
         self.split = split
@@ -73,6 +76,7 @@ class EpochValuation:
             self.config,
             fills=self.fills,
             device=self.device,
+            task=self.task,
             batch_size=self.batch_size,
             positions=self.positions,
         )

@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from mmval.data.manifest import DatasetManifest
-from mmval.data.shards import ModalitySpec, SplitSamples
+from mmval.data.shards import TARGET, ModalitySpec, SplitSamples
 from mmval.data.sources.base import BuiltData
 from mmval.errors import UserError
 
@@ -33,6 +33,9 @@ LABEL_CLASSES = {
     "binary": ["negative", "positive"],
     # MulT's 7-class accuracy: round(clip(score, -3, 3)), shifted to 0..6
     "seven": ["-3", "-2", "-1", "0", "1", "2", "3"],
+    # the regression task (MulT, MMSA): the score itself is the target, the class the binary
+    # rule's (for stratification and class-balanced sampling)
+    "score": ["negative", "positive"],
 }
 
 
@@ -41,7 +44,11 @@ class MultPickleParams(BaseModel):
     variant: Literal["aligned", "unaligned"] = Field(
         default="unaligned", description="which pickle of manifest raw.files to read"
     )
-    labels: Literal["binary", "seven"] = "binary"
+    labels: Literal["binary", "seven", "score"] = Field(
+        default="binary",
+        description="binary or seven: classification of the score; score: regression on it "
+        "(the target), with the binary class as label",
+    )
     seq_len: dict[str, PositiveInt] = Field(
         default_factory=dict,
         description="steps to keep per modality (zero-padded or cropped); absent: as stored",
@@ -170,7 +177,7 @@ def _clean(values: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
 
 
 def _labels(scores: np.ndarray, rule: str) -> np.ndarray:
-    if rule == "binary":
+    if rule in ("binary", "score"):
         return (scores >= 0).astype(np.int64)
     return (np.round(np.clip(scores, -3.0, 3.0)) + 3).astype(np.int64)
 
@@ -207,6 +214,7 @@ class _SplitRead:
 
     ids: list[str]
     labels: np.ndarray
+    scores: np.ndarray
     arrays: dict[str, np.ndarray]
 
 
@@ -255,7 +263,7 @@ def _read_split(
         ids = [_id_text(row) or f"{key}-{i:06d}" for i, row in enumerate(id_rows)]
     else:  # the reference treats the ids as optional too
         ids = [f"{key}-{i:06d}" for i in range(n)]
-    return _SplitRead(ids, _labels(scores, params.labels), arrays), cleaned, stored
+    return _SplitRead(ids, _labels(scores, params.labels), scores, arrays), cleaned, stored
 
 
 class MultPickleSource:
@@ -293,6 +301,7 @@ class MultPickleSource:
             )
         ids, repeated = _unique_ids([i for r in reads.values() for i in r.ids])
         splits: dict[str, SplitSamples] = {}
+        regression = params.labels == "score"
         start = 0
         for split, read in reads.items():
             key, n = layout.splits[split], len(read.labels)
@@ -300,7 +309,8 @@ class MultPickleSource:
                 sample_ids=ids[start : start + n],
                 labels=read.labels,
                 sources=[f"{path.name}:{key}[{row}]" for row in range(n)],
-                arrays=read.arrays,
+                arrays=read.arrays
+                | ({TARGET: read.scores[:, None].astype(np.float32)} if regression else {}),
             )
             start += n
         classes = LABEL_CLASSES[params.labels]
@@ -318,4 +328,9 @@ class MultPickleSource:
             )
             for entry in manifest.modalities
         ]
-        return BuiltData(classes, modalities, extraction, splits)
+        if not regression:
+            return BuiltData(classes, modalities, extraction, splits)
+        target = ModalitySpec(
+            name=TARGET, dtype="float32", shape=[1], description="sentiment score in [-3, 3]"
+        )
+        return BuiltData(classes, modalities, extraction, splits, task="regression", target=target)
