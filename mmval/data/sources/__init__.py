@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mmval.data.sources.av_clips import AVClipsSource
+from mmval.data.sources.ave_features import AveFeaturesSource
 from mmval.data.sources.base import BuiltData, Source
 from mmval.data.sources.folder import FolderSource
 from mmval.data.sources.image_text import ImageTextSource
@@ -29,6 +30,7 @@ SOURCES: dict[str, Source] = {
         MultiviewMatSource(),
         RgbdScenesSource(),
         NvGestureSource(),
+        AveFeaturesSource(),
     )
 }
 
