@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mmval.data.sources.av_clips import AVClipsSource
+from mmval.data.sources.ave_features import AveFeaturesSource
 from mmval.data.sources.base import BuiltData, Source
 from mmval.data.sources.brats_nifti import BratsNiftiSource
 from mmval.data.sources.folder import FolderSource
@@ -31,6 +32,7 @@ SOURCES: dict[str, Source] = {
         RgbdScenesSource(),
         NvGestureSource(),
         BratsNiftiSource(),
+        AveFeaturesSource(),
     )
 }
 
