@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from mmval.cli.main import app
+from typer.testing import CliRunner
 
 from mmval.artifacts.layout import BEST, PREDICTIONS, SUMMARY
 from mmval.data.dataset import ParquetSamples
@@ -20,10 +22,11 @@ from mmval.errors import UserError
 from mmval.metrics import regression_metrics
 from mmval.recipe import load_recipe
 from mmval.report import compare, find_runs
+from mmval.report.robustness import robustness
 from mmval.runner import Trainer
 from mmval.valuation.config import ValuationConfig
 from mmval.valuation.run import value_checkpoint
-from mmval.valuation.subsets import subsets_checkpoint
+from mmval.valuation.subsets import subsets_checkpoint, write_subsets
 
 # ---------------------------------------------------------------------------------------------
 # regression
@@ -73,16 +76,19 @@ STEPS = 6
 
 
 def learnable_mosi(sizes: dict[str, int], seed: int = 0) -> dict:
-    """A MulT-style pickle whose score is a noisy linear function of the mean text and audio
-    features (the visual stream carries nothing), in steps of 1/3 with exact zeros."""
+    """A MulT-style pickle whose score is a linear function of the mean of a few text
+    dimensions and of the audio features (the visual stream carries nothing), in steps of 1/3
+    with exact zeros."""
     rng = np.random.default_rng(seed)
-    w_text, w_audio = rng.normal(0, 1, DIMS["text"]), rng.normal(0, 1, DIMS["audio"])
+    w_text, w_audio = np.zeros(DIMS["text"]), rng.normal(0, 1, DIMS["audio"])
+    w_text[:6] = rng.normal(0, 1, 6)  # a few informative text dimensions
     data = {}
     for split, n in sizes.items():
         text = rng.normal(0, 1, (n, STEPS, DIMS["text"])).astype(np.float32)
+        text[..., 6:] *= 0.05  # the uninformative dimensions are quiet
         audio = rng.normal(0, 1, (n, STEPS, DIMS["audio"])).astype(np.float32)
         vision = rng.normal(0, 1, (n, STEPS, DIMS["visual"])).astype(np.float32)
-        raw = text.mean(1) @ w_text / 8 + audio.mean(1) @ w_audio / 2
+        raw = text.mean(1) @ w_text * 1.5 + audio.mean(1) @ w_audio * 0.6
         scores = np.clip(np.round(raw * 3) / 3, -3, 3)
         scores[::9] = 0.0
         ids = [[f"{split}{row}", "0.0", "1.0"] for row in range(n)]
@@ -122,7 +128,7 @@ def test_score_prep_keeps_the_score_as_target(mosi_scores):
     assert ds.manifest.task == "regression"
     assert ds.manifest.classes == ["negative", "positive"]
     batch = ds.__getitems__(list(range(len(ds))))
-    rows = [int(i.removeprefix("test")) for i in ds.sample_ids]
+    rows = [int(i.removeprefix("test").split("_")[0]) for i in ds.sample_ids]
     scores = data["test"]["labels"][rows, 0, 0]
     np.testing.assert_array_equal(batch.target.numpy()[:, 0], scores)
     np.testing.assert_array_equal(batch.label.numpy(), (scores >= 0).astype(int))
@@ -134,7 +140,7 @@ def test_regression_trains_values_and_reports(mosi_scores, tmp_path):
         "data": {"path": str(mosi_scores / "data")},
         "model": {"encoder": {"hidden": [32], "out_dim": 16, "dropout": 0.0}},
         "optim": {"name": "adam", "lr": 0.003},
-        "train": {"epochs": 12, "batch_size": 32},
+        "train": {"epochs": 20, "batch_size": 16},
         "output": str(tmp_path / "runs"),
     }
     concat = _recipe(tmp_path / "concat.yaml", {**base, "name": "concat"})
@@ -166,7 +172,7 @@ def test_regression_trains_values_and_reports(mosi_scores, tmp_path):
     first = valued.table.groupby("sample_id").first()
     # efficiency: v(all) - sum of the contributions is v(empty) = -|c - y|, with c the one
     # prediction the model makes from no modality at all
-    error_without = (wide.sum(1) - first["v_full"]).to_numpy()
+    error_without = (wide.sum(axis=1) - first["v_full"]).to_numpy()
     truth = preds.set_index("sample_id").loc[wide.index, "target"].to_numpy()
     assert np.all(error_without >= -1e-9)
     c = next(
@@ -317,8 +323,6 @@ def brats(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_segmentation_trains_values_and_renders_the_15_combinations(brats, tmp_path):
-    from mmval.report.robustness import robustness_tables
-
     raw = {
         "name": "unet",
         "seeds": [0],
@@ -340,15 +344,29 @@ def test_segmentation_trains_values_and_renders_the_15_combinations(brats, tmp_p
     assert valued.metadata["mmval.benefit"] == "dice"
     wide = valued.table.pivot(index="sample_id", columns="modality", values="contribution")
     assert list(wide.columns) == sorted(["flair", "t1ce", "t1", "t2"])
-    assert wide["flair"].mean() > wide["t1"].mean()  # flair shows the whole tumour
 
     subsets = subsets_checkpoint(run / BEST)
     assert subsets.table["subset"].nunique() == 15
+    per_subset = subsets.table.groupby("subset")["dice_wt"].mean()
+    assert per_subset["flair"] > per_subset["t1"] + 0.1  # flair shows the whole tumour
+    everything = subsets.table[subsets.table["size"] == 4].set_index("sample_id")
+    first = valued.table.groupby("sample_id").first()
+    np.testing.assert_allclose(first["v_full"], everything.loc[first.index, "dice_mean"])
     assert {"dice_wt", "dice_tc", "dice_et", "dice_et_post", "dice_mean"} <= set(
         subsets.table.columns
     )
-    from mmval.valuation.subsets import write_subsets
-
-    write_subsets(subsets, run / "subsets.parquet")
-    tables = robustness_tables(find_runs(tmp_path / "runs"))
-    assert tables  # the missing-sequence table renders
+    write_subsets(subsets, run / "evaluate" / "subsets.parquet")
+    robust = robustness(find_runs(tmp_path / "runs"))
+    titles = [c.title for c in robust.missing]
+    assert titles == [
+        f"brats2018: Dice {region} with missing modalities, test split"
+        for region in ("ET", "TC", "WT")
+    ]
+    wt = robust.missing[-1]
+    assert len(wt.metrics) == 16  # the 15 combinations and their mean
+    md = CliRunner().invoke(
+        app, ["report", str(tmp_path / "runs"), "--robustness", "--format", "md"]
+    )
+    assert md.exit_code == 0, md.output
+    assert "Dice WT with missing modalities" in md.output
+    assert "flair+t1ce+t1+t2" in md.output or "flair+t1+t1ce+t2" in md.output

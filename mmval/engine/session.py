@@ -26,7 +26,7 @@ from mmval.data.sources import SOURCES
 from mmval.errors import UserError
 from mmval.methods import Method, build_method
 from mmval.methods.plugged import with_plugins
-from mmval.models import build_model
+from mmval.models import MultimodalModel, build_model
 from mmval.recipe import DataConfig, OptimConfig, Recipe, check_against_data, check_task
 from mmval.tasks import Task, resolve_task
 
@@ -178,9 +178,9 @@ def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
     if recipe.train.channels_last:  # the conv weights; resnet18 inputs arrive channels-last
         model = model.to(memory_format=torch.channels_last)
     method_modules = _for_ranks(method.build_modules(model), device).to(device)
-    if recipe.train.compile:
-        for encoder in model.encoders.values():
-            encoder.compile()  # in place: state_dict keys, and checkpoints, are unchanged
+    if recipe.train.compile:  # in place: state_dict keys, and checkpoints, are unchanged
+        for encoder in model.encoders.values() if isinstance(model, MultimodalModel) else [model]:
+            encoder.compile()
     params = [*model.parameters(), *method_modules.parameters()]
     optimizer = build_optimizer(recipe.optim, params)
     per_rank = recipe.train.batch_size // world

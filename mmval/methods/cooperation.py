@@ -206,7 +206,9 @@ class Cooperation(Method, ABC):
             return model(inputs)
         features = model.encode(batch.inputs)
         kept = {
-            m: features[m] * keep[:, j, None].to(features[m].dtype)
+            # [B, D], or per segment [B, T, D]
+            m: features[m]
+            * keep[:, j].view(-1, *[1] * (features[m].dim() - 1)).to(features[m].dtype)
             for j, m in enumerate(model.modalities)
         }
         return ModelOutput(model.fuse(kept), kept, None)

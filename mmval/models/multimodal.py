@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, Literal
 
@@ -20,10 +19,13 @@ from pydantic import (
 from torch import nn
 
 from mmval.data.shards import ModalitySpec
+from mmval.errors import UserError
 from mmval.models.encoders import EncoderConfig, MLPEncoderConfig, build_encoder
 from mmval.models.fusions import FUSIONS, FusionConfig, FusionField, build_fusion
 from mmval.models.mmtm import MMTMConfig, MMTMFusion
 from mmval.models.neck import NeckSource
+from mmval.models.output import ModelOutput
+from mmval.models.unet3d import UNet3D, UNet3DConfig
 from mmval.registry import tag_of
 from mmval.settings import ADDED_LATER
 
@@ -45,6 +47,12 @@ class ModelConfig(BaseModel):
         default=None,
         description="mid-fusion: MMTM blocks between encoder stages (Greedy's model); "
         "resnet18 or mlp encoders",
+    )
+    unet: Annotated[UNet3DConfig | None, ADDED_LATER] = Field(
+        default=None,
+        description="the 3-D U-Net of the segmentation task (one encoder per MRI sequence, "
+        "fused skips, one decoder); unset, its defaults. encoder, encoders and fusion do not "
+        "apply to it",
     )
     init: Annotated[InitName, ADDED_LATER] = Field(
         default="default",
@@ -147,13 +155,6 @@ def _flat_model(config: type[FusionConfig]) -> type[BaseModel]:
         for key, field in config.flat_fields.items()
     }
     return create_model(f"Flat{config.__name__}", **fields)
-
-
-@dataclass
-class ModelOutput:
-    logits: torch.Tensor
-    features: dict[str, torch.Tensor]
-    unimodal_logits: dict[str, torch.Tensor] | None
 
 
 class MultimodalModel(nn.Module):
@@ -272,5 +273,9 @@ def build_model(
     task: str = "classification",
 ) -> nn.Module:
     """The model of `config` predicting `out_dim` values per position (classes, or 1 for a
-    score) for `task`."""
+    score) for `task`: for segmentation the 3-D U-Net, else encoders and a fusion head."""
+    if task == "segmentation":
+        if plugins:
+            raise UserError("plug-ins act on per-modality feature vectors; the 3-D U-Net has none.")
+        return UNet3D(config.unet or UNet3DConfig(), [s.name for s in specs], out_dim)
     return MultimodalModel(config, specs, out_dim, plugins)

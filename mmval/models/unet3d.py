@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
-from mmval.models.multimodal import ModelOutput
+from mmval.models.output import ModelOutput
 
 
 class UNet3DConfig(BaseModel):

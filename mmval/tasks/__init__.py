@@ -11,9 +11,10 @@ from mmval.tasks.base import Outcome, Task, TaskConfig
 from mmval.tasks.classification import Classification
 from mmval.tasks.localisation import Localisation
 from mmval.tasks.regression import Regression
+from mmval.tasks.segmentation import Segmentation
 
 TASKS: dict[str, type[Task]] = {
-    task.kind: task for task in (Classification, Regression, Localisation)
+    task.kind: task for task in (Classification, Regression, Localisation, Segmentation)
 }
 
 TaskField = Annotated[

@@ -31,6 +31,7 @@ from mmval.data.dataset import ParquetSamples
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
 from mmval.models import ModelOutput, MultimodalModel
+from mmval.models.unet3d import UNet3D
 from mmval.valuation.config import MaskName
 
 EvalPath = Literal["auto", "late", "joint", "naive"]
@@ -170,6 +171,22 @@ class JointEvaluator(SubsetEvaluator):
         return _logits(self.model(self.masked_inputs(prepared, keep))).unflatten(0, (k, b))
 
 
+class PresenceEvaluator(SubsetEvaluator):
+    """Feature masking for a model told which inputs are present (the 3-D U-Net: an absent
+    MRI sequence's features are zeroed or filled at every level, as in training with missing
+    sequences): the K copies of the batch go through the model in one forward with their
+    presence masks."""
+
+    def __init__(self, model: UNet3D, modalities: list[str]) -> None:
+        self.model, self.modalities = model, modalities
+
+    def logits(self, prepared: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        k, b = keep.shape[:2]
+        inputs = {m: x[None].expand(k, *x.shape).flatten(0, 1) for m, x in prepared.items()}
+        out = self.model(inputs, present=keep.flatten(0, 1))
+        return out.logits.unflatten(0, (k, b))
+
+
 class NaiveEvaluator(SubsetEvaluator):
     """One full forward per subset (encoders included), for reference and benchmarks."""
 
@@ -218,6 +235,12 @@ def build_evaluator(
 ) -> SubsetEvaluator:
     """Pick the evaluation path; call with the model in eval mode (replacements are encoded
     here, once)."""
+    if isinstance(model, UNet3D):
+        if mask == "feature":
+            return PresenceEvaluator(model, modalities)
+        if fills is None:
+            raise UserError("input masking needs the fills of the removed sequences.")
+        return JointEvaluator(model, modalities, fills, device)
     late = isinstance(model, MultimodalModel)
     if mask == "feature" and not late:
         raise UserError(
