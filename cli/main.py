@@ -532,12 +532,24 @@ def value(
         ),
     ] = None,
     benefit: Annotated[
-        str, typer.Option(help="correct (|S| if right, else 0) or prob (true-class probability)")
-    ] = "correct",
+        str | None,
+        typer.Option(
+            help="v(S), by task: classification and localisation correct (|S| if right, else "
+            "0) or prob (true-class probability); regression abs_error (minus the absolute "
+            "error) or acc2; segmentation dice [default: the task's first]"
+        ),
+    ] = None,
     mask: Annotated[
         str, typer.Option(help="feature (zero encoder output), input (zero input) or mean")
     ] = "feature",
     wide: Annotated[bool, typer.Option(help="write one row per sample")] = False,
+    per_segment: Annotated[
+        bool,
+        typer.Option(
+            help="localisation: value every segment of a clip (rows per sample and segment, "
+            "the segment's class as label) instead of the clip (the mean over its segments)"
+        ),
+    ] = False,
     summary: Annotated[
         bool, typer.Option(help="print mean contribution, weakest share and gaps per modality")
     ] = False,
@@ -580,11 +592,12 @@ def value(
             "feature-mask",
             (
                 ("--permutations", permutations is not None),
-                ("--benefit", benefit != "correct"),
+                ("--benefit", benefit is not None),
                 ("--mask", mask != "feature"),
                 ("--wide", wide),
                 ("--summary", summary),
                 ("--corrupt", bool(corrupt)),
+                ("--per-segment", per_segment),
             ),
         )
         _value_feature_mask(checkpoint, out, split, data, device, batch_size, ratios, repeats, seed)
@@ -597,8 +610,9 @@ def value(
             (
                 ("--permutations", permutations is not None),
                 ("--seed", seed is not None and not corrupt),
-                ("--benefit", benefit != "correct"),
+                ("--benefit", benefit is not None),
                 ("--wide", wide),
+                ("--per-segment", per_segment),
             ),
         )
         _value_subsets(
@@ -615,10 +629,11 @@ def value(
             (
                 ("--permutations", permutations is not None),
                 ("--seed", seed is not None),
-                ("--benefit", benefit != "correct"),
+                ("--benefit", benefit is not None),
                 ("--mask", mask != "feature"),
                 ("--wide", wide),
                 ("--summary", summary),
+                ("--per-segment", per_segment),
             ),
         )
         _value_dcor(checkpoint, out, split, data, device, batch_size)
@@ -655,6 +670,7 @@ def value(
             corruptions=corruptions,
             seed=seed or 0,
             repeats=repeats,
+            per_segment=per_segment,
         )
         if out is not None:
             write_valuation(result, out, wide=wide)
@@ -710,7 +726,8 @@ def _value_subsets(
         console.print(
             f"wrote {out}: {result.table['sample_id'].nunique()} samples x {subsets} subsets"
         )
-    _print_frame(subset_accuracy(result.table), "accuracy per subset of modalities", "{:.4f}")
+    per_subset = subset_accuracy(result.table, result.metrics)
+    _print_frame(per_subset, "mean per subset of modalities", "{:.4f}")
 
 
 def _value_feature_mask(

@@ -255,6 +255,17 @@ def test_localisation_trains_values_and_reports(ave_features, tmp_path):
     assert np.allclose(first["pred"] * 2, first["v_full"])
     assert "correct" not in valued.table
     assert np.all(np.isfinite(wide.to_numpy()))
+    # per segment: the clip's value is the mean of its segments' (Shapley is linear in v)
+    segments = value_checkpoint(run / BEST, per_segment=True)
+    assert segments.metadata["mmval.units"] == "segment"
+    assert len(segments.table) == len(valued.table) * 10
+    per_clip = segments.table.groupby(["sample_id", "modality"])["contribution"].mean()
+    np.testing.assert_allclose(per_clip.unstack()[wide.columns], wide, atol=1e-9)
+    labels = segments.table[segments.table["modality"] == "audio"].set_index("sample_id")
+    np.testing.assert_array_equal(
+        labels.loc[preds["sample_id"], "label"].to_numpy(), target.reshape(-1)
+    )
+    assert labels["correct"].mean() == pytest.approx(summary["test_seg_acc"])
 
     ogm = _recipe(
         tmp_path / "ogm.yaml",

@@ -221,8 +221,9 @@ def noise_comparisons(
                 caption=[
                     f"{options.split} split, {family}; {name} on all modalities"
                     f"{' in %' if percent else ''}. Avg.: each run's {name} averaged over its "
-                    "noise draws, then mean ± sample std over seeds; Worst.: the worst "
-                    f"{name} of any (seed, draw), as QMF takes both "
+                    "noise draws, then mean ± sample std over seeds; Worst.: the "
+                    f"{'lowest' if higher else 'highest'} {name} of any (seed, draw), as QMF "
+                    "takes both "
                     "over its trained runs and noise seeds. Level 0 is the clean test set. "
                     f"Noise draws per run and level: {draws}. Best bold, second underlined per "
                     "column.",

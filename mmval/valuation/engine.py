@@ -187,6 +187,33 @@ class PresenceEvaluator(SubsetEvaluator):
         return out.logits.unflatten(0, (k, b))
 
 
+class SegmentUnits(SubsetEvaluator):
+    """The segments of a batch of clips as the players' units (per-segment valuation of
+    localisation models): a clip's T segments are always evaluated on the same subsets, so K
+    subsets of the B * T segments are K subsets of the B clips, and the clips' logits
+    [K, B, T, C] are the segments' [K, B * T, C]. Valuation methods that draw subsets per
+    sample (shapley-mc) would give a clip's segments different ones: refused."""
+
+    def __init__(self, clips: SubsetEvaluator, segments: int) -> None:
+        self.clips, self.segments = clips, segments
+        self.modalities = clips.modalities
+
+    def prepare(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.clips.prepare(inputs)
+
+    def chunk_size(self, prepared: dict[str, torch.Tensor]) -> int:
+        return self.clips.chunk_size(prepared)
+
+    def logits(self, prepared: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        per_clip = keep.unflatten(1, (-1, self.segments))
+        if not bool((per_clip == per_clip[:, :, :1]).all()):
+            raise UserError(
+                "per-segment values need every segment of a clip on the same subsets: use "
+                "--method shapley (exact) or cmob."
+            )
+        return self.clips.logits(prepared, per_clip[:, :, 0]).flatten(1, 2)
+
+
 class NaiveEvaluator(SubsetEvaluator):
     """One full forward per subset (encoders included), for reference and benchmarks."""
 

@@ -236,6 +236,12 @@ def feature_mask_of_split(
     already checked."""
     torch_device = _device(device)
     loaded = opened.loaded
+    if loaded.task.kind != "classification":
+        raise UserError(
+            f"--method feature-mask reports the accuracy of class predictions; "
+            f"{opened.checkpoint} was trained for {loaded.task.kind}: use --method subsets "
+            "(every subset of the modalities, with the task's own measures) instead."
+        )
     model = loaded.model.to(torch_device)
     table = feature_mask_dataset(
         model,

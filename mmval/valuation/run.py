@@ -22,7 +22,7 @@ from mmval.data.corrupt import (
     corruption_metadata,
     corruptor,
 )
-from mmval.data.dataset import ParquetSamples
+from mmval.data.dataset import Batch, ParquetSamples
 from mmval.data.shards import DataManifest, ModalitySpec, check_data_dir
 from mmval.errors import UserError
 from mmval.models import ModelConfig, build_model
@@ -30,7 +30,7 @@ from mmval.plugins import PluginField
 from mmval.tasks import CLASSIFICATION, Task, TaskField, resolve_task
 from mmval.valuation.base import Game, ValuationMethod
 from mmval.valuation.config import ValuationConfig
-from mmval.valuation.engine import EvalPath, build_evaluator, mask_fills
+from mmval.valuation.engine import EvalPath, SegmentUnits, build_evaluator, mask_fills
 from mmval.valuation.registry import build_method
 from mmval.valuation.table import (
     Values,
@@ -56,12 +56,17 @@ def value_dataset(
     positions: Sequence[int] | None = None,
     path: EvalPath = "auto",
     corrupt: Corrupt | None = None,
+    per_segment: bool = False,
 ) -> Values:
     """Value `positions` of the dataset (default: all) in eval mode, their inputs passed
     through `corrupt` first (`mmval.data.corrupt.corruptor`) when given. Batches are read
-    without a DataLoader, which would draw from the global RNG and so change a training run."""
+    without a DataLoader, which would draw from the global RNG and so change a training run.
+    With `per_segment` (localisation), every segment of a clip is valued on its own: the game's
+    units are the segments, each with its class as label (`SegmentUnits`)."""
     model.eval()
     config = config.for_task(task)
+    if per_segment and task.kind != "localisation":
+        raise UserError(f"--per-segment values the segments of clips; this is a {task.kind} model.")
     modalities = [s.name for s in dataset.specs]
     evaluator = build_evaluator(model, modalities, config.mask, fills, device=device, path=path)
     order = np.arange(len(dataset)) if positions is None else np.asarray(positions, np.int64)
@@ -71,20 +76,30 @@ def value_dataset(
         if corrupt is not None:
             batch.inputs = corrupt(batch.inputs, batch.index)
         batch = batch.to(device)
-        game = Game(evaluator, batch, config.resolved_benefit, task)
-        out = method.value(game)
-        parts.append((batch.label, out))
+        if per_segment:
+            assert batch.target is not None
+            segments = batch.target.shape[1]
+            units = Batch(
+                batch.inputs, batch.target.flatten(), batch.index.repeat_interleave(segments)
+            )
+            game = Game(SegmentUnits(evaluator, segments), units, config.resolved_benefit)
+        else:
+            game = Game(evaluator, batch, config.resolved_benefit, task)
+        parts.append((game.labels, method.value(game)))
     stderr = [o.stderr for _, o in parts]
     labels = torch.cat([label for label, _ in parts]).cpu().numpy()
     pred = torch.cat([o.pred for _, o in parts]).cpu().numpy()
+    ids = [dataset.sample_ids[i] for i in order.tolist()]
+    units = len(labels) // max(len(ids), 1)  # segments per clip, or 1
     return Values(
-        sample_ids=[dataset.sample_ids[i] for i in order.tolist()],
+        sample_ids=[i for i in ids for _ in range(units)],
         labels=labels,
         pred=pred,
         v_full=torch.cat([o.v_full for _, o in parts]).cpu().numpy(),
         contribution=torch.cat([o.contribution for _, o in parts]).cpu().numpy(),
         stderr=None if stderr[0] is None else torch.cat(stderr).cpu().numpy(),
-        correct=task.correct(pred, labels),
+        correct=(CLASSIFICATION if per_segment else task).correct(pred, labels),
+        segments=np.tile(np.arange(units), len(ids)) if per_segment else None,
     )
 
 
@@ -252,6 +267,7 @@ def value_checkpoint(
     corruptions: Sequence[Corruption] = (),
     seed: int = 0,
     repeats: int = 1,
+    per_segment: bool = False,
 ) -> ValuationResult:
     """Value every sample of `split` with the data the checkpoint was trained on. With
     `corruptions`, the inputs are corrupted before the encoders, drawn anew in each of
@@ -282,6 +298,7 @@ def value_checkpoint(
             corrupt=corruptor(corruptions, opened.dataset, seed=seed, repeat=repeat)
             if corruptions
             else None,
+            per_segment=per_segment,
         )
         frames.append(long_table(values, modalities))
     metadata = valuation_metadata(
@@ -289,6 +306,8 @@ def value_checkpoint(
     )
     metadata["mmval.checkpoint"] = str(checkpoint)
     metadata["mmval.task"] = loaded.task.kind
+    if per_segment:
+        metadata["mmval.units"] = "segment"
     if not corruptions:
         return ValuationResult(frames[0], metadata, modalities)
     metadata |= corruption_metadata(corruptions, seed, repeats)

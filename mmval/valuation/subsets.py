@@ -126,6 +126,11 @@ class SubsetsResult:
     metadata: dict[str, str]
     modalities: list[str]
 
+    @property
+    def metrics(self) -> list[str]:
+        """The columns the task averages per subset (`Task.subset_metrics`)."""
+        return json.loads(self.metadata["mmval.subset_metrics"])
+
 
 def subsets_checkpoint(
     checkpoint: Path,
@@ -192,15 +197,16 @@ def subsets_of_split(
     return SubsetsResult(table, metadata, modalities)
 
 
-def subset_accuracy(table: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy per subset (in the table's subset order) and the mean over subsets, as C3R's
-    Table 2 reports them."""
+def subset_accuracy(table: pd.DataFrame, columns: Sequence[str] = ("correct",)) -> pd.DataFrame:
+    """Accuracy (the mean of `correct`; or of the task's other `subset_metrics` columns) per
+    subset, in the table's subset order, and the mean over subsets, as C3R's Table 2 reports
+    them."""
     order = list(dict.fromkeys(table["subset"]))
     # over samples and repeats: every repeat holds every sample once
-    per_subset = table.groupby("subset", sort=False)["correct"].mean().reindex(order)
-    frame = per_subset.rename("accuracy").reset_index()
-    mean = pd.DataFrame({"subset": ["mean over subsets"], "accuracy": [per_subset.mean()]})
-    return pd.concat([frame, mean], ignore_index=True)
+    per_subset = table.groupby("subset", sort=False)[list(columns)].mean().reindex(order)
+    per_subset = per_subset.rename(columns={"correct": "accuracy"})
+    mean = per_subset.mean().to_frame().T.assign(subset="mean over subsets")
+    return pd.concat([per_subset.reset_index(), mean], ignore_index=True)
 
 
 def write_subsets(result: SubsetsResult, out: Path) -> None:

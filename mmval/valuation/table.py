@@ -34,6 +34,8 @@ class Values:
     # [N]: the prediction from all modalities is right (`Task.correct`; None where the task
     # has no single right answer: localisation, segmentation)
     correct: np.ndarray | None = None
+    # [N]: the segment of the clip `sample_ids[i]` each row values (per-segment valuation)
+    segments: np.ndarray | None = None
 
 
 def long_table(values: Values, modalities: list[str]) -> pd.DataFrame:
@@ -48,6 +50,7 @@ def long_table(values: Values, modalities: list[str]) -> pd.DataFrame:
     frame = pd.DataFrame(
         {
             "sample_id": np.asarray(values.sample_ids, dtype=object)[rows],
+            **({} if values.segments is None else {"segment": values.segments[rows]}),
             "label": label,
             "modality": np.asarray(modalities, dtype=object)[cols],
             "contribution": values.contribution[rows, cols],
@@ -65,7 +68,7 @@ def wide_table(table: pd.DataFrame, modalities: list[str]) -> pd.DataFrame:
     """One row per sample (per repeat and sample under corruptions, `repeat` first): the
     sample columns, one contribution column per modality (named after it) and, for sampled
     methods, `stderr_<modality>`."""
-    keys = ["repeat", "sample_id"] if "repeat" in table else ["sample_id"]
+    keys = [k for k in ("repeat", "sample_id", "segment") if k in table]
     clash = sorted(set(modalities) & {*keys, *SAMPLE_COLUMNS})
     if clash:
         raise UserError(
