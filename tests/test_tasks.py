@@ -193,6 +193,9 @@ def test_regression_trains_values_and_reports(mosi_scores, tmp_path):
     assert [m.key for m in comparison.metrics][:2] == ["mae", "corr"]
     mae = next(m for m in comparison.metrics if m.key == "mae")
     assert not mae.higher_is_better
+    # the published protocol's test-max picks the epoch of the lowest test MAE
+    picked = find_runs(tmp_path / "runs", select="test-max").runs.set_index("recipe_name")
+    assert picked.loc["concat", "test_mae"] == metrics["test_mae"].min()
     subsets = subsets_checkpoint(run / BEST)
     assert {"abs_error", "pred"} <= set(subsets.table.columns)
 

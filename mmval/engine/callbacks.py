@@ -256,7 +256,16 @@ def run_summary(fit: Fit, label: str) -> dict[str, Any]:
         "epochs": recipe.train.epochs,
         "best_epoch": state.best_epoch,
         "protocol": recipe.train.protocol,
-        **({} if task.kind == "classification" else {"task": task.kind, "headline": headline}),
+        **(
+            {}
+            if task.kind == "classification"
+            else {
+                "task": task.kind,
+                "headline": headline,
+                "selected_on": task.selected_on,
+                "higher_is_better": task.higher_is_better,
+            }
+        ),
         **{f"{split}_{k}": best[f"{split}_{k}"] for split in ("val", "test") for k in headline},
         **{f"final_test_{k}": final[f"test_{k}"] for k in headline},
         "train_seconds": sum(r["seconds"] for r in state.rows),

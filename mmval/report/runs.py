@@ -82,10 +82,11 @@ META = [
     "protocol",
     "selection",  # the label of a row not selected on validation
     "task",  # what the run trained for (mmval.tasks)
+    "selected_on",  # the metric its checkpoint was selected on (acc, mae, seg_acc, dice_mean)
     "headline",  # the task's main metrics, comma-separated (the report's default columns)
 ]
 # how the report names metrics, and the metrics where lower is better
-_LABELS = {
+METRIC_LABELS = {
     "acc": "Acc",
     "f1": "F1",
     "mae": "MAE",
@@ -297,7 +298,7 @@ def resolve_metric(name: str, split: str, columns: Iterable[str]) -> Metric:
     for column in (f"{split}_{key}", key):
         if column in available:
             percent = _PERCENT.search(key) is not None
-            label = _LABELS.get(key, key)
+            label = METRIC_LABELS.get(key, key)
             return Metric(key, column, label, percent, not _LOWER_IS_BETTER.search(key))
     logged = sorted(c.removeprefix(f"{split}_") for c in available if c not in META)
     raise UserError(
@@ -343,15 +344,17 @@ def _record(folder: Path, summary: dict[str, Any], select: str) -> dict[str, Any
     its metrics or predictions cannot be read or lack what the selection needs."""
     history = read_metrics(folder)
     read_predictions(folder)  # read now: a damaged one would stop the paired tests later
-    needed = ["epoch", "test_acc"] if select == "test-max" else ["epoch"]
+    key, higher = summary.get("selected_on", "acc"), summary.get("higher_is_better", True)
+    needed = ["epoch", f"test_{key}"] if select == "test-max" else ["epoch"]
     lacking = [c for c in needed if c not in history.columns]
     if not (folder / METRICS).is_file():
         raise DamagedRunFile(folder, f"{METRICS} is missing")
     if lacking:
         raise DamagedRunFile(folder, f"{METRICS} has no {' or '.join(lacking)} column")
     selected = summary["best_epoch"]
-    if select == "test-max" and history["test_acc"].notna().any():
-        selected = int(history.loc[history["test_acc"].idxmax(), "epoch"])  # the first maximum
+    if select == "test-max" and history[f"test_{key}"].notna().any():
+        best_row = history[f"test_{key}"].idxmax() if higher else history[f"test_{key}"].idxmin()
+        selected = int(history.loc[best_row, "epoch"])  # the first best
     best = history[history["epoch"] == selected]
     recipe = summary.get("recipe", {})
     values = best.iloc[0].drop(labels=["epoch"]).to_dict() if len(best) else {}
@@ -370,6 +373,7 @@ def _record(folder: Path, summary: dict[str, Any], select: str) -> dict[str, Any
         # runs written before the protocol existed trained on train alone
         "protocol": recipe.get("train", {}).get("protocol", "validation"),
         "task": summary.get("task", "classification"),
+        "selected_on": key,
         "headline": ",".join(summary.get("headline", ["acc", "f1"])),
         "_recipe": recipe,
     }

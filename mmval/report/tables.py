@@ -20,6 +20,7 @@ from rich.text import Text
 
 from mmval.errors import UserError
 from mmval.report.runs import (
+    METRIC_LABELS,
     LeftOut,
     Metric,
     RunTree,
@@ -382,12 +383,25 @@ def recipe_text(comparison: Comparison, row: str) -> str:
 
 
 def selection_text(comparison: Comparison) -> str:
+    runs = comparison.tree.runs
+    chosen = sorted(set(runs["selected_on"])) if "selected_on" in runs else ["acc"]
+    named = " or ".join(METRIC_LABELS.get(key, key) for key in chosen)
+    if chosen == ["acc"]:
+        named = "accuracy"
     if comparison.tree.select == "test-max":
         return (
-            "epoch with the best test accuracy (test-max, as the papers' official code: "
+            f"epoch with the best test {named} (test-max, as the papers' official code: "
             "chosen on test, not an honest estimate)"
         )
-    return "checkpoint with the best validation accuracy"
+    return f"checkpoint with the best validation {named}"
+
+
+def percent_text(metrics: list[Metric]) -> str:
+    """`accuracy and F1`, or the names of the other metrics shown in percent."""
+    names = [m.label for m in metrics if m.percent]
+    if set(names) <= {"Acc", "F1"}:
+        return "accuracy and F1"
+    return ", ".join(dict.fromkeys(names))
 
 
 def legend(comparison: Comparison) -> list[str]:
@@ -395,7 +409,7 @@ def legend(comparison: Comparison) -> list[str]:
     percent = any(m.percent for m in comparison.metrics)
     first = comparison.caption or [
         f"{comparison.split} split, {selection_text(comparison)}; mean ± sample std over seeds"
-        + (" (accuracy and F1 in %)" if percent else "")
+        + (f" ({percent_text(comparison.metrics)} in %)" if percent else "")
         + "; best bold, second underlined per column."
     ]
     lines = [

@@ -66,6 +66,12 @@ class Task(ABC):
         self.config = config
         self.num_classes = num_classes
 
+    def target(self, batch: Batch) -> torch.Tensor:
+        """The batch's target column: every data set of a task other than classification stores
+        one, and `resolve_task` keeps other data from reaching the task."""
+        assert batch.target is not None, f"a {self.kind} data set stores a target"
+        return batch.target
+
     def out_dim(self) -> int:
         """What the head predicts per position (per clip, segment or voxel)."""
         return self.num_classes

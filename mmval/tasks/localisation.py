@@ -38,11 +38,6 @@ class LocalisationConfig(TaskConfig):
     )
 
 
-def _segments(batch: Batch) -> torch.Tensor:
-    assert batch.target is not None, "a localisation data set stores a target"
-    return batch.target
-
-
 class Localisation(Task):
     Config = LocalisationConfig
     config: LocalisationConfig
@@ -54,23 +49,23 @@ class Localisation(Task):
     benefits: ClassVar[tuple[str, ...]] = ("correct", "prob")
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        target = _segments(batch)
+        target = self.target(batch)
         if self.config.loss == "official":
             onehot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
             return F.multilabel_soft_margin_loss(logits.softmax(-1), onehot)
         return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
     def class_units(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return logits.flatten(0, 1), _segments(batch).flatten()
+        return logits.flatten(0, 1), self.target(batch).flatten()
 
     def train_score(self, logits: torch.Tensor, batch: Batch) -> float:
-        right = logits.argmax(-1) == _segments(batch)
+        right = logits.argmax(-1) == self.target(batch)
         return float(right.double().mean(1).sum())
 
     def collect(self, logits: torch.Tensor, batch: Batch) -> dict[str, np.ndarray]:
         return {
             "label": batch.label.cpu().numpy(),
-            "target": _segments(batch).cpu().numpy(),
+            "target": self.target(batch).cpu().numpy(),
             "pred": logits.float().argmax(-1).cpu().numpy(),
         }
 
@@ -101,9 +96,12 @@ class Localisation(Task):
         k, b, t = logits.shape[:3]
         per_segment = keep[:, :, None, :].expand(k, b, t, keep.shape[-1]).flatten(1, 2)
         units = class_outcome(
-            logits.flatten(1, 2), _segments(batch).flatten(), per_segment, benefit
+            logits.flatten(1, 2),
+            self.target(batch).flatten(),
+            per_segment,
+            benefit,
         )
-        right = (units.pred == _segments(batch).flatten()[None]).double()
+        right = (units.pred == self.target(batch).flatten()[None]).double()
         return Outcome(units.benefit.view(k, b, t).mean(-1), right.view(k, b, t).mean(-1))
 
     def subset_columns(self, outcome: Outcome, batch: Batch) -> dict[str, torch.Tensor]:

@@ -38,11 +38,6 @@ def _scores(logits: torch.Tensor) -> torch.Tensor:
     return logits[..., 0]
 
 
-def _truth(batch: Batch) -> torch.Tensor:
-    assert batch.target is not None, "a regression data set stores a target"
-    return batch.target.reshape(len(batch)).float()
-
-
 class Regression(Task):
     Config = RegressionConfig
     config: RegressionConfig
@@ -57,17 +52,21 @@ class Regression(Task):
     def out_dim(self) -> int:
         return 1
 
+    def scores(self, batch: Batch) -> torch.Tensor:
+        """The true scores [B] (stored as [B, 1])."""
+        return self.target(batch).reshape(len(batch)).float()
+
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         error = F.l1_loss if self.config.loss == "l1" else F.mse_loss
-        return error(_scores(logits).float(), _truth(batch))
+        return error(_scores(logits).float(), self.scores(batch))
 
     def train_score(self, logits: torch.Tensor, batch: Batch) -> float:
-        return float((_scores(logits).float() - _truth(batch)).abs().sum())
+        return float((_scores(logits).float() - self.scores(batch)).abs().sum())
 
     def collect(self, logits: torch.Tensor, batch: Batch) -> dict[str, np.ndarray]:
         return {
             "label": batch.label.cpu().numpy(),
-            "target": _truth(batch).cpu().numpy(),
+            "target": self.scores(batch).cpu().numpy(),
             "pred": _scores(logits).float().cpu().numpy(),
         }
 
@@ -94,7 +93,7 @@ class Regression(Task):
         self, logits: torch.Tensor, batch: Batch, keep: torch.Tensor, benefit: str
     ) -> Outcome:
         pred = _scores(logits).double()
-        truth = _truth(batch).double()[None]
+        truth = self.scores(batch).double()[None]
         if benefit == "acc2":
             right = ((pred > 0) == (truth > 0)) & (truth != 0)
             value = right.double() * keep.sum(-1).double()
@@ -108,6 +107,6 @@ class Regression(Task):
 
     def subset_columns(self, outcome: Outcome, batch: Batch) -> dict[str, torch.Tensor]:
         return {
-            "abs_error": (outcome.pred - _truth(batch).double()[None]).abs(),
+            "abs_error": (outcome.pred - self.scores(batch).double()[None]).abs(),
             "pred": outcome.pred,
         }

@@ -73,11 +73,6 @@ class SegmentationConfig(TaskConfig):
     overlap: float = Field(default=0.5, ge=0.0, lt=1.0, description="of the sliding windows")
 
 
-def _voxels(batch: Batch) -> torch.Tensor:
-    assert batch.target is not None, "a segmentation data set stores a target"
-    return batch.target
-
-
 class Segmentation(Task):
     Config = SegmentationConfig
     config: SegmentationConfig
@@ -93,8 +88,8 @@ class Segmentation(Task):
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         if self.config.loss == "region_dice_bce":
-            return region_dice_bce_loss(logits, _voxels(batch))
-        return dice_wce_loss(logits, _voxels(batch), self.num_classes)
+            return region_dice_bce_loss(logits, self.target(batch))
+        return dice_wce_loss(logits, self.target(batch), self.num_classes)
 
     def train_forward(self, model: torch.nn.Module, batch: Batch, epoch: int) -> ModelOutput:
         if self.config.missing == "none" or epoch < self.config.missing_from:
@@ -130,10 +125,13 @@ class Segmentation(Task):
         return scores
 
     def train_score(self, logits: torch.Tensor, batch: Batch) -> float:
-        return float(self._dice(logits.detach(), _voxels(batch))["dice_mean"].sum())
+        return float(self._dice(logits.detach(), self.target(batch))["dice_mean"].sum())
 
     def collect(self, logits: torch.Tensor, batch: Batch) -> dict[str, np.ndarray]:
-        return {"label": batch.label.cpu().numpy(), **self._dice(logits, _voxels(batch))}
+        return {
+            "label": batch.label.cpu().numpy(),
+            **self._dice(logits, self.target(batch)),
+        }
 
     def metrics(
         self,
@@ -151,7 +149,9 @@ class Segmentation(Task):
         self, logits: torch.Tensor, batch: Batch, keep: torch.Tensor, benefit: str
     ) -> Outcome:
         k, b = keep.shape[:2]
-        target = _voxels(batch).repeat(k, *([1] * (_voxels(batch).dim() - 1)))  # [K * B, ...]
+        target = self.target(batch).repeat(
+            k, *([1] * (self.target(batch).dim() - 1))
+        )  # [K * B, ...]
         scores = {
             name: torch.from_numpy(values).view(k, b).to(keep.device)
             for name, values in self._dice(logits.flatten(0, 1), target).items()
