@@ -343,14 +343,16 @@ def test_every_method_trains_under_ddp(recipe_file, tmp_path):
         "{teachers}": {m: str(runs / f"teacher-{m}/seed0/best.pt") for m in "abc"},
     }
     recipes = []
-    for name, cls in METHODS.items():
+    # the classification methods: this data set is a classification one
+    methods = {n: c for n, c in METHODS.items() if "classification" in c.Config.tasks}
+    for name, cls in methods.items():
         settings = {"method__name": name, **base, **dotted(filled(cls.Config.quick, prepared))}
         if cls.Config.max_modalities is not None:
             settings["data__modalities"] = list("abc"[: cls.Config.max_modalities])
         Trainer(load_recipe(recipe_file(name=f"{name}-single", **settings)), 0).run()
         recipes.append(load_recipe(recipe_file(name=f"{name}-ranks", **settings)))
     run_ranks(_train_all, recipes, timeout=900)
-    for name in METHODS:
+    for name in methods:
         a, b = _metrics(runs / f"{name}-single/seed0"), _metrics(runs / f"{name}-ranks/seed0")
         assert list(a.columns) == list(b.columns), name
         if name in PADDED:

@@ -132,6 +132,8 @@ def test_recipe_names_are_distinct():
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("data", ["uci-mfeat", "synthetic-av"])
 def test_every_method_has_small_recipes(method: str, data: str):
+    if "classification" not in METHODS[method].Config.tasks:
+        pytest.skip(f"{method} trains no classification task: its recipes use its task's data")
     path = RECIPES / f"{method}-{data}.yaml"
     assert path.is_file(), f"missing recipes/{path.name}"
     assert load_recipe(path).method.name == method

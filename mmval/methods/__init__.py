@@ -16,6 +16,7 @@ from mmval.methods.concat import Concat
 from mmval.methods.gblending import GBlending
 from mmval.methods.greedy import Greedy
 from mmval.methods.late_fusion import LateFusionMethod
+from mmval.methods.lckd import LCKD
 from mmval.methods.lfm import LFM
 from mmval.methods.linear_probe import LinearProbe
 from mmval.methods.mbsd import MBSD
@@ -68,6 +69,7 @@ METHODS: dict[str, type[Method]] = {
         MMCooperationModality,
         MMCooperationFixed,
         CMoB,
+        LCKD,
     )
 }
 
