@@ -20,6 +20,7 @@ from torch import nn
 
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
+from mmval.models.ave_att import AVAttConfig, AVAttModel
 from mmval.models.encoders import EncoderConfig, MLPEncoderConfig, build_encoder
 from mmval.models.fusions import FUSIONS, FusionConfig, FusionField, build_fusion
 from mmval.models.mmtm import MMTMConfig, MMTMFusion
@@ -53,6 +54,13 @@ class ModelConfig(BaseModel):
         description="the 3-D U-Net of the segmentation task (one encoder per MRI sequence, "
         "fused skips, one decoder); unset, its defaults. encoder, encoders and fusion do not "
         "apply to it",
+    )
+    ave_att: Annotated[AVAttConfig | None, ADDED_LATER] = Field(
+        default=None,
+        description="Tian et al.'s supervised AVE localisation model (audio-guided visual "
+        "attention, BiLSTMs, per-segment classifier; localisation task only); set (`{}` for "
+        "the official sizes), it replaces the encoders and the fusion head: encoder, encoders, "
+        "fusion and init do not apply to it",
     )
     init: Annotated[InitName, ADDED_LATER] = Field(
         default="default",
@@ -273,7 +281,16 @@ def build_model(
     task: str = "classification",
 ) -> nn.Module:
     """The model of `config` predicting `out_dim` values per position (classes, or 1 for a
-    score) for `task`: for segmentation the 3-D U-Net, else encoders and a fusion head."""
+    score) for `task`: for segmentation the 3-D U-Net, Tian et al.'s model where `ave_att` is
+    set, else encoders and a fusion head."""
+    if config.ave_att is not None:
+        if task != "localisation":
+            raise UserError(
+                f"model.ave_att is a localisation model (a class per segment); the task is {task}."
+            )
+        if plugins:
+            raise UserError("plug-ins act on per-modality feature vectors; model.ave_att has none.")
+        return AVAttModel(config.ave_att, specs, out_dim)
     if task == "segmentation":
         if plugins:
             raise UserError("plug-ins act on per-modality feature vectors; the 3-D U-Net has none.")

@@ -272,7 +272,9 @@ def build_evaluator(
     if mask == "feature" and not late:
         raise UserError(
             "--mask feature zeroes encoder outputs, which needs a model with one encoder per "
-            "modality (MultimodalModel); use --mask input or --mask mean for this model."
+            f"modality (MultimodalModel); {type(model).__name__} has none (in model.ave_att the "
+            "visual stream is attended by the audio, so features cannot be removed one "
+            "modality at a time). Use --mask input or --mask mean for this model."
         )
     # with mid-fusion (MMTM) encoders see each other: a replaced input must go through all of them
     mixed = late and fills is not None and model.mid_fusion is not None
