@@ -317,6 +317,21 @@ def _cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
     found = recipe.method.recipe_problems(recipe.model, modalities)
     if recipe.task is not None:
         found += _task_problems(recipe, recipe.task.name)
+    if recipe.model.ave_att is not None:
+        needs = recipe.method.needs_unimodal_logits or recipe.method.needs_additive
+        if needs:
+            found.append(
+                (
+                    "model.ave_att",
+                    f"{recipe.method.name} needs per-modality logits, and Tian et al.'s "
+                    "attention model mixes the streams before its classifier; use encoders "
+                    "and a fusion head (model.encoder: {kind: segment_lstm})",
+                )
+            )
+        if recipe.plugins:
+            found.append(
+                ("plugins", "plug-ins act on per-modality feature vectors; model.ave_att has none")
+            )
     built_on = None if modalities is None else recipe.method.model_modalities(modalities)
     found += plugin_problems(METHODS[recipe.method.name], recipe.plugins, built_on)
     found += recipe.model.flat_problems()

@@ -384,3 +384,20 @@ def test_segmentation_trains_values_and_renders_the_15_combinations(brats, tmp_p
     assert md.exit_code == 0, md.output
     assert "Dice WT with missing modalities" in md.output
     assert "flair+t1ce+t1+t2" in md.output or "flair+t1+t1ce+t2" in md.output
+
+
+def test_tians_model_refuses_methods_that_read_per_modality_logits(tmp_path):
+    raw = {
+        "name": "x",
+        "seeds": [0],
+        "data": {"dataset": "ave-localisation"},
+        "model": {"ave_att": {}},
+        "method": {"name": "ogm_ge"},
+        "train": {"epochs": 1},
+    }
+    with pytest.raises(UserError, match="ogm_ge needs per-modality logits"):
+        load_recipe(_recipe(tmp_path / "r.yaml", raw))
+    raw["method"] = {"name": "concat"}
+    raw["plugins"] = ["c3r"]
+    with pytest.raises(UserError, match="plug-ins act on per-modality feature vectors"):
+        load_recipe(_recipe(tmp_path / "r.yaml", raw))
