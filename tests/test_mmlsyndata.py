@@ -392,7 +392,7 @@ def checkpoint(prepared, tmp_path_factory) -> Path:
     return output / "concat-mmlsyndata" / "seed0" / "best.pt"
 
 
-def test_concat_trains_on_the_inputs_only(checkpoint, prepared):
+def test_concat_trains_on_the_inputs_only(checkpoint, prepared, tmp_path):
     assert load_checkpoint(checkpoint).data.modalities == ["x1", "x2", "x3"]
     metrics = pd.read_parquet(checkpoint.parent / "metrics.parquet")
     assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
@@ -401,6 +401,7 @@ def test_concat_trains_on_the_inputs_only(checkpoint, prepared):
         "seeds": [0],
         "data": {"path": str(prepared), "modalities": ["x1", "snc"]},
         "train": {"epochs": 1},
+        "output": str(tmp_path / "runs"),
     }
     with pytest.raises(UserError, match="no modality 'snc'"):
         Trainer(parse_recipe(raw, "test"), 0).run()
