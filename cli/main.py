@@ -22,6 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from mmval.atomic import WRITE_ERRNOS, WriteError, write_failure
 from mmval.errors import UserError
@@ -34,7 +35,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-recipe_app = typer.Typer(help="Check recipes and print their schema.", no_args_is_help=True)
+recipe_app = typer.Typer(
+    help="Check recipes, print their schema, list the methods and their settings.",
+    no_args_is_help=True,
+)
 app.add_typer(recipe_app, name="recipe")
 # emoji=False: `:x:` in a path or a message must stay as typed (`--view v=f.npz:x`)
 console = Console(emoji=False)
@@ -228,7 +232,17 @@ def prep(
     merge: Annotated[
         bool, typer.Option(help="merge the finished parts in OUT into one data set")
     ] = False,
-    list_: Annotated[bool, typer.Option("--list", help="list the data sets and exit")] = False,
+    list_: Annotated[
+        bool,
+        typer.Option(
+            "--list",
+            help="list the data sets and exit; with a data set (or --verbose), its --set "
+            "parameters: name, type, default, description",
+        ),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="--list: every data set's --set parameters too")
+    ] = False,
     raw_out: Annotated[
         Path | None, typer.Option(help="synthetic-av: where to write the raw clips")
     ] = None,
@@ -268,10 +282,11 @@ def prep(
     (--splits PATH gives each row's split, else --set split.ratios=[0.7,0.1,0.2])
     Your own files: mmval prep folder --raw clips/ --labels clips/labels.csv --out data/mine
     Your own manifest: mmval prep my-data.yaml --raw DIR --out DIR (schema: mmval prep --schema)
+    A data set's --set parameters: mmval prep synthetic --list
     """
     from mmval.data.manifest import load_dataset_manifest, manifest_names
     from mmval.data.pipeline import PartSpec, PrepCallbacks, PrepSummary
-    from mmval.data.prep import merge_parts, prepare
+    from mmval.data.prep import check_raw, merge_parts, prepare
 
     def print_counts(summary: PrepSummary) -> None:
         for name, c in summary.splits.items():
@@ -294,12 +309,25 @@ def prep(
 
         sys.stdout.write(json.dumps(manifest_schema(), indent=2) + "\n")
         return
-    if list_ or dataset is None:
-        for name in manifest_names():
+    if verbose and not list_:
+        raise UserError("--verbose goes with --list: mmval prep DATASET --list --verbose.")
+    if list_:
+        names = [dataset] if dataset is not None else manifest_names()
+        for name in names:
             entry, _ = load_dataset_manifest(name)
-            console.print(f"[bold]{name}[/]: {entry.description}")
-        console.print("[bold]synthetic-av[/]: writes fake raw clips in a real data set's layout")
+            console.print(Text.assemble((name, "bold"), f": {entry.description}"))
+            if dataset is not None or verbose:
+                _print_parameters(name)
+        if dataset is None:
+            console.print("[bold]synthetic-av[/]: fake raw clips in a real data set's layout")
+            console.print("a data set's --set parameters: mmval prep DATASET --list")
         return
+    if dataset is None:
+        raise UserError(
+            "name the data set to prepare: mmval prep DATASET --out DIR, one of "
+            f"{', '.join(manifest_names())}, synthetic-av, or a manifest file (`mmval prep "
+            "--list` describes them)."
+        )
     if dataset == "synthetic-av":
         _synthetic_av(raw_out, layout, clips, seed, set_ or [])
         return
@@ -334,6 +362,7 @@ def prep(
     if (shard_index is None) != (num_shards is None):
         raise UserError("--shard-index and --num-shards go together (part I of N).")
     part = None if num_shards is None else PartSpec(shard_index or 0, num_shards)
+    check_raw(dataset, raw)
     written = target if part is None else target / part.name
     with _progress() as progress:
         task = progress.add_task(f"prep {dataset}", total=None, status="")
@@ -376,6 +405,18 @@ def prep(
             f"`mmval prep {dataset} --out {target} --merge`"
         )
     check_failures(result.summary.failure_share)
+
+
+def _print_parameters(dataset: str) -> None:
+    """The data set's `--set` parameters, with the values its manifest gives as defaults."""
+    from mmval.data.prep import dataset_parameters
+
+    table = Table(title=f"--set parameters of {dataset}")
+    for column in ("parameter", "type", "default", "description"):
+        table.add_column(column, overflow="fold")
+    for f in dataset_parameters(dataset):
+        table.add_row(*(Text(cell) for cell in (f.name, f.type, f.default, f.description)))
+    console.print(table)
 
 
 def _synthetic_av(
@@ -997,6 +1038,45 @@ def recipe_validate(
     loaded = load_recipe(file, set_ or [])
     console.print(f"{file}: valid", style="green")
     print(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False))
+
+
+@recipe_app.command("show")
+@user_errors
+def recipe_show(
+    name: Annotated[
+        str | None, typer.Argument(help="a method, fusion or plug-in [default: list them all]")
+    ] = None,
+) -> None:
+    """List the methods, fusions and plug-ins, or show one: its settings (type, default,
+    description), the official code it follows and the tasks it is defined for.
+
+    Example: mmval recipe show ogm_ge (all of them: mmval recipe show)
+    """
+    from mmval.describe import components, find_components
+
+    if name is None:
+        table = Table(title="methods (method.name), fusions (model.fusion), plug-ins (plugins:)")
+        for column in ("kind", "name", "what it is"):
+            table.add_column(column, overflow="fold")
+        for c in components():
+            table.add_row(c.kind, c.name, Text(c.summary))  # Text: `[ours]` is not markup
+        console.print(table)
+        console.print("details: mmval recipe show NAME")
+        return
+    for c in find_components(name):
+        heading = Text.assemble((f"{c.kind} {c.name}", "bold"), f": {c.summary}")
+        lines = [f"source: {c.source or 'not declared'}"]
+        lines += [f"tasks: {', '.join(c.tasks)}"] if c.tasks else []
+        console.print(heading, *lines, *c.notes, sep="\n", markup=False, highlight=False)
+        if not c.fields:
+            console.print("settings: none")
+            continue
+        table = Table(title=f"settings of {c.kind} {c.name}")
+        for column in ("field", "type", "default", "description"):
+            table.add_column(column, overflow="fold")
+        for f in c.fields:
+            table.add_row(*(Text(cell) for cell in (f.name, f.type, f.default, f.description)))
+        console.print(table)
 
 
 @recipe_app.command("schema")
