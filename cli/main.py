@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +90,20 @@ def locks_out(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def trusts_code(func: F) -> F:
+    """Let the command load checkpoints whose recipes import python encoders when its
+    --trust-code flag is given (for this command only)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        from mmval.models.encoders import trusting_code
+
+        with trusting_code(bool(kwargs.get("trust_code"))):
+            return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -105,23 +120,54 @@ def _progress() -> Progress:
 
 def _train_callbacks(progress: Progress) -> list:
     """Training callbacks that draw a bar per run (advanced per step, with each epoch's val
-    accuracy); the engine is imported only when a command trains."""
+    accuracy); the engine is imported only when a command trains. The first one (`Bars`) also
+    knows where the run stands, for the message of an interrupted `mmval train`."""
     from mmval.engine.loop import Callback, Fit
 
     class Bars(Callback):
         task: TaskID
+        fit: Fit | None = None  # the run being trained
+        epoch_steps: tuple[int, int] = (0, 0)  # steps taken in the current epoch, of how many
 
         def on_train_start(self, fit: Fit) -> None:
-            total = fit.epochs * fit.steps_per_epoch
-            self.task = progress.add_task(fit.title, total=total, status="")
+            self.fit, done = fit, fit.state.step  # a resumed run starts from its steps
+            total = done + (fit.epochs - fit.state.epoch) * fit.steps_per_epoch
+            self.task = progress.add_task(fit.title, total=total, completed=done, status="")
+
+        def on_train_epoch_start(self, fit: Fit, steps: int) -> None:
+            # the epoch's real length (copies of re-sampling methods), the later ones alike
+            progress.update(
+                self.task, total=fit.state.step + (fit.epochs - fit.state.epoch) * steps
+            )
+            self.epoch_steps = (0, steps)
 
         def on_train_step(self, fit: Fit) -> None:
+            self.epoch_steps = (self.epoch_steps[0] + 1, self.epoch_steps[1])
             progress.advance(self.task)
 
         def on_epoch_end(self, fit: Fit, row: dict[str, float]) -> None:
             name, val = _headline(row, "val")
             status = f"epoch {int(row['epoch'])} val {name} {val:.3f}" if name else ""
             progress.update(self.task, status=status)
+
+        def on_fit_end(self, fit: Fit) -> None:
+            self.fit = None
+
+        def where(self) -> str:
+            """Where the run stopped and what its last.pt keeps."""
+            fit = self.fit
+            if fit is None:
+                return "no run was training (finished runs are kept)"
+            done, steps = self.epoch_steps
+            at = f"after epoch {fit.state.epoch} of {fit.epochs}"
+            if done and fit.state.epoch < fit.epochs:
+                at = f"in epoch {fit.state.epoch + 1} of {fit.epochs}, after step {done} of {steps}"
+            kept = (
+                f"its last.pt holds epoch {fit.saved_epoch}"
+                if fit.saved_epoch is not None
+                else "no last.pt was written yet (--resume starts it from the beginning)"
+            )
+            return f"{fit.run_dir} stopped {at}; {kept}"
 
     return [Bars()]
 
@@ -503,13 +549,25 @@ def train(
         )
 
     with _progress() as progress:
-        outcomes = run_plan(
-            plan,
-            resume=resume,
-            overwrite=overwrite,
-            callbacks=_train_callbacks(progress),
-            on_outcome=on_outcome,
-        )
+        callbacks = _train_callbacks(progress)
+        try:
+            outcomes = run_plan(
+                plan,
+                resume=resume,
+                overwrite=overwrite,
+                callbacks=callbacks,
+                on_outcome=on_outcome,
+            )
+        except KeyboardInterrupt:
+            again = ["mmval", "train", "--recipe", str(recipe)]
+            again += [part for value in set_ or [] for part in ("--set", value)] + ["--resume"]
+            err_console.print(
+                f"[bold red]interrupted:[/] {callbacks[0].where()}. Continue with: "
+                f"{shlex.join(again)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(130) from None
     if not plan.is_sweep:
         return
     table = Table(title=f"sweep {recipe}")
@@ -546,12 +604,17 @@ def _refuse_options(method: str, flags: tuple[tuple[str, bool], ...]) -> None:
 @app.command()
 @user_errors
 @locks_out
+@trusts_code
 def value(
-    checkpoint: Annotated[Path, typer.Argument(help="a best.pt or last.pt of a run")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="a best.pt or last.pt of a run, or a run folder (its best.pt)")
+    ],
     out: Annotated[Path | None, typer.Option(help="output Parquet file")] = None,
     split: Annotated[str, typer.Option(help="split to value")] = "test",
     data: Annotated[Path | None, typer.Option(help="data directory if it has moved")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, or auto (cuda when available, as train.device)")
+    ] = "cpu",
     method: Annotated[
         str,
         typer.Option(
@@ -615,10 +678,19 @@ def value(
             "(--seed, repeat, modality, ratio) shared by all samples, --repeats draws \\[ours]"
         ),
     ] = None,
+    trust_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-code",
+            help="load a checkpoint whose model has python encoders (model.encoder kind "
+            "python): this imports and runs the code its recipe names",
+        ),
+    ] = False,
 ) -> None:
     """Per-sample, per-modality contributions of a checkpoint (Shapley values by default).
 
     Example: mmval value runs/concat-uci-mfeat/seed0/best.pt --out contrib.parquet --summary
+    A run folder: mmval value runs/concat-uci-mfeat/seed0 --summary (its best.pt)
     Ground truth: mmval value runs/concat-mmlsyndata/seed0/best.pt --method dcor --out dcor.parquet
     Missing modalities: mmval value RUN/seed0/best.pt --method subsets --out subsets.parquet
     Masked features: mmval value RUN/seed0/best.pt --method feature-mask --out fm.parquet
@@ -628,6 +700,9 @@ def value(
     --seed seeds shapley-mc's orders (the same in every repeat) and the corruption draws.
     The printed summary averages each sample's contribution over the repeats.
     """
+    from mmval.artifacts.layout import checkpoint_of
+
+    checkpoint = checkpoint_of(checkpoint)
     if method == "feature-mask":
         _refuse_options(
             "feature-mask",
