@@ -377,6 +377,8 @@ def prep(
     if dataset == "synthetic-av":
         _synthetic_av(raw_out, layout, clips, seed, set_ or [])
         return
+    if not merge:  # a merge reads --raw only to check the parts against it
+        check_raw(dataset, raw)
     inputs, splits = _prep_inputs(dataset, view, labels, ids, splits)
     target = out or Path("data") / Path(dataset).stem
     split_list = splits.split(",") if splits else None
@@ -408,7 +410,6 @@ def prep(
     if (shard_index is None) != (num_shards is None):
         raise UserError("--shard-index and --num-shards go together (part I of N).")
     part = None if num_shards is None else PartSpec(shard_index or 0, num_shards)
-    check_raw(dataset, raw)
     written = target if part is None else target / part.name
     with _progress() as progress:
         task = progress.add_task(f"prep {dataset}", total=None, status="")
@@ -559,15 +560,16 @@ def train(
                 on_outcome=on_outcome,
             )
         except KeyboardInterrupt:
-            again = ["mmval", "train", "--recipe", str(recipe)]
-            again += [part for value in set_ or [] for part in ("--set", value)] + ["--resume"]
-            err_console.print(
-                f"[bold red]interrupted:[/] {callbacks[0].where()}. Continue with: "
-                f"{shlex.join(again)}",
-                highlight=False,
-                soft_wrap=True,
-            )
-            raise typer.Exit(130) from None
+            outcomes = None
+    if outcomes is None:  # Ctrl-C: where the run stopped (below its bar) and how to go on
+        again = ["mmval", "train", "--recipe", str(recipe)]
+        again += [part for value in set_ or [] for part in ("--set", value)] + ["--resume"]
+        err_console.print(
+            f"[bold red]interrupted:[/] {callbacks[0].where()}. Continue with: {shlex.join(again)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130)
     if not plan.is_sweep:
         return
     table = Table(title=f"sweep {recipe}")
@@ -1127,7 +1129,7 @@ def recipe_show(
 
     Example: mmval recipe show ogm_ge (all of them: mmval recipe show)
     """
-    from mmval.describe import components, find_components
+    from mmval.catalog import components, find_components
 
     if name is None:
         table = Table(title="methods (method.name), fusions (model.fusion), plug-ins (plugins:)")

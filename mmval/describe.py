@@ -1,12 +1,10 @@
-"""What `mmval recipe show` and `mmval prep DATASET --list` print: the registered methods,
-fusions and plug-ins, and the fields of a pydantic config (name, type, default, description),
-read from the registries and the configs themselves, so that a new method or data set source is
-listed without editing anything here."""
+"""The fields of a pydantic config as `mmval recipe show` and `mmval prep DATASET --list` print
+them (name, type, default, description), read from the configs themselves, so that a new method
+or data set source is described without editing anything here."""
 
 from __future__ import annotations
 
 import json
-import sys
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,8 +12,6 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, TypeAdapter
 from pydantic_core import PydanticUndefined
-
-from mmval.errors import UserError
 
 _PLAIN = TypeAdapter(Any)
 
@@ -79,94 +75,6 @@ def field_docs(
         default = "required" if value is PydanticUndefined else _shown(value)
         docs.append(FieldDoc(dotted, type_name(info.annotation), default, info.description or ""))
     return docs
-
-
-def summary(obj: type) -> str:
-    """The first sentence of the docstring of the module that defines `obj`."""
-    doc = sys.modules[obj.__module__].__doc__ or obj.__doc__ or ""
-    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
-    end = paragraph.find(". ")
-    return paragraph if end < 0 else paragraph[: end + 1]
-
-
-@dataclass(frozen=True)
-class Component:
-    """A method, fusion or plug-in as `mmval recipe show` describes it."""
-
-    kind: Literal["method", "fusion", "plug-in"]
-    name: str
-    summary: str
-    source: str  # the official code followed (repository@commit), or why none
-    tasks: tuple[str, ...]  # those it is defined for; () for fusions (any task's head)
-    notes: tuple[str, ...]  # what else a recipe must know (its fusion, how many modalities)
-    fields: tuple[FieldDoc, ...]
-
-
-def components() -> list[Component]:
-    """Every registered method, then fusion, then plug-in (run-time registrations included)."""
-    from mmval.methods import METHODS
-    from mmval.models.fusions import FUSIONS, count_phrase
-    from mmval.plugins import PLUGINS
-
-    found = []
-    for name, method in METHODS.items():
-        config = method.Config
-        fusions = "any" if config.fusions is None else ", ".join(config.fusions)
-        notes = (
-            f"fusion: {config.fusion} by default (trains with: {fusions})",
-            f"modalities: {count_phrase(config.min_modalities, config.max_modalities)}",
-        )
-        found.append(
-            Component(
-                "method",
-                name,
-                summary(method),
-                config.source,
-                config.tasks,
-                notes,
-                tuple(field_docs(config, "method.", skip=("name",))),
-            )
-        )
-    for name, fusion in FUSIONS.items():
-        takes = count_phrase(fusion.min_modalities, fusion.max_modalities)
-        own = "with per-modality logits" if fusion.decomposable else "no per-modality logits"
-        found.append(
-            Component(
-                "fusion",
-                name,
-                summary(fusion),
-                fusion.source,
-                (),
-                (f"modalities: {takes}", own),
-                tuple(field_docs(fusion, "model.fusion.", skip=("name",))),
-            )
-        )
-    for name, plugin in PLUGINS.items():
-        config = plugin.Config
-        found.append(
-            Component(
-                "plug-in",
-                name,
-                summary(plugin),
-                config.source,
-                config.tasks,
-                (f"modalities: at least {config.min_modalities}",),
-                tuple(field_docs(config, "plugins[].", skip=("name",))),
-            )
-        )
-    return found
-
-
-def find_components(name: str) -> list[Component]:
-    """The components called `name` (a method and a fusion may share one: concat, qmf, tmc)."""
-    every = components()
-    found = [c for c in every if c.name == name]
-    if not found:
-        raise UserError(
-            f"no method, fusion or plug-in is called {name!r}; `mmval recipe show` lists them: "
-            f"{', '.join(sorted({c.name for c in every}))}."
-        )
-    return found
 
 
 def describe_values(values: Mapping[str, Any], model: type[BaseModel]) -> list[FieldDoc]:
