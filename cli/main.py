@@ -549,6 +549,7 @@ def train(
             f"val {name} {val:.4f}, test {name} {s[f'test_{name}']:.4f}"
         )
 
+    outcomes: list[RunOutcome] | None
     with _progress() as progress:
         callbacks = _train_callbacks(progress)
         try:
