@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from mmval.atomic import WRITE_ERRNOS, WriteError, write_failure
 from mmval.errors import UserError
@@ -34,7 +36,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-recipe_app = typer.Typer(help="Check recipes and print their schema.", no_args_is_help=True)
+recipe_app = typer.Typer(
+    help="Check recipes, print their schema, list the methods and their settings.",
+    no_args_is_help=True,
+)
 app.add_typer(recipe_app, name="recipe")
 # emoji=False: `:x:` in a path or a message must stay as typed (`--view v=f.npz:x`)
 console = Console(emoji=False)
@@ -85,6 +90,20 @@ def locks_out(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def trusts_code(func: F) -> F:
+    """Let the command load checkpoints whose recipes import python encoders when its
+    --trust-code flag is given (for this command only)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        from mmval.models.encoders import trusting_code
+
+        with trusting_code(bool(kwargs.get("trust_code"))):
+            return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -101,23 +120,54 @@ def _progress() -> Progress:
 
 def _train_callbacks(progress: Progress) -> list:
     """Training callbacks that draw a bar per run (advanced per step, with each epoch's val
-    accuracy); the engine is imported only when a command trains."""
+    accuracy); the engine is imported only when a command trains. The first one (`Bars`) also
+    knows where the run stands, for the message of an interrupted `mmval train`."""
     from mmval.engine.loop import Callback, Fit
 
     class Bars(Callback):
         task: TaskID
+        fit: Fit | None = None  # the run being trained
+        epoch_steps: tuple[int, int] = (0, 0)  # steps taken in the current epoch, of how many
 
         def on_train_start(self, fit: Fit) -> None:
-            total = fit.epochs * fit.steps_per_epoch
-            self.task = progress.add_task(fit.title, total=total, status="")
+            self.fit, done = fit, fit.state.step  # a resumed run starts from its steps
+            total = done + (fit.epochs - fit.state.epoch) * fit.steps_per_epoch
+            self.task = progress.add_task(fit.title, total=total, completed=done, status="")
+
+        def on_train_epoch_start(self, fit: Fit, steps: int) -> None:
+            # the epoch's real length (copies of re-sampling methods), the later ones alike
+            progress.update(
+                self.task, total=fit.state.step + (fit.epochs - fit.state.epoch) * steps
+            )
+            self.epoch_steps = (0, steps)
 
         def on_train_step(self, fit: Fit) -> None:
+            self.epoch_steps = (self.epoch_steps[0] + 1, self.epoch_steps[1])
             progress.advance(self.task)
 
         def on_epoch_end(self, fit: Fit, row: dict[str, float]) -> None:
             name, val = _headline(row, "val")
             status = f"epoch {int(row['epoch'])} val {name} {val:.3f}" if name else ""
             progress.update(self.task, status=status)
+
+        def on_fit_end(self, fit: Fit) -> None:
+            self.fit = None
+
+        def where(self) -> str:
+            """Where the run stopped and what its last.pt keeps."""
+            fit = self.fit
+            if fit is None:
+                return "no run was training (finished runs are kept)"
+            done, steps = self.epoch_steps
+            at = f"after epoch {fit.state.epoch} of {fit.epochs}"
+            if done and fit.state.epoch < fit.epochs:
+                at = f"in epoch {fit.state.epoch + 1} of {fit.epochs}, after step {done} of {steps}"
+            kept = (
+                f"its last.pt holds epoch {fit.saved_epoch}"
+                if fit.saved_epoch is not None
+                else "no last.pt was written yet (--resume starts it from the beginning)"
+            )
+            return f"{fit.run_dir} stopped {at}; {kept}"
 
     return [Bars()]
 
@@ -228,7 +278,17 @@ def prep(
     merge: Annotated[
         bool, typer.Option(help="merge the finished parts in OUT into one data set")
     ] = False,
-    list_: Annotated[bool, typer.Option("--list", help="list the data sets and exit")] = False,
+    list_: Annotated[
+        bool,
+        typer.Option(
+            "--list",
+            help="list the data sets and exit; with a data set (or --verbose), its --set "
+            "parameters: name, type, default, description",
+        ),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="--list: every data set's --set parameters too")
+    ] = False,
     raw_out: Annotated[
         Path | None, typer.Option(help="synthetic-av: where to write the raw clips")
     ] = None,
@@ -268,10 +328,11 @@ def prep(
     (--splits PATH gives each row's split, else --set split.ratios=[0.7,0.1,0.2])
     Your own files: mmval prep folder --raw clips/ --labels clips/labels.csv --out data/mine
     Your own manifest: mmval prep my-data.yaml --raw DIR --out DIR (schema: mmval prep --schema)
+    A data set's --set parameters: mmval prep synthetic --list
     """
     from mmval.data.manifest import load_dataset_manifest, manifest_names
     from mmval.data.pipeline import PartSpec, PrepCallbacks, PrepSummary
-    from mmval.data.prep import merge_parts, prepare
+    from mmval.data.prep import check_raw, merge_parts, prepare
 
     def print_counts(summary: PrepSummary) -> None:
         for name, c in summary.splits.items():
@@ -294,15 +355,30 @@ def prep(
 
         sys.stdout.write(json.dumps(manifest_schema(), indent=2) + "\n")
         return
-    if list_ or dataset is None:
-        for name in manifest_names():
+    if verbose and not list_:
+        raise UserError("--verbose goes with --list: mmval prep DATASET --list --verbose.")
+    if list_:
+        names = [dataset] if dataset is not None else manifest_names()
+        for name in names:
             entry, _ = load_dataset_manifest(name)
-            console.print(f"[bold]{name}[/]: {entry.description}")
-        console.print("[bold]synthetic-av[/]: writes fake raw clips in a real data set's layout")
+            console.print(Text.assemble((name, "bold"), f": {entry.description}"))
+            if dataset is not None or verbose:
+                _print_parameters(name)
+        if dataset is None:
+            console.print("[bold]synthetic-av[/]: fake raw clips in a real data set's layout")
+            console.print("a data set's --set parameters: mmval prep DATASET --list")
         return
+    if dataset is None:
+        raise UserError(
+            "name the data set to prepare: mmval prep DATASET --out DIR, one of "
+            f"{', '.join(manifest_names())}, synthetic-av, or a manifest file (`mmval prep "
+            "--list` describes them)."
+        )
     if dataset == "synthetic-av":
         _synthetic_av(raw_out, layout, clips, seed, set_ or [])
         return
+    if not merge:  # a merge reads --raw only to check the parts against it
+        check_raw(dataset, raw)
     inputs, splits = _prep_inputs(dataset, view, labels, ids, splits)
     target = out or Path("data") / Path(dataset).stem
     split_list = splits.split(",") if splits else None
@@ -376,6 +452,18 @@ def prep(
             f"`mmval prep {dataset} --out {target} --merge`"
         )
     check_failures(result.summary.failure_share)
+
+
+def _print_parameters(dataset: str) -> None:
+    """The data set's `--set` parameters, with the values its manifest gives as defaults."""
+    from mmval.data.prep import dataset_parameters
+
+    table = Table(title=f"--set parameters of {dataset}")
+    for column in ("parameter", "type", "default", "description"):
+        table.add_column(column, overflow="fold")
+    for f in dataset_parameters(dataset):
+        table.add_row(*(Text(cell) for cell in (f.name, f.type, f.default, f.description)))
+    console.print(table)
 
 
 def _synthetic_av(
@@ -461,14 +549,28 @@ def train(
             f"val {name} {val:.4f}, test {name} {s[f'test_{name}']:.4f}"
         )
 
+    outcomes: list[RunOutcome] | None
     with _progress() as progress:
-        outcomes = run_plan(
-            plan,
-            resume=resume,
-            overwrite=overwrite,
-            callbacks=_train_callbacks(progress),
-            on_outcome=on_outcome,
+        callbacks = _train_callbacks(progress)
+        try:
+            outcomes = run_plan(
+                plan,
+                resume=resume,
+                overwrite=overwrite,
+                callbacks=callbacks,
+                on_outcome=on_outcome,
+            )
+        except KeyboardInterrupt:
+            outcomes = None
+    if outcomes is None:  # Ctrl-C: where the run stopped (below its bar) and how to go on
+        again = ["mmval", "train", "--recipe", str(recipe)]
+        again += [part for value in set_ or [] for part in ("--set", value)] + ["--resume"]
+        err_console.print(
+            f"[bold red]interrupted:[/] {callbacks[0].where()}. Continue with: {shlex.join(again)}",
+            highlight=False,
+            soft_wrap=True,
         )
+        raise typer.Exit(130)
     if not plan.is_sweep:
         return
     table = Table(title=f"sweep {recipe}")
@@ -505,12 +607,17 @@ def _refuse_options(method: str, flags: tuple[tuple[str, bool], ...]) -> None:
 @app.command()
 @user_errors
 @locks_out
+@trusts_code
 def value(
-    checkpoint: Annotated[Path, typer.Argument(help="a best.pt or last.pt of a run")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="a best.pt or last.pt of a run, or a run folder (its best.pt)")
+    ],
     out: Annotated[Path | None, typer.Option(help="output Parquet file")] = None,
     split: Annotated[str, typer.Option(help="split to value")] = "test",
     data: Annotated[Path | None, typer.Option(help="data directory if it has moved")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, or auto (cuda when available, as train.device)")
+    ] = "cpu",
     method: Annotated[
         str,
         typer.Option(
@@ -574,10 +681,19 @@ def value(
             "(--seed, repeat, modality, ratio) shared by all samples, --repeats draws \\[ours]"
         ),
     ] = None,
+    trust_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-code",
+            help="load a checkpoint whose model has python encoders (model.encoder kind "
+            "python): this imports and runs the code its recipe names",
+        ),
+    ] = False,
 ) -> None:
     """Per-sample, per-modality contributions of a checkpoint (Shapley values by default).
 
     Example: mmval value runs/concat-uci-mfeat/seed0/best.pt --out contrib.parquet --summary
+    A run folder: mmval value runs/concat-uci-mfeat/seed0 --summary (its best.pt)
     Ground truth: mmval value runs/concat-mmlsyndata/seed0/best.pt --method dcor --out dcor.parquet
     Missing modalities: mmval value RUN/seed0/best.pt --method subsets --out subsets.parquet
     Masked features: mmval value RUN/seed0/best.pt --method feature-mask --out fm.parquet
@@ -587,6 +703,9 @@ def value(
     --seed seeds shapley-mc's orders (the same in every repeat) and the corruption draws.
     The printed summary averages each sample's contribution over the repeats.
     """
+    from mmval.artifacts.layout import checkpoint_of
+
+    checkpoint = checkpoint_of(checkpoint)
     if method == "feature-mask":
         _refuse_options(
             "feature-mask",
@@ -997,6 +1116,45 @@ def recipe_validate(
     loaded = load_recipe(file, set_ or [])
     console.print(f"{file}: valid", style="green")
     print(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False))
+
+
+@recipe_app.command("show")
+@user_errors
+def recipe_show(
+    name: Annotated[
+        str | None, typer.Argument(help="a method, fusion or plug-in [default: list them all]")
+    ] = None,
+) -> None:
+    """List the methods, fusions and plug-ins, or show one: its settings (type, default,
+    description), the official code it follows and the tasks it is defined for.
+
+    Example: mmval recipe show ogm_ge (all of them: mmval recipe show)
+    """
+    from mmval.catalog import components, find_components
+
+    if name is None:
+        table = Table(title="methods (method.name), fusions (model.fusion), plug-ins (plugins:)")
+        for column in ("kind", "name", "what it is"):
+            table.add_column(column, overflow="fold")
+        for c in components():
+            table.add_row(c.kind, c.name, Text(c.summary))  # Text: `[ours]` is not markup
+        console.print(table)
+        console.print("details: mmval recipe show NAME")
+        return
+    for c in find_components(name):
+        heading = Text.assemble((f"{c.kind} {c.name}", "bold"), f": {c.summary}")
+        lines = [f"source: {c.source or 'not declared'}"]
+        lines += [f"tasks: {', '.join(c.tasks)}"] if c.tasks else []
+        console.print(heading, *lines, *c.notes, sep="\n", markup=False, highlight=False)
+        if not c.fields:
+            console.print("settings: none")
+            continue
+        table = Table(title=f"settings of {c.kind} {c.name}")
+        for column in ("field", "type", "default", "description"):
+            table.add_column(column, overflow="fold")
+        for f in c.fields:
+            table.add_row(*(Text(cell) for cell in (f.name, f.type, f.default, f.description)))
+        console.print(table)
 
 
 @recipe_app.command("schema")

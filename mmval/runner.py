@@ -34,6 +34,7 @@ from mmval.engine.session import Session, build_session, resolve_device
 from mmval.engine.tensorboard import TensorBoard
 from mmval.errors import UserError
 from mmval.locks import LOCK_FILE, locked
+from mmval.models.encoders import trusting_code
 from mmval.recipe import Recipe
 from mmval.settings import SAME_RUN, identity, normalised
 from mmval.valuation.evaluate import evaluate_run
@@ -117,14 +118,15 @@ class Trainer:
         recipe = self.recipe
         if recipe.evaluate is None:
             return
-        evaluate_run(
-            recipe.evaluate,
-            self.run_dir,
-            split=getattr(recipe.data.splits, recipe.evaluate.split),
-            data_dir=recipe.data.directory(),
-            device=str(device),
-            batch_size=recipe.train.eval_batch_size,
-        )
+        with trusting_code():  # best.pt's recipe is this run's: its python encoders are ours
+            evaluate_run(
+                recipe.evaluate,
+                self.run_dir,
+                split=getattr(recipe.data.splits, recipe.evaluate.split),
+                data_dir=recipe.data.directory(),
+                device=str(device),
+                batch_size=recipe.train.eval_batch_size,
+            )
 
     def _valuation(self, session: Session) -> list[Callback]:
         """The recipe's valuation during training, built before the first epoch, so that a

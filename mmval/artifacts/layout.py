@@ -45,6 +45,30 @@ def run_folder(output: Path | str, name: str, seed: int) -> Path:
     return Path(output) / name / f"seed{seed}"
 
 
+def checkpoint_of(path: Path) -> Path:
+    """The checkpoint a command reads: `path` itself, or the best.pt of the run folder `path`;
+    a folder holding several runs (a sweep, a recipe's seeds) is refused, listing them."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / BEST).is_file():
+        return path / BEST
+    if any((path / marker).is_file() for marker in RUN_MARKERS):
+        raise UserError(
+            f"{path} is a run folder without {BEST} yet (written after its first evaluation)."
+        )
+    runs = sorted(best.parent for best in path.rglob(BEST))
+    if not runs:
+        raise UserError(f"{path} holds no run folder (no {BEST} in it or below it).")
+    if len(runs) == 1:
+        return runs[0] / BEST
+    listing = "\n".join(f"  {run}" for run in runs[:20])
+    more = f"\n  and {len(runs) - 20} more" if len(runs) > 20 else ""
+    raise UserError(
+        f"{path} holds {len(runs)} runs; name one of them (its {BEST} is used):\n{listing}{more}"
+    )
+
+
 class DamagedRunFile(UserError):
     """A run file that is there but cannot be read as what mmval wrote; `reason` says how,
     starting with the file's name (`summary.json is not JSON`)."""

@@ -46,6 +46,7 @@ from mmval.data.shards import (
     write_dataset,
 )
 from mmval.data.sources import SOURCES, BuiltData, Source
+from mmval.describe import FieldDoc, describe_values
 from mmval.errors import UserError
 from mmval.locks import LOCK_FILE, locked
 from mmval.overrides import apply_overrides
@@ -98,9 +99,7 @@ def prepare(
     line (`mmval prep table --view NAME=PATH`), applied before `overrides`."""
     entry, entry_sha, source, params = _parameters(dataset, overrides, inputs)
     dataset = entry.name
-    if source.needs_raw and (raw is None or not Path(raw).is_dir()):
-        where = "pass --raw DIR" if raw is None else f"--raw {raw} is not a folder"
-        raise UserError(f"{dataset} is prepared from its raw files: {where}. {entry.description}")
+    _check_raw(entry, source, raw)
     root = out = Path(out)
     name = _data_name(entry, params.model_dump(), root)
     if part is not None:
@@ -604,6 +603,35 @@ def manifest_schema() -> dict[str, Any]:
         for name in sorted(SOURCES)
     ]
     return schema
+
+
+def check_raw(dataset: str, raw: Path | None) -> None:
+    """Refuse a prep without the raw folder its data set reads, or with one it does not read
+    (before anything starts)."""
+    entry, _ = load_dataset_manifest(dataset)
+    if entry.source in SOURCES:  # else `prepare` names the problem
+        _check_raw(entry, SOURCES[entry.source], raw)
+
+
+def _check_raw(entry: DatasetManifest, source: Source, raw: Path | None) -> None:
+    if source.needs_raw and (raw is None or not Path(raw).is_dir()):
+        where = "pass --raw DIR" if raw is None else f"--raw {raw} is not a folder"
+        raise UserError(
+            f"{entry.name} is prepared from its raw files: {where}. {entry.description}"
+        )
+    if not source.needs_raw and raw is not None:
+        raise UserError(
+            f"{entry.name} does not read raw files ({entry.description}); leave out --raw {raw}."
+        )
+
+
+def dataset_parameters(dataset: str) -> list[FieldDoc]:
+    """The `--set` parameters of a data set (a built-in name or a manifest file): its source's
+    parameters, with the values its manifest sets as their defaults."""
+    entry, _ = load_dataset_manifest(dataset)
+    if entry.source not in SOURCES:
+        raise UserError(f"data manifest {dataset}: source {entry.source!r} is not one of mmval's.")
+    return describe_values(entry.params, SOURCES[entry.source].Params)
 
 
 def _parameters(

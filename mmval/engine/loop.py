@@ -17,6 +17,8 @@ Events, in the order `fit` sends them (each to every callback, in list order):
   resumed run here (`fit.state`, the session's weights, optimizer, RNG, ...).
 - `on_train_start(fit)`: the state is final; `fit.state.epoch` epochs are done.
 - per epoch:
+  - `on_train_epoch_start(fit, steps)`: the epoch's positions are drawn; it takes `steps`
+    steps (re-sampling methods add copies; a resumed epoch counts only what is left).
   - `on_train_step(fit)`: after each step (also one skipped under `train.nonfinite: skip`).
   - `on_train_epoch_end(fit, row)`: after the epoch's last step (row: its training figures),
     before the scheduler steps and before evaluation.
@@ -229,6 +231,8 @@ class Callback:
 
     def on_train_start(self, fit: Fit) -> None: ...
 
+    def on_train_epoch_start(self, fit: Fit, steps: int) -> None: ...
+
     def on_train_step(self, fit: Fit) -> None: ...
 
     def on_train_epoch_end(self, fit: Fit, row: dict[str, float]) -> None: ...
@@ -308,6 +312,8 @@ def train_one_epoch(run: Fit, ctx: TrainContext, callbacks: Sequence[Callback]) 
     session.sampler.set_epoch(ctx.epoch)
     session.datasets["train"].set_epoch(ctx.epoch)
     session.sampler.set_positions(method.train_positions(ctx))
+    for callback in callbacks:
+        callback.on_train_epoch_start(run, len(session.loader))
     if session.loader.persistent_workers:
         # the draw a new loader iterator takes from the global generator (a persistent one
         # is reused): the random stream, and with it the run, does not depend on workers

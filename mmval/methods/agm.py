@@ -85,6 +85,7 @@ class AGMConfig(MethodConfig):
     needs_unimodal_logits: ClassVar[bool] = True
     min_modalities: ClassVar[int] = 2
     name: Literal["agm"] = "agm"
+    source: ClassVar[str] = "lihong2303/AGM_ICCV2023@5a65542c70b1c7c15c5df291e77fa9cf2bbb9549"
     alpha: float = Field(default=1.0, gt=0, description="modulation strength (official 1.0)")
     modulation_starts: int = Field(default=0, ge=0, description="first modulated epoch")
     modulation_ends: int = Field(

@@ -65,6 +65,9 @@ class AMCoConfig(MethodConfig):
     needs_additive: ClassVar[bool] = True
     min_modalities: ClassVar[int] = 2
     name: Literal["amco"] = "amco"
+    source: ClassVar[str] = (
+        "no official code found; GeWu-Lab/BalanceBenchmark@4c1482fca5aaa8d4278af8e26020daa039e3ccf3"
+    )
     sigma: float = Field(
         default=0.5, gt=0, lt=1, description="joint-softmax share above which a modality is masked"
     )

@@ -55,6 +55,8 @@ class MethodConfig(BaseModel):
     fusion: ClassVar[str] = "concat"
     fusion_settings: ClassVar[dict[str, Any]] = {}
     fusions: ClassVar[tuple[str, ...] | None] = None  # the fusions it can train (None: any)
+    # the official code it follows (repository@commit), or why there is none (`recipe show`)
+    source: ClassVar[str] = ""
     needs_unimodal_logits: ClassVar[bool] = False  # reads each modality's logits
     needs_additive: ClassVar[bool] = False  # needs fused logits that are the sum of those
     # the tasks (mmval.tasks) the method is defined for: its hooks read class labels unless

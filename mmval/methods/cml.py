@@ -55,6 +55,11 @@ from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 class CMLConfig(MethodConfig):
     min_modalities: ClassVar[int] = 2
     name: Literal["cml"] = "cml"
+    source: ClassVar[str] = (
+        "GeWu-Lab/BalanceBenchmark@4c1482fca5aaa8d4278af8e26020daa039e3ccf3 (the authors' "
+        "QingyangZhang/CML@9d2496e6f37ad5571d44165da0a35b4e46c8a1e6 is for missing-view models; "
+        "not followed)"
+    )
     lam: float = Field(default=0.1, ge=0, description="weight of the confidence penalty (0.1)")
     modulation_starts: int = Field(default=0, ge=0, description="first modulated epoch")
     modulation_ends: int = Field(default=80, ge=0, description="last modulated epoch (80)")

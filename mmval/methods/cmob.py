@@ -106,6 +106,7 @@ from mmval.valuation.registry import build_method
 class CMoBConfig(MethodConfig):
     min_modalities: ClassVar[int] = 2
     name: Literal["cmob"] = "cmob"
+    source: ClassVar[str] = "no official code (the poster)"
     quick: ClassVar[dict[str, Any]] = {"method": {"warmup": 1}}
     warmup: int = Field(
         default=5, ge=1, description="plain epochs; valuation from the end of warmup - 1 [ours]"

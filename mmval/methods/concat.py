@@ -19,6 +19,10 @@ from mmval.methods.base import Method, MethodConfig
 
 class ConcatConfig(MethodConfig):
     name: Literal["concat"] = "concat"
+    source: ClassVar[str] = (
+        "none (baseline); the head as OGM-GE's ConcatFusion, "
+        "GeWu-Lab/OGM-GE_CVPR2022@343dc1d95c9bda88f105c0da8d24f185e0e98b54"
+    )
     # its only hook is the task's loss on the fused output
     tasks: ClassVar[tuple[str, ...]] = (
         "classification",

@@ -62,6 +62,9 @@ MM = "mm"  # the key of the fused model's weight
 class GBlendingConfig(MethodConfig):
     min_modalities: ClassVar[int] = 2
     name: Literal["gblending"] = "gblending"
+    source: ClassVar[str] = (
+        "no official code; pliang279/MultiBench@49f9be224f342de005b7f001281f33df4301eb22"
+    )
     # v_rate 0.1 leaves 216 of the 240 samples of the test data to train on: even shares on 2 ranks
     quick: ClassVar[dict[str, Any]] = {"method": {"super_epoch": 1, "v_rate": 0.1}}
     schedule: Literal["online", "offline"] = Field(

@@ -57,6 +57,9 @@ class GreedyConfig(MethodConfig):
     min_modalities: ClassVar[int] = 2
     max_modalities: ClassVar[int | None] = 2
     name: Literal["greedy"] = "greedy"
+    source: ClassVar[str] = (
+        "nyukat/greedy_multimodal_learning@a190e03755bd8d0883b2c5c0cd7921d2561ce2ee"
+    )
     quick: ClassVar[dict[str, Any]] = {
         "model": {"mmtm": {"stages": [1]}},
         "method": {"starting_epoch": 0, "epsilon": 1e-6},

@@ -37,6 +37,9 @@ class LateFusionMethodConfig(MethodConfig):
     min_modalities: ClassVar[int] = 2
     tasks: ClassVar[tuple[str, ...]] = ("classification", "regression", "localisation")
     name: Literal["late_fusion"] = "late_fusion"
+    source: ClassVar[str] = (
+        "QingyangZhang/QMF@fe6c4c6ef7cb23f0a89594ee413d485f1854268b (its latefusion baseline)"
+    )
     unimodal_weight: float = Field(
         default=1.0,
         ge=0,

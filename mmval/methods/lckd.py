@@ -69,6 +69,7 @@ REGIONS = ("et", "wt", "tc")  # LCKD's channel order of the region outputs (`id2
 
 class LCKDConfig(MethodConfig):
     name: Literal["lckd"] = "lckd"
+    source: ClassVar[str] = "billhhh/LCKD@5ba51b5366a74d01906cc8389855bb8e3e1ae42a"
     tasks: ClassVar[tuple[str, ...]] = ("segmentation",)
     min_modalities: ClassVar[int] = 2  # its random mode keeps 1..M-1 sequences
     quick: ClassVar[dict[str, Any]] = {

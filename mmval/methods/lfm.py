@@ -79,6 +79,7 @@ class LFMConfig(MethodConfig):
     # of a two-epoch run need not fall
     quick: ClassVar[dict[str, Any]] = {"method": {"alpha_init": ALPHA_MIN}}
     name: Literal["lfm"] = "lfm"
+    source: ClassVar[str] = "njustkmg/NeurIPS24-LFM@ad44fa09fee471c9267a7cba526b222c54d45493"
     alpha_init: float = Field(
         default=0.95,
         ge=ALPHA_MIN,

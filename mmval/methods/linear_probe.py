@@ -37,6 +37,7 @@ from mmval.models.encoders import load_state
 
 class LinearProbeConfig(MethodConfig):
     name: Literal["linear_probe"] = "linear_probe"
+    source: ClassVar[str] = "GeWu-Lab/BalanceBenchmark@4c1482fca5aaa8d4278af8e26020daa039e3ccf3"
     quick: ClassVar[dict[str, Any]] = {"method": {"checkpoint": "{checkpoint}"}}
     checkpoint: Path = Field(description="checkpoint (.pt) of the run whose encoders are probed")
 

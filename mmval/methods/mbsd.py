@@ -50,6 +50,9 @@ class MBSDConfig(MethodConfig):
     needs_unimodal_logits: ClassVar[bool] = True
     min_modalities: ClassVar[int] = 2
     name: Literal["mbsd"] = "mbsd"
+    source: ClassVar[str] = (
+        "no official code found; GeWu-Lab/BalanceBenchmark@4c1482fca5aaa8d4278af8e26020daa039e3ccf3"
+    )
     modulation_starts: int = Field(default=0, ge=0, description="first modulated epoch")
     modulation_ends: int = Field(default=80, ge=0, description="last modulated epoch (80)")
 

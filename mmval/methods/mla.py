@@ -65,6 +65,10 @@ class MLAConfig(MethodConfig):
     fusions: ClassVar[tuple[str, ...] | None] = ("shared",)
     min_modalities: ClassVar[int] = 2
     name: Literal["mla"] = "mla"
+    source: ClassVar[str] = (
+        "Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation@"
+        "ab6c184579f9ff390e9c9b8216c9900c2a43545b"
+    )
     # runs written before the field projected: they keep their settings hash as `owm`
     projection: Annotated[Literal["none", "owm"], AddedLater(before="owm")] = Field(
         default="none",

@@ -47,6 +47,11 @@ from mmval.models import ModelConfig, MultimodalModel
 
 class MMCooperationFixedConfig(CooperationConfig):
     name: Literal["mmcooperation_fixed"] = "mmcooperation_fixed"
+    source: ClassVar[str] = (
+        "GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation@"
+        "7ed12b07ee7d233aa835089185c909aaa3ff6b1e "
+        "(which has no such mode; the rate and the kept modality [ours])"
+    )
     rate: float = Field(
         default=0.1,
         gt=0,

@@ -64,6 +64,10 @@ class MMCooperationModalityConfig(CooperationConfig):
     # localisation [ours], as mmcooperation_sample
     tasks: ClassVar[tuple[str, ...]] = ("classification", "localisation")
     name: Literal["mmcooperation_modality"] = "mmcooperation_modality"
+    source: ClassVar[str] = (
+        "GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation@"
+        "7ed12b07ee7d233aa835089185c909aaa3ff6b1e"
+    )
     part_ratio: float = Field(
         default=0.2, gt=0, le=1, description="Z / N, the share of train drawn (official 0.2)"
     )

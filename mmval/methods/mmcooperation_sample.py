@@ -74,6 +74,10 @@ class MMCooperationSampleConfig(CooperationConfig):
     # benefit (Wei et al.'s Table 3 code is not public)
     tasks: ClassVar[tuple[str, ...]] = ("classification", "localisation")
     name: Literal["mmcooperation_sample"] = "mmcooperation_sample"
+    source: ClassVar[str] = (
+        "GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation@"
+        "7ed12b07ee7d233aa835089185c909aaa3ff6b1e"
+    )
     frequency: Frequency = Field(
         default="step",
         description="f_s: step (official thresholds), or [ours] linear / tanh / power: expected "

@@ -46,6 +46,7 @@ class MMCosineConfig(MethodConfig):
     fusion: ClassVar[str] = "cosine"
     fusions: ClassVar[tuple[str, ...] | None] = ("cosine",)
     name: Literal["mmcosine"] = "mmcosine"
+    source: ClassVar[str] = "GeWu-Lab/MMCosine_ICASSP23@00ba0a9cbd9b866b5017e972a1266d7b664bf86e"
 
 
 class MMCosine(Method):

@@ -53,6 +53,7 @@ from mmval.models import MultimodalModel
 class MMParetoConfig(MethodConfig):
     min_modalities: ClassVar[int] = 2
     name: Literal["mmpareto"] = "mmpareto"
+    source: ClassVar[str] = "GeWu-Lab/MMPareto_ICML2024@a339db39cc25b157df376b50bb894917dc6c01d6"
     gamma: float = Field(
         default=1.5, gt=0, description="scale of the combined encoder gradient (official 1.5)"
     )

@@ -51,6 +51,7 @@ class OGMGEConfig(MethodConfig):
     # official OGM-GE code)
     tasks: ClassVar[tuple[str, ...]] = ("classification", "localisation")
     name: Literal["ogm_ge"] = "ogm_ge"
+    source: ClassVar[str] = "GeWu-Lab/OGM-GE_CVPR2022@343dc1d95c9bda88f105c0da8d24f185e0e98b54"
     alpha: float = Field(default=0.1, gt=0, description="modulation strength (README default)")
     modulation_starts: int = Field(default=0, ge=0, description="first modulated epoch")
     modulation_ends: int = Field(default=50, ge=0, description="last modulated epoch")

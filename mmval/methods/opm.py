@@ -56,6 +56,7 @@ class OPMConfig(MethodConfig):
     needs_unimodal_logits: ClassVar[bool] = True
     min_modalities: ClassVar[int] = 2
     name: Literal["opm"] = "opm"
+    source: ClassVar[str] = "GeWu-Lab/BML_TPAMI2024@4b3aa4fd841856c4acbebf48549e6c59fbf7635e"
     # quick test runs last a few epochs: modulate from the first
     quick: ClassVar[dict[str, Any]] = {"method": {"modulation_starts": 0}}
     alpha: float = Field(

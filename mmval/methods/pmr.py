@@ -55,6 +55,9 @@ from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 class PMRConfig(MethodConfig):
     min_modalities: ClassVar[int] = 2
     name: Literal["pmr"] = "pmr"
+    source: ClassVar[str] = (
+        "fanyunfeng-bit/Modal-Imbalance-PMR@3615e48983555089b0e693380087617c3797a641"
+    )
     quick: ClassVar[dict[str, Any]] = {"method": {"prototype_data": "tenth"}}
     alpha: float = Field(default=1.0, ge=0, description="prototype CE weight (official CLI 1.0)")
     momentum: float = Field(

@@ -58,6 +58,7 @@ class QMFConfig(MethodConfig):
     fusions: ClassVar[tuple[str, ...] | None] = ("qmf",)
     min_modalities: ClassVar[int] = 2
     name: Literal["qmf"] = "qmf"
+    source: ClassVar[str] = "QingyangZhang/QMF@fe6c4c6ef7cb23f0a89594ee413d485f1854268b"
     rank_weight: float = Field(
         default=1.0, ge=0, description="weight of the ranking loss (official 1, unweighted sum)"
     )

@@ -132,6 +132,7 @@ class ReconBoostConfig(MethodConfig):
     fusion_settings: ClassVar[dict[str, Any]] = {"inference": "fixed"}  # equal weights
     min_modalities: ClassVar[int] = 2
     name: Literal["reconboost"] = "reconboost"
+    source: ClassVar[str] = "huacong/ReconBoost@14ab57ac26e0ad7badb29c4e08ec4ca9d4bb0932"
     weight1: float = Field(default=5.0, description="w1, weight of the plain log-likelihood (5)")
     weight2: float = Field(default=1.0, description="w2, weight of the ensemble-weighted term (1)")
     alpha: float = Field(default=0.5, ge=0, description="weight of the consolidation term (0.5)")

@@ -60,6 +60,9 @@ from mmval.settings import AddedLater
 class RelearningConfig(MethodConfig):
     min_modalities: ClassVar[int] = 2
     name: Literal["relearning"] = "relearning"
+    source: ClassVar[str] = (
+        "GeWu-Lab/Diagnosing_Relearning_ECCV2024@025085ea82ed784c6ab6e5fb1b08bfe498dd0fc7"
+    )
     quick: ClassVar[dict[str, Any]] = {"method": {"reinit_epoch": 1}}
     move_lambda: float = Field(
         default=3.0, gt=0, description="lambda in w = tanh(lambda * purity gap) (official 3)"

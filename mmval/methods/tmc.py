@@ -46,6 +46,7 @@ class TMCConfig(MethodConfig):
     fusions: ClassVar[tuple[str, ...] | None] = ("tmc",)
     min_modalities: ClassVar[int] = 2
     name: Literal["tmc"] = "tmc"
+    source: ClassVar[str] = "hanmenghan/TMC@08d0ca4c4461b6de1cf73514d8c621598bc2b504"
     lambda_epochs: int = Field(
         default=50,
         ge=1,

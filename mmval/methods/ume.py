@@ -37,6 +37,7 @@ class UMEConfig(MethodConfig):
     fusions: ClassVar[tuple[str, ...] | None] = ("late",)
     min_modalities: ClassVar[int] = 2
     name: Literal["ume"] = "ume"
+    source: ClassVar[str] = "no official code found"
 
 
 class UME(Method):

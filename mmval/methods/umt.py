@@ -43,6 +43,9 @@ from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 class UMTConfig(MethodConfig):
     min_modalities: ClassVar[int] = 2
     name: Literal["umt"] = "umt"
+    source: ClassVar[str] = (
+        "no official code found; GeWu-Lab/BalanceBenchmark@4c1482fca5aaa8d4278af8e26020daa039e3ccf3"
+    )
     quick: ClassVar[dict[str, Any]] = {"method": {"teachers": "{teachers}"}}
     teachers: dict[str, Path] = Field(
         description="modality -> checkpoint (.pt) of a finished unimodal run on that modality"

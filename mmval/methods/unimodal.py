@@ -23,6 +23,7 @@ class UnimodalConfig(MethodConfig):
         "segmentation",
     )
     name: Literal["unimodal"] = "unimodal"
+    source: ClassVar[str] = "none (baseline)"
     quick: ClassVar[dict[str, Any]] = {"method": {"modality": "{modality}"}}
     modality: str = Field(description="the modality to train on")
 

@@ -5,12 +5,18 @@ local weights file) for spectrograms [T, F], frame stacks [K, H, W, 3] and optic
 [K, H, W, 2], pooled over time and space as the OGM-GE code does; `embedding_bag` and
 `transformer` for token ids [L] (text), the transformer also for feature sequences [T, D]
 (CMU-MOSEI). Encoders get the modality's spec: text encoders size their embedding from it.
+`python` imports an encoder class of the user's own (`package.module:Class`): the recipe then
+runs the user's code, and a checkpoint of such a model loads for valuation only when trusted.
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -92,12 +98,31 @@ class SegmentLSTMEncoderConfig(BaseModel):
     hidden: int = Field(default=128, ge=1, description="LSTM size per direction (official 128)")
 
 
+class PythonEncoderConfig(BaseModel):
+    """An encoder class of the user's own, imported by path when the model is built: training,
+    evaluating or valuing such a model runs that code (a checkpoint of one is loaded by `mmval
+    value` only with --trust-code)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["python"] = "python"
+    target: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+        description="`package.module:Class`, importable (installed, or on PYTHONPATH); "
+        "called as Class(spec, **kwargs) with the modality's ModalitySpec (name, shape, "
+        "dtype, ...), it must be a torch Module with an int `out_dim` (the feature size)",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the class"
+    )
+
+
 EncoderConfigType = (
     MLPEncoderConfig
     | ResNet18EncoderConfig
     | EmbeddingBagEncoderConfig
     | TransformerEncoderConfig
     | SegmentLSTMEncoderConfig
+    | PythonEncoderConfig
 )
 
 
@@ -111,7 +136,8 @@ EncoderConfig = Annotated[
     | Annotated[ResNet18EncoderConfig, Tag("resnet18")]
     | Annotated[EmbeddingBagEncoderConfig, Tag("embedding_bag")]
     | Annotated[TransformerEncoderConfig, Tag("transformer")]
-    | Annotated[SegmentLSTMEncoderConfig, Tag("segment_lstm")],
+    | Annotated[SegmentLSTMEncoderConfig, Tag("segment_lstm")]
+    | Annotated[PythonEncoderConfig, Tag("python")],
     Discriminator(_encoder_kind),
 ]
 
@@ -347,7 +373,80 @@ class TransformerEncoder(nn.Module):
         return self.norm((h * weights).sum(1) / weights.sum(1))
 
 
+# whether checkpoints loaded now may import the python encoders their recipes name
+_TRUSTED_CODE: ContextVar[bool] = ContextVar("mmval_trusted_code", default=False)
+
+
+@contextmanager
+def trusting_code(trusted: bool = True) -> Iterator[None]:
+    """Inside, `refuse_untrusted_code` lets checkpoints with python encoders load (`mmval value
+    --trust-code`); a context, so that the trust ends with the command that was given it."""
+    token = _TRUSTED_CODE.set(trusted)
+    try:
+        yield
+    finally:
+        _TRUSTED_CODE.reset(token)
+
+
+def python_targets(model: Any) -> list[str]:
+    """The import paths of the python encoders in a recipe's `model:` section (a plain dict,
+    as a checkpoint stores it: read without validating or importing anything)."""
+    if not isinstance(model, dict):
+        return []
+    encoders = [model.get("encoder"), *(model.get("encoders") or {}).values()]
+    return sorted(
+        {
+            str(e.get("target"))
+            for e in encoders
+            if isinstance(e, dict) and e.get("kind") == "python"
+        }
+    )
+
+
+def refuse_untrusted_code(model: Any, checkpoint: Path) -> None:
+    """Loading a checkpoint whose model has python encoders imports and runs their code: refused
+    unless the user trusts it (`trusting_code`)."""
+    targets = python_targets(model)
+    if targets and not _TRUSTED_CODE.get():
+        raise UserError(
+            f"{checkpoint} was trained with a python encoder ({', '.join(targets)}): loading it "
+            "imports and runs that code. Pass --trust-code if you trust it."
+        )
+
+
+def _python_encoder(spec: ModalitySpec, config: PythonEncoderConfig) -> nn.Module:
+    """`Class(spec, **kwargs)` of `config.target`, checked to be a Module with an `out_dim`."""
+    where = f"model.encoder {config.target!r}"
+    module_name, _, attr = config.target.partition(":")
+    try:
+        found: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(
+            f"{where}: cannot import {module_name} ({exc}); install it or put its folder on "
+            "PYTHONPATH."
+        ) from None
+    for part in attr.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            raise UserError(f"{where}: {module_name} has no {attr}.")
+    try:
+        encoder = found(spec, **config.kwargs)
+    except TypeError as exc:
+        raise UserError(
+            f"{where}: calling it with the modality spec and kwargs {config.kwargs} failed: {exc}"
+        ) from None
+    out_dim = getattr(encoder, "out_dim", None)
+    if not isinstance(encoder, nn.Module) or not isinstance(out_dim, int) or out_dim < 1:
+        raise UserError(
+            f"{where}: built a {type(encoder).__name__}; an encoder must be a torch.nn.Module "
+            f"with an int out_dim >= 1 (the size of its feature), not {out_dim!r}."
+        )
+    return encoder
+
+
 def build_encoder(spec: ModalitySpec, config: EncoderConfigType) -> nn.Module:
+    if isinstance(config, PythonEncoderConfig):
+        return _python_encoder(spec, config)
     if isinstance(config, ResNet18EncoderConfig):
         return ResNet18Encoder(spec.shape, config)
     if isinstance(config, MLPEncoderConfig):

@@ -45,6 +45,8 @@ class PluginConfig(BaseModel, ABC):
     model_config = ConfigDict(extra="forbid")
     name: str
     min_modalities: ClassVar[int] = 1
+    # the official code it follows (repository@commit), or why there is none (`recipe show`)
+    source: ClassVar[str] = ""
     # must come last in `plugins:`: its loss treats the fusion head alone as the head that reads
     # its neck's output
     last: ClassVar[bool] = False

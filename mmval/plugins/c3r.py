@@ -84,6 +84,10 @@ WIDTH = 64  # Z_m in R^64 (the paper's Z)
 
 class C3RConfig(PluginConfig):
     name: Literal["c3r"] = "c3r"
+    source: ClassVar[str] = (
+        "WangJingyao07/Multi-Modal-Base@e15633519b45a25f5f438e68ed22a3c79aceb3d9 (a sketch; its "
+        "defects not copied)"
+    )
     min_modalities: ClassVar[int] = 2
     last: ClassVar[bool] = True
     lambda_v: float = Field(

@@ -86,6 +86,7 @@ Adjustment = Literal["beta", "front_door"]
 
 class IMMLConfig(PluginConfig):
     name: Literal["imml"] = "imml"
+    source: ClassVar[str] = "no public code; the method section unreadable, every formula [ours]"
     min_modalities: ClassVar[int] = 2
     quick: ClassVar[dict[str, Any]] = {"bank_size": 64}
     gamma1: float = Field(default=0.1, ge=0, description="weight of the contrastive loss [ours]")

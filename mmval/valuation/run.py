@@ -26,6 +26,7 @@ from mmval.data.dataset import Batch, ParquetSamples
 from mmval.data.shards import DataManifest, ModalitySpec, check_data_dir
 from mmval.errors import UserError
 from mmval.models import ModelConfig, build_model
+from mmval.models.encoders import refuse_untrusted_code
 from mmval.plugins import PluginField
 from mmval.tasks import CLASSIFICATION, Task, TaskField, resolve_task
 from mmval.valuation.base import Game, ValuationMethod
@@ -122,10 +123,13 @@ def split_fills(
 
 
 def _device(name: str) -> torch.device:
+    """`--device`: cpu, cuda (or cuda:N), or auto (cuda when available, as `train.device`)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use cpu or cuda.") from None
+        raise UserError(f"--device {name!r} is not a device; use cpu, cuda or auto.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available; use --device cpu.")
     return device
@@ -208,6 +212,7 @@ def load_with_data(checkpoint: Path, data_dir: Path | None = None) -> LoadedChec
     """Load the checkpoint's model and its training data (from `data_dir` if it moved);
     refuse data whose manifest fingerprint differs, naming what differs."""
     ckpt = load_checkpoint(checkpoint)
+    refuse_untrusted_code(ckpt.recipe.get("model"), checkpoint)
     data = ckpt.data
     root = Path(data_dir) if data_dir is not None else Path(data.path)
     manifest = check_data_dir(root, verify_checksums=True, cached=True)

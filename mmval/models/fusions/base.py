@@ -26,6 +26,8 @@ class FusionConfig(BaseModel, ABC):
     additive: ClassVar[bool] = False
     min_modalities: ClassVar[int] = 1
     max_modalities: ClassVar[int | None] = None
+    # the code it follows (repository@commit), or why there is none (`mmval recipe show`)
+    source: ClassVar[str] = ""
     # the flat `model.fusion_<x>` fields of recipes before fusions had their own configs, and the
     # field of this config each one now is (old dumps still load, mmval/models/multimodal.py)
     flat_fields: ClassVar[dict[str, str]] = {}

@@ -30,6 +30,9 @@ class ConcatFusion(nn.Module):
 
 class ConcatFusionConfig(FusionConfig):
     name: Literal["concat"] = "concat"
+    source: ClassVar[str] = (
+        "OGM-GE's ConcatFusion, GeWu-Lab/OGM-GE_CVPR2022@343dc1d95c9bda88f105c0da8d24f185e0e98b54"
+    )
     decomposable: ClassVar[bool] = True
     additive: ClassVar[bool] = True
 

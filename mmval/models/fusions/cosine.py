@@ -37,6 +37,7 @@ class CosineFusion(nn.Module):
 
 class CosineFusionConfig(FusionConfig):
     name: Literal["cosine"] = "cosine"
+    source: ClassVar[str] = "GeWu-Lab/MMCosine_ICASSP23@00ba0a9cbd9b866b5017e972a1266d7b664bf86e"
     decomposable: ClassVar[bool] = True
     additive: ClassVar[bool] = True
     flat_fields: ClassVar[dict[str, str]] = {"fusion_scale": "scale"}

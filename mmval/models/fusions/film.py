@@ -27,6 +27,10 @@ class FiLMFusion(nn.Module):
 
 class FiLMFusionConfig(FusionConfig):
     name: Literal["film"] = "film"
+    source: ClassVar[str] = (
+        "FiLM (Perez et al. 2018) as OGM-GE's FiLM, "
+        "GeWu-Lab/OGM-GE_CVPR2022@343dc1d95c9bda88f105c0da8d24f185e0e98b54"
+    )
     min_modalities: ClassVar[int] = 2
     max_modalities: ClassVar[int | None] = 2
 

@@ -28,6 +28,10 @@ class GatedFusion(nn.Module):
 
 class GatedFusionConfig(FusionConfig):
     name: Literal["gated"] = "gated"
+    source: ClassVar[str] = (
+        "gated fusion (Kiela et al. 2018) as OGM-GE's GatedFusion, "
+        "GeWu-Lab/OGM-GE_CVPR2022@343dc1d95c9bda88f105c0da8d24f185e0e98b54"
+    )
     min_modalities: ClassVar[int] = 2
     max_modalities: ClassVar[int | None] = 2
     flat_fields: ClassVar[dict[str, str]] = {"fusion_hidden": "hidden"}

@@ -21,6 +21,9 @@ class LateFusion(SumFusion):
 
 class LateFusionConfig(FusionConfig):
     name: Literal["late"] = "late"
+    source: ClassVar[str] = (
+        "QingyangZhang/QMF@fe6c4c6ef7cb23f0a89594ee413d485f1854268b (its latefusion baseline)"
+    )
     decomposable: ClassVar[bool] = True
 
     def build(self, dims: dict[str, int], num_classes: int) -> nn.Module:

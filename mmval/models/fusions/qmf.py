@@ -29,6 +29,7 @@ class QMFFusion(SumFusion):
 
 class QMFFusionConfig(FusionConfig):
     name: Literal["qmf"] = "qmf"
+    source: ClassVar[str] = "QingyangZhang/QMF@fe6c4c6ef7cb23f0a89594ee413d485f1854268b"
     decomposable: ClassVar[bool] = True
 
     def build(self, dims: dict[str, int], num_classes: int) -> nn.Module:

@@ -94,6 +94,11 @@ class SharedFusion(nn.Module):
 
 class SharedFusionConfig(FusionConfig):
     name: Literal["shared"] = "shared"
+    source: ClassVar[str] = (
+        "Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation@"
+        "ab6c184579f9ff390e9c9b8216c9900c2a43545b; "
+        "huacong/ReconBoost@14ab57ac26e0ad7badb29c4e08ec4ca9d4bb0932"
+    )
     decomposable: ClassVar[bool] = True
     flat_fields: ClassVar[dict[str, str]] = {
         "fusion_inference": "inference",

@@ -26,6 +26,9 @@ class SumFusion(nn.Module):
 
 class SumFusionConfig(FusionConfig):
     name: Literal["sum"] = "sum"
+    source: ClassVar[str] = (
+        "OGM-GE's SumFusion, GeWu-Lab/OGM-GE_CVPR2022@343dc1d95c9bda88f105c0da8d24f185e0e98b54"
+    )
     decomposable: ClassVar[bool] = True
     additive: ClassVar[bool] = True
 

@@ -49,6 +49,7 @@ class TMCFusion(nn.Module):
 
 class TMCFusionConfig(FusionConfig):
     name: Literal["tmc"] = "tmc"
+    source: ClassVar[str] = "hanmenghan/TMC@08d0ca4c4461b6de1cf73514d8c621598bc2b504"
     decomposable: ClassVar[bool] = True
 
     def build(self, dims: dict[str, int], num_classes: int) -> nn.Module:

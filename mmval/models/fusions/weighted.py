@@ -28,6 +28,7 @@ class WeightedFusion(SumFusion):
 
 class WeightedFusionConfig(FusionConfig):
     name: Literal["weighted"] = "weighted"
+    source: ClassVar[str] = "[ours]: neither an official code nor BalanceBenchmark has one"
     decomposable: ClassVar[bool] = True
     additive: ClassVar[bool] = True
 
