@@ -9,7 +9,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -28,6 +28,10 @@ from rich.text import Text
 from mmval.atomic import WRITE_ERRNOS, WriteError, write_failure
 from mmval.errors import UserError
 from mmval.locks import locked
+
+if TYPE_CHECKING:
+    from mmval.search import Search
+    from mmval.sweep import RunOutcome
 
 app = typer.Typer(
     help="Balanced multimodal learning and per-sample modality valuation.",
@@ -509,8 +513,15 @@ def train(
     Multi-GPU: mmval train --recipe recipes/ogm_ge-synthetic-av.yaml --nproc 4 (the same as
     torchrun --nproc-per-node 4 -m mmval train --recipe ...; docs/distributed.md)
     """
-    from mmval.sweep import RunOutcome, load_plan, run_plan, run_statuses
+    from mmval.search import load_search
+    from mmval.sweep import load_plan, run_plan, run_statuses
 
+    search = load_search(recipe, set_ or [])
+    if search is not None:
+        if nproc > 1:
+            raise UserError("a search trains its trials in one process: leave out --nproc.")
+        _train_search(search, resume=resume, overwrite=overwrite, dry_run=dry_run)
+        return
     plan = load_plan(recipe, set_ or [])
     if nproc > 1 and not dry_run:
         from mmval.distributed import launched, spawn_local
@@ -596,6 +607,58 @@ def train(
                 f"[bold red]failed:[/] {o.run_dir}: {o.error}", highlight=False, soft_wrap=True
             )
         raise typer.Exit(1)
+
+
+def _train_search(search: Search, *, resume: bool, overwrite: bool, dry_run: bool) -> None:
+    """`mmval train` of a recipe with `search:` (mmval.search): its space and trials with
+    --dry-run, else the search, then its trials and best one."""
+    from mmval.search import BEST_RECIPE, JOURNAL, run_search, trial_rows
+
+    config = search.config
+    if dry_run:
+        table = Table(
+            title=f"search {search.source}: {config.sampler} sampler (seed {config.seed}), "
+            f"{config.trials} trial(s) of {len(search.base.seeds)} seed(s), metric "
+            f"{config.metric or 'the selection metric'}; study in {search.folder / JOURNAL}"
+        )
+        table.add_column("recipe field")
+        table.add_column("distribution", overflow="fold")
+        for path, dist in config.space.items():
+            shown = json.dumps(dist.model_dump(mode="json", by_alias=True, exclude_defaults=True))
+            table.add_row(path, shown)
+        console.print(table)
+    else:
+
+        def on_outcome(outcome: RunOutcome) -> None:
+            note = {"trained": "done", "skipped": "already finished, kept"}.get(outcome.status)
+            progress.console.print(f"{outcome.run_dir}: {note or 'failed'}", soft_wrap=True)
+
+        with _progress() as progress:
+            run_search(
+                search,
+                resume=resume,
+                overwrite=overwrite,
+                callbacks=_train_callbacks(progress),
+                on_outcome=on_outcome,
+            )
+    rows = trial_rows(search)
+    if not rows:
+        return
+    table = Table(title=f"trials in {search.folder}")
+    for column in ("trial", "state", "value", *config.space):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        value = "" if row.value is None else f"{row.value:.4f}"
+        params = [json.dumps(row.params[p]) if p in row.params else "" for p in config.space]
+        table.add_row(row.folder, row.state, value, *params)
+    console.print(table)
+    for row in rows:
+        if row.error:
+            err_console.print(f"[red]{row.folder} failed:[/] {row.error}", highlight=False)
+    if not dry_run:
+        if not any(row.state == "finished" for row in rows):
+            raise typer.Exit(1)
+        console.print(f"best trial's recipe: {search.folder / BEST_RECIPE}")
 
 
 def _refuse_options(method: str, flags: tuple[tuple[str, bool], ...]) -> None:

@@ -161,18 +161,35 @@ class TrainConfig(_Strict):
         "train on the train and val splits together and keep best.pt at the best test accuracy "
         "(not an honest number: `mmval report --select test-max` labels it)",
     )
+    tracking: Annotated[Literal["none", "mlflow"], Effect.NONE] = Field(
+        default="none",
+        description="mlflow: also log params, per-epoch metrics, recipe.yaml and summary.json "
+        "to a local MLflow store (mmval/engine/tracking.py; pip install 'mmval[tracking]')",
+    )
+    tracking_uri: Annotated[Path | None, Effect.NONE] = Field(
+        default=None,
+        description="the local folder of the MLflow store (never a server); default: "
+        "<output>/mlruns",
+    )
     nonfinite: Annotated[Literal["stop", "skip"], Effect.RESUMABLE] = Field(
         default="stop",
         description="a NaN or infinite loss or gradient: stop the run (last.pt keeps the last "
         "good state) or skip that step (counted per epoch in metrics, as skipped_steps)",
     )
 
+    @field_validator("tracking_uri", mode="before")
+    @classmethod
+    def _local(cls, value: Any) -> Any:
+        if isinstance(value, str) and "://" in value:
+            raise ValueError("a local folder, not a URI: mmval tracks to a local store only")
+        return value
+
 
 NAME_MAX = 100  # characters of a run name: a folder name, well below file systems' 255 bytes
 NAME_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9_.{{}}+\-]{{0,{NAME_MAX - 1}}}$"
 # numpy's legacy seeding (and so every library seeded through it) takes seeds in [0, 2^32)
 Seed = Annotated[int, Field(strict=True, ge=0, lt=2**32)]
-SWEEP_KEYS = ("methods", "grid")
+SWEEP_KEYS = ("methods", "grid", "search")  # search: mmval.search
 
 
 class Recipe(_Strict):

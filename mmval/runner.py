@@ -32,6 +32,7 @@ from mmval.engine.callbacks import BestCheckpoint, LastCheckpoint, RankCheck, Ru
 from mmval.engine.loop import Callback, Fit, fit
 from mmval.engine.session import Session, build_session, resolve_device
 from mmval.engine.tensorboard import TensorBoard
+from mmval.engine.tracking import MLflowTracking
 from mmval.errors import UserError
 from mmval.locks import LOCK_FILE, locked
 from mmval.models.encoders import trusting_code
@@ -104,10 +105,13 @@ class Trainer:
         session = build_session(self.recipe, self.seed, device)
         files = RunFiles(label=self.recipe.run_label())
         # in the order the files of an epoch are written: contributions, best.pt and its
-        # predictions, metrics and log, TensorBoard, last.pt; then the caller's (progress)
+        # predictions, metrics and log, TensorBoard, last.pt, MLflow; then the caller's
+        # (progress)
         callbacks: list[Callback] = [RankCheck(), *self._valuation(session)]
         callbacks += [BestCheckpoint(), files, TensorBoard()]
-        callbacks += [LastCheckpoint(resume=self.resume and started), *self.callbacks]
+        # MLflow after the run's own files: it sends summary.json once written
+        callbacks += [LastCheckpoint(resume=self.resume and started), MLflowTracking(self.recipe)]
+        callbacks += self.callbacks
         fit(Fit(self.recipe, self.seed, self.run_dir, session, self.title), callbacks)
         distributed.on_main(lambda: self._evaluate(device))
         return RunResult(self.run_dir, skipped=False, summary=files.summary)

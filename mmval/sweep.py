@@ -166,6 +166,10 @@ def load_plan(path: Path, overrides: Sequence[str] = ()) -> SweepPlan:
 
 
 def plan_from_raw(raw: Any, where: str) -> SweepPlan:
+    if isinstance(raw, dict) and "search" in raw:
+        raise UserError(
+            f"{where} is a search (search:): `mmval train --recipe` runs it (mmval.search)."
+        )
     if not isinstance(raw, dict) or not any(key in raw for key in SWEEP_KEYS):
         recipe = parse_recipe(raw, where)
         return SweepPlan(where, False, [Variant(recipe.name, where, recipe)])

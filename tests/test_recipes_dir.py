@@ -19,9 +19,10 @@ from mmval.methods import METHODS
 from mmval.recipe import Recipe, StepSchedule, load_recipe
 
 RECIPES = Path(__file__).parents[1] / "recipes"
-# sweep-*.yaml are sweeps (methods:, grid:), expanded and validated in test_sweep.py; the bases
+# sweep-*.yaml are sweeps (methods:, grid:), expanded and validated in test_sweep.py, search-*.yaml
+# searches (search:), validated in test_search.py; the bases
 # (recipes/base/) are checked through the recipes that name them
-FILES = sorted(p for p in RECIPES.glob("*.yaml") if not p.stem.startswith("sweep-"))
+FILES = sorted(p for p in RECIPES.glob("*.yaml") if not p.stem.startswith(("sweep-", "search-")))
 BASES = sorted((RECIPES / "base").glob("*.yaml"))
 
 # The baselines of the balancing literature, each with CREMA-D / Kinetics-Sounds recipes in its

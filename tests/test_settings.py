@@ -16,6 +16,8 @@ HOST = {
     "train.channels_last": True,
     "train.compile": True,
     "train.tensorboard": True,
+    "train.tracking": "mlflow",
+    "train.tracking_uri": "store",
 }
 
 

@@ -31,6 +31,8 @@ CONTRIB_EPOCH = re.compile(r"contrib_epoch(\d+)\.parquet$")
 EVALUATE_DIR = "evaluate"  # the recipe's evaluate: tables (mmval.valuation.evaluate)
 CORRUPT_LAST = LAST + ".corrupt"  # a damaged last.pt set aside by --resume
 TB_EVENTS = "events.out.tfevents.*"  # TensorBoard's files in tb/
+# an MLflow store's database (train.tracking): the copies of run files below it are no runs
+MLFLOW_DB = "mlflow.db"
 # every file of a run folder that mmval writes under a fixed name
 RUN_FILES = (RECIPE_FILE, LOG, METRICS, SUMMARY, LAST, PREVIOUS, CORRUPT_LAST, BEST, PREDICTIONS)
 RUN_MARKERS = (RECIPE_FILE, SUMMARY)  # written first and last: a folder with one is a run folder

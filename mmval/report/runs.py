@@ -29,6 +29,7 @@ from mmval.artifacts.layout import (
     CONTRIB_EPOCH,
     LOG,
     METRICS,
+    MLFLOW_DB,
     PREDICTIONS,
     RECIPE_FILE,
     SUMMARY,
@@ -54,6 +55,8 @@ NOT_SETTINGS = (
     "train.channels_last",
     "train.compile",
     "train.tensorboard",
+    "train.tracking",
+    "train.tracking_uri",
     "output",
     "valuation",
     "evaluate",
@@ -194,7 +197,8 @@ def find_runs(root: Path, select: str = "val") -> RunTree:
     if select not in SELECTIONS:
         raise UserError(f"--select must be one of {', '.join(SELECTIONS)}, not {select!r}.")
     started = {p.parent for p in root.rglob(LOG) if (p.parent / RECIPE_FILE).is_file()}
-    folders = sorted(started | {p.parent for p in root.rglob(SUMMARY)})
+    found = started | {p.parent for p in root.rglob(SUMMARY)}
+    folders = sorted(f for f in found if not _tracked_copy(f, root))
     records: list[dict[str, Any]] = []
     left_out: list[LeftOut] = []
     for folder in folders:
@@ -235,6 +239,12 @@ def find_runs(root: Path, select: str = "val") -> RunTree:
         left_out.append(LeftOut(Path(dup["run"]), f"duplicate: same recipe and seed as {first}"))
     runs = runs[~duplicate].drop(columns="_recipe").reset_index(drop=True)
     return RunTree(root, runs, sorted(left_out, key=lambda x: str(x.run)), select)
+
+
+def _tracked_copy(folder: Path, root: Path) -> bool:
+    """Whether `folder` lies in an MLflow store (`train.tracking`), whose artifacts copy a
+    run's recipe.yaml and summary.json: a copy, not a run."""
+    return any((p / MLFLOW_DB).is_file() for p in folder.parents if p == root or root in p.parents)
 
 
 NOT_MMVAL = "not an mmval run"
