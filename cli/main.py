@@ -1005,6 +1005,14 @@ def report(
     ] = None,
     alpha: Annotated[float, typer.Option(help="significance level of the markers")] = 0.05,
     resamples: Annotated[int, typer.Option(help="paired bootstrap resamples")] = 1000,
+    holm: Annotated[
+        bool,
+        typer.Option(
+            "--holm",
+            help="Holm-correct the p-values behind the markers across the methods compared "
+            "with the baseline (per data set, metric and test)",
+        ),
+    ] = False,
     figures: Annotated[
         Path | None, typer.Option(help="also write the figures as PNG into this folder")
     ] = None,
@@ -1034,6 +1042,7 @@ def report(
         render,
         to_rich,
     )
+    from mmval.report.tables import few_seeds
 
     fmt = format_ or (SUFFIX_FORMATS.get(out.suffix.lower(), "") if out else "") or "table"
     if fmt not in FORMATS:
@@ -1043,6 +1052,8 @@ def report(
     if robustness:
         if metric:
             raise UserError("--metric does not apply to --robustness (its tables show accuracy).")
+        if holm:
+            raise UserError("--holm applies to the main table, not to --robustness.")
         _report_robustness(runs, fmt, out, split, select, baseline, alpha, resamples, figures)
         return
     comparison = compare(
@@ -1052,6 +1063,7 @@ def report(
         baseline=baseline,
         alpha=alpha,
         resamples=resamples,
+        holm=holm,
     )
     drawn = make_figures(comparison) if fmt == "html" or figures is not None else []
     if fmt == "table":
@@ -1059,6 +1071,8 @@ def report(
     text = render(comparison, fmt, drawn) if fmt != "table" else None
     _write_out(text, out, figures, drawn)
     _print_left_out(comparison.left_out)
+    if (warning := few_seeds(comparison)) is not None:
+        err_console.print(warning, style="yellow", soft_wrap=True)
 
 
 def _write_out(text: str | None, out: Path | None, folder: Path | None, drawn: list) -> None:

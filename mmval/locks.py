@@ -47,7 +47,7 @@ def locked(target: Path, *, folder: bool, what: str) -> Iterator[None]:
     for the block; `what` names it in the refusal ("run folder runs/x/seed0"). Re-entrant in one
     process, so a command may lock a folder its caller already holds."""
     path = lock_file(target, folder=folder)
-    created = not path.parent.exists()
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     key = path.resolve()
     if key in _HELD:
@@ -62,9 +62,10 @@ def locked(target: Path, *, folder: bool, what: str) -> Iterator[None]:
         # removed while still held: a process that opened it meanwhile finds it gone and retries
         path.unlink(missing_ok=True)
         os.close(fd)
-        if created and folder:  # a folder made only for the lock (a refused command): gone
+        if folder:  # the folders made only for the lock (a refused command): gone
             with contextlib.suppress(OSError):
-                path.parent.rmdir()
+                for made in created:  # innermost first; one not empty ends it
+                    made.rmdir()
 
 
 def ensure_free(target: Path, *, folder: bool, what: str) -> None:

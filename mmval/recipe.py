@@ -332,6 +332,13 @@ def check_task(recipe: Recipe, task: str) -> None:
 def _cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
     modalities = recipe.data.modalities
     found = recipe.method.recipe_problems(recipe.model, modalities)
+    # a method or plug-in whose own phase never starts would train as plain training, unnoticed
+    inactive = [("method", recipe.method.inactive_reason(recipe.train.epochs))]
+    inactive += [
+        (f"plugins[{i}]", plugin.inactive_reason(recipe.train.epochs))
+        for i, plugin in enumerate(recipe.plugins)
+    ]
+    found += [(f"{where}.{reason[0]}", reason[1]) for where, reason in inactive if reason]
     if recipe.task is not None:
         found += _task_problems(recipe, recipe.task.name)
     if recipe.model.ave_att is not None:

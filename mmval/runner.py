@@ -37,7 +37,7 @@ from mmval.errors import UserError
 from mmval.locks import LOCK_FILE, locked
 from mmval.models.encoders import trusting_code
 from mmval.recipe import Recipe
-from mmval.settings import SAME_RUN, identity, normalised
+from mmval.settings import SAME_RUN, changes, identity, normalised
 from mmval.valuation.evaluate import evaluate_run
 from mmval.valuation.training import EpochValuation
 
@@ -77,17 +77,60 @@ class Trainer:
         `evaluate:` section, compared as today's recipe model reads both, so that runs of older
         mmval versions and moved run folders are recognised), else None."""
         summary = read_summary(self.run_dir)
+        stored = self._finished_recipe(summary)
+        if summary is None or stored is None:
+            return None
+        if identity(stored, SAME_RUN) != identity(self.recipe, SAME_RUN):
+            return None
+        return summary
+
+    def _finished_recipe(self, summary: dict[str, Any] | None) -> Recipe | None:
+        """The recipe a finished run's summary records, read by today's model, with this
+        recipe's `evaluate:` section: what is evaluated after training is read from best.pt, so
+        a new `evaluate:` section adds tables to the finished run, it does not make another."""
         if summary is None:
             return None
         stored = normalised(Recipe, summary.get("recipe", {}))
         if stored is None:
             return None
-        # what is evaluated after training is read from best.pt: a new `evaluate:` section
-        # adds tables to the finished run, it does not make another run
-        stored = stored.model_copy(update={"evaluate": self.recipe.evaluate})
-        if identity(stored, SAME_RUN) != identity(self.recipe, SAME_RUN):
+        return stored.model_copy(update={"evaluate": self.recipe.evaluate})
+
+    def start_refusal(self) -> str | None:
+        """Why this run cannot start in its folder as asked, read from the folder's files alone
+        (nothing is loaded or written): a finished run of another setting (with or without
+        --resume), or a started one without --resume or --overwrite; None if it may start (or
+        is finished). An unfinished run whose recipe differs is refused when its checkpoint is
+        read (`LastCheckpoint`), before anything is written."""
+        run_dir = self.run_dir
+        if self.overwrite:
             return None
-        return summary
+        summary = read_summary(run_dir)
+        stored = self._finished_recipe(summary)
+        if summary is not None and stored is not None:
+            if identity(stored, SAME_RUN) == identity(self.recipe, SAME_RUN):
+                return None
+            fixed = changes(stored, self.recipe)
+            if fixed:
+                return (
+                    f"{run_dir} holds a finished run whose recipe differs in {fixed}; a finished "
+                    "run is kept as it is (--resume continues only what --resume may change): "
+                    "pass --set name=... for a new run, or --overwrite to replace it."
+                )
+            if not self.resume:
+                free = changes(stored, self.recipe, SAME_RUN)
+                return (
+                    f"{run_dir} holds a finished run of this recipe but for {free}; pass "
+                    "--resume to continue it with the new values, --overwrite to start again, "
+                    "or --set name=... for a new run."
+                )
+            return None
+        started = (run_dir / LAST).is_file() or (run_dir / PREVIOUS).is_file()
+        if started and not self.resume:
+            return (
+                f"{run_dir} holds a run of this name that has not finished; pass --resume to "
+                "continue it, --overwrite to start again, or --set name=... for a new run."
+            )
+        return None
 
     def run(self) -> RunResult:
         """Train (or find finished) and evaluate the run, holding its folder's lock from the
@@ -107,7 +150,8 @@ class Trainer:
         # in the order the files of an epoch are written: contributions, best.pt and its
         # predictions, metrics and log, TensorBoard, last.pt, MLflow; then the caller's
         # (progress)
-        callbacks: list[Callback] = [RankCheck(), *self._valuation(session)]
+        callbacks: list[Callback] = [_StartRun(overwrite=self.overwrite), RankCheck()]
+        callbacks += self._valuation(session)
         callbacks += [BestCheckpoint(), files, TensorBoard()]
         # MLflow after the run's own files: it sends summary.json once written
         callbacks += [LastCheckpoint(resume=self.resume and started), MLflowTracking(self.recipe)]
@@ -169,19 +213,33 @@ class Trainer:
             )
         if not self.overwrite and (summary := self.finished_summary()) is not None:
             return summary, False
+        if (refusal := self.start_refusal()) is not None:
+            raise UserError(refusal)
+        started = not self.overwrite and (
+            (run_dir / LAST).is_file() or (run_dir / PREVIOUS).is_file()
+        )
+        return None, started
+
+
+class _StartRun(Callback):
+    """What starting (or resuming) a run changes in its folder, done once nothing can refuse it
+    any more (the session is built, the data checked, a resumed run's checkpoint read and its
+    recipe accepted): `--overwrite` clears the old run, a killed run's temp files go and
+    recipe.yaml is written. A refused start leaves the folder as it was. Rank 0 only."""
+
+    def __init__(self, *, overwrite: bool) -> None:
+        self.overwrite = overwrite
+
+    def on_train_start(self, fit: Fit) -> None:
+        if not distributed.is_main():
+            return
+        run_dir = fit.run_dir
         if self.overwrite:
             _clear_run(run_dir)
-        started = (run_dir / LAST).is_file() or (run_dir / PREVIOUS).is_file()
-        if started and not self.resume:
-            raise UserError(
-                f"{run_dir} already holds a run of this name; pass --resume to continue it, "
-                "--overwrite to start again, or --set name=... for a new run."
-            )
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(run_dir)  # left by a killed run's interrupted writes
-        dump = self.recipe.model_dump(mode="json")
+        dump = fit.recipe.model_dump(mode="json")
         write_text_atomic(run_dir / RECIPE_FILE, yaml.safe_dump(dump, sort_keys=False))
-        return None, started
 
 
 def _clear_run(run_dir: Path) -> None:

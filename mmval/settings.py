@@ -10,6 +10,7 @@ Torch-free, so that anything may ask what identifies a run.
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -120,14 +121,38 @@ def differing(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[st
     return names
 
 
+def _at(dump: dict[str, Any], dotted: str) -> Any:
+    node: Any = dump
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = "unset" if value is None else json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def changes(started: BaseModel, current: BaseModel, effects: frozenset[Effect] = FIXED) -> str:
+    """The fields marked with `effects` in which `current` differs from `started`, each as
+    "dotted.name (was OLD, now NEW)", comma-separated; empty when none differ."""
+    old, new = identity(started, effects), identity(current, effects)
+    return ", ".join(
+        f"{name} (was {_shown(_at(old, name))}, now {_shown(_at(new, name))})"
+        for name in differing(old, new)
+    )
+
+
 def resume_refusal(started: BaseModel, current: BaseModel) -> str | None:
-    """Why a run started with `started` cannot continue with `current`, or None if it can."""
-    changed = differing(identity(started, FIXED), identity(current, FIXED))
+    """Why a run started with `started` cannot continue with `current`, or None if it can:
+    the differing fields with both values, and what may change instead."""
+    changed = changes(started, current)
     if not changed:
         return None
     return (
-        f"the recipe differs from the one the run was started with in {', '.join(changed)} "
-        f"(only {', '.join(marked(current, FREE_ON_RESUME))} may change)"
+        f"it was started with a recipe that differs in {changed} "
+        f"(only {', '.join(marked(current, FREE_ON_RESUME))} may change on --resume); "
+        "pass --set name=... for a new run, or --overwrite to start this one again"
     )
 
 

@@ -50,7 +50,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from mmval import distributed
-from mmval.artifacts.layout import LAST
+from mmval.artifacts.layout import LAST, SUMMARY
 from mmval.compose import compose_recipe
 from mmval.engine.loop import Callback
 from mmval.engine.session import ensure_data, join_ranks
@@ -360,7 +360,8 @@ def run_statuses(plan: SweepPlan) -> list[tuple[Variant, int, Path, RunStatus]]:
 
 
 def check_plan(plan: SweepPlan, *, resume: bool, overwrite: bool) -> None:
-    """Fail before anything trains: started runs without --resume/--overwrite, missing data, a
+    """Fail before anything trains: started runs without --resume/--overwrite, finished runs of
+    another setting (a new name or --overwrite, never --resume), missing data, a
     method that does not fit the modalities its data set turns out to have; first, a run folder
     another command holds (named with its holder)."""
     statuses = run_statuses(plan)
@@ -372,15 +373,24 @@ def check_plan(plan: SweepPlan, *, resume: bool, overwrite: bool) -> None:
     distributed.on_main(free)
     if not (resume or overwrite):
         started = [str(d) for _, _, d, status in statuses if status == "started"]
-        if started:
-            listed = ", ".join(started[:5]) + (
-                f" and {len(started) - 5} more" if started[5:] else ""
+        unfinished = [d for d in started if not (Path(d) / SUMMARY).is_file()]
+        if unfinished:
+            listed = ", ".join(unfinished[:5]) + (
+                f" and {len(unfinished) - 5} more" if unfinished[5:] else ""
             )
             raise UserError(
-                f"{len(started)} run folder(s) hold a run this recipe has not finished ({listed}); "
-                "pass --resume to continue (train.epochs may grow), --overwrite to start again, "
-                "or --set name=... for new runs."
+                f"{len(unfinished)} run folder(s) hold a run this recipe has not finished "
+                f"({listed}); pass --resume to continue (train.epochs may grow), --overwrite to "
+                "start again, or --set name=... for new runs."
             )
+    refusals: list[str] = []
+    for variant, seed in plan.runs():
+        trainer = Trainer(variant.recipe, seed, resume=resume, overwrite=overwrite)
+        if (refusal := trainer.start_refusal()) is not None:
+            refusals.append(refusal)
+    if refusals:
+        more = f" (and {len(refusals) - 3} more run(s) like these)" if refusals[3:] else ""
+        raise UserError(" ".join(refusals[:3]) + more)
     modalities: dict[str, list[str]] = {}
     for variant in plan.variants:
         data = variant.recipe.data

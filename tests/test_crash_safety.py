@@ -332,7 +332,7 @@ def test_resume_refuses_a_changed_recipe(recipe_file):
     with pytest.raises(Crash):
         Trainer(load_recipe(path), 0, callbacks=crash_after(1)).run()
     changed = load_recipe(path, ["optim.lr=0.5"])
-    with pytest.raises(UserError, match="recipe differs"):
+    with pytest.raises(UserError, match=r"differs in optim.lr \(was 0.01, now 0.5\)"):
         Trainer(changed, 0, resume=True).run()
     allowed = load_recipe(path, ["train.nonfinite=skip", "train.epochs=3"])
     assert Trainer(allowed, 0, resume=True).run().summary["epochs"] == 3

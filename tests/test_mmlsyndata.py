@@ -405,6 +405,7 @@ def test_concat_trains_on_the_inputs_only(checkpoint, prepared, tmp_path):
     }
     with pytest.raises(UserError, match="no modality 'snc'"):
         Trainer(parse_recipe(raw, "test"), 0).run()
+    assert not (tmp_path / "runs").exists()  # a run refused before training leaves no folder
 
 
 def test_value_dcor_cli(checkpoint, prepared, tmp_path):

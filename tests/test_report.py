@@ -282,13 +282,52 @@ def test_baseline_differences_and_paired_tests(tree):
         assert 0 < line["f1_p_bootstrap"] <= 1
         marker = str(line["acc_marker"]) if pd.notna(line["acc_marker"]) else ""
         assert ("†" in marker) == (line["acc_p_ttest"] < 0.05)
-        assert ("‡" in marker) == (line["acc_p_bootstrap"] < 0.05)
+        assert 0 < line["acc_p_hierarchical"] <= 1
+        assert ("‡" in marker) == (line["acc_p_hierarchical"] < 0.05)
     # the one-seed variant is matched on seed 0 only: no t-test, but a bootstrap
     alpha = table[_rows(table) == "ogm_ge (method.alpha=0.9)"].iloc[0]
     assert alpha["matched_seeds"] == 1 and np.isnan(alpha["acc_p_ttest"])
     assert 0 < alpha["acc_p_bootstrap"] <= 1
     result = runner.invoke(app, ["report", str(tree), "--baseline", "ogm_ge"])
     assert result.exit_code == 2 and "name one of" in result.output
+
+
+def test_holm_and_the_few_seeds_warning(tree):
+    """--holm: the markers read p-values Holm-adjusted across the rows compared with concat on
+    each data set (here by hand); a row matched on fewer than 3 seeds is warned about on the
+    console and in the legend."""
+    table = _csv(tree, "--baseline", "concat", "--holm")
+    for dataset in ("synthetic", "uci-mfeat"):
+        compared = table[(table["dataset"] == dataset) & (table["method"] != "concat")]
+        for test in ("ttest", "hierarchical"):
+            raw = compared[f"acc_p_{test}"].tolist()
+            tested = sorted((p, i) for i, p in enumerate(raw) if not math.isnan(p))
+            by_hand, running = [math.nan] * len(raw), 0.0
+            for rank, (p, i) in enumerate(tested):
+                running = max(running, min(1.0, (len(tested) - rank) * p))
+                by_hand[i] = running
+            assert compared[f"acc_p_{test}_holm"].tolist() == pytest.approx(
+                by_hand, rel=1e-5, nan_ok=True
+            )
+        for line in compared.itertuples(index=False):
+            marker = line.acc_marker if isinstance(line.acc_marker, str) else ""
+            assert ("†" in marker) == (line.acc_p_ttest_holm < 0.05)
+            assert ("‡" in marker) == (line.acc_p_hierarchical_holm < 0.05)
+    result = runner.invoke(app, ["report", str(tree), "--baseline", "concat", "--format", "md"])
+    assert result.exit_code == 0, result.output
+    warning = (
+        "fewer than 3 seeds matched with the baseline: ogm_ge (method.alpha=0.9) on synthetic (1)"
+    )
+    assert warning in " ".join(result.stderr.split())
+    assert warning in result.stdout and "Holm" not in result.stdout
+    result = runner.invoke(app, ["report", str(tree), "--baseline", "concat", "--holm"])
+    assert "Holm-corrected" in " ".join(result.stdout.split())
+    result = runner.invoke(
+        app, ["report", str(tree), "--baseline", "late_fusion", "--format", "md"]
+    )
+    assert "fewer than 3 seeds matched" in result.stdout  # alpha=0.9 matched on seed 0 only
+    result = runner.invoke(app, ["report", str(tree), "--format", "md"])
+    assert "fewer than 3 seeds" not in result.stdout + result.stderr  # nothing compared
 
 
 def test_saved_predictions_are_the_selected_checkpoints(tree):

@@ -44,7 +44,8 @@ def test_marks_decide_hash_and_resume(recipe_file):
     other = changed(changed(recipe, "optim.lr", 0.5), "train.eval_every", 2)
     assert other.settings_hash() != recipe.settings_hash()
     refusal = resume_refusal(recipe, other) or ""
-    assert "started with in optim.lr, train.eval_every (only data.root, train.epochs," in refusal
+    assert "differs in optim.lr (was 0.01, now 0.5), train.eval_every (was 1, now 2)" in refusal
+    assert "(only data.root, train.epochs," in refusal
 
 
 def test_free_fields_are_listed_from_the_marks(recipe_file):

@@ -256,6 +256,7 @@ def test_run_folders_of_older_versions_count_as_finished_and_resume(recipe_file,
     with pytest.raises(UserError) as refused:
         Trainer(changed, 0, resume=True).run()
     message = str(refused.value)
-    assert "differs from the one the run was started with in train.batch_size (only " in message
-    assert "train.epochs, train.device, train.workers" in message
-    assert "valuation, evaluate may" in message
+    assert "holds a finished run whose recipe differs in train.batch_size (was 32, now 16)" in (
+        message
+    )
+    assert "not finished" not in message and "--overwrite" in message

@@ -75,7 +75,7 @@ from torch import nn
 
 from mmval.data.dataset import Batch
 from mmval.distributed import batch_mean
-from mmval.methods.base import Method, MethodConfig, TrainContext, window_problems
+from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts, window_problems
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.models.encoders import ResNet18Encoder
 from mmval.valuation.engine import LateFusionEvaluator, subset_masks
@@ -104,6 +104,11 @@ class AGMConfig(MethodConfig):
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
         return window_problems(self.modulation_starts, self.modulation_ends)
+
+    def inactive_reason(self, epochs: int) -> tuple[str, str] | None:
+        return never_acts(
+            "modulation_starts", self.modulation_starts, epochs, "the gradient modulation"
+        )
 
 
 def absent_input(encoder: nn.Module, sample: torch.Tensor) -> torch.Tensor:

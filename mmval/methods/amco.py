@@ -55,6 +55,7 @@ from mmval.methods.base import (
     Method,
     MethodConfig,
     TrainContext,
+    never_acts,
     unimodal_cross_entropy,
     window_problems,
 )
@@ -77,6 +78,9 @@ class AMCoConfig(MethodConfig):
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
         return window_problems(self.modulation_starts, self.modulation_ends)
+
+    def inactive_reason(self, epochs: int) -> tuple[str, str] | None:
+        return never_acts("modulation_starts", self.modulation_starts, epochs, "the logit masking")
 
 
 def mask_ratio(batch_in_epoch: int, epoch: int, eps: float) -> float:

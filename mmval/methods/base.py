@@ -83,6 +83,14 @@ class MethodConfig(BaseModel):
         ClassVars declare."""
         return []
 
+    def inactive_reason(self, epochs: int) -> tuple[str, str] | None:
+        """(field of this config, why) when the method's own phase (modulation, re-sampling,
+        re-initialisation, ...) would never act in a run of `epochs` epochs, so that the run
+        would silently train as its plain warm-up; None when it acts (the default: methods
+        without a warm-up or start epoch). Every method with such a field implements it
+        (`never_acts`); a recipe that trips it is refused (`mmval.recipe`)."""
+        return None
+
     @classmethod
     def lacks(cls, fusion: type[FusionConfig]) -> str | None:
         """What this method needs that the fusion does not offer (None: nothing)."""
@@ -174,6 +182,18 @@ def window_problems(starts: int, ends: int) -> list[tuple[str, str]]:
     if ends < starts:
         return [("method.modulation_ends", "must not be before modulation_starts")]
     return []
+
+
+def never_acts(field: str, first: int, epochs: int, what: str) -> tuple[str, str] | None:
+    """The `inactive_reason` of a phase `what` that first acts in 0-based epoch `first`: a
+    problem naming `field` when a run of `epochs` epochs ends before it."""
+    if first < epochs:
+        return None
+    return (
+        field,
+        f"{what} would first act in epoch {first + 1} of a {epochs}-epoch run (train.epochs): "
+        "the run would never leave its warm-up; lower it or raise train.epochs",
+    )
 
 
 @dataclass

@@ -48,7 +48,7 @@ from pydantic import Field
 
 from mmval.data.dataset import Batch
 from mmval.distributed import differentiable_sum
-from mmval.methods.base import Method, MethodConfig, TrainContext, window_problems
+from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts, window_problems
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
@@ -66,6 +66,11 @@ class CMLConfig(MethodConfig):
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
         return window_problems(self.modulation_starts, self.modulation_ends)
+
+    def inactive_reason(self, epochs: int) -> tuple[str, str] | None:
+        return never_acts(
+            "modulation_starts", self.modulation_starts, epochs, "the nested-subset loss"
+        )
 
 
 def confidence_penalty(fewer: torch.Tensor, more: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,7 @@ from pydantic import Field
 
 from mmval.data.dataset import Batch
 from mmval.errors import UserError
-from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts
 from mmval.methods.cooperation import fill_value, value_split
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.valuation.config import (
@@ -111,6 +111,11 @@ class CMoBConfig(MethodConfig):
     warmup: int = Field(
         default=5, ge=1, description="plain epochs; valuation from the end of warmup - 1 [ours]"
     )
+
+    def inactive_reason(self, epochs: int) -> tuple[str, str] | None:
+        """The first masked epoch is `warmup` (valued at the end of epoch warmup - 1)."""
+        return never_acts("warmup", self.warmup, epochs, "the masking of weak modalities")
+
     alpha: float = Field(
         default=0.3,
         gt=0,

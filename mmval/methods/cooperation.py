@@ -46,7 +46,7 @@ from pydantic import Field
 
 from mmval.data.dataset import Batch, TaggedPositions
 from mmval.distributed import gather_rows
-from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts
 from mmval.models import ModelOutput, MultimodalModel
 from mmval.tasks import CLASSIFICATION, Task
 from mmval.valuation.base import Game, ValuationMethod
@@ -159,6 +159,11 @@ class CooperationConfig(MethodConfig):
         description="epochs of plain training; valuation from the end of epoch warmup - 1 "
         "(official 5)",
     )
+
+    def inactive_reason(self, epochs: int) -> tuple[str, str] | None:
+        """The first re-sampled epoch is `warmup` (planned at the end of epoch warmup - 1)."""
+        return never_acts("warmup", self.warmup, epochs, f"{self.name}'s enhancement")
+
     enhancement: Enhancement = Field(
         default="resample",
         description="resample: extra copies keeping one modality, the others' features zeroed "

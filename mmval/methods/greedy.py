@@ -48,7 +48,13 @@ from pydantic import Field
 from torch import nn
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, TrainContext, unimodal_cross_entropy
+from mmval.methods.base import (
+    Method,
+    MethodConfig,
+    TrainContext,
+    never_acts,
+    unimodal_cross_entropy,
+)
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
@@ -92,6 +98,9 @@ class GreedyConfig(MethodConfig):
                 )
             )
         return found
+
+    def inactive_reason(self, epochs: int) -> tuple[str, str] | None:
+        return never_acts("starting_epoch", self.starting_epoch, epochs, "the re-balancing")
 
 
 def utilisation_gap(main: list[float], bypass: list[float]) -> float:

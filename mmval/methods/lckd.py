@@ -60,7 +60,7 @@ from torch import nn
 
 from mmval.data.dataset import Batch
 from mmval.errors import UserError
-from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts
 from mmval.models import ModelConfig, ModelOutput
 from mmval.tasks.volumes import brats_regions, random_presence
 
@@ -105,6 +105,9 @@ class LCKDConfig(MethodConfig):
                 )
             ]
         return []
+
+    def inactive_reason(self, epochs: int) -> tuple[str, str] | None:
+        return never_acts("warmup_epochs", self.warmup_epochs, epochs, "LCKD's missing mode")
 
 
 def kd_loss(

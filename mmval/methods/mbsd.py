@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmval.data.dataset import Batch
-from mmval.methods.base import Method, MethodConfig, TrainContext, window_problems
+from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts, window_problems
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
@@ -58,6 +58,11 @@ class MBSDConfig(MethodConfig):
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
         return window_problems(self.modulation_starts, self.modulation_ends)
+
+    def inactive_reason(self, epochs: int) -> tuple[str, str] | None:
+        return never_acts(
+            "modulation_starts", self.modulation_starts, epochs, "the self-distillation loss"
+        )
 
 
 def pair_distillation(zi: torch.Tensor, zj: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

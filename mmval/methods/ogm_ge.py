@@ -40,7 +40,7 @@ from pydantic import Field
 
 from mmval.data.dataset import Batch
 from mmval.distributed import all_reduce
-from mmval.methods.base import Method, MethodConfig, TrainContext, window_problems
+from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts, window_problems
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
@@ -62,6 +62,11 @@ class OGMGEConfig(MethodConfig):
 
     def problems(self, model: ModelConfig, modalities: list[str] | None) -> list[tuple[str, str]]:
         return window_problems(self.modulation_starts, self.modulation_ends)
+
+    def inactive_reason(self, epochs: int) -> tuple[str, str] | None:
+        return never_acts(
+            "modulation_starts", self.modulation_starts, epochs, "the gradient modulation"
+        )
 
 
 def discrepancy_ratios(scores: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ from pydantic import Field
 
 from mmval.data.dataset import Batch
 from mmval.distributed import all_reduce
-from mmval.methods.base import Method, MethodConfig, TrainContext, window_problems
+from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts, window_problems
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
 
@@ -86,6 +86,11 @@ class OPMConfig(MethodConfig):
         if self.modulation_ends is None:
             return []
         return window_problems(self.modulation_starts, self.modulation_ends)
+
+    def inactive_reason(self, epochs: int) -> tuple[str, str] | None:
+        return never_acts(
+            "modulation_starts", self.modulation_starts, epochs, "the feature dropping"
+        )
 
 
 def drop_probabilities(scores: torch.Tensor, q_base: float, alpha: float) -> torch.Tensor:

@@ -52,7 +52,7 @@ import torch
 from pydantic import Field
 
 from mmval.distributed import gather_rows
-from mmval.methods.base import Method, MethodConfig, TrainContext
+from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts
 from mmval.models import MultimodalModel
 from mmval.settings import AddedLater
 
@@ -79,6 +79,12 @@ class RelearningConfig(MethodConfig):
         description="k-means++ starts, the run of least inertia kept (KMeans n_init: 10 before "
         "scikit-learn 1.4, 1 from it)",
     )
+
+    def inactive_reason(self, epochs: int) -> tuple[str, str] | None:
+        """The first re-initialisation comes before 0-based epoch R + 1 (after epoch R)."""
+        if self.reinit_num == 0:
+            return ("reinit_num", "0 re-initialisations: the run would be concat; train concat")
+        return never_acts("reinit_epoch", self.reinit_epoch + 1, epochs, "the re-initialisation")
 
 
 def minmax_scale(x: np.ndarray) -> np.ndarray:

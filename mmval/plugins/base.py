@@ -62,6 +62,11 @@ class PluginConfig(BaseModel, ABC):
         """(field of this entry, problem) for settings it cannot run with."""
         return []
 
+    def inactive_reason(self, epochs: int) -> tuple[str, str] | None:
+        """(field of this entry, why) when a phase of the plug-in would never act in a run of
+        `epochs` epochs (as `MethodConfig.inactive_reason`); None when it acts."""
+        return None
+
 
 class Plugin(ABC):
     """The training side of a plug-in: modules beside the model, loss terms and an epoch hook,

@@ -112,6 +112,18 @@ class IMMLConfig(PluginConfig):
     def build_neck(self, dims: dict[str, int], num_classes: int) -> Neck:
         return IMMLNeck(dims, self)
 
+    def inactive_reason(self, epochs: int) -> tuple[str, str] | None:
+        """Chosen at the end of 0-based epoch warmup_epochs - 1: too late for a run that ends
+        there (the first modality would stay predominant throughout)."""
+        if self.predominant is not None or self.warmup_epochs < epochs:
+            return None
+        return (
+            "warmup_epochs",
+            f"the predominant modality would be chosen after epoch {self.warmup_epochs} of a "
+            f"{epochs}-epoch run (train.epochs): the run would train with the first modality "
+            "as predominant throughout; lower it, raise train.epochs or set predominant",
+        )
+
     def problems(self, modalities: list[str] | None) -> list[tuple[str, str]]:
         if self.predominant is not None and modalities and self.predominant not in modalities:
             listed = ", ".join(modalities)

@@ -57,6 +57,14 @@ class ValueTable:
     split: str
     method: str
     table: pd.DataFrame
+    benefit: str = "?"  # `mmval.benefit` of the table's metadata ("?" in tables without it)
+    mask: str = "?"  # `mmval.mask`
+
+    @property
+    def label(self) -> str:
+        """How figures name it: the run, then how it was valued (tables of one run folder
+        valued otherwise are told apart)."""
+        return f"{self.source} ({self.method}, {self.benefit}, mask {self.mask}, {self.split})"
 
 
 def make_figures(comparison: Comparison) -> list[ReportFigure]:
@@ -121,6 +129,8 @@ def find_value_tables(tree: RunTree, files: list[TableFile] | None = None) -> li
                 split=info.get("mmval.split", "?"),
                 method=info["mmval.method"],
                 table=_long(frame, info),
+                benefit=info.get("mmval.benefit", "?"),
+                mask=info.get("mmval.mask", "?"),
             )
         )
     return found
@@ -311,13 +321,14 @@ def _contribution_epochs(dataset: str, runs: pd.DataFrame, rows: list[str]) -> l
 
 
 def _grouped(tables: list[ValueTable]) -> list[tuple[str, pd.DataFrame]]:
-    """Tables of one row, split and valuation method pooled (e.g. several seeds)."""
-    groups: dict[str, list[ValueTable]] = {}
+    """One (label, table) per value table, never pooled: two tables of one run folder valued
+    with another benefit or mask are two settings, and pooling them gave numbers of neither.
+    Labels that would coincide (the same setting in two files) get the file name."""
+    counts: dict[str, int] = {}
     for t in tables:
-        groups.setdefault(f"{t.source} ({t.method}, {t.split})", []).append(t)
+        counts[t.label] = counts.get(t.label, 0) + 1
     return [
-        (label, pd.concat([t.table for t in group], ignore_index=True))
-        for label, group in groups.items()
+        (t.label if counts[t.label] == 1 else f"{t.label} {t.path.name}", t.table) for t in tables
     ]
 
 
@@ -344,23 +355,35 @@ def _contribution_distribution(dataset: str, tables: list[ValueTable]) -> list[R
     ]
 
 
+def weakest_shares(tables: list[ValueTable]) -> pd.DataFrame:
+    """What the weakest-modality chart plots: per table (`label`) and modality, the percentage
+    of valued samples in which that modality alone has the lowest contribution."""
+    rows = [
+        {"label": label, "modality": m, "weakest_percent": 100 * float(share)}
+        for label, frame in _grouped(tables)
+        for m, share in contribution_summary(frame)[["modality", "weakest_share"]].itertuples(
+            index=False
+        )
+    ]
+    return pd.DataFrame(rows, columns=["label", "modality", "weakest_percent"])
+
+
 def _weakest_share(dataset: str, tables: list[ValueTable]) -> list[ReportFigure]:
-    groups = _grouped(tables)
-    if not groups:
+    data = weakest_shares(tables)
+    if data.empty:
         return []
-    shares = [(label, contribution_summary(frame)) for label, frame in groups]
-    modalities = list(dict.fromkeys(m for _, s in shares for m in s["modality"]))
-    fig = Figure(figsize=(max(6.0, 1.2 * len(groups) + 0.5 * len(modalities)), 4.0))
+    labels = list(dict.fromkeys(data["label"]))
+    modalities = list(dict.fromkeys(data["modality"]))
+    fig = Figure(figsize=(max(6.0, 1.6 * len(labels) + 0.5 * len(modalities)), 4.0))
     fig.set_layout_engine("constrained")
     ax = fig.subplots()
     width = 0.8 / len(modalities)
-    x = np.arange(len(shares))
+    x = np.arange(len(labels))
+    bars = data.pivot(index="label", columns="modality", values="weakest_percent")
     for i, modality in enumerate(modalities):
-        heights = [
-            100 * float(s.loc[s["modality"] == modality, "weakest_share"].sum()) for _, s in shares
-        ]
+        heights = bars.reindex(labels)[modality].fillna(0.0).to_numpy()
         ax.bar(x + (i - (len(modalities) - 1) / 2) * width, heights, width, label=modality)
-    ax.set_xticks(x, [label for label, _ in shares], fontsize="small", rotation=10)
+    ax.set_xticks(x, labels, fontsize="x-small", rotation=10)
     ax.set(ylabel="samples where it is the weakest (%)", title=dataset)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), title="modality")
@@ -369,7 +392,8 @@ def _weakest_share(dataset: str, tables: list[ValueTable]) -> list[ReportFigure]
             f"weakest-{_slug(dataset)}",
             f"{dataset}: how often each modality is the weakest",
             "Share of valued samples in which the modality alone has the lowest contribution "
-            "(samples where several modalities tie for the lowest count for none).",
+            "(samples where several modalities tie for the lowest count for none); one group "
+            "of bars per value table, labelled run (valuation method, benefit, mask, split).",
             _png(fig),
         )
     ]

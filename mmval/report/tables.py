@@ -30,6 +30,8 @@ from mmval.report.runs import (
 )
 from mmval.report.significance import (
     PairedPredictions,
+    hierarchical_bootstrap,
+    holm,
     paired_bootstrap,
     paired_t_test,
     wilcoxon_signed_rank,
@@ -37,6 +39,8 @@ from mmval.report.significance import (
 
 COLUMNS = ["dataset", "method", "n_seeds", "acc_mean", "acc_std", "f1_mean", "f1_std"]
 SEED_MARK, SAMPLE_MARK = "†", "‡"
+MIN_SEEDS = 3  # below this many matched seeds the report warns
+_P_COLUMNS = ("delta", "p_ttest", "p_wilcoxon", "p_bootstrap", "p_hierarchical")
 _LATEX_MARKS = {SEED_MARK: r"\dagger", SAMPLE_MARK: r"\ddagger"}
 _BOOTSTRAP_METRICS = ("acc", "f1")
 
@@ -54,6 +58,7 @@ class Cell:
     p_ttest: float = math.nan
     p_wilcoxon: float = math.nan
     p_bootstrap: float = math.nan
+    p_hierarchical: float = math.nan
     marker: str = ""
 
 
@@ -74,6 +79,7 @@ class Comparison:
     baselines: dict[str, str] = field(default_factory=dict)  # data set -> baseline row
     alpha: float = 0.05
     resamples: int = 1000
+    holm: bool = False  # the markers read Holm-adjusted p-values (per data set and metric)
     # a table that is not the main comparison (`mmval report --robustness`): its own title,
     # what its column groups are, and the sentences that replace the first legend line
     title: str | None = None
@@ -105,9 +111,12 @@ def compare(
     baseline: str | None = None,
     alpha: float = 0.05,
     resamples: int = 1000,
+    holm: bool = False,
 ) -> Comparison:
     """The comparison of every finished run below the tree's root on `metrics` (default
-    accuracy and macro-F1) of `split`, at each run's selected epoch (`tree.select`)."""
+    accuracy and macro-F1) of `split`, at each run's selected epoch (`tree.select`); with
+    `holm`, the markers read p-values Holm-corrected across the rows compared with the
+    baseline."""
     runs = tree.runs
     if runs.empty:
         raise UserError(f"no finished runs (summary.json) below {tree.root}.")
@@ -117,7 +126,14 @@ def compare(
     shown = _unique([resolve_metric(m, split, columns) for m in (metrics or headline)])
     every = _unique([*(resolve_metric(m, split, columns) for m in headline), *shown])
     return compare_metrics(
-        tree, shown, every, split=split, baseline=baseline, alpha=alpha, resamples=resamples
+        tree,
+        shown,
+        every,
+        split=split,
+        baseline=baseline,
+        alpha=alpha,
+        resamples=resamples,
+        holm=holm,
     )
 
 
@@ -138,6 +154,7 @@ def compare_metrics(
     alpha: float,
     resamples: int,
     groups: list[str] | None = None,
+    holm: bool = False,
 ) -> Comparison:
     """The comparison on resolved metrics: `shown` in the tables, `every` (a superset) in the
     CSV. The tree's runs table may be any table with the META columns and one column per
@@ -174,6 +191,7 @@ def compare_metrics(
         baselines=baselines,
         alpha=alpha,
         resamples=resamples,
+        holm=holm,
     )
     _rank(comparison, every)
     if baseline:
@@ -267,7 +285,7 @@ def _test_against_baseline(comparison: Comparison, metrics: list[Metric]) -> Non
         "matched_seeds": 0,
     }
     for m in metrics:
-        for column in ("delta", "p_ttest", "p_wilcoxon", "p_bootstrap"):
+        for column in _P_COLUMNS:
             added[f"{m.key}_{column}"] = math.nan
         added[f"{m.key}_marker"] = ""
     index = comparison.long.index
@@ -299,11 +317,60 @@ def _test_against_baseline(comparison: Comparison, metrics: list[Metric]) -> Non
                         _, cell.p_bootstrap = paired_bootstrap(
                             pairs, m.key, resamples=comparison.resamples
                         )
-                cell.marker = (SEED_MARK if cell.p_ttest < comparison.alpha else "") + (
-                    SAMPLE_MARK if cell.p_bootstrap < comparison.alpha else ""
+                        _, cell.p_hierarchical = hierarchical_bootstrap(
+                            pairs, m.key, resamples=comparison.resamples
+                        )
+    _mark(comparison, metrics)
+
+
+def _mark(comparison: Comparison, metrics: list[Metric]) -> None:
+    """† from the t-test p and ‡ from the hierarchical bootstrap p of each compared row; with
+    `holm`, from those p-values Holm-adjusted across the rows compared with the data set's
+    baseline (one family per data set, metric and test; the CSV keeps both)."""
+    long = comparison.long
+    for dataset, base_row in comparison.baselines.items():
+        lines = long[(long["dataset"] == dataset) & (long["row"] != base_row)]
+        for m in metrics:
+            if m.over_seeds != "mean":
+                continue
+            cells = [comparison.cells[(row, dataset, m.key)] for row in lines["row"]]
+            seeds = [c.p_ttest for c in cells]
+            samples = [c.p_hierarchical for c in cells]
+            if comparison.holm:
+                seeds, samples = holm(seeds), holm(samples)
+                long.loc[lines.index, f"{m.key}_p_ttest_holm"] = seeds
+                long.loc[lines.index, f"{m.key}_p_hierarchical_holm"] = samples
+            for cell, p_seeds, p_samples in zip(cells, seeds, samples, strict=True):
+                cell.marker = (SEED_MARK if p_seeds < comparison.alpha else "") + (
+                    SAMPLE_MARK if p_samples < comparison.alpha else ""
                 )
-            for column in ("delta", "p_ttest", "p_wilcoxon", "p_bootstrap", "marker"):
+    for index, line in long.iterrows():
+        for m in metrics:
+            cell = comparison.cells[(line["row"], line["dataset"], m.key)]
+            if comparison.baselines.get(line["dataset"]) in (None, line["row"]):
+                continue
+            for column in (*_P_COLUMNS, "marker"):
                 long.loc[index, f"{m.key}_{column}"] = getattr(cell, column)
+
+
+def few_seeds(comparison: Comparison) -> str | None:
+    """The warning for rows compared with a baseline on fewer than 3 matched seeds (their
+    seed spread is barely estimated, whatever the markers say), or None."""
+    if not comparison.baselines or "matched_seeds" not in comparison.long:
+        return None
+    long = comparison.long
+    compared = long[long["row"] != long["dataset"].map(comparison.baselines)]
+    few = compared[compared["matched_seeds"] < MIN_SEEDS]
+    if few.empty:
+        return None
+    listed = ", ".join(
+        f"{r.row} on {r.dataset} ({r.matched_seeds})" for r in few.itertuples(index=False)
+    )
+    return (
+        f"Warning: fewer than {MIN_SEEDS} seeds matched with the baseline: {listed}; with so "
+        "few seeds the spread between seeds is barely estimated, so read its markers with care "
+        "(train more seeds)."
+    )
 
 
 def _paired_predictions(
@@ -405,7 +472,7 @@ def percent_text(metrics: list[Metric]) -> str:
 
 
 def legend(comparison: Comparison) -> list[str]:
-    """The sentences under every table."""
+    """The sentences under every table (the fewer-than-3-seeds warning last)."""
     percent = any(m.percent for m in comparison.metrics)
     first = comparison.caption or [
         f"{comparison.split} split, {selection_text(comparison)}; mean ± sample std over seeds"
@@ -428,13 +495,24 @@ def legend(comparison: Comparison) -> list[str]:
         lines.append(
             f"{delta}{SEED_MARK} paired t-test over matched seeds, p < {comparison.alpha:g}"
             + (
-                f"; {SAMPLE_MARK} paired bootstrap over test samples ({comparison.resamples} "
-                f"resamples, runs with saved predictions), p < {comparison.alpha:g}"
+                f"; {SAMPLE_MARK} hierarchical bootstrap over matched seeds and their test "
+                f"samples (Saravanan et al. 2020; {comparison.resamples} resamples, runs with "
+                f"saved predictions), p < {comparison.alpha:g}"
                 if bootstrap
                 else ""
             )
-            + ". The CSV has every p-value and the Wilcoxon signed-rank p."
+            + (
+                "; p-values Holm-corrected across the rows compared with the baseline (per "
+                "data set, metric and test)"
+                if comparison.holm
+                else ""
+            )
+            + ". The CSV has every p-value, the sample-only bootstrap p and the Wilcoxon "
+            "signed-rank p."
         )
+        warning = few_seeds(comparison)
+        if warning:
+            lines.append(warning)
     return lines
 
 
