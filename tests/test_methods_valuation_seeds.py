@@ -44,6 +44,7 @@ from mmval.methods.mmcooperation_sample import (
 from mmval.models import ModelConfig, build_model
 from mmval.recipe import load_recipe, parse_recipe
 from mmval.runner import Trainer
+from tests.conftest import Crash, crash_after
 
 # ---------------------------------------------------------------- tagged entries
 
@@ -626,9 +627,8 @@ def test_sample_level_resume_matches_an_uninterrupted_run(tmp_path, uci_dir):
     straight = _recipe(tmp_path, uci_dir, UCI_ENCODER, method, 4, 128, 3e-3, name="straight")
     broken = straight.model_copy(update={"name": "broken"})
     Trainer(straight, 0).run()
-    Trainer(
-        broken.model_copy(update={"train": broken.train.model_copy(update={"epochs": 2})}), 0
-    ).run()
+    with pytest.raises(Crash):  # killed after epoch 2, before the first re-sampling acts
+        Trainer(broken, 0, callbacks=crash_after(2)).run()
     Trainer(broken, 0, resume=True).run()
     runs = tmp_path / "runs"
     a, b = (
