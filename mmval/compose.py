@@ -6,12 +6,16 @@ key by key; lists and scalars replace. A mapping whose discriminator (`name` of 
 scheduler or a fusion, `kind` of an encoder) differs from the base's replaces the base's mapping
 whole, so that the fields of one method or encoder kind never leak into another. `base` itself
 never reaches the schema.
+
+The same holds for `--set` on such a key: `--set optim.scheduler.name=cosine` makes the mapping
+a cosine scheduler's, keeping only the keys a cosine scheduler also has (`variant_fields` says
+which; without it, only the new tag), so that one override switches the type.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +99,45 @@ def _compose(path: Path, chain: tuple[Path, ...]) -> Any:
     return merge(composed, {k: v for k, v in raw.items() if k != BASE_KEY})
 
 
-def compose_recipe(path: Path, overrides: Sequence[str] = ()) -> Any:
-    """A recipe or sweep file as the schema reads it: its bases, its own fields, then `--set`.
+# variant_fields(path, key, tag): the fields of the config the mapping at `path` is with
+# `key: tag` (None: not known)
+VariantFields = Callable[[tuple[str, ...], str, Any], "set[str] | None"]
+
+
+def retagger(variant_fields: VariantFields | None, kept: list[str]) -> Callable[..., None]:
+    """The `retag` hook of `apply_overrides` for tagged mappings: a new tag empties the mapping
+    but for the keys the new type also has (their dotted paths are added to `kept`)."""
+
+    def retag(path: tuple[str, ...], mapping: dict, value: Any) -> None:
+        where, key = path[:-1], path[-1]
+        if ".".join(path) in kept:  # set anew: no longer left over
+            kept.remove(".".join(path))
+        # a mapping without its tag is of the default type: filtered all the same
+        if _discriminator(where) != key or not mapping or mapping.get(key) == value:
+            return
+        fields = variant_fields(where, key, value) if variant_fields is not None else None
+        keep = {k: v for k, v in mapping.items() if k != key and k in (fields or ())}
+        mapping.clear()
+        mapping.update(keep)
+        kept.extend(".".join((*where, k)) for k in keep)
+
+    return retag
+
+
+def compose_recipe(
+    path: Path,
+    overrides: Sequence[str] = (),
+    variant_fields: VariantFields | None = None,
+    kept: list[str] | None = None,
+) -> Any:
+    """A recipe or sweep file as the schema reads it: its bases, its own fields, then `--set`
+    (a new tag by the rule of the module docstring; the keys kept then are added to `kept`).
 
     The one reader of recipe files (`load_recipe`, `load_plan`, the quickstart's packaged
     recipes); a file that is not a mapping comes back as read, for the caller to report.
     """
     raw = _compose(Path(path), ())
     if overrides and isinstance(raw, dict):
-        raw = apply_overrides(raw, overrides)
+        retag = retagger(variant_fields, kept if kept is not None else [])
+        raw = apply_overrides(raw, overrides, retag)
     return raw

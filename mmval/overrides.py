@@ -2,14 +2,16 @@
 
 Values are parsed as YAML, so `1` is an int, `[0, 1]` a list and `abc` a string; a number in
 the path indexes a list (`modalities.0.size=[112,112]`). The result is validated by the same
-schema as the file, so an override can never bypass validation. Recipe files and `--set` values
+schema as the file, so an override can never bypass validation. A `retag` hook may rework the
+mapping an assignment lands in first (`mmval.compose`: a new tag of a method or scheduler
+mapping drops the old type's fields). Recipe files and `--set` values
 are read by `load_yaml`, which refuses YAML aliases and deep nesting (below).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
@@ -69,7 +71,11 @@ def load_yaml(text: str) -> Any:
         loader.dispose()
 
 
-def apply_overrides(raw: dict, assignments: Sequence[str]) -> dict:
+# retag(path, mapping, value): called before `mapping[path[-1]] = value`; may change `mapping`
+Retag = Callable[[tuple[str, ...], dict, Any], None]
+
+
+def apply_overrides(raw: dict, assignments: Sequence[str], retag: Retag | None = None) -> dict:
     result = copy.deepcopy(raw)
     for assignment in assignments:
         path, sep, text = assignment.partition("=")
@@ -100,6 +106,8 @@ def apply_overrides(raw: dict, assignments: Sequence[str]) -> dict:
                     node = node[int(key)]
                 continue
             if last:
+                if retag is not None:
+                    retag(tuple(keys), node, value)
                 node[key] = value
                 continue
             child = node.setdefault(key, {})

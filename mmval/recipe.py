@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -113,7 +115,87 @@ class ConstantSchedule(_Strict):
     name: Literal["none"] = "none"
 
 
-Schedule = Annotated[StepSchedule | CosineSchedule | ConstantSchedule, Field(discriminator="name")]
+class MultiStepSchedule(_Strict):
+    """torch's MultiStepLR, stepped once per epoch."""
+
+    name: Literal["multistep"] = "multistep"
+    milestones: list[int] = Field(
+        min_length=1,
+        description="epoch counts after which the learning rate is multiplied by gamma "
+        "(increasing; [30, 60]: epochs 31 and 61 train at the decayed rates)",
+    )
+    gamma: float = Field(default=0.1, gt=0, le=1)
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if value[0] < 1 or any(b <= a for a, b in pairwise(value)):
+            raise ValueError("milestones must be increasing epoch counts from 1")
+        return value
+
+
+class WarmupCosineSchedule(_Strict):
+    """A linear warm-up from start_factor x optim.lr to optim.lr (torch's LinearLR) over
+    `warmup` epochs or steps, then a cosine to min_lr over the rest of the run
+    (CosineAnnealingLR), chained by SequentialLR. With `unit: steps` the whole schedule counts
+    training steps (batches) and advances after each; with `epochs`, after each epoch."""
+
+    name: Literal["warmup_cosine"] = "warmup_cosine"
+    warmup: int = Field(ge=1, description="length of the warm-up, in `unit`s")
+    unit: Literal["epochs", "steps"] = Field(
+        default="epochs", description="what warmup counts, and when the schedule advances"
+    )
+    start_factor: float = Field(
+        default=0.01, gt=0, le=1, description="the first epoch's (step's) rate over optim.lr"
+    )
+    min_lr: float = Field(default=0.0, ge=0, description="the rate the cosine ends at")
+
+
+class PlateauSchedule(_Strict):
+    """torch's ReduceLROnPlateau on the run's selection metric (train.select_on), stepped after
+    every evaluation; patience counts evaluations."""
+
+    name: Literal["plateau"] = "plateau"
+    mode: Literal["auto", "max", "min"] = Field(
+        default="auto", description="auto: max when the selection metric is higher-is-better"
+    )
+    factor: float = Field(default=0.1, gt=0, lt=1, description="multiplies the rate on a plateau")
+    patience: int = Field(default=10, ge=0, description="evaluations without improvement")
+    threshold: float = Field(default=1e-4, ge=0, description="the least improvement that counts")
+    threshold_mode: Literal["rel", "abs"] = "rel"
+    cooldown: int = Field(default=0, ge=0, description="evaluations to wait after a reduction")
+    min_lr: float = Field(default=0.0, ge=0)
+
+
+class OneCycleSchedule(_Strict):
+    """torch's OneCycleLR over the run's training steps (epochs x batches per epoch), advanced
+    after every step (batch). A method that re-samples the train split may take more or fewer
+    steps per epoch: the schedule then holds its last rate, or ends before its cycle does."""
+
+    name: Literal["onecycle"] = "onecycle"
+    max_lr: float | None = Field(default=None, gt=0, description="the peak rate (default optim.lr)")
+    pct_start: float = Field(default=0.3, gt=0, lt=1, description="share of steps rising")
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    div_factor: float = Field(default=25.0, gt=0, description="max_lr / the first rate")
+    final_div_factor: float = Field(default=1e4, gt=0, description="first rate / the last rate")
+    three_phase: bool = False
+    cycle_momentum: bool = Field(
+        default=True, description="cycle SGD momentum (Adam's beta1) inversely to the rate"
+    )
+    base_momentum: float = Field(default=0.85, ge=0, lt=1)
+    max_momentum: float = Field(default=0.95, ge=0, lt=1)
+
+
+Schedule = Annotated[
+    StepSchedule
+    | CosineSchedule
+    | ConstantSchedule
+    | MultiStepSchedule
+    | WarmupCosineSchedule
+    | PlateauSchedule
+    | OneCycleSchedule,
+    Field(discriminator="name"),
+]
 
 
 class OptimConfig(_Strict):
@@ -122,6 +204,20 @@ class OptimConfig(_Strict):
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD only")
     weight_decay: float = Field(default=1e-4, ge=0)
     scheduler: Schedule = Field(default_factory=ConstantSchedule)
+
+
+class EarlyStopping(_Strict):
+    """Stop when the selection metric has not improved by more than min_delta for `patience`
+    evaluations in a row."""
+
+    patience: int = Field(ge=1, description="evaluations without improvement before stopping")
+    min_delta: float = Field(
+        default=0.0, ge=0, description="the least change of the selection metric that counts"
+    )
+
+
+# `train.workers: auto`: at most this many loader processes, one core left to the training one
+AUTO_WORKERS_MAX = 4
 
 
 # Marks (mmval.settings): Effect.NONE on the host settings, which change how fast or where a run
@@ -133,8 +229,11 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(default=512, ge=1)
     device: Annotated[Literal["auto", "cpu", "cuda"], Effect.NONE] = "auto"
     precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: autocast")
-    workers: Annotated[int, Effect.NONE] = Field(
-        default=0, ge=0, description="DataLoader worker processes"
+    workers: Annotated[int | Literal["auto"], Effect.NONE] = Field(
+        default="auto",
+        description="DataLoader worker processes; auto: min(4, cores - 1) where a process has "
+        "more than 2 cores (its share of the cores under torchrun), else 0. Workers never "
+        "change results",
     )
     prefetch: Annotated[int, Effect.NONE] = Field(
         default=2, ge=1, description="batches each DataLoader worker loads ahead (workers > 0)"
@@ -176,6 +275,37 @@ class TrainConfig(_Strict):
         description="a NaN or infinite loss or gradient: stop the run (last.pt keeps the last "
         "good state) or skip that step (counted per epoch in metrics, as skipped_steps)",
     )
+    clip_grad_norm: Annotated[float | None, ADDED_LATER] = Field(
+        default=None,
+        gt=0,
+        description="rescale the gradients to this total L2 norm when above it, at every "
+        "optimizer step of the run (after a method's gradient edits; averaged over ranks first)",
+    )
+    early_stopping: Annotated[EarlyStopping | None, ADDED_LATER] = Field(
+        default=None,
+        description="end the run when the selection metric stops improving: {patience: N "
+        "evaluations, min_delta: x}; the run counts as finished",
+    )
+    select_on: Annotated[str, ADDED_LATER] = Field(
+        default="auto",
+        pattern=r"^(auto|val_[a-z0-9_]+)$",
+        description="the validation metric best.pt, early stopping and the plateau scheduler "
+        "go by (val_acc, val_f1, val_loss, val_mae, ...); auto: the task's (classification: "
+        "val_acc). Under the published protocol it is read on test, as auto is",
+    )
+    select_mode: Annotated[Literal["auto", "max", "min"], ADDED_LATER] = Field(
+        default="auto",
+        description="whether higher (max) or lower (min) select_on is better; auto: the "
+        "task's direction for its own metric, else lower for names ending in loss, mae, mse, "
+        "rmse or error and higher for the rest",
+    )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) is int and value >= 0):
+            return value
+        raise ValueError("must be a number of worker processes (0 or more) or auto")
 
     @field_validator("tracking_uri", mode="before")
     @classmethod
@@ -356,6 +486,16 @@ def _cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
             found.append(
                 ("plugins", "plug-ins act on per-modality feature vectors; model.ave_att has none")
             )
+    schedule = recipe.optim.scheduler
+    by_epoch = schedule.name == "warmup_cosine" and schedule.unit == "epochs"
+    if by_epoch and schedule.warmup >= recipe.train.epochs:
+        found.append(
+            (
+                "optim.scheduler.warmup",
+                f"the warm-up of {schedule.warmup} epochs leaves none of the "
+                f"{recipe.train.epochs} for the cosine (train.epochs)",
+            )
+        )
     built_on = None if modalities is None else recipe.method.model_modalities(modalities)
     found += plugin_problems(METHODS[recipe.method.name], recipe.plugins, built_on)
     found += recipe.model.flat_problems()
@@ -439,7 +579,83 @@ def parse_recipe(raw: Any, where: str) -> Recipe:
 
 def load_recipe(path: Path, overrides: Sequence[str] = ()) -> Recipe:
     """A recipe file, its bases composed (mmval.compose) and `--set` applied, validated."""
-    return parse_recipe(compose_recipe(path, overrides), str(path))
+    kept: list[str] = []
+    raw = compose_recipe(path, overrides, variant_fields, kept)
+    with left_over_named(kept):
+        return parse_recipe(raw, str(path))
+
+
+@contextmanager
+def left_over_named(kept: list[str]) -> Iterator[None]:
+    """A recipe problem in a field that `--set` on a tag kept from the mapping's old type
+    (`compose_recipe`'s `kept`) says so: the user never wrote that value for the new type."""
+    try:
+        yield
+    except UserError as exc:
+        left = [name for name in kept if re.search(rf"\b{re.escape(name)}\b", str(exc))]
+        if not left:
+            raise
+        raise UserError(
+            f"{exc} ({', '.join(left)}: kept from the mapping before --set changed its type, "
+            "as a field the new type also has; give it a value that fits with --set.)"
+        ) from None
+
+
+def _deref(node: dict, defs: dict) -> dict:
+    while "$ref" in node:
+        node = defs[node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+def _members(node: dict, defs: dict) -> list[dict]:
+    node = _deref(node, defs)
+    return [_deref(m, defs) for k in ("anyOf", "oneOf", "allOf") for m in node.get(k, [])]
+
+
+def _field_schema(node: dict, key: str, defs: dict) -> dict | None:
+    """The JSON schema of field `key` of the model (or optional model, or mapping) `node`."""
+    node = _deref(node, defs)
+    if key in node.get("properties", {}):
+        return node["properties"][key]
+    if isinstance(node.get("additionalProperties"), dict):
+        return node["additionalProperties"]
+    for member in _members(node, defs):
+        found = _field_schema(member, key, defs)
+        if found is not None:
+            return found
+    return None
+
+
+def _tag_target(node: dict, key: str, tag: str, defs: dict) -> dict | None:
+    """The config schema that a union at `node` (or inside an optional or shorthand one) holds
+    for `tag`: by the union's discriminator mapping, or the member whose `key` is `tag`."""
+    node = _deref(node, defs)
+    target = node.get("discriminator", {}).get("mapping", {}).get(tag)
+    if target is not None:
+        return _deref({"$ref": target}, defs)
+    for member in _members(node, defs):
+        own = member.get("properties", {}).get(key, {})
+        if tag in (own.get("const"), own.get("default")):
+            return member
+        found = _tag_target(member, key, tag, defs)
+        if found is not None:
+            return found
+    return None
+
+
+def variant_fields(path: tuple[str, ...], key: str, tag: Any) -> set[str] | None:
+    """The fields of the config that the mapping at `path` of a recipe (optim.scheduler, method,
+    model.fusion, ...) is with `key: tag`, read from the recipe's JSON schema (registered
+    methods and fusions included); None when the tag is not one of them."""
+    schema = recipe_json_schema()
+    defs = schema.get("$defs", {})
+    node: dict | None = schema
+    for name in path:
+        node = None if node is None else _field_schema(node, name, defs)
+    if node is None or not isinstance(tag, str):
+        return None
+    target = _tag_target(node, key, tag, defs)
+    return None if target is None else set(target.get("properties", {}))
 
 
 def recipe_json_schema() -> dict:

@@ -64,7 +64,9 @@ from mmval.recipe import (
     Recipe,
     _fill_placeholders,
     check_against_data,
+    left_over_named,
     parse_recipe,
+    variant_fields,
 )
 from mmval.runner import Trainer
 from mmval.validation import format_problems, problems_of
@@ -162,7 +164,10 @@ class RunOutcome:
 
 def load_plan(path: Path, overrides: Sequence[str] = ()) -> SweepPlan:
     """A recipe file (sweep or not), its bases and its `--set` overrides -> the runs it asks for."""
-    return plan_from_raw(compose_recipe(path, overrides), str(path))
+    kept: list[str] = []
+    raw = compose_recipe(path, overrides, variant_fields, kept)
+    with left_over_named(kept):
+        return plan_from_raw(raw, str(path))
 
 
 def plan_from_raw(raw: Any, where: str) -> SweepPlan:

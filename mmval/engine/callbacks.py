@@ -70,8 +70,8 @@ def _checkpoint(fit: Fit, **extra: Any) -> Checkpoint:
 
 
 class BestCheckpoint(Callback):
-    """best.pt: the weights of the epoch with the best validation accuracy so far (test accuracy
-    under the published protocol)."""
+    """best.pt: the weights of the epoch with the best selection metric so far (the task's, or
+    train.select_on; on test under the published protocol)."""
 
     def on_evaluated(
         self, fit: Fit, row: dict[str, float], predictions: Predictions, best: bool
@@ -96,7 +96,7 @@ class LastCheckpoint(Callback):
 
     def on_epoch_end(self, fit: Fit, row: dict[str, float]) -> None:
         state, every = fit.state, fit.recipe.train.checkpoint_every
-        if state.epoch % every and state.epoch != fit.epochs:
+        if state.epoch % every and state.epoch != fit.epochs and state.stopped_epoch is None:
             return
         fit.saved_epoch = state.epoch
         if distributed.is_main():
@@ -239,7 +239,12 @@ class RunFiles(Callback):
 def run_summary(fit: Fit, label: str) -> dict[str, Any]:
     """summary.json: what the report reads of a finished run."""
     state, recipe, task = fit.state, fit.recipe, fit.session.task
+    selected = fit.session.selection
     headline = task.headline
+    # the selection metric's values too, when it is not a headline one (val_loss)
+    copied = (*headline, *(() if selected.metric in headline else (selected.metric,)))
+    chosen = recipe.train.select_on != "auto"
+    stopping = recipe.train.early_stopping
     best = next(r for r in state.rows if r["epoch"] == state.best_epoch)
     final = state.rows[-1]
     return {
@@ -258,15 +263,23 @@ def run_summary(fit: Fit, label: str) -> dict[str, Any]:
         "protocol": recipe.train.protocol,
         **(
             {}
-            if task.kind == "classification"
+            if task.kind == "classification" and not chosen
             else {
                 "task": task.kind,
                 "headline": headline,
-                "selected_on": task.selected_on,
-                "higher_is_better": task.higher_is_better,
+                "selected_on": selected.metric,
+                "higher_is_better": selected.higher_is_better,
             }
         ),
-        **{f"{split}_{k}": best[f"{split}_{k}"] for split in ("val", "test") for k in headline},
+        **(
+            {}
+            if stopping is None
+            else {
+                "stopped_early": state.stopped_epoch is not None,
+                "epochs_trained": state.epoch,
+            }
+        ),
+        **{f"{split}_{k}": best[f"{split}_{k}"] for split in ("val", "test") for k in copied},
         **{f"final_test_{k}": final[f"test_{k}"] for k in headline},
         "train_seconds": sum(r["seconds"] for r in state.rows),
         "processes": distributed.world_size(),

@@ -19,14 +19,18 @@ Events, in the order `fit` sends them (each to every callback, in list order):
 - per epoch:
   - `on_train_epoch_start(fit, steps)`: the epoch's positions are drawn; it takes `steps`
     steps (re-sampling methods add copies; a resumed epoch counts only what is left).
-  - `on_train_step(fit)`: after each step (also one skipped under `train.nonfinite: skip`).
+  - `on_train_step(fit)`: after each step (also one skipped under `train.nonfinite: skip`),
+    after a per-step learning-rate schedule advanced.
   - `on_train_epoch_end(fit, row)`: after the epoch's last step (row: its training figures),
-    before the scheduler steps and before evaluation.
+    before a per-epoch schedule advances and before evaluation.
   - `on_evaluated(fit, row, predictions, best)`: on evaluation epochs: row now holds the val_
-    and test_ metrics, predictions are the test split's, best says whether val accuracy
-    improved (`fit.state.best_epoch` is then this epoch).
-  - `on_epoch_end(fit, row)`: the row is complete and in `fit.state.rows`.
-- `on_fit_end(fit)`: every epoch is done (not sent when training stops with an error).
+    and test_ metrics (the task's loss as val_loss, test_loss), predictions are the test
+    split's, best says whether the selection metric (`Session.selection`) improved
+    (`fit.state.best_epoch` is then this epoch); a plateau schedule has advanced.
+  - `on_epoch_end(fit, row)`: the row is complete and in `fit.state.rows`; after it the loop
+    ends when early stopping stopped the run (`fit.state.stopped_epoch`).
+- `on_fit_end(fit)`: every epoch is done, or early stopping ended the run (not sent when
+  training stops with an error).
 - `teardown(fit)`: always, last, also after an error: close what was opened.
 """
 
@@ -36,6 +40,7 @@ import functools
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,17 +82,24 @@ class _GuardedTools(StepTools):
 
     skip: bool = False
     skipped: int = 0
+    clip: float | None = None  # train.clip_grad_norm
 
     def step(self) -> None:
+        """Every optimizer step of a run comes here (a method's own `train_step` calls it after
+        its gradient edits): the averaged gradients are checked, clipped to `clip` by their
+        total norm (torch's clip_grad_norm_ rule), and applied."""
         self.reduce_gradients()
-        params = (p for group in self.optimizer.param_groups for p in group["params"])
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        params = [p for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+        if norm is not None and not torch.isfinite(norm):
             if not self.skip:
                 raise _NonFiniteStep
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
             return
+        if norm is not None and self.clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip, norm)
         self.optimizer.step()
 
 
@@ -101,9 +113,15 @@ class Predictions:
     collected: dict[str, np.ndarray]
     unimodal: dict[str, dict[str, np.ndarray]]
     readout_pred: dict[str, np.ndarray] = field(default_factory=dict)
+    # the task's loss of the fused output summed over samples (batch means x batch sizes), and
+    # the samples: `<split>_loss` of the evaluation row
+    loss_sum: float | None = None
+    count: int = 0
 
     def metrics(self, prefix: str) -> dict[str, float]:
         row = self.task.metrics(self.collected, self.unimodal, prefix)
+        if self.loss_sum is not None:
+            row[f"{prefix}_loss"] = self.loss_sum / max(self.count, 1)
         labels = self.collected["label"]
         for name, rpred in self.readout_pred.items():
             row[f"{prefix}_{name}_acc"] = accuracy(rpred, labels)
@@ -122,11 +140,17 @@ class Predictions:
         def cat_all(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             return {name: cat(values) for name, values in arrays.items()}
 
+        loss_sum = None
+        if self.loss_sum is not None:
+            summed = torch.tensor([self.loss_sum, self.count], dtype=torch.float64)
+            loss_sum, count = distributed.all_reduce(summed).tolist()
         return Predictions(
             task=self.task,
             collected=cat_all(self.collected),
             unimodal={m: cat_all(own) for m, own in self.unimodal.items()},
             readout_pred=cat_all(self.readout_pred),
+            loss_sum=loss_sum,
+            count=int(count) if loss_sum is not None else self.count,
         )
 
 
@@ -141,9 +165,10 @@ def predict(
     precision: str = "fp32",
     positions: Sequence[int] | None = None,
     readouts: Callable[[MultimodalModel, ModelOutput], dict[str, torch.Tensor]] | None = None,
+    loss: bool = False,
 ) -> Predictions:
     """Predictions for the dataset in order, or for `positions` only (and those of the
-    method's other read-outs, `readouts`)."""
+    method's other read-outs, `readouts`; with `loss`, the task's loss)."""
     model.eval()
     loader = DataLoader(
         dataset,
@@ -155,12 +180,16 @@ def predict(
     collected: list[dict[str, np.ndarray]] = []
     unimodal: dict[str, list[dict[str, np.ndarray]]] = {}
     extra: dict[str, list[torch.Tensor]] = {}
+    loss_sum, count = 0.0, 0
     for batch in loader:
         batch = batch.to(device)
         with autocast(device, precision):
             out = task.eval_forward(model, batch.inputs)
             for name, z in ({} if readouts is None else readouts(model, out)).items():
                 extra.setdefault(name, []).append(z.argmax(1).cpu())
+            if loss:
+                loss_sum += float(task.loss(out.logits, batch)) * len(batch)
+                count += len(batch)
         collected.append(task.collect(out.logits, batch))
         for m, z in (out.unimodal_logits or {}).items():
             unimodal.setdefault(m, []).append(task.collect(z, batch))
@@ -169,6 +198,8 @@ def predict(
         collected=_joined(collected),
         unimodal={m: _joined(parts) for m, parts in unimodal.items()},
         readout_pred={name: torch.cat(v).numpy() for name, v in extra.items()},
+        loss_sum=loss_sum if loss else None,
+        count=count,
     )
 
 
@@ -187,6 +218,11 @@ class FitState:
     best_val: float = -math.inf
     best_epoch: int = 0
     rows: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics
+    # early stopping (train.early_stopping): the best score by more than min_delta, the
+    # evaluations since, and the epoch the run stopped at (None: it did not stop early)
+    stop_best: float = -math.inf
+    stale: int = 0
+    stopped_epoch: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -195,11 +231,22 @@ class FitState:
             "best_val": self.best_val,
             "best_epoch": self.best_epoch,
             "rows": self.rows,
+            "stop_best": self.stop_best,
+            "stale": self.stale,
+            "stopped_epoch": self.stopped_epoch,
         }
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> FitState:
-        return cls(**state)
+        return cls(**state)  # a state saved before early stopping existed lacks its keys
+
+    def stops(self, score: float, patience: int, min_delta: float) -> bool:
+        """Count an evaluation's score for early stopping; whether the run stops here."""
+        if score > self.stop_best + min_delta:
+            self.stop_best, self.stale = score, 0
+            return False
+        self.stale += 1
+        return self.stale >= patience
 
 
 @dataclass
@@ -258,12 +305,14 @@ def fit(run: Fit, callbacks: Sequence[Callback]) -> FitState:
         session.sampler.set_epoch(state.epoch)  # len(loader): a whole epoch, also after resume
         # the published protocol trained on val: best.pt is the best test epoch, as the
         # official codes keep it
-        task = session.task
-        selected_by = f"{'test' if train.protocol == 'published' else 'val'}_{task.selected_on}"
-        sign = 1.0 if task.higher_is_better else -1.0
+        selected, scheduler, stopping = session.selection, session.scheduler, train.early_stopping
+        if train.select_on != "auto":
+            _check_selection(run)
         for callback in callbacks:
             callback.on_train_start(run)
-        for epoch in range(state.epoch, run.epochs):
+        # an early-stopped run stays stopped, however many epochs a resume asks for
+        last = run.epochs if state.stopped_epoch is None else state.epoch
+        for epoch in range(state.epoch, last):
             session.sampler.set_epoch(epoch)  # else len(loader) counts the last epoch's rest
             ctx = TrainContext(
                 epoch=epoch,
@@ -278,21 +327,37 @@ def fit(run: Fit, callbacks: Sequence[Callback]) -> FitState:
             state.step = ctx.step
             for callback in callbacks:
                 callback.on_train_epoch_end(run, row)
-            if session.scheduler is not None:
-                session.scheduler.step()
+            if scheduler is not None:
+                scheduler.after_epoch()
             if (epoch + 1) % train.eval_every == 0 or epoch + 1 == run.epochs:
                 metrics, test_preds = evaluate(run)
                 row.update(metrics)
-                score = sign * row[selected_by]
+                score = selected.score(row)
                 best = score > state.best_val
                 if best:
                     state.best_val, state.best_epoch = score, epoch + 1
+                if scheduler is not None:
+                    scheduler.after_evaluation(row[selected.column])
                 for callback in callbacks:
                     callback.on_evaluated(run, row, test_preds, best)
+                if stopping is not None and state.stops(
+                    score, stopping.patience, stopping.min_delta
+                ):
+                    state.stopped_epoch = epoch + 1
+                    logger.info(
+                        "early stopping after epoch %d: %s has not improved by more than %g "
+                        "in %d evaluations",
+                        epoch + 1,
+                        selected.column,
+                        stopping.min_delta,
+                        stopping.patience,
+                    )
             state.rows.append(row)
             state.epoch = epoch + 1
             for callback in callbacks:
                 callback.on_epoch_end(run, row)
+            if state.stopped_epoch is not None:
+                break
         for callback in callbacks:
             callback.on_fit_end(run)
     finally:
@@ -327,9 +392,11 @@ def train_one_epoch(run: Fit, ctx: TrainContext, callbacks: Sequence[Callback]) 
         functools.partial(autocast, session.device, train.precision),
         session.gradients,
         skip=train.nonfinite == "skip",
+        clip=train.clip_grad_norm,
     )
     batches = iter(session.loader)
     number = 0
+    lr = optimizer.param_groups[0]["lr"]  # the rate the epoch's last step trained with
     while True:
         waiting = time.perf_counter()
         batch = next(batches, None)
@@ -359,6 +426,9 @@ def train_one_epoch(run: Fit, ctx: TrainContext, callbacks: Sequence[Callback]) 
             seen += len(batch)
         ctx.step += 1
         session.sampler.advance(len(batch))
+        lr = optimizer.param_groups[0]["lr"]
+        if session.scheduler is not None:
+            session.scheduler.after_step()
         for callback in callbacks:
             callback.on_train_step(run)
     totals = distributed.sum_dict(
@@ -368,7 +438,7 @@ def train_one_epoch(run: Fit, ctx: TrainContext, callbacks: Sequence[Callback]) 
     seen = int(totals.pop("seen"))
     row: dict[str, float] = {
         "epoch": ctx.epoch + 1,
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": lr,
         "train_loss": totals.pop("loss") / seen if seen else math.nan,  # nan: all skipped
         f"train_{session.task.train_figure}": totals.pop("score") / seen if seen else math.nan,
     }
@@ -454,6 +524,35 @@ def ordered_batches(run: Fit, role: str, positions: np.ndarray | None = None) ->
         yield batch.to(session.device)
 
 
+def _check_selection(run: Fit) -> None:
+    """Refuse a `train.select_on` that evaluation does not log, before the first epoch: the
+    metrics of one validation sample name what it logs (the random state is kept, so the run
+    is the one it would be without this look)."""
+    session, selected = run.session, run.session.selection
+    rng = torch.get_rng_state()
+    try:
+        with warnings.catch_warnings():  # metrics of one sample (a correlation) may warn
+            warnings.simplefilter("ignore")
+            logged = predict(
+                session.model,
+                session.datasets["val"],
+                session.device,
+                session.task,
+                batch_size=1,
+                precision=run.recipe.train.precision,
+                positions=[0],
+                loss=True,
+            ).metrics("val")
+    finally:
+        torch.set_rng_state(rng)
+    if f"val_{selected.metric}" not in logged:
+        names = ", ".join(sorted(logged))
+        raise UserError(
+            f"train.select_on val_{selected.metric}: evaluation of this {session.task.kind} "
+            f"run logs no such metric; it logs {names}."
+        )
+
+
 def evaluate(run: Fit) -> tuple[dict[str, float], Predictions]:
     """Validation and test metrics, and the test predictions (saved beside best.pt); under
     DDP each rank predicts its share of a split and the shares are gathered."""
@@ -473,6 +572,7 @@ def evaluate(run: Fit) -> tuple[dict[str, float], Predictions]:
             precision=train.precision,
             positions=share,
             readouts=session.method.eval_readouts,
+            loss=True,
         ).gathered()
         row.update(preds.metrics(role))
     return row, preds

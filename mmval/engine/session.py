@@ -7,12 +7,14 @@ weights, and a sampler that gives each rank its part of every global batch
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
 from mmval import distributed
@@ -27,7 +29,15 @@ from mmval.errors import UserError
 from mmval.methods import Method, build_method
 from mmval.methods.plugged import with_plugins
 from mmval.models import MultimodalModel, build_model
-from mmval.recipe import DataConfig, OptimConfig, Recipe, check_against_data, check_task
+from mmval.recipe import (
+    AUTO_WORKERS_MAX,
+    DataConfig,
+    OptimConfig,
+    Recipe,
+    TrainConfig,
+    check_against_data,
+    check_task,
+)
 from mmval.tasks import Task, resolve_task
 
 
@@ -70,15 +80,147 @@ def build_optimizer(cfg: OptimConfig, params: Any) -> torch.optim.Optimizer:
     return optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
+# metric names (the end of them) where lower is better, for `train.select_mode: auto`
+LOWER_IS_BETTER = ("loss", "mae", "mse", "rmse", "error")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The metric a run is selected on (best.pt), stops early on and plateaus on."""
+
+    split: str  # val, or test under the published protocol (as the official codes select)
+    metric: str  # without the split: acc, f1, loss, mae, dice_mean, ...
+    higher_is_better: bool
+
+    @property
+    def column(self) -> str:
+        return f"{self.split}_{self.metric}"
+
+    def score(self, row: dict[str, float]) -> float:
+        """The row's selection value, negated when lower is better: higher is always better."""
+        return row[self.column] if self.higher_is_better else -row[self.column]
+
+
+def selection(train: TrainConfig, task: Task) -> Selection:
+    """`train.select_on` / `select_mode` resolved against the task (auto: the task's own)."""
+    split = "test" if train.protocol == "published" else "val"
+    metric = task.selected_on if train.select_on == "auto" else train.select_on[len("val_") :]
+    if train.select_mode != "auto":
+        higher = train.select_mode == "max"
+    elif metric == task.selected_on:
+        higher = task.higher_is_better
+    else:
+        higher = not metric.endswith(LOWER_IS_BETTER)
+    return Selection(split, metric, higher)
+
+
+class Scheduler:
+    """A learning-rate scheduler and when it advances: after every training step (batch),
+    after every epoch, or after every evaluation with the selection metric (`every`). The loop
+    calls all three hooks; methods never see the schedule. Its state is the torch scheduler's
+    own (last.pt's `scheduler`, as before the wrapper existed)."""
+
+    def __init__(
+        self,
+        scheduler: LRScheduler | ReduceLROnPlateau,
+        every: Literal["step", "epoch", "evaluation"],
+        steps: int | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.every = every
+        self.steps = steps  # a per-step schedule's length: it is not advanced beyond it
+
+    def after_step(self) -> None:
+        if self.every == "step":
+            assert self.steps is not None
+            if self.scheduler.last_epoch < self.steps:
+                self.scheduler.step()
+
+    def after_epoch(self) -> None:
+        if self.every == "epoch":
+            self.scheduler.step()
+
+    def after_evaluation(self, value: float) -> None:
+        if self.every == "evaluation":
+            self.scheduler.step(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+
+
 def build_scheduler(
-    cfg: OptimConfig, optimizer: torch.optim.Optimizer, epochs: int
-) -> torch.optim.lr_scheduler.LRScheduler | None:
+    cfg: OptimConfig,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    steps_per_epoch: int,
+    selected: Selection,
+) -> Scheduler | None:
+    """The recipe's schedule over `epochs` epochs of `steps_per_epoch` training steps."""
+    lr = torch.optim.lr_scheduler
     schedule = cfg.scheduler
     if schedule.name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, schedule.step_size, schedule.gamma)
+        return Scheduler(lr.StepLR(optimizer, schedule.step_size, schedule.gamma), "epoch")
     if schedule.name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, schedule.min_lr)
+        return Scheduler(lr.CosineAnnealingLR(optimizer, epochs, schedule.min_lr), "epoch")
+    if schedule.name == "multistep":
+        return Scheduler(lr.MultiStepLR(optimizer, schedule.milestones, schedule.gamma), "epoch")
+    if schedule.name == "warmup_cosine":
+        per_step = schedule.unit == "steps"
+        total = epochs * steps_per_epoch if per_step else epochs
+        if schedule.warmup >= total:
+            raise UserError(
+                f"optim.scheduler.warmup {schedule.warmup} {schedule.unit} leaves none of the "
+                f"run's {total} for the cosine; shorten the warm-up or train longer."
+            )
+        warm = lr.LinearLR(optimizer, schedule.start_factor, 1.0, schedule.warmup)
+        cosine = lr.CosineAnnealingLR(optimizer, total - schedule.warmup, schedule.min_lr)
+        chained = lr.SequentialLR(optimizer, [warm, cosine], milestones=[schedule.warmup])
+        return Scheduler(chained, "step", total) if per_step else Scheduler(chained, "epoch")
+    if schedule.name == "plateau":
+        mode = schedule.mode
+        if mode == "auto":
+            mode = "max" if selected.higher_is_better else "min"
+        plateau = lr.ReduceLROnPlateau(
+            optimizer,
+            mode=mode,
+            factor=schedule.factor,
+            patience=schedule.patience,
+            threshold=schedule.threshold,
+            threshold_mode=schedule.threshold_mode,
+            cooldown=schedule.cooldown,
+            min_lr=schedule.min_lr,
+        )
+        return Scheduler(plateau, "evaluation")
+    if schedule.name == "onecycle":
+        total = epochs * steps_per_epoch
+        cycle = lr.OneCycleLR(
+            optimizer,
+            max_lr=schedule.max_lr if schedule.max_lr is not None else cfg.lr,
+            total_steps=total,
+            pct_start=schedule.pct_start,
+            anneal_strategy=schedule.anneal_strategy,
+            cycle_momentum=schedule.cycle_momentum,
+            base_momentum=schedule.base_momentum,
+            max_momentum=schedule.max_momentum,
+            div_factor=schedule.div_factor,
+            final_div_factor=schedule.final_div_factor,
+            three_phase=schedule.three_phase,
+        )
+        return Scheduler(cycle, "step", total)
     return None
+
+
+def loader_workers(workers: int | str, processes: int) -> int:
+    """`train.workers` as a number: auto gives a process with more than 2 cores (its share of
+    the machine's usable cores under torchrun) min(4, cores - 1) workers, else none."""
+    if workers != "auto":
+        return int(workers)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = (usable or 1) // processes
+    return 0 if cores <= 2 else min(AUTO_WORKERS_MAX, cores - 1)
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
@@ -113,7 +255,8 @@ class Session:
     model: nn.Module  # a MultimodalModel, or a segmentation model
     datasets: dict[str, ParquetSamples]
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scheduler: Scheduler | None
+    selection: Selection
     sampler: BlockShuffleSampler
     loader: DataLoader
     method_modules: nn.ModuleDict
@@ -191,7 +334,7 @@ def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
         rank=rank,
         batch_size=per_rank,
     )
-    workers = recipe.train.workers
+    workers = loader_workers(recipe.train.workers, world)
     loader = DataLoader(
         datasets["train"],
         batch_size=per_rank,
@@ -211,6 +354,7 @@ def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
         classes=manifest.classes,
         modalities=modalities,
     )
+    selected = selection(recipe.train, task)
     return Session(
         device=device,
         manifest=manifest,
@@ -221,7 +365,10 @@ def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
         model=model,
         datasets=datasets,
         optimizer=optimizer,
-        scheduler=build_scheduler(recipe.optim, optimizer, recipe.train.epochs),
+        scheduler=build_scheduler(
+            recipe.optim, optimizer, recipe.train.epochs, len(loader), selected
+        ),
+        selection=selected,
         sampler=sampler,
         loader=loader,
         method_modules=method_modules,
