@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -26,6 +26,9 @@ from rich.table import Table
 from mmval.atomic import WRITE_ERRNOS, WriteError, write_failure
 from mmval.errors import UserError
 from mmval.locks import locked
+
+if TYPE_CHECKING:
+    from mmval.report.runs import RunTree
 
 app = typer.Typer(
     help="Balanced multimodal learning and per-sample modality valuation.",
@@ -796,7 +799,9 @@ def _value_dcor(
 @user_errors
 @locks_out
 def report(
-    runs: Annotated[Path, typer.Argument(help="a folder of runs (searched recursively)")],
+    runs: Annotated[
+        list[Path], typer.Argument(help="one or more folders of runs (searched recursively)")
+    ],
     format_: Annotated[
         str | None,
         typer.Option(
@@ -824,7 +829,36 @@ def report(
     alpha: Annotated[float, typer.Option(help="significance level of the markers")] = 0.05,
     resamples: Annotated[int, typer.Option(help="paired bootstrap resamples")] = 1000,
     figures: Annotated[
-        Path | None, typer.Option(help="also write the figures as PNG into this folder")
+        Path | None,
+        typer.Option(
+            help="also write every figure into this folder as PNG, PDF and SVG, with the "
+            "plotted numbers as CSV beside it"
+        ),
+    ] = None,
+    methods: Annotated[
+        str | None, typer.Option(help="only these methods, comma-separated (concat,ogm_ge)")
+    ] = None,
+    exclude: Annotated[
+        str | None, typer.Option(help="leave out these methods, comma-separated")
+    ] = None,
+    where: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="only runs whose recipe has this value, dotted.path=value (method.alpha=0.5; "
+            "the value read as YAML); repeat to require several"
+        ),
+    ] = None,
+    reference: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a published number as a row of its own, no rank or test: NAME=VALUE (the "
+            "first metric of the one data set), NAME@DATASET=VALUE or NAME@DATASET:METRIC=VALUE; "
+            "repeat"
+        ),
+    ] = None,
+    references: Annotated[
+        Path | None,
+        typer.Option(help="a YAML file of published numbers: data set -> name -> value"),
     ] = None,
     robustness: Annotated[
         bool,
@@ -842,13 +876,18 @@ def report(
     Example: mmval report runs --baseline concat --out report.html
     The papers' protocol (best test epoch, labelled): mmval report runs --select test-max
     Noise and missing modalities: mmval report runs --robustness --baseline concat --out r.md
+    Narrowed, with a published number: mmval report runs/a runs/b --methods concat,ogm_ge
+    --where method.alpha=0.5 --reference 'OGM-GE (paper)=62.2'
     """
     from mmval.report import (
         FORMATS,
         SUFFIX_FORMATS,
+        Narrowing,
         compare,
         find_runs,
+        load_references,
         make_figures,
+        parse_reference,
         render,
         to_rich,
     )
@@ -858,18 +897,27 @@ def report(
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
     if fmt == "table" and out is not None:
         raise UserError("--out needs a file format: --format md, csv, latex or html.")
+    narrowing = Narrowing(_names(methods), _names(exclude), tuple(where or ()))
+    refs = [parse_reference(r) for r in reference or []]
+    refs += load_references(references) if references is not None else []
     if robustness:
         if metric:
             raise UserError("--metric does not apply to --robustness (its tables show accuracy).")
-        _report_robustness(runs, fmt, out, split, select, baseline, alpha, resamples, figures)
+        if refs:
+            raise UserError(
+                "--reference and --references apply to the main table, not to --robustness."
+            )
+        tree = find_runs(runs, select, narrowing)
+        _report_robustness(tree, fmt, out, split, baseline, alpha, resamples, figures)
         return
     comparison = compare(
-        find_runs(runs, select),
+        find_runs(runs, select, narrowing),
         metric,
         split=split,
         baseline=baseline,
         alpha=alpha,
         resamples=resamples,
+        references=refs,
     )
     drawn = make_figures(comparison) if fmt == "html" or figures is not None else []
     if fmt == "table":
@@ -877,6 +925,11 @@ def report(
     text = render(comparison, fmt, drawn) if fmt != "table" else None
     _write_out(text, out, figures, drawn)
     _print_left_out(comparison.left_out)
+
+
+def _names(listed: str | None) -> tuple[str, ...]:
+    """`concat,ogm_ge` -> its names."""
+    return tuple(n.strip() for n in (listed or "").split(",") if n.strip())
 
 
 def _write_out(text: str | None, out: Path | None, folder: Path | None, drawn: list) -> None:
@@ -932,21 +985,18 @@ def _left_out_noun(path: Path, label: str) -> str:
 
 
 def _report_robustness(
-    runs: Path,
+    tree: RunTree,
     fmt: str,
     out: Path | None,
     split: str,
-    select: str,
     baseline: str | None,
     alpha: float,
     resamples: int,
     figures: Path | None,
 ) -> None:
-    from mmval.report import find_runs, render_robustness, robustness, robustness_figures, to_rich
+    from mmval.report import render_robustness, robustness, robustness_figures, to_rich
 
-    result = robustness(
-        find_runs(runs, select), split=split, baseline=baseline, alpha=alpha, resamples=resamples
-    )
+    result = robustness(tree, split=split, baseline=baseline, alpha=alpha, resamples=resamples)
     drawn = robustness_figures(result) if fmt == "html" or figures is not None else []
     if fmt == "table":
         for comparison in result.comparisons:
