@@ -943,8 +943,8 @@ def _write_out(text: str | None, out: Path | None, folder: Path | None, drawn: l
         write_text_atomic(out, text)
         err_console.print(f"wrote {out}")
     if folder is not None:
-        paths = write_figures(drawn, folder)
-        err_console.print(f"wrote {len(paths)} figure(s) to {folder}")
+        write_figures(drawn, folder)
+        err_console.print(f"wrote {len(drawn)} figure(s) to {folder} (PNG, PDF, SVG, data as CSV)")
 
 
 # how the CLI names each kind of left-out folder or table, by the start of its reason
