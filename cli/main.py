@@ -134,10 +134,12 @@ def _headline(row: dict, split: str) -> tuple[str, float]:
     return "", float("nan")
 
 
-def _print_frame(frame, title: str, float_format: str = "{:.2f}") -> None:
+def _print_frame(frame, title: str, float_format: str = "{:.2f}", fold: bool = False) -> None:
+    """A table on the terminal; `fold` wraps long cells (paths) instead of cutting them."""
     table = Table(title=title)
     for col in frame.columns:
-        table.add_column(str(col), justify="right" if frame[col].dtype.kind in "fiu" else "left")
+        justify = "right" if frame[col].dtype.kind in "fiu" else "left"
+        table.add_column(str(col), justify=justify, overflow="fold" if fold else "ellipsis")
     for row in frame.itertuples(index=False):
         table.add_row(*(_cell(v, float_format) for v in row))
     console.print(table)
@@ -577,6 +579,16 @@ def value(
             "(--seed, repeat, modality, ratio) shared by all samples, --repeats draws \\[ours]"
         ),
     ] = None,
+    lowest: Annotated[
+        str | None,
+        typer.Option(
+            help="print the --k samples where this modality contributes least, with their "
+            "source files; --out then writes those rows (CSV for a .csv file, else Parquet)"
+        ),
+    ] = None,
+    k: Annotated[
+        int | None, typer.Option("--k", min=1, help="how many samples --lowest lists [default: 20]")
+    ] = None,
 ) -> None:
     """Per-sample, per-modality contributions of a checkpoint (Shapley values by default).
 
@@ -589,7 +601,14 @@ def value(
     --corrupt applies to every method but dcor.
     --seed seeds shapley-mc's orders (the same in every repeat) and the corruption draws.
     The printed summary averages each sample's contribution over the repeats.
+    Where a modality contributes least: mmval value RUN/seed0/best.pt --lowest audio --k 20
     """
+    if lowest is None and k is not None:
+        raise UserError("--k is the number of samples --lowest lists; pass --lowest MODALITY.")
+    if lowest is not None and method in ("feature-mask", "subsets", "dcor"):
+        raise UserError(f"--lowest lists contributions; --method {method} computes none.")
+    if lowest is not None and wide:
+        raise UserError("--wide shapes the contribution table; with --lowest, --out gets k rows.")
     if method == "feature-mask":
         _refuse_options(
             "feature-mask",
@@ -643,7 +662,12 @@ def value(
         return
     from mmval.data.corrupt import Corruption
     from mmval.valuation.config import valuation_config
-    from mmval.valuation.run import value_checkpoint, write_valuation
+    from mmval.valuation.run import (
+        lowest_samples,
+        value_checkpoint,
+        write_lowest,
+        write_valuation,
+    )
     from mmval.valuation.summary import (
         contribution_gaps,
         contribution_summary,
@@ -658,8 +682,10 @@ def value(
         benefit=benefit,
         mask=mask,
     )
-    if out is None and not summary:
-        raise UserError("pass --out FILE to write the table, --summary to print it, or both.")
+    if out is None and not summary and lowest is None:
+        raise UserError(
+            "pass --out FILE to write the table, --summary or --lowest MODALITY to print, or both."
+        )
     if wide and out is None:
         raise UserError("--wide shapes the table written to --out; pass --out FILE.")
     with console.status(f"valuing the {split} split ({config.method}, {config.mask} masking)"):
@@ -675,11 +701,29 @@ def value(
             repeats=repeats,
             per_segment=per_segment,
         )
-        if out is not None:
+        if out is not None and lowest is None:
             write_valuation(result, out, wide=wide)
     samples = result.table["sample_id"].nunique()
     shape = f"{samples} samples x {len(result.modalities)} modalities"
-    if out is not None:
+    if lowest is not None:
+        rows = lowest_samples(result, lowest, 20 if k is None else k)
+        if out is not None:
+            write_lowest(rows, result, lowest, out)
+            console.print(f"wrote {out}: the {len(rows)} samples where {lowest} contributes least")
+        shown = [
+            c
+            for c in ("rank", "sample_id", "segment", "class", "contribution", "source")
+            if c in rows
+        ]
+        _print_frame(
+            rows[shown],
+            f"the {len(rows)} samples where {lowest} contributes least (of {samples})",
+            "{:.3f}",
+            fold=True,
+        )
+        if not summary:
+            return
+    elif out is not None:
         console.print(f"wrote {out}: {shape}")
     contributions = mean_over_repeats(result.table)
     table = contribution_summary(contributions)
