@@ -281,8 +281,10 @@ _MISSING = object()
 class Narrowing:
     """Which finished runs a report shows: only the `methods` (if any), none of `exclude`, and
     only those whose recipe meets every `where` condition (`dotted.path=value`, the value read
-    as YAML as `--set` reads it, so `0.5` is a number and `[a, b]` a list). Narrowing comes
-    before the rows are named, so a `--where` field no longer names them."""
+    as YAML as `--set` reads it, so `0.5` is a number and `[a, b]` a list). A run whose recipe
+    has no such field is kept: a grid point `method.alpha=0.5` holds concat, which has no
+    alpha, as a grid sweep runs it there. Narrowing comes before the rows are named, so a
+    `--where` field no longer names them."""
 
     methods: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -314,9 +316,10 @@ class Narrowing:
             values = runs["_recipe"].map(lambda r, p=path: _at(r, p))
             if (values.map(lambda v: v is _MISSING)).all():
                 raise UserError(f"--where {condition}: no run's recipe has a field {path}.")
-            meets = values.map(lambda v, w=wanted: v is not _MISSING and _same(v, w))
-            if not (keep & meets).any():
-                seen = sorted({_compact(v) for v in values[keep] if v is not _MISSING})
+            has = values.map(lambda v: v is not _MISSING)
+            meets = values.map(lambda v, w=wanted: v is _MISSING or _same(v, w))
+            if not (keep & has & meets).any():
+                seen = sorted({_compact(v) for v in values[keep & has]})
                 raise UserError(
                     f"--where {condition}: no run has {path}={_compact(wanted)} (values found: "
                     f"{', '.join(seen) or 'none among the runs kept'})."

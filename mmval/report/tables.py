@@ -329,7 +329,7 @@ def _baselines(long: pd.DataFrame, baseline: str, tree: RunTree) -> _Baselines:
             if len({setting_key(settings.get(b, {}).get(k, _MISSING)) for b in bases}) > 1
         )
         fields |= set(keys)
-        ambiguous.append(f"{dataset}: {', '.join(repr(b) for b in bases)}")
+        matched = 0
         for row in group["row"]:
             mine = settings.get(row)
             if row in bases or mine is None:
@@ -346,16 +346,19 @@ def _baselines(long: pd.DataFrame, baseline: str, tree: RunTree) -> _Baselines:
                 )
             ]
             found.of_row[(dataset, row)] = match[0] if len(match) == 1 else ""
+            matched += len(match) == 1
             if len(match) != 1:
                 found.unmatched.append(row)
+        if not matched:
+            ambiguous.append(f"{dataset}: {', '.join(repr(b) for b in bases)}")
     found.of_row = {key: b for key, b in found.of_row.items() if b}
-    if not found.of_row:
-        raise UserError(f"--baseline {baseline}: no finished run of that method or row.")
-    if ambiguous and not any(r != b for (_, r), b in found.of_row.items()):
+    if ambiguous:
         raise UserError(
             f"--baseline {baseline} has several recipes that no other row matches by its "
             f"settings ({'; '.join(ambiguous)}); name one of them."
         )
+    if not found.of_row:
+        raise UserError(f"--baseline {baseline}: no finished run of that method or row.")
     found.fields = sorted(fields)
     found.unmatched = list(dict.fromkeys(found.unmatched))
     return found
