@@ -30,6 +30,7 @@ from mmval.errors import UserError
 from mmval.locks import locked
 
 if TYPE_CHECKING:
+    from mmval.report.runs import RunTree
     from mmval.search import Search
     from mmval.sweep import RunOutcome
 
@@ -185,10 +186,12 @@ def _headline(row: dict, split: str) -> tuple[str, float]:
     return "", float("nan")
 
 
-def _print_frame(frame, title: str, float_format: str = "{:.2f}") -> None:
+def _print_frame(frame, title: str, float_format: str = "{:.2f}", fold: bool = False) -> None:
+    """A table on the terminal; `fold` wraps long cells (paths) instead of cutting them."""
     table = Table(title=title)
     for col in frame.columns:
-        table.add_column(str(col), justify="right" if frame[col].dtype.kind in "fiu" else "left")
+        justify = "right" if frame[col].dtype.kind in "fiu" else "left"
+        table.add_column(str(col), justify=justify, overflow="fold" if fold else "ellipsis")
     for row in frame.itertuples(index=False):
         table.add_row(*(_cell(v, float_format) for v in row))
     console.print(table)
@@ -752,6 +755,16 @@ def value(
             "python): this imports and runs the code its recipe names",
         ),
     ] = False,
+    lowest: Annotated[
+        str | None,
+        typer.Option(
+            help="print the --k samples where this modality contributes least, with their "
+            "source files; --out then writes those rows (CSV for a .csv file, else Parquet)"
+        ),
+    ] = None,
+    k: Annotated[
+        int | None, typer.Option("--k", min=1, help="how many samples --lowest lists [default: 20]")
+    ] = None,
 ) -> None:
     """Per-sample, per-modality contributions of a checkpoint (Shapley values by default).
 
@@ -765,10 +778,18 @@ def value(
     --corrupt applies to every method but dcor.
     --seed seeds shapley-mc's orders (the same in every repeat) and the corruption draws.
     The printed summary averages each sample's contribution over the repeats.
+    Where a modality contributes least: mmval value RUN/seed0/best.pt --lowest audio --k 20
     """
     from mmval.artifacts.layout import checkpoint_of
 
     checkpoint = checkpoint_of(checkpoint)
+
+    if lowest is None and k is not None:
+        raise UserError("--k is the number of samples --lowest lists; pass --lowest MODALITY.")
+    if lowest is not None and method in ("feature-mask", "subsets", "dcor"):
+        raise UserError(f"--lowest lists contributions; --method {method} computes none.")
+    if lowest is not None and wide:
+        raise UserError("--wide shapes the contribution table; with --lowest, --out gets k rows.")
     if method == "feature-mask":
         _refuse_options(
             "feature-mask",
@@ -822,7 +843,12 @@ def value(
         return
     from mmval.data.corrupt import Corruption
     from mmval.valuation.config import valuation_config
-    from mmval.valuation.run import value_checkpoint, write_valuation
+    from mmval.valuation.run import (
+        lowest_samples,
+        value_checkpoint,
+        write_lowest,
+        write_valuation,
+    )
     from mmval.valuation.summary import (
         contribution_gaps,
         contribution_summary,
@@ -837,8 +863,10 @@ def value(
         benefit=benefit,
         mask=mask,
     )
-    if out is None and not summary:
-        raise UserError("pass --out FILE to write the table, --summary to print it, or both.")
+    if out is None and not summary and lowest is None:
+        raise UserError(
+            "pass --out FILE to write the table, --summary or --lowest MODALITY to print, or both."
+        )
     if wide and out is None:
         raise UserError("--wide shapes the table written to --out; pass --out FILE.")
     with console.status(f"valuing the {split} split ({config.method}, {config.mask} masking)"):
@@ -854,11 +882,29 @@ def value(
             repeats=repeats,
             per_segment=per_segment,
         )
-        if out is not None:
+        if out is not None and lowest is None:
             write_valuation(result, out, wide=wide)
     samples = result.table["sample_id"].nunique()
     shape = f"{samples} samples x {len(result.modalities)} modalities"
-    if out is not None:
+    if lowest is not None:
+        rows = lowest_samples(result, lowest, 20 if k is None else k)
+        if out is not None:
+            write_lowest(rows, result, lowest, out)
+            console.print(f"wrote {out}: the {len(rows)} samples where {lowest} contributes least")
+        shown = [
+            c
+            for c in ("rank", "sample_id", "segment", "class", "contribution", "source")
+            if c in rows
+        ]
+        _print_frame(
+            rows[shown],
+            f"the {len(rows)} samples where {lowest} contributes least (of {samples})",
+            "{:.3f}",
+            fold=True,
+        )
+        if not summary:
+            return
+    elif out is not None:
         console.print(f"wrote {out}: {shape}")
     contributions = mean_over_repeats(result.table)
     table = contribution_summary(contributions)
@@ -978,7 +1024,9 @@ def _value_dcor(
 @user_errors
 @locks_out
 def report(
-    runs: Annotated[Path, typer.Argument(help="a folder of runs (searched recursively)")],
+    runs: Annotated[
+        list[Path], typer.Argument(help="one or more folders of runs (searched recursively)")
+    ],
     format_: Annotated[
         str | None,
         typer.Option(
@@ -1014,7 +1062,36 @@ def report(
         ),
     ] = False,
     figures: Annotated[
-        Path | None, typer.Option(help="also write the figures as PNG into this folder")
+        Path | None,
+        typer.Option(
+            help="also write every figure into this folder as PNG, PDF and SVG, with the "
+            "plotted numbers as CSV beside it"
+        ),
+    ] = None,
+    methods: Annotated[
+        str | None, typer.Option(help="only these methods, comma-separated (concat,ogm_ge)")
+    ] = None,
+    exclude: Annotated[
+        str | None, typer.Option(help="leave out these methods, comma-separated")
+    ] = None,
+    where: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="only runs whose recipe has this value, dotted.path=value (method.alpha=0.5; "
+            "the value read as YAML); repeat to require several"
+        ),
+    ] = None,
+    reference: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a published number as a row of its own, no rank or test: NAME=VALUE (the "
+            "first metric of the one data set), NAME@DATASET=VALUE or NAME@DATASET:METRIC=VALUE; "
+            "repeat"
+        ),
+    ] = None,
+    references: Annotated[
+        Path | None,
+        typer.Option(help="a YAML file of published numbers: data set -> name -> value"),
     ] = None,
     robustness: Annotated[
         bool,
@@ -1032,13 +1109,18 @@ def report(
     Example: mmval report runs --baseline concat --out report.html
     The papers' protocol (best test epoch, labelled): mmval report runs --select test-max
     Noise and missing modalities: mmval report runs --robustness --baseline concat --out r.md
+    Narrowed, with a published number: mmval report runs/a runs/b --methods concat,ogm_ge
+    --where method.alpha=0.5 --reference 'OGM-GE (paper)=62.2'
     """
     from mmval.report import (
         FORMATS,
         SUFFIX_FORMATS,
+        Narrowing,
         compare,
         find_runs,
+        load_references,
         make_figures,
+        parse_reference,
         render,
         to_rich,
     )
@@ -1049,21 +1131,30 @@ def report(
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
     if fmt == "table" and out is not None:
         raise UserError("--out needs a file format: --format md, csv, latex or html.")
+    narrowing = Narrowing(_names(methods), _names(exclude), tuple(where or ()))
+    refs = [parse_reference(r) for r in reference or []]
+    refs += load_references(references) if references is not None else []
     if robustness:
         if metric:
             raise UserError("--metric does not apply to --robustness (its tables show accuracy).")
         if holm:
             raise UserError("--holm applies to the main table, not to --robustness.")
-        _report_robustness(runs, fmt, out, split, select, baseline, alpha, resamples, figures)
+        if refs:
+            raise UserError(
+                "--reference and --references apply to the main table, not to --robustness."
+            )
+        tree = find_runs(runs, select, narrowing)
+        _report_robustness(tree, fmt, out, split, baseline, alpha, resamples, figures)
         return
     comparison = compare(
-        find_runs(runs, select),
+        find_runs(runs, select, narrowing),
         metric,
         split=split,
         baseline=baseline,
         alpha=alpha,
         resamples=resamples,
         holm=holm,
+        references=refs,
     )
     drawn = make_figures(comparison) if fmt == "html" or figures is not None else []
     if fmt == "table":
@@ -1073,6 +1164,11 @@ def report(
     _print_left_out(comparison.left_out)
     if (warning := few_seeds(comparison)) is not None:
         err_console.print(warning, style="yellow", soft_wrap=True)
+
+
+def _names(listed: str | None) -> tuple[str, ...]:
+    """`concat,ogm_ge` -> its names."""
+    return tuple(n.strip() for n in (listed or "").split(",") if n.strip())
 
 
 def _write_out(text: str | None, out: Path | None, folder: Path | None, drawn: list) -> None:
@@ -1086,8 +1182,8 @@ def _write_out(text: str | None, out: Path | None, folder: Path | None, drawn: l
         write_text_atomic(out, text)
         err_console.print(f"wrote {out}")
     if folder is not None:
-        paths = write_figures(drawn, folder)
-        err_console.print(f"wrote {len(paths)} figure(s) to {folder}")
+        write_figures(drawn, folder)
+        err_console.print(f"wrote {len(drawn)} figure(s) to {folder} (PNG, PDF, SVG, data as CSV)")
 
 
 # how the CLI names each kind of left-out folder or table, by the start of its reason
@@ -1128,21 +1224,18 @@ def _left_out_noun(path: Path, label: str) -> str:
 
 
 def _report_robustness(
-    runs: Path,
+    tree: RunTree,
     fmt: str,
     out: Path | None,
     split: str,
-    select: str,
     baseline: str | None,
     alpha: float,
     resamples: int,
     figures: Path | None,
 ) -> None:
-    from mmval.report import find_runs, render_robustness, robustness, robustness_figures, to_rich
+    from mmval.report import render_robustness, robustness, robustness_figures, to_rich
 
-    result = robustness(
-        find_runs(runs, select), split=split, baseline=baseline, alpha=alpha, resamples=resamples
-    )
+    result = robustness(tree, split=split, baseline=baseline, alpha=alpha, resamples=resamples)
     drawn = robustness_figures(result) if fmt == "html" or figures is not None else []
     if fmt == "table":
         for comparison in result.comparisons:

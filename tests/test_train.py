@@ -121,6 +121,7 @@ def test_train_value_report_commands(recipe_file, tmp_path):
     assert list(table.columns) == [
         "sample_id",
         "label",
+        "class",
         "modality",
         "contribution",
         "pred",

@@ -285,6 +285,7 @@ def test_table_metadata_and_wide_layout(checkpoints, synthetic_dir, tmp_path):
     assert list(table.columns) == [
         "sample_id",
         "label",
+        "class",
         "modality",
         "contribution",
         "pred",
@@ -307,6 +308,7 @@ def test_table_metadata_and_wide_layout(checkpoints, synthetic_dir, tmp_path):
     assert list(wide.columns) == [
         "sample_id",
         "label",
+        "class",
         "pred",
         "correct",
         "v_full",

@@ -91,7 +91,9 @@ def test_options_wide_and_summary(setup, tmp_path):
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and "mean contribution" in result.output
     wide = pd.read_parquet(out)
-    assert list(wide.columns) == ["sample_id", "label", "pred", "correct", "v_full", "a", "b", "c"]
+    columns = ["sample_id", "label", "class", "pred", "correct", "v_full", "a", "b", "c"]
+    assert list(wide.columns) == columns
+    assert (wide["class"] == wide["label"].map(lambda i: f"class{i}")).all()
     meta = pq.read_schema(out).metadata
     assert (meta[b"mmval.method"], meta[b"mmval.mask"], meta[b"mmval.benefit"]) == (
         b"cmob",

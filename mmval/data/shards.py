@@ -1063,3 +1063,32 @@ def read_ground_truth(root: Path, split: str, manifest: DataManifest) -> dict[st
         for spec in manifest.ground_truth:
             out[spec.name][where] = decode_tensor_column(table.column(spec.name), spec)[rows[where]]
     return out
+
+
+def read_sources(root: Path, split: str, sample_ids: Sequence[str]) -> list[str]:
+    """Where each of `sample_ids` (of one split) came from: the shards' `source` column (the
+    input file, or the row of a table, that prep made the sample of), read through the index
+    from only the shards that hold them."""
+    index = pq.read_table(
+        Path(root) / INDEX,
+        columns=["sample_id", "shard", "row_group", "row"],
+        filters=[("split", "=", split)],
+    ).to_pandas()
+    located = index.set_index("sample_id").reindex(list(sample_ids))
+    missing = located.index[located["shard"].isna()].tolist()
+    if missing:
+        raise UserError(
+            f"{root}: split {split!r} has no sample {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; is this the data the table was computed on?"
+        )
+    rows = located["row_group"].to_numpy(np.int64) * ROW_GROUP_SIZE + located["row"].to_numpy(
+        np.int64
+    )
+    shards = located["shard"].to_numpy(dtype=object)
+    sources = np.empty(len(rows), dtype=object)
+    for shard in dict.fromkeys(shards.tolist()):
+        where = np.flatnonzero(shards == shard)
+        column = pq.read_table(Path(root) / shard, columns=["source"]).column("source")
+        sources[where] = np.asarray(column.to_pylist(), dtype=object)[rows[where]]
+    return sources.tolist()

@@ -3,7 +3,8 @@ baseline, figures and a self-contained HTML report over any tree of run folders.
 
 `runs` finds and reads the runs, `tables` builds the comparison and its text formats,
 `significance` holds the tests, `robustness` the noise and missing-modality tables (`--robustness`),
-`figures` draws the PNGs and `html` writes the report page.
+`figures` draws the figures (PNG, PDF, SVG and their numbers as CSV), `references` reads
+published numbers shown beside the runs, and `html` writes the report page.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 from mmval.errors import UserError
 from mmval.report.figures import ReportFigure, make_figures, robustness_figures, write_figures
 from mmval.report.html import page, to_html
+from mmval.report.references import Reference, load_references, parse_reference
 from mmval.report.robustness import Robustness, robustness, to_long_csv
-from mmval.report.runs import LeftOut, RunTree, collect_runs, find_runs
+from mmval.report.runs import LeftOut, Narrowing, RunTree, collect_runs, find_runs
 from mmval.report.tables import (
     COLUMNS,
     Comparison,
@@ -54,7 +56,7 @@ def render_robustness(result: Robustness, fmt: str, figures: list[ReportFigure])
             f"mmval robustness report; {len(result.tree.runs)} finished runs, "
             f"{len(result.tables)} evaluation table(s)."
         )
-        return page(str(result.tree.root), intro, result.comparisons, left, figures)
+        return page(result.tree.where, intro, result.comparisons, left, figures)
     if fmt == "md":
         parts = [f"### {c.title}\n\n{to_markdown(c)}" for c in result.comparisons]
         if left:
@@ -73,13 +75,17 @@ __all__ = [
     "SUFFIX_FORMATS",
     "Comparison",
     "LeftOut",
+    "Narrowing",
+    "Reference",
     "ReportFigure",
     "Robustness",
     "RunTree",
     "collect_runs",
     "compare",
     "find_runs",
+    "load_references",
     "make_figures",
+    "parse_reference",
     "render",
     "render_robustness",
     "robustness",

@@ -1,4 +1,5 @@
-"""The report's figures (matplotlib, PNG): accuracy and per-modality unimodal accuracy per
+"""The report's figures (matplotlib; PNG in the HTML page, PNG, PDF and SVG with the plotted
+numbers as CSV in a `--figures` folder): accuracy and per-modality unimodal accuracy per
 epoch, the distribution of per-sample modality contributions (`mmval value` tables) and its
 evolution over training (contrib_epoch<k>.parquet), and how often each modality is the
 weakest. One figure per data set; curves are means over seeds, bands one std (IQR for
@@ -15,6 +16,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import get_args
 
@@ -22,11 +24,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 from matplotlib.axes import Axes
+from matplotlib.cbook import boxplot_stats
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mmval.artifacts.layout import CONTRIB_EPOCH, CONTRIB_GLOB, error_line
-from mmval.atomic import write_atomic
+from mmval.atomic import write_atomic, write_text_atomic
 from mmval.report.robustness import EvaluationTable, Robustness, robustness
 from mmval.report.runs import LeftOut, RunTree, TableFile, table_files
 from mmval.report.tables import Comparison
@@ -34,16 +37,25 @@ from mmval.valuation.config import MethodName
 from mmval.valuation.summary import contribution_summary, mean_over_repeats
 
 _DPI = 100
+FIGURE_FORMATS = ("png", "pdf", "svg")
+# no creation date in PDF and SVG files, so the same runs give the same files
+_NO_DATE = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
 
 
 @dataclass(frozen=True)
 class ReportFigure:
-    """A finished figure: file stem, title, what it shows, and the PNG bytes."""
+    """A finished figure: file stem, title, what it shows, the drawing and the numbers it
+    plots (one row per plotted point, bar or cell)."""
 
     name: str
     title: str
     caption: str
-    png: bytes
+    figure: Figure
+    data: pd.DataFrame
+
+    @cached_property
+    def png(self) -> bytes:
+        return _rendered(self.figure, "png")
 
 
 @dataclass(frozen=True)
@@ -88,11 +100,18 @@ def make_figures(comparison: Comparison) -> list[ReportFigure]:
 
 
 def write_figures(figures: list[ReportFigure], folder: Path) -> list[Path]:
-    """Each figure as `folder/<name>.png`, atomically (a full disk leaves no torn PNG)."""
+    """Each figure as `folder/<name>.png`, `.pdf` and `.svg` (for papers: vector), with the
+    numbers it plots in `folder/<name>.csv`; each file atomically (a full disk leaves none
+    torn)."""
     paths = []
     for figure in figures:
-        path = folder / f"{figure.name}.png"
-        write_atomic(path, lambda tmp, png=figure.png: tmp.write_bytes(png))
+        for kind in FIGURE_FORMATS:
+            path = folder / f"{figure.name}.{kind}"
+            data = figure.png if kind == "png" else _rendered(figure.figure, kind)
+            write_atomic(path, lambda tmp, data=data: tmp.write_bytes(data))
+            paths.append(path)
+        path = folder / f"{figure.name}.csv"
+        write_text_atomic(path, figure.data.to_csv(index=False, float_format="%.6g"))
         paths.append(path)
     return paths
 
@@ -154,9 +173,9 @@ def _long(frame: pd.DataFrame, info: dict[str, str]) -> pd.DataFrame:
     return mean_over_repeats(long)
 
 
-def _png(fig: Figure) -> bytes:
+def _rendered(fig: Figure, kind: str) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
+    fig.savefig(buffer, format=kind, dpi=_DPI, bbox_inches="tight", metadata=_NO_DATE.get(kind))
     return buffer.getvalue()
 
 
@@ -187,7 +206,11 @@ def _epochs_axis(ax: Axes, title: str, ylabel: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def _plot_mean_std(ax: Axes, curves: pd.DataFrame, label: str, scale: float, **style) -> None:
+def _plot_mean_std(
+    ax: Axes, curves: pd.DataFrame, label: str, scale: float, **style
+) -> pd.DataFrame:
+    """The mean curve over seeds with a band of one std; returns what it plots (epoch, mean,
+    std, seeds)."""
     mean = curves.mean(axis=1) * scale
     std = curves.std(axis=1, ddof=1).fillna(0) * scale
     (line,) = ax.plot(mean.index, mean.to_numpy(), label=label, **style)
@@ -200,6 +223,14 @@ def _plot_mean_std(ax: Axes, curves: pd.DataFrame, label: str, scale: float, **s
             lw=0,
             color=line.get_color(),
         )
+    return pd.DataFrame(
+        {
+            "epoch": mean.index.to_numpy(),
+            "mean": mean.to_numpy(),
+            "std": curves.std(axis=1, ddof=1).to_numpy() * scale,
+            "seeds": curves.notna().sum(axis=1).to_numpy(),
+        }
+    )
 
 
 def _accuracy_curves(
@@ -211,14 +242,13 @@ def _accuracy_curves(
 ) -> list[ReportFigure]:
     fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     ax = fig.subplots()
-    drawn = 0
+    drawn = []
     for row in rows:
         curves = _seed_curves(
             [histories[r] for r in runs[runs["row"] == row]["run"]], f"{split}_acc"
         )
         if curves is not None:
-            _plot_mean_std(ax, curves, row, 100)
-            drawn += 1
+            drawn.append(_plot_mean_std(ax, curves, row, 100).assign(row=row))
     if not drawn:
         return []
     _epochs_axis(ax, dataset, f"{split} accuracy (%)")
@@ -229,7 +259,8 @@ def _accuracy_curves(
             f"{dataset}: {split} accuracy per epoch",
             f"{split} accuracy of the fused prediction after every evaluated epoch, mean over "
             "seeds with a band of one standard deviation.",
-            _png(fig),
+            fig,
+            _first(pd.concat(drawn, ignore_index=True), "row"),
         )
     ]
 
@@ -257,14 +288,17 @@ def _unimodal_curves(
     if not panels:
         return []
     fig, axes = _grid(len(panels))
+    drawn = []
     for ax, (row, row_histories, modalities) in zip(axes, panels, strict=True):
         for modality in modalities:
             curves = _seed_curves(row_histories, prefix + modality)
             if curves is not None:
-                _plot_mean_std(ax, curves, modality, 100)
+                part = _plot_mean_std(ax, curves, modality, 100)
+                drawn.append(part.assign(row=row, modality=modality))
         fused = _seed_curves(row_histories, f"{split}_acc")
         if fused is not None:
-            _plot_mean_std(ax, fused, "fused", 100, color="black", ls="--")
+            part = _plot_mean_std(ax, fused, "fused", 100, color="black", ls="--")
+            drawn.append(part.assign(row=row, modality="fused"))
         _epochs_axis(ax, row, f"{split} accuracy (%)")
         ax.legend(fontsize="x-small")
     return [
@@ -273,7 +307,8 @@ def _unimodal_curves(
             f"{dataset}: unimodal accuracy per epoch",
             f"{split} accuracy of each modality's own logits inside the trained model (fusions "
             "with per-modality logits), mean over seeds; dashed: the fused prediction.",
-            _png(fig),
+            fig,
+            _first(pd.concat(drawn, ignore_index=True), "row", "modality"),
         )
     ]
 
@@ -295,11 +330,13 @@ def _contribution_epochs(dataset: str, runs: pd.DataFrame, rows: list[str]) -> l
     if not panels:
         return []
     fig, axes = _grid(len(panels))
+    drawn = []
     for ax, (row, frame) in zip(axes, panels, strict=True):
         stats = frame.groupby(["modality", "epoch"], sort=False)["contribution"]
         summary = stats.agg(
             mean="mean", q1=lambda x: x.quantile(0.25), q3=lambda x: x.quantile(0.75)
         ).reset_index()
+        drawn.append(summary.sort_values(["modality", "epoch"]).assign(row=row))
         for modality, part in summary.groupby("modality", sort=False):
             part = part.sort_values("epoch")
             (line,) = ax.plot(part["epoch"], part["mean"], marker="o", ms=3, label=modality)
@@ -315,7 +352,8 @@ def _contribution_epochs(dataset: str, runs: pd.DataFrame, rows: list[str]) -> l
             "Per-sample contribution of each modality from the training-time valuation "
             "(contrib_epoch<k>.parquet of the recipe's valuation section): mean over the valued "
             "samples and seeds, band from the first to the third quartile.",
-            _png(fig),
+            fig,
+            _first(pd.concat(drawn, ignore_index=True), "row", "modality"),
         )
     ]
 
@@ -337,10 +375,26 @@ def _contribution_distribution(dataset: str, tables: list[ValueTable]) -> list[R
     if not groups:
         return []
     fig, axes = _grid(len(groups), width=max(4.2, 0.9 * _most_modalities(groups)))
+    boxes = []
     for ax, (label, frame) in zip(axes, groups, strict=True):
         modalities = list(dict.fromkeys(frame["modality"]))
         data = [frame.loc[frame["modality"] == m, "contribution"].to_numpy() for m in modalities]
         ax.boxplot(data, tick_labels=modalities, showmeans=True, flierprops={"ms": 2})
+        for modality, values, box in zip(modalities, data, boxplot_stats(data), strict=True):
+            boxes.append(
+                {
+                    "table": label,
+                    "modality": modality,
+                    "samples": len(values),
+                    "mean": box["mean"],
+                    "q1": box["q1"],
+                    "median": box["med"],
+                    "q3": box["q3"],
+                    "whisker_low": box["whislo"],
+                    "whisker_high": box["whishi"],
+                    "outliers": len(box["fliers"]),
+                }
+            )
         ax.set(title=label, ylabel="contribution")
         ax.title.set_fontsize("small")
         ax.grid(alpha=0.3, axis="y")
@@ -350,7 +404,8 @@ def _contribution_distribution(dataset: str, tables: list[ValueTable]) -> list[R
             f"{dataset}: distribution of per-sample modality contributions",
             "Per-sample contribution of each modality from `mmval value` tables below the "
             "report folder (box: quartiles, whiskers 1.5 IQR, triangle: mean).",
-            _png(fig),
+            fig,
+            pd.DataFrame(boxes),
         )
     ]
 
@@ -394,9 +449,15 @@ def _weakest_share(dataset: str, tables: list[ValueTable]) -> list[ReportFigure]
             "Share of valued samples in which the modality alone has the lowest contribution "
             "(samples where several modalities tie for the lowest count for none); one group "
             "of bars per value table, labelled run (valuation method, benefit, mask, split).",
-            _png(fig),
+            fig,
+            data.rename(columns={"label": "table"}),
         )
     ]
+
+
+def _first(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
+    """The frame with `columns` (what a row of numbers belongs to) first."""
+    return frame[[*columns, *(c for c in frame.columns if c not in columns)]]
 
 
 def _most_modalities(groups: list[tuple[str, pd.DataFrame]]) -> int:
@@ -424,6 +485,7 @@ def _noise_curves(comparison: Comparison) -> ReportFigure:
     x = [float(level.removeprefix("level ")) if single else i for i, level in enumerate(levels)]
     fig = Figure(figsize=(7.0, 4.2), layout="constrained")
     ax = fig.subplots()
+    plotted = []
     for row in comparison.rows:
         avg = [comparison.cells.get((row, level, "avg")) for level in levels]
         worst = [comparison.cells.get((row, level, "worst")) for level in levels]
@@ -434,6 +496,17 @@ def _noise_curves(comparison: Comparison) -> ReportFigure:
         (line,) = ax.plot(xs, mean, marker="o", ms=4, label=row)
         ax.fill_between(xs, mean - std, mean + std, alpha=0.15, lw=0, color=line.get_color())
         ax.plot(xs, [p[2].mean for p in points], ls=":", color=line.get_color())
+        plotted += [
+            {
+                "row": row,
+                "level": level,
+                "avg_mean": a.mean,
+                "avg_std": a.std,
+                "worst": w.mean if w is not None else math.nan,
+            }
+            for level, a, w in zip(levels, avg, worst, strict=True)
+            if a is not None
+        ]
     if not single:
         ax.set_xticks(x, [level.removeprefix("level ") for level in levels])
     ax.set(xlabel="noise level", ylabel=f"{comparison.split} accuracy (%)")
@@ -446,7 +519,8 @@ def _noise_curves(comparison: Comparison) -> ReportFigure:
         "Accuracy on all modalities against the noise level: Avg. (mean over seeds of each "
         "run's mean over noise draws, band one std over seeds) solid, Worst. (lowest of any "
         "seed and draw) dotted.",
-        _png(fig),
+        fig,
+        pd.DataFrame(plotted),
     )
 
 
@@ -460,8 +534,11 @@ def _feature_mask_heatmaps(
         accuracy = table.frame.groupby(["modality", "ratio"], sort=False)["correct"].mean()
         per_row.setdefault(runs.loc[table.run, "row"], []).append(accuracy.rename(table.run))
     fig, axes = _grid(len(per_row), width=5.0, height=2.6)
+    cells = []
     for ax, (row, parts) in zip(axes, sorted(per_row.items()), strict=True):
-        grid = (pd.concat(parts, axis=1).mean(axis=1) * 100).unstack("ratio")
+        mean = pd.concat(parts, axis=1).mean(axis=1) * 100
+        cells.append(mean.rename("accuracy").reset_index().assign(row=row, seeds=len(parts)))
+        grid = mean.unstack("ratio")
         image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis")
         ax.set_xticks(range(grid.shape[1]), [f"{r:g}" for r in grid.columns], fontsize="small")
         ax.set_yticks(range(grid.shape[0]), list(grid.index), fontsize="small")
@@ -476,5 +553,6 @@ def _feature_mask_heatmaps(
         "IMML's probe (`mmval value --method feature-mask`): accuracy of the frozen model when a "
         "random share of one modality's feature dimensions is set to zero before fusion, mean "
         "over the draws and seeds.",
-        _png(fig),
+        fig,
+        _first(pd.concat(cells, ignore_index=True), "row"),
     )

@@ -45,7 +45,7 @@ def to_html(comparison: Comparison, figures: list[ReportFigure]) -> str:
         f"mmval {__version__}; {len(tree.runs)} finished runs, {len(comparison.datasets)} data "
         f"set(s), {len(comparison.rows)} row(s)."
     )
-    return page(str(tree.root), intro, [comparison], left_out_lines(comparison), figures)
+    return page(tree.where, intro, [comparison], left_out_lines(comparison), figures)
 
 
 def page(
@@ -106,7 +106,8 @@ def _table(comparison: Comparison) -> str:
     names = [f"<th>{escape(label)}</th>" for _ in comparison.datasets for label, _, _ in columns]
     body = []
     for row in comparison.rows:
-        cells = [f'<th scope="row">{escape(row)}</th>']
+        name = f"<em>{escape(row)}</em>" if row in comparison.references else escape(row)
+        cells = [f'<th scope="row">{name}</th>']
         for dataset in comparison.datasets:
             for _, m, is_delta in columns:
                 cell = comparison.cells.get((row, dataset, m.key))

@@ -258,7 +258,7 @@ def _compare(
     if baseline is not None and not {baseline} & (set(frame["row"]) | set(frame["method"])):
         baseline = None
     return compare_metrics(
-        RunTree(tree.root, frame, [], tree.select),
+        RunTree(tree.root, frame, [], tree.select, tree.roots, tree.settings, tree.narrowed),
         metrics,
         metrics,
         split=options.split,
@@ -351,14 +351,14 @@ def robustness(
     with `required`, having none is an error."""
     check_options(split, alpha, resamples)
     if tree.runs.empty:
-        raise UserError(f"no finished runs (summary.json) below {tree.root}.")
+        raise UserError(f"no finished runs (summary.json) below {tree.where}.")
     tables, left_out = find_evaluation_tables(tree, split, files)
     options = _Options(split, baseline, alpha, resamples)
     noise = noise_comparisons(tree, tables, options)
     missing = missing_modality_comparisons(tree, tables, options)
     if required and not tables:
         raise UserError(
-            f"no evaluation tables of the {split} split in the finished runs below {tree.root}: "
+            f"no evaluation tables of the {split} split in the finished runs below {tree.where}: "
             "write them with `mmval value RUN/best.pt --method subsets [--corrupt "
             "MODALITY=KIND:LEVEL --repeats N] --out RUN/evaluate/NAME.parquet` or a recipe's "
             "`evaluate:` section."

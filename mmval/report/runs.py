@@ -5,6 +5,8 @@ A run folder is one with `recipe.yaml` and `train.log` (written when training st
 left out, never averaged.
 Runs are grouped into report rows by data set, method label, recipe hash (seed excluded) and
 mmval version, so two recipes of one method on one data set are never averaged together.
+A report may read several folders and be narrowed (`Narrowing`: methods, excluded methods,
+recipe values) before its rows are named, so the names say what differs among the rows shown.
 
 Selection: `val` reads each run at its best-on-validation epoch (best.pt); `test-max` at its
 best test epoch, the papers' official protocol, which is not an honest estimate: such rows are
@@ -14,9 +16,11 @@ labelled, and a run of the published protocol (trained on val too) is reported o
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,7 +67,10 @@ NOT_SETTINGS = (
 )
 # labelled by the selection instead (PUBLISHED_LABEL, TEST_MAX_LABEL), not as a recipe variant
 _LABELLED_APART = ("train.protocol",)
-_MAX_VARIANT_LABEL = 48
+# a recipe variant is named by its differing fields when there are at most this many and the
+# label stays this short; else by its settings hash
+_MAX_VARIANT_FIELDS = 4
+_MAX_VARIANT_LABEL = 100
 SELECTIONS = ("val", "test-max")
 PUBLISHED_LABEL = "published protocol (test-max)"
 TEST_MAX_LABEL = "test-max"
@@ -124,10 +131,19 @@ class RunTree:
     """Finished runs (one row each: META columns, then every logged metric at the best
     epoch) and the run folders left out."""
 
-    root: Path
+    root: Path  # the folder read, or the common parent of the folders read
     runs: pd.DataFrame
     left_out: list[LeftOut]
     select: str = "val"
+    roots: list[Path] = field(default_factory=list)  # the folders read (default: [root])
+    # run folder -> its resolved recipe as dotted paths (`flatten_recipe`), settings only
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    narrowed: str = ""  # how the runs were narrowed (`Narrowing.describe`), for the legend
+
+    @property
+    def where(self) -> str:
+        """The folder(s) read, as messages and titles name them."""
+        return ", ".join(str(r) for r in self.roots) if self.roots else str(self.root)
 
     def history(self, run: str) -> pd.DataFrame:
         """Every epoch's metrics of one run."""
@@ -156,7 +172,8 @@ def table_files(tree: RunTree) -> list[TableFile]:
     and the robustness tables both look through them)."""
     runs = set(tree.runs["run"])
     found = []
-    for path in sorted(tree.root.rglob("*.parquet")):
+    paths = {p.resolve(): p for root in tree.roots or [tree.root] for p in root.rglob("*.parquet")}
+    for path in sorted(paths.values()):
         if path.name in (METRICS, PREDICTIONS) or CONTRIB_EPOCH.search(path.name):
             continue
         run = next((str(p) for p in path.parents if str(p) in runs), None)
@@ -187,21 +204,31 @@ class Metric:
     over_seeds: Literal["mean", "min", "max"] = "mean"
 
 
-def find_runs(root: Path, select: str = "val") -> RunTree:
-    """Every run folder below `root`, finished or not, each read at the epoch `select` picks.
-    A folder whose files cannot be read, or a summary.json of another tool, is left out with
-    the reason; it never stops the report of the others."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"{root} is not a folder.")
+def find_runs(
+    root: Path | Sequence[Path], select: str = "val", narrowing: Narrowing | None = None
+) -> RunTree:
+    """Every run folder below `root` (a folder or several), finished or not, each read at the
+    epoch `select` picks, narrowed by `narrowing` before the rows are named. A folder whose
+    files cannot be read, or a summary.json of another tool, is left out with the reason; it
+    never stops the report of the others."""
+    roots = [Path(root)] if isinstance(root, str | os.PathLike) else [Path(r) for r in root]
+    if not roots:
+        raise UserError("name a folder of runs.")
+    for folder in roots:
+        if not folder.is_dir():
+            raise UserError(f"{folder} is not a folder.")
     if select not in SELECTIONS:
         raise UserError(f"--select must be one of {', '.join(SELECTIONS)}, not {select!r}.")
-    started = {p.parent for p in root.rglob(LOG) if (p.parent / RECIPE_FILE).is_file()}
-    found = started | {p.parent for p in root.rglob(SUMMARY)}
-    folders = sorted(f for f in found if not _tracked_copy(f, root))
+    base = roots[0] if len(roots) == 1 else Path(os.path.commonpath([r.absolute() for r in roots]))
+    found: dict[Path, Path] = {}  # resolved -> as found: a folder below two roots counts once
+    for top in roots:
+        started = {p.parent for p in top.rglob(LOG) if (p.parent / RECIPE_FILE).is_file()}
+        for folder in sorted(started | {p.parent for p in top.rglob(SUMMARY)}):
+            if not _tracked_copy(folder, top):
+                found.setdefault(folder.resolve(), folder)
     records: list[dict[str, Any]] = []
     left_out: list[LeftOut] = []
-    for folder in folders:
+    for folder in sorted(found.values()):
         try:
             summary = _mmval_summary(folder)
             if summary is None or not summary.get("finished"):
@@ -219,8 +246,17 @@ def find_runs(root: Path, select: str = "val") -> RunTree:
             continue
         records.append(record)
     runs = pd.DataFrame(records)
+    narrowing = narrowing or Narrowing()
+    if not runs.empty:
+        runs = narrowing.apply(runs)
+    tree = RunTree(
+        base, pd.DataFrame(columns=META), left_out, select, roots, {}, narrowing.describe()
+    )
     if runs.empty:
-        return RunTree(root, pd.DataFrame(columns=META), left_out, select)
+        return tree
+    tree.settings = {
+        run: flatten_recipe(r) for run, r in zip(runs["run"], runs["_recipe"], strict=True)
+    }
     runs = _label_variants(_name_data_apart(runs))
     runs["selection"] = ""
     if select == "test-max":
@@ -237,8 +273,122 @@ def find_runs(root: Path, select: str = "val") -> RunTree:
             & (runs["seed"] == dup["seed"])
         ]["run"].iloc[0]
         left_out.append(LeftOut(Path(dup["run"]), f"duplicate: same recipe and seed as {first}"))
-    runs = runs[~duplicate].drop(columns="_recipe").reset_index(drop=True)
-    return RunTree(root, runs, sorted(left_out, key=lambda x: str(x.run)), select)
+    tree.runs = runs[~duplicate].drop(columns="_recipe").reset_index(drop=True)
+    tree.left_out = sorted(left_out, key=lambda x: str(x.run))
+    return tree
+
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Narrowing:
+    """Which finished runs a report shows: only the `methods` (if any), none of `exclude`, and
+    only those whose recipe meets every `where` condition (`dotted.path=value`, the value read
+    as YAML as `--set` reads it, so `0.5` is a number and `[a, b]` a list). A run whose recipe
+    has no such field is kept: a grid point `method.alpha=0.5` holds concat, which has no
+    alpha, as a grid sweep runs it there. Narrowing comes before the rows are named, so a
+    `--where` field no longer names them."""
+
+    methods: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    where: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        parts = [f"--methods {','.join(self.methods)}"] if self.methods else []
+        parts += [f"--exclude {','.join(self.exclude)}"] if self.exclude else []
+        parts += [f"--where {w}" for w in self.where]
+        return ", ".join(parts)
+
+    def apply(self, runs: pd.DataFrame) -> pd.DataFrame:
+        """The runs (with their `_recipe`) that pass; a method or field no run has is a user
+        error naming it, so a typo never shows the whole table as if narrowed."""
+        known = sorted(set(runs["method"]))
+        for option, names in (("--methods", self.methods), ("--exclude", self.exclude)):
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise UserError(
+                    f"{option}: no finished run of {', '.join(unknown)} (methods found: "
+                    f"{', '.join(known)})."
+                )
+        keep = pd.Series(True, index=runs.index)
+        if self.methods:
+            keep &= runs["method"].isin(self.methods)
+        keep &= ~runs["method"].isin(self.exclude)
+        for condition in self.where:
+            path, wanted = _parse_where(condition)
+            values = runs["_recipe"].map(lambda r, p=path: _at(r, p))
+            if (values.map(lambda v: v is _MISSING)).all():
+                raise UserError(f"--where {condition}: no run's recipe has a field {path}.")
+            has = values.map(lambda v: v is not _MISSING)
+            meets = values.map(lambda v, w=wanted: v is _MISSING or _same(v, w))
+            if not (keep & has & meets).any():
+                seen = sorted({_compact(v) for v in values[keep & has]})
+                raise UserError(
+                    f"--where {condition}: no run has {path}={_compact(wanted)} (values found: "
+                    f"{', '.join(seen) or 'none among the runs kept'})."
+                )
+            keep &= meets
+        return runs[keep].reset_index(drop=True)
+
+
+def _parse_where(condition: str) -> tuple[str, Any]:
+    path, sep, text = condition.partition("=")
+    path = path.strip()
+    if not sep or not path or " " in path:
+        raise UserError(f"--where {condition!r}: write it as dotted.path=value (method.alpha=0.5).")
+    try:
+        return path, load_yaml(text) if text.strip() else ""
+    except (yaml.YAMLError, UserError):
+        raise UserError(f"--where {condition!r}: the value is not valid YAML.") from None
+
+
+def _at(recipe: Any, path: str) -> Any:
+    """The recipe's value at a dotted path (a number indexes a list), `_MISSING` if none."""
+    node = recipe
+    for key in path.split("."):
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return _MISSING
+    return node
+
+
+def _same(value: Any, wanted: Any) -> bool:
+    """Equal after YAML parsing, numbers by value (`1e-3`, a string to YAML 1.1, is 0.001)."""
+    if isinstance(value, list) and isinstance(wanted, list):
+        return len(value) == len(wanted) and all(map(_same, value, wanted))
+    if isinstance(value, dict) and isinstance(wanted, dict):
+        return value.keys() == wanted.keys() and all(_same(value[k], wanted[k]) for k in value)
+    number = _number(value)
+    if number is not None and not isinstance(value, str):
+        other = _number(wanted)
+        return other is not None and math.isclose(number, other, rel_tol=1e-12, abs_tol=0.0)
+    return value == wanted
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _compact(value: Any) -> str:
+    """A recipe value as a label shows it: `[gabor, wm]`, `0.5`, `film`, `{name: c3r}`."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | dict):
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip()
+    return json.dumps(value)
 
 
 def _tracked_copy(folder: Path, root: Path) -> bool:
@@ -404,29 +554,33 @@ def _name_data_apart(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _label_variants(runs: pd.DataFrame) -> pd.DataFrame:
     """Name each recipe of a method so that rows with different recipes stay apart: by the
-    fields that differ between its recipes on some data set (`ogm_ge (method.alpha=0.5)`),
-    or by hash when that list is long. The same fields label the method's recipes on every
-    data set, so `ogm_ge (method.alpha=0.5)` is one row across them; a method with one recipe
-    per data set keeps its plain name."""
+    fields that differ between its recipes on some data set (`ogm_ge (method.alpha=0.5)`,
+    `concat (data.modalities=[gabor, wm], optim.lr=0.001)` for a grid sweep's points), or by
+    hash when more than _MAX_VARIANT_FIELDS differ or their values make a label longer than
+    _MAX_VARIANT_LABEL. The same fields label the method's recipes on every data set, so
+    `ogm_ge (method.alpha=0.5)` is one row across them; a method with one recipe per data set
+    keeps its plain name."""
     runs = runs.copy()
     runs["variant"] = ""
     config = ["settings_hash", "mmval_version"]
     for method, group in runs.groupby("method", sort=False):
         configs = group.drop_duplicates(["dataset", *config])
         flat = {
-            (h, v): _flatten(r) | {"mmval": v}
+            (h, v): flatten_recipe(r) | {"mmval": v}
             for h, v, r in configs[[*config, "_recipe"]].itertuples(index=False)
         }
         differing: set[str] = set()
         for _, on_dataset in configs.groupby("dataset"):
             variants = [flat[(h, v)] for h, v in on_dataset[config].itertuples(index=False)]
             keys = {k for f in variants for k in f}
-            differing |= {k for k in keys if len({f.get(k, "-") for f in variants}) > 1}
+            differing |= {
+                k for k in keys if len({setting_key(f.get(k, _MISSING)) for f in variants}) > 1
+            }
         if not differing:
             continue
         for (h, v), f in flat.items():
-            label = ", ".join(f"{k}={f.get(k, '-')}" for k in sorted(differing))
-            if len(label) > _MAX_VARIANT_LABEL:
+            label = ", ".join(f"{k}={_compact(f[k]) if k in f else '-'}" for k in sorted(differing))
+            if len(differing) > _MAX_VARIANT_FIELDS or len(label) > _MAX_VARIANT_LABEL:
                 label = h if "mmval" not in differing else f"{h}, mmval={v}"
             mask = (
                 (runs["method"] == method)
@@ -440,19 +594,24 @@ def _label_variants(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-def _flatten(recipe: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Dotted keys to JSON-encoded leaves (into lists of mappings by index), without the fields
-    that are not settings."""
-    flat: dict[str, str] = {}
+def setting_key(value: Any) -> str:
+    """A recipe value as compared: JSON with sorted keys."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def flatten_recipe(recipe: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to leaf values (into lists of mappings by index), without the fields that
+    are not settings."""
+    flat: dict[str, Any] = {}
     for key, value in recipe.items():
         dotted = f"{prefix}{key}"
         if dotted in NOT_SETTINGS or dotted in _LABELLED_APART:
             continue
         if isinstance(value, dict):
-            flat |= _flatten(value, f"{dotted}.")
+            flat |= flatten_recipe(value, f"{dotted}.")
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             # a list of configs (plugins): `plugins.0.adjustment`, as --set names it
-            flat |= _flatten({str(i): v for i, v in enumerate(value)}, f"{dotted}.")
+            flat |= flatten_recipe({str(i): v for i, v in enumerate(value)}, f"{dotted}.")
         else:
-            flat[dotted] = value if isinstance(value, str) else json.dumps(value)
+            flat[dotted] = value
     return flat

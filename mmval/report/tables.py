@@ -4,7 +4,8 @@ baseline with their significance, and the table formats (rich, Markdown, CSV, La
 Layout as in the balancing papers: one row per method (recipe), a column group per data set
 with one column per metric (plus the difference to the baseline when one is given), best bold
 and second underlined per column. Every row ends with the hash of its resolved recipe (seed
-excluded; one per data set) and the mmval version that trained it.
+excluded; one per data set) and the mmval version that trained it. Reference rows (published
+numbers, `mmval.report.references`) come last, in italics, without ranks or tests.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from rich.table import Table
 from rich.text import Text
 
 from mmval.errors import UserError
+from mmval.report.references import REFERENCE_HASH, Reference
 from mmval.report.runs import (
+    _MISSING,
     METRIC_LABELS,
     LeftOut,
     Metric,
@@ -27,6 +30,7 @@ from mmval.report.runs import (
     headline_metrics,
     metric_columns,
     resolve_metric,
+    setting_key,
 )
 from mmval.report.significance import (
     PairedPredictions,
@@ -77,6 +81,12 @@ class Comparison:
     long: pd.DataFrame  # one line per (data set, row): the CSV
     baseline: str | None = None
     baselines: dict[str, str] = field(default_factory=dict)  # data set -> baseline row
+    # (data set, row) -> its baseline row: the baseline's row at the same grid point when the
+    # baseline has several recipes there (`baseline_fields` say which fields are matched)
+    row_baselines: dict[tuple[str, str], str] = field(default_factory=dict)
+    baseline_fields: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)  # rows with no baseline at their point
+    references: list[str] = field(default_factory=list)  # reference rows (published numbers)
     alpha: float = 0.05
     resamples: int = 1000
     holm: bool = False  # the markers read Holm-adjusted p-values (per data set and metric)
@@ -112,20 +122,21 @@ def compare(
     alpha: float = 0.05,
     resamples: int = 1000,
     holm: bool = False,
+    references: list[Reference] | None = None,
 ) -> Comparison:
     """The comparison of every finished run below the tree's root on `metrics` (default
     accuracy and macro-F1) of `split`, at each run's selected epoch (`tree.select`); with
     `holm`, the markers read p-values Holm-corrected across the rows compared with the
-    baseline."""
+    baseline; `references` (published numbers) as rows of their own."""
     runs = tree.runs
     if runs.empty:
-        raise UserError(f"no finished runs (summary.json) below {tree.root}.")
+        raise UserError(f"no finished runs (summary.json) below {tree.where}.")
     check_options(split, alpha, resamples)
     columns = metric_columns(runs)
     headline = headline_metrics(runs)
     shown = _unique([resolve_metric(m, split, columns) for m in (metrics or headline)])
     every = _unique([*(resolve_metric(m, split, columns) for m in headline), *shown])
-    return compare_metrics(
+    comparison = compare_metrics(
         tree,
         shown,
         every,
@@ -135,6 +146,8 @@ def compare(
         resamples=resamples,
         holm=holm,
     )
+    add_references(comparison, references or [])
+    return comparison
 
 
 def check_options(split: str, alpha: float, resamples: int) -> None:
@@ -166,8 +179,8 @@ def compare_metrics(
     position = {d: i for i, d in enumerate(datasets)}
     long = long.sort_values("dataset", key=lambda s: s.map(position), kind="stable")
     long = long.reset_index(drop=True)
-    baselines = _baselines(long, baseline) if baseline else {}
-    first = sorted(set(baselines.values()))
+    found = _baselines(long, baseline, tree) if baseline else _Baselines()
+    first = sorted(set(found.of_row.values()))
     rows = first + sorted(set(long["row"]) - set(first))
     cells: dict[tuple[str, str, str], Cell] = {}
     for line in long.to_dict("records"):  # metric keys need not be identifiers
@@ -188,7 +201,10 @@ def compare_metrics(
         },
         long=long,
         baseline=baseline,
-        baselines=baselines,
+        baselines=found.single,
+        row_baselines=found.of_row,
+        baseline_fields=found.fields,
+        unmatched=found.unmatched,
         alpha=alpha,
         resamples=resamples,
         holm=holm,
@@ -197,6 +213,65 @@ def compare_metrics(
     if baseline:
         _test_against_baseline(comparison, every)
     return comparison
+
+
+def add_references(comparison: Comparison, references: list[Reference]) -> None:
+    """Published numbers as rows of their own, after the ranks and tests: last, as given, no
+    rank, no difference, no test; in the CSV with `reference` as their recipe hash and 0
+    seeds. A reference whose data set, metric or name does not fit the table is refused."""
+    by_key = {m.key: m for m in comparison.metrics}
+    aliases = {name: m for m in comparison.metrics for name in (m.key, m.label.lower())}
+    lines: dict[tuple[str, str], dict[str, object]] = {}
+    for ref in references:
+        dataset = ref.dataset
+        if dataset is None:
+            if len(comparison.datasets) != 1:
+                raise UserError(
+                    f"{ref.where}: the report has {len(comparison.datasets)} data sets "
+                    f"({', '.join(comparison.datasets)}); name one as NAME@DATASET=VALUE."
+                )
+            dataset = comparison.datasets[0]
+        if dataset not in comparison.datasets:
+            raise UserError(
+                f"{ref.where}: no data set {dataset!r} in the report "
+                f"({', '.join(comparison.datasets)})."
+            )
+        metric = comparison.metrics[0] if ref.metric is None else aliases.get(ref.metric.lower())
+        if metric is None:
+            shown = ", ".join(by_key)
+            raise UserError(f"{ref.where}: the report shows no metric {ref.metric} ({shown}).")
+        if ref.name in comparison.rows and ref.name not in comparison.references:
+            raise UserError(f"{ref.where}: {ref.name!r} is already a row of runs; rename it.")
+        key = (ref.name, dataset)
+        if (ref.name, dataset, metric.key) in comparison.cells:
+            raise UserError(f"{ref.where}: {ref.name} on {dataset} has a {metric.key} twice.")
+        comparison.cells[(ref.name, dataset, metric.key)] = Cell(ref.value, math.nan, 0)
+        if ref.name not in comparison.references:
+            comparison.references.append(ref.name)
+            comparison.rows.append(ref.name)
+            comparison.versions[ref.name] = "-"
+        comparison.recipes[key] = REFERENCE_HASH
+        line = lines.setdefault(
+            key,
+            {
+                "dataset": dataset,
+                "method": ref.name,
+                "n_seeds": 0,
+                "variant": "",
+                "selection": "",
+                "settings_hash": REFERENCE_HASH,
+                "mmval_version": "-",
+                "seeds": "",
+                "row": ref.name,
+            },
+        )
+        line[f"{metric.key}_mean"] = ref.value
+    for name in comparison.references:
+        for dataset in comparison.datasets:
+            comparison.recipes[(name, dataset)] = REFERENCE_HASH
+    if lines:
+        added = pd.DataFrame(list(lines.values()))
+        comparison.long = pd.concat([comparison.long, added], ignore_index=True)
 
 
 def _unique(metrics: list[Metric]) -> list[Metric]:
@@ -235,25 +310,85 @@ def _aggregate(runs: pd.DataFrame, metrics: list[Metric]) -> pd.DataFrame:
     return pd.DataFrame(lines)
 
 
-def _baselines(long: pd.DataFrame, baseline: str) -> dict[str, str]:
-    """The baseline's row on each data set: the row of that name, else the one row of that
-    method; a method with several recipes on a data set must be named by its row."""
-    found: dict[str, str] = {}
+@dataclass
+class _Baselines:
+    of_row: dict[tuple[str, str], str] = field(default_factory=dict)
+    single: dict[str, str] = field(default_factory=dict)  # data sets with one baseline row
+    fields: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+
+
+def _baselines(long: pd.DataFrame, baseline: str, tree: RunTree) -> _Baselines:
+    """Each row's baseline row on its data set: the row named `baseline`, else the one row of
+    that method. When the method has several recipes there (the points of a `grid:` sweep),
+    each row is compared with the baseline's recipe at the same grid point: the one with the
+    row's values of the fields in which the baseline's recipes differ (a row lacking such a
+    field matches on the others). A row matching none or several has no baseline."""
+    found = _Baselines()
+    fields: set[str] = set()
+    ambiguous: list[str] = []
     for dataset, group in long.groupby("dataset"):
+        dataset = str(dataset)
         named = group[group["row"] == baseline]
         if named.empty:
             named = group[group["method"] == baseline]
-        if len(named) > 1:
-            options = ", ".join(repr(r) for r in named["row"])
-            raise UserError(
-                f"--baseline {baseline} has {len(named)} recipes on {dataset}; name one "
-                f"of {options}."
-            )
-        if len(named) == 1:
-            found[str(dataset)] = named["row"].iloc[0]
-    if not found:
+        bases = list(named["row"])
+        if len(bases) == 1:
+            found.single[dataset] = bases[0]
+            found.of_row |= {(dataset, row): bases[0] for row in group["row"]}
+            continue
+        if not bases:
+            continue
+        settings = _row_settings(tree, dataset)
+        keys = sorted(
+            k
+            for k in set().union(*(settings.get(b, {}) for b in bases))
+            if len({setting_key(settings.get(b, {}).get(k, _MISSING)) for b in bases}) > 1
+        )
+        fields |= set(keys)
+        matched = 0
+        for row in group["row"]:
+            mine = settings.get(row)
+            if row in bases or mine is None:
+                found.of_row[(dataset, row)] = row if row in bases else ""
+                continue
+            match = [
+                b
+                for b in bases
+                if keys
+                and all(
+                    setting_key(settings.get(b, {}).get(k, _MISSING)) == setting_key(mine[k])
+                    for k in keys
+                    if k in mine
+                )
+            ]
+            found.of_row[(dataset, row)] = match[0] if len(match) == 1 else ""
+            matched += len(match) == 1
+            if len(match) != 1:
+                found.unmatched.append(row)
+        if not matched:
+            ambiguous.append(f"{dataset}: {', '.join(repr(b) for b in bases)}")
+    found.of_row = {key: b for key, b in found.of_row.items() if b}
+    if ambiguous:
+        raise UserError(
+            f"--baseline {baseline} has several recipes that no other row matches by its "
+            f"settings ({'; '.join(ambiguous)}); name one of them."
+        )
+    if not found.of_row:
         raise UserError(f"--baseline {baseline}: no finished run of that method or row.")
+    found.fields = sorted(fields)
+    found.unmatched = list(dict.fromkeys(found.unmatched))
     return found
+
+
+def _row_settings(tree: RunTree, dataset: str) -> dict[str, dict[str, object]]:
+    """Each row's recipe settings on a data set (those of its first run)."""
+    runs = tree.runs[tree.runs["dataset"] == dataset]
+    return {
+        row: tree.settings[run]
+        for row, run in zip(runs["row"], runs["run"], strict=True)
+        if run in tree.settings
+    }
 
 
 def _display(value: float, metric: Metric) -> str:
@@ -281,7 +416,10 @@ def _rank(comparison: Comparison, metrics: list[Metric]) -> None:
 def _test_against_baseline(comparison: Comparison, metrics: list[Metric]) -> None:
     runs = comparison.tree.runs
     added: dict[str, object] = {
-        "baseline": comparison.long["dataset"].map(comparison.baselines).fillna(""),
+        "baseline": [
+            comparison.row_baselines.get((d, r), "")
+            for d, r in zip(comparison.long["dataset"], comparison.long["row"], strict=True)
+        ],
         "matched_seeds": 0,
     }
     for m in metrics:
@@ -292,7 +430,7 @@ def _test_against_baseline(comparison: Comparison, metrics: list[Metric]) -> Non
     long = comparison.long = pd.concat([comparison.long, pd.DataFrame(added, index=index)], axis=1)
     predictions: dict[str, pd.DataFrame | None] = {}
     for index, line in long.iterrows():
-        base_row = comparison.baselines.get(line["dataset"])
+        base_row = comparison.row_baselines.get((line["dataset"], line["row"]))
         if base_row is None or base_row == line["row"]:
             continue
         on_dataset = runs[runs["dataset"] == line["dataset"]]
@@ -510,9 +648,26 @@ def legend(comparison: Comparison) -> list[str]:
             + ". The CSV has every p-value, the sample-only bootstrap p and the Wilcoxon "
             "signed-rank p."
         )
-        warning = few_seeds(comparison)
-        if warning:
-            lines.append(warning)
+    if comparison.baseline_fields:
+        lines.append(
+            f"{comparison.baseline} has several recipes: each row is compared with the one at "
+            f"its grid point (the same {', '.join(comparison.baseline_fields)})"
+            + (
+                f"; no single one for {', '.join(comparison.unmatched)}, not tested."
+                if comparison.unmatched
+                else "."
+            )
+        )
+    if comparison.references:
+        lines.append(
+            f"In italics: published numbers, not run here ({', '.join(comparison.references)}); "
+            "no ranks, no tests."
+        )
+    if comparison.tree.narrowed:
+        lines.append(f"Runs shown: {comparison.tree.narrowed}.")
+    warning = few_seeds(comparison) if comparison.baseline else None
+    if warning:
+        lines.append(warning)
     return lines
 
 
@@ -547,7 +702,7 @@ def to_markdown(comparison: Comparison) -> str:
         _md_row([":--", *("--:" for _ in header[1:-2]), ":--", ":--"]),
     ]
     for row in comparison.rows:
-        cells = [_md_escape(row)]
+        cells = [f"*{_md_escape(row)}*" if row in comparison.references else _md_escape(row)]
         for dataset in comparison.datasets:
             for _, m, is_delta in columns:
                 cell = comparison.cells.get((row, dataset, m.key))
@@ -630,7 +785,8 @@ def to_latex(comparison: Comparison) -> str:
         r"\midrule",
     ]
     for row in comparison.rows:
-        cells = [latex_escape(row)]
+        name = latex_escape(row)
+        cells = [rf"\textit{{{name}}}" if row in comparison.references else name]
         for dataset in comparison.datasets:
             for _, m, is_delta in columns:
                 cell = comparison.cells.get((row, dataset, m.key))
@@ -662,7 +818,7 @@ def to_rich(comparison: Comparison) -> Table:
     columns = header_columns(comparison)
     table = Table(
         title=comparison.title
-        or f"{comparison.split} split, {selection_text(comparison)} ({comparison.tree.root})",
+        or f"{comparison.split} split, {selection_text(comparison)} ({comparison.tree.where})",
         caption="\n".join(legend(comparison)),
         caption_justify="left",
     )
@@ -673,7 +829,9 @@ def to_rich(comparison: Comparison) -> Table:
     table.add_column("Recipe")
     table.add_column("mmval")
     for row in comparison.rows:
-        cells: list[Text | str] = [Text(row)]
+        cells: list[Text | str] = [
+            Text(row, style="italic" if row in comparison.references else "")
+        ]
         for dataset in comparison.datasets:
             for _, m, is_delta in columns:
                 cell = comparison.cells.get((row, dataset, m.key))

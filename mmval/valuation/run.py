@@ -15,6 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
 from mmval.artifacts.checkpoint import Checkpoint, load_checkpoint
+from mmval.atomic import write_text_atomic
 from mmval.data.corrupt import (
     Corrupt,
     Corruption,
@@ -23,7 +24,7 @@ from mmval.data.corrupt import (
     corruptor,
 )
 from mmval.data.dataset import Batch, ParquetSamples
-from mmval.data.shards import DataManifest, ModalitySpec, check_data_dir
+from mmval.data.shards import DataManifest, ModalitySpec, check_data_dir, read_sources
 from mmval.errors import UserError
 from mmval.models import ModelConfig, build_model
 from mmval.models.encoders import refuse_untrusted_code
@@ -33,6 +34,7 @@ from mmval.valuation.base import Game, ValuationMethod
 from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import EvalPath, SegmentUnits, build_evaluator, mask_fills
 from mmval.valuation.registry import build_method
+from mmval.valuation.summary import lowest_contributions
 from mmval.valuation.table import (
     Values,
     long_table,
@@ -140,6 +142,7 @@ class ValuationResult:
     table: pd.DataFrame  # long format, one row per ([repeat,] sample, modality)
     metadata: dict[str, str]
     modalities: list[str]
+    data_root: Path | None = None  # the data folder valued (where the samples' sources are)
 
 
 def checkpoint_task(ckpt: Checkpoint, manifest: DataManifest) -> Task:
@@ -305,7 +308,7 @@ def value_checkpoint(
             else None,
             per_segment=per_segment,
         )
-        frames.append(long_table(values, modalities))
+        frames.append(long_table(values, modalities, list(manifest.classes)))
     metadata = valuation_metadata(
         config, modalities, split, manifest, weights_fingerprint(ckpt.model)
     )
@@ -314,15 +317,51 @@ def value_checkpoint(
     if per_segment:
         metadata["mmval.units"] = "segment"
     if not corruptions:
-        return ValuationResult(frames[0], metadata, modalities)
+        return ValuationResult(frames[0], metadata, modalities, loaded.root)
     metadata |= corruption_metadata(corruptions, seed, repeats)
     table = pd.concat(
         [frame.assign(repeat=repeat) for repeat, frame in enumerate(frames)], ignore_index=True
     )
-    return ValuationResult(table[["repeat", *table.columns[:-1]]], metadata, modalities)
+    return ValuationResult(
+        table[["repeat", *table.columns[:-1]]], metadata, modalities, loaded.root
+    )
 
 
 def write_valuation(result: ValuationResult, out: Path, *, wide: bool = False) -> None:
     """Write the long (or wide) table atomically, with how it was computed as metadata."""
     frame = wide_table(result.table, result.modalities) if wide else result.table
     write_parquet(frame, {**result.metadata, "mmval.layout": "wide" if wide else "long"}, out)
+
+
+def lowest_samples(result: ValuationResult, modality: str, k: int) -> pd.DataFrame:
+    """The k samples of the valued split in which `modality` contributes least
+    (`lowest_contributions`), each with its `source`: the input prep made it of, read from the
+    data folder's shards, so the samples can be looked at (a silent clip, a blurred frame)."""
+    if modality not in result.modalities:
+        raise UserError(
+            f"--lowest {modality}: the model has no modality {modality!r} "
+            f"({', '.join(result.modalities)})."
+        )
+    if k < 1:
+        raise UserError(f"--k must be at least 1, not {k}.")
+    lowest = lowest_contributions(result.table, modality, k)
+    if result.data_root is not None:
+        split = result.metadata["mmval.split"]
+        lowest["source"] = read_sources(result.data_root, split, lowest["sample_id"].tolist())
+    return lowest
+
+
+def write_lowest(frame: pd.DataFrame, result: ValuationResult, modality: str, out: Path) -> None:
+    """The lowest-contribution samples as CSV (a `.csv` file) or Parquet. The Parquet metadata
+    says how they were valued, under `mmval.valued_with` rather than `mmval.method`, so that
+    reports do not take the k rows for a contribution table."""
+    if Path(out).suffix.lower() == ".csv":
+        write_text_atomic(Path(out), frame.to_csv(index=False, float_format="%.6g"))
+        return
+    metadata = {k: v for k, v in result.metadata.items() if k != "mmval.method"}
+    metadata |= {
+        "mmval.valued_with": result.metadata["mmval.method"],
+        "mmval.lowest": modality,
+        "mmval.k": str(len(frame)),
+    }
+    write_parquet(frame, metadata, out)

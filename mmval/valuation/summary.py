@@ -51,3 +51,23 @@ def contribution_gaps(table: pd.DataFrame) -> pd.DataFrame:
     )
     gaps.index.name = "modality"
     return gaps.reset_index()
+
+
+def lowest_contributions(table: pd.DataFrame, modality: str, k: int) -> pd.DataFrame:
+    """The k samples (or segments, for a per-segment table) in which `modality` contributes
+    least, lowest first, ties broken by sample id: `rank`, the sample's columns and the
+    modality's `contribution` (averaged over the repeats of a table valued under corruptions,
+    whose per-repeat predictions are then left out)."""
+    keys = [c for c in ("sample_id", "segment") if c in table]
+    mine = table[table["modality"] == modality]
+    if "repeat" in mine:
+        fixed = [c for c in ("label", "class") if c in mine]
+        per_sample = mine.groupby(keys, sort=False, as_index=False).agg(
+            **{c: (c, "first") for c in fixed}, contribution=("contribution", "mean")
+        )
+    else:
+        per_sample = mine.drop(columns=["modality"])
+    lowest = per_sample.sort_values(["contribution", *keys], kind="stable").head(k)
+    lowest = lowest.reset_index(drop=True)
+    lowest.insert(0, "rank", range(1, len(lowest) + 1))
+    return lowest

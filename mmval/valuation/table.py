@@ -18,7 +18,7 @@ from mmval.data.shards import DataManifest
 from mmval.errors import UserError
 from mmval.valuation.config import ValuationConfig
 
-SAMPLE_COLUMNS = ["sample_id", "label", "pred", "correct", "v_full"]
+SAMPLE_COLUMNS = ["sample_id", "label", "class", "pred", "correct", "v_full"]
 
 
 @dataclass
@@ -38,11 +38,15 @@ class Values:
     segments: np.ndarray | None = None
 
 
-def long_table(values: Values, modalities: list[str]) -> pd.DataFrame:
+def long_table(
+    values: Values, modalities: list[str], classes: list[str] | None = None
+) -> pd.DataFrame:
     """One row per (sample, modality), sorted by sample_id, modalities in model order:
-    sample_id, label, modality, contribution, pred[, correct], v_full[, stderr]; `pred` is
-    the class for classification, else the task's score (the predicted score, the clip's
-    segment accuracy, the case's mean Dice)."""
+    sample_id, label[, class], modality, contribution, pred[, correct], v_full[, stderr];
+    `class` names the label from the data manifest's `classes` (given: every task's label is
+    one of them, the score's binary class for regression, the segment's class per segment);
+    `pred` is the class for classification, else the task's score (the predicted score, the
+    clip's segment accuracy, the case's mean Dice)."""
     n, m = values.contribution.shape
     order = np.array(sorted(range(n), key=values.sample_ids.__getitem__), dtype=np.int64)
     rows, cols = np.repeat(order, m), np.tile(np.arange(m), n)
@@ -52,6 +56,7 @@ def long_table(values: Values, modalities: list[str]) -> pd.DataFrame:
             "sample_id": np.asarray(values.sample_ids, dtype=object)[rows],
             **({} if values.segments is None else {"segment": values.segments[rows]}),
             "label": label,
+            **({} if classes is None else {"class": class_names(label, classes)}),
             "modality": np.asarray(modalities, dtype=object)[cols],
             "contribution": values.contribution[rows, cols],
             "pred": pred,
@@ -62,6 +67,13 @@ def long_table(values: Values, modalities: list[str]) -> pd.DataFrame:
     if values.stderr is not None:
         frame["stderr"] = values.stderr[rows, cols]
     return frame
+
+
+def class_names(labels: np.ndarray, classes: list[str]) -> np.ndarray:
+    """The manifest's name of each label (empty for a label outside the classes)."""
+    names = np.asarray([*classes, ""], dtype=object)
+    index = np.asarray(labels, dtype=np.int64)
+    return names[np.where((index >= 0) & (index < len(classes)), index, len(classes))]
 
 
 def wide_table(table: pd.DataFrame, modalities: list[str]) -> pd.DataFrame:

@@ -89,4 +89,5 @@ class EpochValuation:
         )
         metadata["mmval.epoch"] = str(epoch)
         out = run_dir / contrib_file(epoch)
-        write_parquet(long_table(values, self.modalities), metadata, out)
+        table = long_table(values, self.modalities, list(self.manifest.classes))
+        write_parquet(table, metadata, out)
