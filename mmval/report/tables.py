@@ -461,13 +461,24 @@ def _test_against_baseline(comparison: Comparison, metrics: list[Metric]) -> Non
     _mark(comparison, metrics)
 
 
+def _compared(comparison: Comparison) -> pd.DataFrame:
+    """The lines of the long table compared with a baseline row (not the baseline itself)."""
+    long = comparison.long
+    base = [
+        comparison.row_baselines.get((d, r))
+        for d, r in zip(long["dataset"], long["row"], strict=True)
+    ]
+    keep = [b is not None and b != r for b, r in zip(base, long["row"], strict=True)]
+    return long[keep]
+
+
 def _mark(comparison: Comparison, metrics: list[Metric]) -> None:
     """† from the t-test p and ‡ from the hierarchical bootstrap p of each compared row; with
-    `holm`, from those p-values Holm-adjusted across the rows compared with the data set's
-    baseline (one family per data set, metric and test; the CSV keeps both)."""
+    `holm`, from those p-values Holm-adjusted across the rows compared with a baseline (one
+    family per data set, metric and test; the CSV keeps both)."""
     long = comparison.long
-    for dataset, base_row in comparison.baselines.items():
-        lines = long[(long["dataset"] == dataset) & (long["row"] != base_row)]
+    compared = _compared(comparison)
+    for dataset, lines in compared.groupby("dataset", sort=False):
         for m in metrics:
             if m.over_seeds != "mean":
                 continue
@@ -482,11 +493,9 @@ def _mark(comparison: Comparison, metrics: list[Metric]) -> None:
                 cell.marker = (SEED_MARK if p_seeds < comparison.alpha else "") + (
                     SAMPLE_MARK if p_samples < comparison.alpha else ""
                 )
-    for index, line in long.iterrows():
+    for index, line in compared.iterrows():
         for m in metrics:
             cell = comparison.cells[(line["row"], line["dataset"], m.key)]
-            if comparison.baselines.get(line["dataset"]) in (None, line["row"]):
-                continue
             for column in (*_P_COLUMNS, "marker"):
                 long.loc[index, f"{m.key}_{column}"] = getattr(cell, column)
 
@@ -494,10 +503,9 @@ def _mark(comparison: Comparison, metrics: list[Metric]) -> None:
 def few_seeds(comparison: Comparison) -> str | None:
     """The warning for rows compared with a baseline on fewer than 3 matched seeds (their
     seed spread is barely estimated, whatever the markers say), or None."""
-    if not comparison.baselines or "matched_seeds" not in comparison.long:
+    if not comparison.row_baselines or "matched_seeds" not in comparison.long:
         return None
-    long = comparison.long
-    compared = long[long["row"] != long["dataset"].map(comparison.baselines)]
+    compared = _compared(comparison)
     few = compared[compared["matched_seeds"] < MIN_SEEDS]
     if few.empty:
         return None
