@@ -404,7 +404,7 @@ def test_imml_picks_the_predominant_modality_by_unimodal_val_accuracy_after_warm
 
 
 def test_report_rows_name_the_plug_in_setting_that_differs():
-    from mmval.report.runs import _flatten
+    from mmval.report.runs import flatten_recipe
 
-    flat = _flatten({"plugins": [{"name": "imml", "adjustment": "front_door"}], "seeds": [0]})
+    flat = flatten_recipe({"plugins": [{"name": "imml", "adjustment": "front_door"}], "seeds": [0]})
     assert flat["plugins.0.adjustment"] == "front_door" and flat["plugins.0.name"] == "imml"
