@@ -58,7 +58,7 @@ def test_expansion_is_the_product_with_readable_names(tmp_path):
             "ogm_ge",
             {"name": "pmr", "momentum": 0.5},
             "mmcosine",
-            {"name": "opm", "alpha": 2.0},
+            {"name": "opm", "alpha": 2.0, "modulation_starts": 0},
         ],
         grid={"method.alpha": [0.1, 0.5], "optim": {"lr": [0.01, 0.001]}},
     )
