@@ -183,7 +183,7 @@ def test_mmtm_needs_staged_encoders_and_valid_stages():
         ModalitySpec(name="v", dtype="float32", shape=[3]),
     ]
     config = ModelConfig(encoders={"t": {"kind": "embedding_bag"}}, mmtm={"stages": [1]})
-    with pytest.raises(UserError, match="resnet18 or mlp"):
+    with pytest.raises(UserError, match="resnet18, resnet or mlp"):
         build_model(config, specs, 2)
 
 

@@ -24,6 +24,7 @@ from mmval.artifacts.checkpoint import (
 )
 from mmval.artifacts.layout import BEST, LAST, LOG, METRICS, PREDICTIONS, PREVIOUS, SUMMARY
 from mmval.atomic import WriteError, atomic_path, write_text_atomic
+from mmval.engine.cost import model_cost
 from mmval.engine.loop import Callback, Fit, FitState, Predictions
 from mmval.errors import UserError
 from mmval.recipe import Recipe
@@ -180,15 +181,20 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 class RunFiles(Callback):
     """metrics.parquet and train.log after every epoch, predictions.parquet beside best.pt,
-    summary.json at the end (`label` names the run in reports). The summary is made on every
-    rank (`self.summary`); rank 0 writes."""
+    summary.json at the end (`label` names the run in reports), with the model's cost counted
+    when training starts (`mmval.engine.cost`). The summary is made on every rank
+    (`self.summary`); rank 0 writes."""
 
     def __init__(self, *, label: str) -> None:
         self.label = label
         self.summary: dict[str, Any] = {}
+        self.cost: dict[str, int] = {}
         self._log: IO[str] | None = None
 
     def on_train_start(self, fit: Fit) -> None:
+        session = fit.session
+        sample = session.datasets["val"].__getitems__([0]).to(session.device)
+        self.cost = model_cost(session.model, session.task, sample.inputs)
         if distributed.is_main():
             self._log = open(fit.run_dir / LOG, "a", encoding="utf-8")  # noqa: SIM115
 
@@ -224,7 +230,7 @@ class RunFiles(Callback):
             raise WriteError.of(path, exc) from exc
 
     def on_fit_end(self, fit: Fit) -> None:
-        self.summary = run_summary(fit, self.label)
+        self.summary = run_summary(fit, self.label, self.cost)
         if distributed.is_main():
             text = json.dumps(self.summary, indent=2) + "\n"
             write_text_atomic(fit.run_dir / SUMMARY, text)
@@ -236,8 +242,8 @@ class RunFiles(Callback):
             self._log = None
 
 
-def run_summary(fit: Fit, label: str) -> dict[str, Any]:
-    """summary.json: what the report reads of a finished run."""
+def run_summary(fit: Fit, label: str, cost: dict[str, int]) -> dict[str, Any]:
+    """summary.json: what the report reads of a finished run (`cost`: `model_cost`'s)."""
     state, recipe, task = fit.state, fit.recipe, fit.session.task
     selected = fit.session.selection
     headline = task.headline
@@ -283,6 +289,7 @@ def run_summary(fit: Fit, label: str) -> dict[str, Any]:
         **{f"final_test_{k}": final[f"test_{k}"] for k in headline},
         "train_seconds": sum(r["seconds"] for r in state.rows),
         "processes": distributed.world_size(),
+        **cost,
         "recipe": recipe.model_dump(mode="json"),
     }
 

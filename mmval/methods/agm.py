@@ -78,6 +78,7 @@ from mmval.distributed import batch_mean
 from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts, window_problems
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 from mmval.models.encoders import ResNet18Encoder
+from mmval.models.image_encoders import FrameInput
 from mmval.valuation.engine import LateFusionEvaluator, subset_masks
 
 
@@ -117,7 +118,7 @@ def absent_input(encoder: nn.Module, sample: torch.Tensor) -> torch.Tensor:
     frames are normalised inside the encoder, so that is the mean colour (as floats, exact);
     spectrograms, flow and vectors are read as they are, so zeros; token ids become the padding
     id, an empty text [ours: the official MOSEI code writes id 0 whatever it stands for]."""
-    if isinstance(encoder, ResNet18Encoder) and encoder.rgb:
+    if isinstance(encoder, ResNet18Encoder | FrameInput) and encoder.rgb:
         colour = encoder.mean.flatten() * 255.0
         return colour.to(sample.device).expand(sample.shape).contiguous()
     pad = getattr(encoder, "pad_id", None)

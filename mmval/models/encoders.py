@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -28,6 +28,12 @@ from torch import nn
 from mmval.artifacts.checkpoint import read_torch_file
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
+from mmval.models.image_encoders import (
+    ResNetEncoder,
+    ResNetEncoderConfig,
+    ViTEncoder,
+    ViTEncoderConfig,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -119,6 +125,8 @@ class PythonEncoderConfig(BaseModel):
 EncoderConfigType = (
     MLPEncoderConfig
     | ResNet18EncoderConfig
+    | ResNetEncoderConfig
+    | ViTEncoderConfig
     | EmbeddingBagEncoderConfig
     | TransformerEncoderConfig
     | SegmentLSTMEncoderConfig
@@ -134,6 +142,8 @@ def _encoder_kind(value: Any) -> str:
 EncoderConfig = Annotated[
     Annotated[MLPEncoderConfig, Tag("mlp")]
     | Annotated[ResNet18EncoderConfig, Tag("resnet18")]
+    | Annotated[ResNetEncoderConfig, Tag("resnet")]
+    | Annotated[ViTEncoderConfig, Tag("vit")]
     | Annotated[EmbeddingBagEncoderConfig, Tag("embedding_bag")]
     | Annotated[TransformerEncoderConfig, Tag("transformer")]
     | Annotated[SegmentLSTMEncoderConfig, Tag("segment_lstm")]
@@ -213,6 +223,7 @@ class ResNet18Encoder(nn.Module):
                 net,
                 _load_weights(config.pretrained),
                 f"pretrained weights file {config.pretrained}",
+                lambda key: key.endswith(".num_batches_tracked"),  # absent from older files
             )
         if channels != 3:
             conv = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -277,11 +288,18 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def load_state(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    what: str,
+    optional: Callable[[str], bool] | None = None,
+) -> None:
     """`module.load_state_dict(state)`, or a UserError naming the missing and unexpected keys
-    and the tensors of another shape (torch's own error is a traceback that lists them)."""
+    and the tensors of another shape (torch's own error is a traceback that lists them).
+    Keys of the module for which `optional` holds may be absent from `state` (they keep their
+    values: a fresh BatchNorm's step counter is 0, as torch fills it for old files)."""
     own = module.state_dict()
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and not (optional and optional(k))]
     unexpected = [k for k in state if k not in own]
     reshaped = [
         f"{k} {list(v.shape)} (the encoder's: {list(own[k].shape)})"
@@ -302,7 +320,7 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> 
             f"{what} does not fit the {type(module).__name__} this recipe builds "
             f"({'; '.join(problems)}): use the encoder settings the weights were trained with."
         )
-    module.load_state_dict(state)
+    module.load_state_dict(state, strict=optional is None)
 
 
 def _token_spec(spec: ModalitySpec, kind: str) -> int:
@@ -449,6 +467,10 @@ def build_encoder(spec: ModalitySpec, config: EncoderConfigType) -> nn.Module:
         return _python_encoder(spec, config)
     if isinstance(config, ResNet18EncoderConfig):
         return ResNet18Encoder(spec.shape, config)
+    if isinstance(config, ResNetEncoderConfig):
+        return ResNetEncoder(spec.shape, config)
+    if isinstance(config, ViTEncoderConfig):
+        return ViTEncoder(spec.shape, config)
     if isinstance(config, MLPEncoderConfig):
         return MLPEncoder(spec.shape, config)
     if isinstance(config, SegmentLSTMEncoderConfig):

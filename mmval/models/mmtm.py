@@ -14,8 +14,8 @@ modality's running mean from the first modality's gate (a slip); here each keeps
 Running means are updated in training steps only (the official code also counts evaluation
 forwards).
 
-Encoders that can be split in stages (resnet18: the four residual stages; mlp: each hidden block,
-then the output block) expose `stem`, `run_stage`, `squeeze`, `excite` and `pool`.
+Encoders that can be split in stages (resnet18 and resnet: the four residual stages; mlp: each
+hidden block, then the output block) expose `stem`, `run_stage`, `squeeze`, `excite` and `pool`.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ class MMTMFusion(nn.Module):
         unstaged = [m for m, enc in encoders.items() if not hasattr(enc, "stage_channels")]
         if unstaged:
             raise UserError(
-                f"model.mmtm: mid-fusion needs encoders that run in stages (resnet18 or mlp); "
-                f"{', '.join(unstaged)} cannot."
+                "model.mmtm: mid-fusion needs encoders that run in stages (resnet18, resnet or "
+                f"mlp); {', '.join(unstaged)} cannot."
             )
         depth = min(len(enc.stage_channels) for enc in encoders.values())
         bad = [s for s in config.stages if not 1 <= s <= depth]

@@ -47,7 +47,7 @@ class ModelConfig(BaseModel):
     mmtm: MMTMConfig | None = Field(
         default=None,
         description="mid-fusion: MMTM blocks between encoder stages (Greedy's model); "
-        "resnet18 or mlp encoders",
+        "resnet18, resnet or mlp encoders",
     )
     unet: Annotated[UNet3DConfig | None, ADDED_LATER] = Field(
         default=None,

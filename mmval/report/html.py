@@ -9,7 +9,9 @@ from html import escape
 from mmval import __version__
 from mmval.report.figures import ReportFigure
 from mmval.report.tables import (
+    COST_LEGEND,
     Comparison,
+    cost_text,
     delta_text,
     header_columns,
     left_out_lines,
@@ -74,7 +76,8 @@ def page(
         if comparison.title:
             parts.append(f"<h2>{escape(comparison.title)}</h2>")
         parts.append(_table(comparison))
-        parts += [f'<p class="legend">{escape(line)}</p>' for line in legend(comparison)]
+        lines = [*legend(comparison), COST_LEGEND.format(group=comparison.group_label)]
+        parts += [f'<p class="legend">{escape(line)}</p>' for line in lines]
     if left_out:
         parts += [
             "<h2>Left out (not averaged)</h2>",
@@ -102,7 +105,8 @@ def _table(comparison: Comparison) -> str:
     head += [
         f'<th class="group" colspan="{len(columns)}">{escape(d)}</th>' for d in comparison.datasets
     ]
-    head += ['<th rowspan="2">Recipe</th>', '<th rowspan="2">mmval</th>']
+    head += ['<th rowspan="2">Cost</th>', '<th rowspan="2">Recipe</th>']
+    head.append('<th rowspan="2">mmval</th>')
     names = [f"<th>{escape(label)}</th>" for _ in comparison.datasets for label, _, _ in columns]
     body = []
     for row in comparison.rows:
@@ -122,6 +126,7 @@ def _table(comparison: Comparison) -> str:
                 if cell is not None and cell.marker:
                     text += f"<sup>{escape(cell.marker)}</sup>"
                 cells.append(f"<td>{text}</td>")
+        cells.append(f'<td class="text">{escape(cost_text(comparison, row))}</td>')
         cells.append(f'<td class="text"><code>{escape(recipe_text(comparison, row))}</code></td>')
         cells.append(f'<td class="text">{escape(comparison.versions[row])}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")

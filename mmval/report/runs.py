@@ -94,6 +94,8 @@ META = [
     "task",  # what the run trained for (mmval.tasks)
     "selected_on",  # the metric its checkpoint was selected on (acc, mae, seg_acc, dice_mean)
     "headline",  # the task's main metrics, comma-separated (the report's default columns)
+    "parameters",  # the model's parameter count (None for runs before mmval counted it)
+    "macs_per_sample",  # multiply-accumulates of one evaluation forward of one sample
 ]
 # how the report names metrics, and the metrics where lower is better
 METRIC_LABELS = {
@@ -535,6 +537,8 @@ def _record(folder: Path, summary: dict[str, Any], select: str) -> dict[str, Any
         "task": summary.get("task", "classification"),
         "selected_on": key,
         "headline": ",".join(summary.get("headline", ["acc", "f1"])),
+        "parameters": summary.get("parameters"),
+        "macs_per_sample": summary.get("macs_per_sample"),
         "_recipe": recipe,
     }
     return meta | {k: v for k, v in values.items() if k not in meta}

@@ -42,6 +42,15 @@ from mmval.report.significance import (
 )
 
 COLUMNS = ["dataset", "method", "n_seeds", "acc_mean", "acc_std", "f1_mean", "f1_std"]
+# the model's size and the multiply-accumulates of one evaluation forward of one sample
+# (summary.json, `mmval.engine.cost`), in the CSV after the metrics
+COST_COLUMNS = ["parameters", "macs_per_sample"]
+COST_LEGEND = (
+    "Cost: the parameters of the model that predicts and the multiply-accumulates (MACs) of "
+    "one evaluation forward of one sample, counted by mmval with torch's FLOP counter "
+    "(matrix products, convolutions and attention; a method's extra training passes and "
+    "modules are not counted), per {group} in column order."
+)
 SEED_MARK, SAMPLE_MARK = "†", "‡"
 MIN_SEEDS = 3  # below this many matched seeds the report warns
 _P_COLUMNS = ("delta", "p_ttest", "p_wilcoxon", "p_bootstrap", "p_hierarchical")
@@ -297,6 +306,7 @@ def _aggregate(runs: pd.DataFrame, metrics: list[Metric]) -> pd.DataFrame:
                 else values.max()
             )
             line[f"{m.key}_std"] = math.nan if pooled else values.std(ddof=1)
+        line |= {cost: _one_value(group[cost]) for cost in COST_COLUMNS}
         line |= {
             "variant": group["variant"].iloc[0],
             "selection": group["selection"].iloc[0],
@@ -307,7 +317,14 @@ def _aggregate(runs: pd.DataFrame, metrics: list[Metric]) -> pd.DataFrame:
             "row": row,
         }
         lines.append(line)
-    return pd.DataFrame(lines)
+    return pd.DataFrame(lines).astype(dict.fromkeys(COST_COLUMNS if lines else [], "Int64"))
+
+
+def _one_value(values: pd.Series) -> int | None:
+    """The cost of a row's runs (one recipe, one mmval version: the same for every seed);
+    None when no run recorded it (runs before mmval counted costs)."""
+    known = values.dropna()
+    return int(known.iloc[0]) if len(known) else None
 
 
 @dataclass
@@ -595,6 +612,28 @@ def recipe_text(comparison: Comparison, row: str) -> str:
     return " / ".join(recipe_hashes(comparison, row))
 
 
+def cost_text(comparison: Comparison, row: str) -> str:
+    """`11.7M params, 1.82G MACs` on each column group (once when all are the same), `-`
+    where the runs did not record it."""
+    long = comparison.long[comparison.long["row"] == row].set_index("dataset")
+    texts = []
+    for dataset in comparison.datasets:
+        cost = long.loc[dataset] if dataset in long.index else None
+        if cost is None or pd.isna(cost["parameters"]) or pd.isna(cost["macs_per_sample"]):
+            texts.append("-")
+        else:
+            params, macs = _si(cost["parameters"]), _si(cost["macs_per_sample"])
+            texts.append(f"{params} params, {macs} MACs")
+    return " / ".join(texts[:1] if len(set(texts)) == 1 else texts)
+
+
+def _si(count: int) -> str:
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.3g}{unit}"
+    return str(int(count))
+
+
 def selection_text(comparison: Comparison) -> str:
     runs = comparison.tree.runs
     chosen = sorted(set(runs["selected_on"])) if "selected_on" in runs else ["acc"]
@@ -695,9 +734,9 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def to_csv(comparison: Comparison) -> str:
-    """The long table: COLUMNS, then any other metric's mean/std, variant, selection (the
-    test-max label), settings_hash, mmval_version, seeds and, with a baseline, the
-    differences and tests per metric."""
+    """The long table: COLUMNS, then any other metric's mean/std, COST_COLUMNS, variant,
+    selection (the test-max label), settings_hash, mmval_version, seeds and, with a
+    baseline, the differences and tests per metric."""
     return comparison.long.drop(columns="row").to_csv(index=False, float_format="%.6g")
 
 
