@@ -496,6 +496,20 @@ def _cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
                 f"{recipe.train.epochs} for the cosine (train.epochs)",
             )
         )
+    if recipe.model.mmbt is not None:
+        if recipe.method.name != "concat":
+            found.append(
+                (
+                    "model.mmbt",
+                    f"MMBT mixes image and text inside BERT: there are no per-modality features "
+                    f"or logits for {recipe.method.name} to read; it trains with method concat "
+                    "(the cross-entropy of QMF's train.py)",
+                )
+            )
+        if recipe.plugins:
+            found.append(
+                ("plugins", "plug-ins act on per-modality feature vectors; model.mmbt has none")
+            )
     built_on = None if modalities is None else recipe.method.model_modalities(modalities)
     found += plugin_problems(METHODS[recipe.method.name], recipe.plugins, built_on)
     found += recipe.model.flat_problems()

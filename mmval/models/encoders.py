@@ -4,7 +4,8 @@
 local weights file) for spectrograms [T, F], frame stacks [K, H, W, 3] and optical flow
 [K, H, W, 2], pooled over time and space as the OGM-GE code does; `embedding_bag` and
 `transformer` for token ids [L] (text), the transformer also for feature sequences [T, D]
-(CMU-MOSEI). Encoders get the modality's spec: text encoders size their embedding from it.
+(CMU-MOSEI); `hf` a pretrained Hugging Face text model from a local folder (mmval.models.hf).
+Encoders get the modality's spec: text encoders size their embedding from it.
 `python` imports an encoder class of the user's own (`package.module:Class`): the recipe then
 runs the user's code, and a checkpoint of such a model loads for valuation only when trusted.
 """
@@ -28,6 +29,7 @@ from torch import nn
 from mmval.artifacts.checkpoint import read_torch_file
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
+from mmval.models.hf import HFEncoderConfig, HFTextEncoder
 from mmval.models.image_encoders import (
     ResNetEncoder,
     ResNetEncoderConfig,
@@ -131,6 +133,7 @@ EncoderConfigType = (
     | TransformerEncoderConfig
     | SegmentLSTMEncoderConfig
     | PythonEncoderConfig
+    | HFEncoderConfig
 )
 
 
@@ -147,7 +150,8 @@ EncoderConfig = Annotated[
     | Annotated[EmbeddingBagEncoderConfig, Tag("embedding_bag")]
     | Annotated[TransformerEncoderConfig, Tag("transformer")]
     | Annotated[SegmentLSTMEncoderConfig, Tag("segment_lstm")]
-    | Annotated[PythonEncoderConfig, Tag("python")],
+    | Annotated[PythonEncoderConfig, Tag("python")]
+    | Annotated[HFEncoderConfig, Tag("hf")],
     Discriminator(_encoder_kind),
 ]
 
@@ -475,6 +479,8 @@ def build_encoder(spec: ModalitySpec, config: EncoderConfigType) -> nn.Module:
         return MLPEncoder(spec.shape, config)
     if isinstance(config, SegmentLSTMEncoderConfig):
         return SegmentLSTMEncoder(spec.shape, config)
+    if isinstance(config, HFEncoderConfig):
+        return HFTextEncoder(spec, config)
     encoder: nn.Module
     if isinstance(config, EmbeddingBagEncoderConfig):
         encoder = EmbeddingBagEncoder(spec, config)

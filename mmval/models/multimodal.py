@@ -23,6 +23,7 @@ from mmval.errors import UserError
 from mmval.models.ave_att import AVAttConfig, AVAttModel
 from mmval.models.encoders import EncoderConfig, MLPEncoderConfig, build_encoder
 from mmval.models.fusions import FUSIONS, FusionConfig, FusionField, build_fusion
+from mmval.models.mmbt import MMBTConfig, MMBTModel
 from mmval.models.mmtm import MMTMConfig, MMTMFusion
 from mmval.models.neck import NeckSource
 from mmval.models.output import ModelOutput
@@ -61,6 +62,13 @@ class ModelConfig(BaseModel):
         "attention, BiLSTMs, per-segment classifier; localisation task only); set (`{}` for "
         "the official sizes), it replaces the encoders and the fusion head: encoder, encoders, "
         "fusion and init do not apply to it",
+    )
+    mmbt: Annotated[MMBTConfig | None, ADDED_LATER] = Field(
+        default=None,
+        description="MMBT as QMF runs it (image embeddings of a ResNet entered into a local "
+        "Hugging Face BERT as tokens, classifier on BERT's pooled output; image + text "
+        "classification, method concat); set, it replaces the encoders and the fusion head: "
+        "encoder, encoders, fusion and init do not apply to it",
     )
     init: Annotated[InitName, ADDED_LATER] = Field(
         default="default",
@@ -282,7 +290,7 @@ def build_model(
 ) -> nn.Module:
     """The model of `config` predicting `out_dim` values per position (classes, or 1 for a
     score) for `task`: for segmentation the 3-D U-Net, Tian et al.'s model where `ave_att` is
-    set, else encoders and a fusion head."""
+    set, MMBT where `mmbt` is, else encoders and a fusion head."""
     if config.ave_att is not None:
         if task != "localisation":
             raise UserError(
@@ -291,6 +299,12 @@ def build_model(
         if plugins:
             raise UserError("plug-ins act on per-modality feature vectors; model.ave_att has none.")
         return AVAttModel(config.ave_att, specs, out_dim)
+    if config.mmbt is not None:
+        if task != "classification":
+            raise UserError(f"model.mmbt is a classification model; the task is {task}.")
+        if plugins:
+            raise UserError("plug-ins act on per-modality feature vectors; model.mmbt has none.")
+        return MMBTModel(config.mmbt, specs, out_dim)
     if task == "segmentation":
         if plugins:
             raise UserError("plug-ins act on per-modality feature vectors; the 3-D U-Net has none.")

@@ -111,6 +111,21 @@ class HFTokenizerConfig(_Strict):
     path: Path
     max_length: int = Field(default=40, ge=1, description="ids kept per text, specials included")
     lowercase: bool = Field(default=True, description="only for a vocab.txt folder")
+    sep: bool = Field(
+        default=True,
+        description="end a text with the tokenizer's own specials ([CLS] ... [SEP] for BERT); "
+        "false: `[CLS]` and the first max_length - 1 pieces, no [SEP], the BERT input of "
+        "QMF's loader",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_sep(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """At its default, `sep` dumps as before it existed, so a data set prepared earlier
+        still matches its settings on a re-run."""
+        dump = handler(self)
+        if self.sep:
+            dump.pop("sep", None)
+        return dump
 
 
 TokenizerConfig = Annotated[WordTokenizerConfig | HFTokenizerConfig, Field(discriminator="kind")]
@@ -179,16 +194,21 @@ class HFTokenizer:
         path = config.path.expanduser()
         if path.is_dir() and (path / "tokenizer.json").is_file():
             path = path / "tokenizer.json"
+        found = None
         try:
             if path.is_file():
-                return cls(Tokenizer.from_file(str(path)), config.max_length)
-            if path.is_dir() and (path / "vocab.txt").is_file():
+                found = Tokenizer.from_file(str(path))
+            elif path.is_dir() and (path / "vocab.txt").is_file():
                 wordpiece = BertWordPieceTokenizer(
                     str(path / "vocab.txt"), lowercase=config.lowercase
                 )
-                return cls(wordpiece._tokenizer, config.max_length)
+                found = wordpiece._tokenizer
         except Exception as exc:  # the tokenizers library raises plain Exceptions
             raise UserError(f"cannot read the tokenizer at {path}: {exc}") from None
+        if found is not None:
+            if not config.sep:
+                _cls_first(found, path)
+            return cls(found, config.max_length)
         raise UserError(
             f"no Hugging Face tokenizer at {config.path}: expected a tokenizer.json file, or a "
             "folder holding tokenizer.json or vocab.txt (mmval never downloads tokenizers)."
@@ -199,6 +219,28 @@ class HFTokenizer:
 
     def to_bytes(self) -> bytes:
         return self.tokenizer.to_str().encode("utf-8")
+
+
+def _cls_first(tokenizer: object, path: Path) -> None:
+    """`sep: false`: the post-processor becomes `[CLS] $A`, so that with truncation (which
+    counts the specials a post-processor adds) a text is `[CLS]` + pieces[:max_length - 1], as
+    QMF's loader builds BERT inputs (`sentence = ["[CLS]"] + tokens[:max_seq_len - 1]`,
+    QingyangZhang/QMF fe6c4c6ef7cb23f0a89594ee413d485f1854268b,
+    text-image-classification/src/data/dataset.py line 89). Saved with the tokenizer, so new
+    text is encoded alike."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    assert isinstance(tokenizer, Tokenizer)
+    cls_id = tokenizer.token_to_id("[CLS]")
+    if cls_id is None:
+        raise UserError(
+            f"text.tokenizer.sep: false starts every text with [CLS], and the tokenizer at "
+            f"{path} has no [CLS] token (a BERT WordPiece vocabulary has one)."
+        )
+    tokenizer.post_processor = TemplateProcessing(
+        single="[CLS] $A", special_tokens=[("[CLS]", cls_id)]
+    )
 
 
 def build_tokenizer(
