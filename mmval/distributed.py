@@ -321,6 +321,10 @@ class GradientSync:
     zeros for the others. Hooks note every backward that adds to a gradient, so `reduce` is a
     no-op until something was back-propagated since the last one; edits a method makes to the
     reduced gradients (identical on every rank) are kept.
+
+    `params` are those trainable when it is made, before `train.freeze` froze any: a parameter
+    frozen in an epoch (`requires_grad` off on every rank alike, from the recipe and the epoch)
+    is left out of that epoch's reductions, and taken in again once it trains.
     """
 
     def __init__(self, params: Sequence[nn.Parameter]) -> None:
@@ -336,8 +340,9 @@ class GradientSync:
             return
         self.pending = False
         size = world_size()
-        for (device, dtype), members in _groups(self.params).items():
-            params = [self.params[i] for i in members]
+        trained = [p for p in self.params if p.requires_grad]
+        for (device, dtype), members in _groups(trained).items():
+            params = [trained[i] for i in members]
             flat = torch.cat(
                 [
                     *(

@@ -198,12 +198,49 @@ Schedule = Annotated[
 ]
 
 
+# a module of the model by its attribute path: `encoders.text`, `fusion`, `encoders.visual.trunk.4`
+MODULE_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$"
+
+
+class ParamGroup(_Strict):
+    """One optimizer parameter group: the parameters of a module of the model with their own
+    learning rate and weight decay (mmval.engine.freeze)."""
+
+    params: str = Field(
+        pattern=MODULE_PATH,
+        description="the module's dotted path in the model: encoders.<modality>, fusion, or "
+        "a path inside one (encoders.text.bert.encoder)",
+    )
+    lr: float | None = Field(
+        default=None, ge=0, description="its learning rate (default optim.lr); 0 keeps it fixed"
+    )
+    weight_decay: float | None = Field(
+        default=None, ge=0, description="its weight decay (default optim.weight_decay)"
+    )
+
+
 class OptimConfig(_Strict):
     name: Literal["sgd", "adam", "adamw"] = "adam"
     lr: float = Field(default=1e-3, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD only")
     weight_decay: float = Field(default=1e-4, ge=0)
     scheduler: Schedule = Field(default_factory=ConstantSchedule)
+    groups: Annotated[list[ParamGroup], ADDED_LATER] = Field(
+        default_factory=list,
+        description="parameter groups with their own lr / weight_decay: [{params: "
+        "encoders.text, lr: 2e-5}, ...]; every other parameter trains with optim.lr and "
+        "optim.weight_decay. A parameter may fall in one group only; schedules scale every "
+        "group alike, and metrics log each group's rate as lr_<params>",
+    )
+
+    @field_validator("groups")
+    @classmethod
+    def _distinct(cls, groups: list[ParamGroup]) -> list[ParamGroup]:
+        paths = [g.params for g in groups]
+        twice = sorted({p for p in paths if paths.count(p) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} named by more than one group")
+        return groups
 
 
 class EarlyStopping(_Strict):
@@ -286,6 +323,16 @@ class TrainConfig(_Strict):
         description="end the run when the selection metric stops improving: {patience: N "
         "evaluations, min_delta: x}; the run counts as finished",
     )
+    freeze: Annotated[dict[str, Annotated[int, Field(ge=0)] | Literal["always"]], ADDED_LATER] = (
+        Field(
+            default_factory=dict,
+            description="freezing schedules: {<module path>: N | always}; the parameters of "
+            "that module of the model (encoders.image, encoders.text.bert.encoder, ...) are "
+            "not trained in epochs 0 to N-1 (counted from 0) and trained from epoch N on "
+            "(always: never); the module stays in train mode, so its BatchNorm statistics "
+            "still update (QMF's freeze_img / freeze_txt)",
+        )
+    )
     select_on: Annotated[str, ADDED_LATER] = Field(
         default="auto",
         pattern=r"^(auto|val_[a-z0-9_]+)$",
@@ -306,6 +353,17 @@ class TrainConfig(_Strict):
         if value == "auto" or (type(value) is int and value >= 0):
             return value
         raise ValueError("must be a number of worker processes (0 or more) or auto")
+
+    @field_validator("freeze")
+    @classmethod
+    def _paths(cls, value: dict[str, Any]) -> dict[str, Any]:
+        bad = [path for path in value if not re.match(MODULE_PATH, path)]
+        if bad:
+            raise ValueError(
+                f"{', '.join(map(repr, bad))}: a key is a dotted module path of the model "
+                "(encoders.<modality>, fusion, ...)"
+            )
+        return value
 
     @field_validator("tracking_uri", mode="before")
     @classmethod

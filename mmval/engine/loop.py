@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader
 from mmval import distributed
 from mmval.artifacts.layout import LAST
 from mmval.data.dataset import Batch, ParquetSamples, collate_batch
+from mmval.engine.freeze import group_columns
 from mmval.engine.session import Session, autocast
 from mmval.errors import UserError
 from mmval.methods import TrainContext
@@ -384,6 +385,8 @@ def train_one_epoch(run: Fit, ctx: TrainContext, callbacks: Sequence[Callback]) 
         # is reused): the random stream, and with it the run, does not depend on workers
         torch.empty((), dtype=torch.int64).random_()
     model.train()
+    if session.freezing is not None:  # this epoch's frozen parts, before the method's hook
+        session.freezing.apply(ctx.epoch)
     method.on_epoch_start(model, ctx)
     loss_sum, score_sum, seen, data_seconds = 0.0, 0.0, 0, 0.0
     method_sums: dict[str, float] = {}
@@ -396,7 +399,8 @@ def train_one_epoch(run: Fit, ctx: TrainContext, callbacks: Sequence[Callback]) 
     )
     batches = iter(session.loader)
     number = 0
-    lr = optimizer.param_groups[0]["lr"]  # the rate the epoch's last step trained with
+    # the rates the epoch's last step trained with (the default group's first: the `lr` column)
+    lrs = [group["lr"] for group in optimizer.param_groups]
     while True:
         waiting = time.perf_counter()
         batch = next(batches, None)
@@ -426,7 +430,7 @@ def train_one_epoch(run: Fit, ctx: TrainContext, callbacks: Sequence[Callback]) 
             seen += len(batch)
         ctx.step += 1
         session.sampler.advance(len(batch))
-        lr = optimizer.param_groups[0]["lr"]
+        lrs = [group["lr"] for group in optimizer.param_groups]
         if session.scheduler is not None:
             session.scheduler.after_step()
         for callback in callbacks:
@@ -438,7 +442,8 @@ def train_one_epoch(run: Fit, ctx: TrainContext, callbacks: Sequence[Callback]) 
     seen = int(totals.pop("seen"))
     row: dict[str, float] = {
         "epoch": ctx.epoch + 1,
-        "lr": lr,
+        "lr": lrs[0],
+        **dict(zip(group_columns(run.recipe.optim), lrs[1:], strict=True)),
         "train_loss": totals.pop("loss") / seen if seen else math.nan,  # nan: all skipped
         f"train_{session.task.train_figure}": totals.pop("score") / seen if seen else math.nan,
     }

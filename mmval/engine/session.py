@@ -25,6 +25,7 @@ from mmval.data.manifest import load_dataset_manifest
 from mmval.data.prep import prepare
 from mmval.data.shards import MANIFEST, DataManifest, check_data_dir
 from mmval.data.sources import SOURCES
+from mmval.engine.freeze import Freezing, build_freezing, param_groups
 from mmval.errors import UserError
 from mmval.methods import Method, build_method
 from mmval.methods.plugged import with_plugins
@@ -196,9 +197,12 @@ def build_scheduler(
         return Scheduler(plateau, "evaluation")
     if schedule.name == "onecycle":
         total = epochs * steps_per_epoch
+        peak = schedule.max_lr if schedule.max_lr is not None else cfg.lr
+        # with optim.groups, each group peaks at its own share of the default group's peak
+        peaks = [peak * g["lr"] / cfg.lr for g in optimizer.param_groups[1:]]
         cycle = lr.OneCycleLR(
             optimizer,
-            max_lr=schedule.max_lr if schedule.max_lr is not None else cfg.lr,
+            max_lr=[peak, *peaks] if peaks else peak,
             total_steps=total,
             pct_start=schedule.pct_start,
             anneal_strategy=schedule.anneal_strategy,
@@ -261,6 +265,7 @@ class Session:
     loader: DataLoader
     method_modules: nn.ModuleDict
     gradients: distributed.GradientSync | None  # under DDP: averages gradients over ranks
+    freezing: Freezing | None = None  # train.freeze, applied at the start of every epoch
 
 
 def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
@@ -324,8 +329,12 @@ def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
     if recipe.train.compile:  # in place: state_dict keys, and checkpoints, are unchanged
         for encoder in model.encoders.values() if isinstance(model, MultimodalModel) else [model]:
             encoder.compile()
-    params = [*model.parameters(), *method_modules.parameters()]
-    optimizer = build_optimizer(recipe.optim, params)
+    own = list(method_modules.parameters())
+    params = [*model.parameters(), *own]
+    optimizer = build_optimizer(recipe.optim, param_groups(recipe.optim, model, own))
+    # resolved before any epoch froze a parameter: GradientSync (below) hooks every one, so
+    # that those unfrozen later are averaged too
+    freezing = build_freezing(recipe.train.freeze, model, own)
     per_rank = recipe.train.batch_size // world
     sampler = BlockShuffleSampler(
         datasets["train"].block_ids(),
@@ -373,6 +382,7 @@ def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
         loader=loader,
         method_modules=method_modules,
         gradients=distributed.GradientSync(params) if world > 1 else None,
+        freezing=freezing,
     )
 
 

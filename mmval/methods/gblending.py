@@ -158,15 +158,11 @@ class GBlending(Method):
         before, after = {}, {}
         for k, (key, logits_of) in enumerate(subs.items()):
             if key == MM:
-                sub: nn.Module = copy.deepcopy(model)
+                original: nn.Module = model
             else:
-                sub = nn.ModuleDict(
-                    {
-                        "encoder": copy.deepcopy(model.encoders[key]),
-                        "head": copy.deepcopy(self.heads[key]),
-                    }
-                )
-            optimizer = _fresh_like(tools.optimizer, sub.parameters())
+                original = nn.ModuleDict({"encoder": model.encoders[key], "head": self.heads[key]})
+            sub = copy.deepcopy(original)  # frozen parts (train.freeze) stay frozen in it
+            optimizer = _fresh_like(tools.optimizer, original.parameters(), sub.parameters())
             before[key] = self._losses(sub, logits_of, ctx, tools)
             for epoch in range(self.config.super_epoch):
                 seed = [self.config.seed, ctx.epoch, k, epoch]
@@ -246,8 +242,23 @@ def _fused_logits(sub: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def _fresh_like(
-    optimizer: torch.optim.Optimizer, params: Iterator[nn.Parameter]
+    optimizer: torch.optim.Optimizer,
+    originals: Iterator[nn.Parameter],
+    copies: Iterator[nn.Parameter],
 ) -> torch.optim.Optimizer:
-    """A new optimizer of the run's kind and settings, at its current learning rate."""
-    settings = {**optimizer.defaults, "lr": optimizer.param_groups[0]["lr"]}
-    return type(optimizer)(params, **settings)
+    """A new optimizer of the run's kind and settings for `copies` (of `originals`, in the same
+    order), each at the current learning rate and the weight decay of its original's group
+    (optim.groups)."""
+    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    members: dict[int, list[nn.Parameter]] = {}
+    for original, param in zip(originals, copies, strict=True):
+        members.setdefault(group_of[id(original)], []).append(param)
+    groups = [
+        {
+            "params": params,
+            "lr": optimizer.param_groups[i]["lr"],
+            "weight_decay": optimizer.param_groups[i]["weight_decay"],
+        }
+        for i, params in sorted(members.items())
+    ]
+    return type(optimizer)(groups, **optimizer.defaults)

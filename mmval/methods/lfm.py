@@ -43,6 +43,8 @@ Deviations:
   fusion) and the alignment is the mean JS over all pairs of modalities.
 - JS takes log_softmax where the official takes the log of the softmax (the same value unless a
   probability underflows to 0, where the official gives inf or NaN).
+- train.freeze [ours]: H is over the parameters that train in the epoch (a frozen one has no
+  gradient to differentiate); theta_0 frozen is refused, since g is its entries' mean.
 
 DDP: every rank computes g on the same samples with the same weights, and alpha_1 is then taken
 from rank 0 (`broadcast_object`), so all ranks train with the same weight whatever the kernels'
@@ -61,6 +63,7 @@ from pydantic import Field, model_validator
 
 from mmval.data.dataset import Batch
 from mmval.distributed import broadcast_object
+from mmval.errors import UserError
 from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.models import ModelConfig, ModelOutput, MultimodalModel
 
@@ -199,9 +202,15 @@ class LFM(Method):
         # the official mode: the fresh model's before epoch 0, the test pass's afterwards
         model.train(ctx.epoch == 0)
         cls, align = loss_parts(model, model(batch.inputs), batch.label)
-        params = list(model.parameters())
+        params = [p for p in model.parameters() if p.requires_grad]
         modality = self.config.hypergradient_modality or model.modalities[0]
         first = next(model.encoders[modality].parameters())
+        if not first.requires_grad:
+            raise UserError(
+                f"lfm's weight step differentiates by the first parameter of encoders.{modality}, "
+                f"which train.freeze freezes in epoch {ctx.epoch + 1}: do not freeze that "
+                "encoder's first layer, or set method.hypergradient_modality to another modality."
+            )
         grad = alpha_gradient(params, first, cls, align, self.alpha)
         model.train()
         lr = self.config.lr_alpha / 2 ** (ctx.epoch // self.config.lr_alpha_halve_every)

@@ -207,7 +207,10 @@ class Relearning(Method):
             w = relearn_weight(p_train, p_val, cfg.move_lambda)
             with torch.no_grad():
                 for n, param in model.encoders[m].named_parameters():
-                    param.mul_(1 - w).add_(self.initial[f"{m}.{n}"], alpha=w)
+                    # one frozen by train.freeze has never trained: it is its initial value,
+                    # which the formula would give back up to rounding
+                    if param.requires_grad:
+                        param.mul_(1 - w).add_(self.initial[f"{m}.{n}"], alpha=w)
             self.figures.update(
                 {f"purity_train_{m}": p_train, f"purity_val_{m}": p_val, f"reinit_w_{m}": w}
             )
