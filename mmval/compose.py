@@ -15,6 +15,8 @@ which; without it, only the new tag), so that one override switches the type.
 from __future__ import annotations
 
 import copy
+import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -140,4 +142,33 @@ def compose_recipe(
     if overrides and isinstance(raw, dict):
         retag = retagger(variant_fields, kept if kept is not None else [])
         raw = apply_overrides(raw, overrides, retag)
-    return raw
+    return expand_environment(raw, str(path))
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_environment(raw: Any, where: str, path: tuple[str, ...] = ()) -> Any:
+    """`${NAME}` in a string value replaced by the environment variable NAME, after `--set`
+    (so that a field given on the command line needs no variable): where the weights of
+    pretrained encoders live differs between machines, and a recipe names them once,
+    `pretrained: ${MMVAL_WEIGHTS}/resnet152-394f9c45.pth`. An unset variable is a user error
+    naming the field."""
+    if isinstance(raw, dict):
+        return {k: expand_environment(v, where, (*path, str(k))) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [expand_environment(v, where, (*path, str(i))) for i, v in enumerate(raw)]
+    if not isinstance(raw, str) or "${" not in raw:
+        return raw
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise UserError(
+                f"{where}: {'.'.join(path)} names the environment variable {name}, which is "
+                f"not set: export {name}=/path (the folder of the files it names), or give the "
+                f"field with --set {'.'.join(path)}=..."
+            )
+        return os.environ[name]
+
+    return _VARIABLE.sub(value, raw)

@@ -195,3 +195,20 @@ def test_packaged_recipes_find_their_bases(tmp_path):
     for recipe in recipes:
         assert recipe.data.dataset == "uci-mfeat" and recipe.data.root == tmp_path / "data"
         assert recipe.model.encoder.hidden == [256] and recipe.train.epochs == 20
+
+
+def test_environment_variables_in_a_recipe(tmp_path, monkeypatch):
+    """`${NAME}` is read from the environment after --set; an unset one is a user error naming
+    the field, and a field given with --set needs no variable."""
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "name: env\nseeds: [0]\ndata: {path: data/x}\ntrain: {epochs: 1}\n"
+        "model: {encoder: {kind: resnet18, pretrained: '${MMVAL_TEST_WEIGHTS}/r18.pth'}}\n"
+    )
+    monkeypatch.delenv("MMVAL_TEST_WEIGHTS", raising=False)
+    with pytest.raises(UserError, match="model.encoder.pretrained names the environment variable"):
+        load_recipe(path)
+    given = load_recipe(path, ["model.encoder.pretrained=/w/r18.pth"])
+    assert str(given.model.encoder.pretrained) == "/w/r18.pth"
+    monkeypatch.setenv("MMVAL_TEST_WEIGHTS", "/models")
+    assert str(load_recipe(path).model.encoder.pretrained) == "/models/r18.pth"

@@ -25,6 +25,12 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 FILES = sorted(p for p in RECIPES.glob("*.yaml") if not p.stem.startswith(("sweep-", "search-")))
 BASES = sorted((RECIPES / "base").glob("*.yaml"))
 
+
+@pytest.fixture(autouse=True)
+def weights_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipes of pretrained encoders name their weights through MMVAL_WEIGHTS."""
+    monkeypatch.setenv("MMVAL_WEIGHTS", "/models")
+
 # The baselines of the balancing literature, each with CREMA-D / Kinetics-Sounds recipes in its
 # published setting; every method needs its uci-mfeat and synthetic-av recipes (over METHODS).
 PAPER_METHODS = (
