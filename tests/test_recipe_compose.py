@@ -206,7 +206,9 @@ def test_environment_variables_in_a_recipe(tmp_path, monkeypatch):
         "model: {encoder: {kind: resnet18, pretrained: '${MMVAL_TEST_WEIGHTS}/r18.pth'}}\n"
     )
     monkeypatch.delenv("MMVAL_TEST_WEIGHTS", raising=False)
-    with pytest.raises(UserError, match="model.encoder.pretrained names the environment variable"):
+    with pytest.raises(
+        UserError, match=r"model\.encoder\.pretrained names the environment variable"
+    ):
         load_recipe(path)
     given = load_recipe(path, ["model.encoder.pretrained=/w/r18.pth"])
     assert str(given.model.encoder.pretrained) == "/w/r18.pth"
