@@ -235,3 +235,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def ave_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fake AVE release (tests/ave_raw.py, 160 rows, no defects) prepared as
+    `ave-localisation`: the localisation tests' data, prepared once."""
+    from tests.ave_raw import write_ave
+
+    root = tmp_path_factory.mktemp("ave")
+    write_ave(root / "raw", rows=160, defects=False)
+    prepare("ave-localisation", root / "data", raw=root / "raw", workers=1)
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def brats_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 fake BraTS 2018 cases of 16^3 voxels (tests/brats_raw.py) prepared as `brats2018`,
+    a quarter of the training folds as validation: the segmentation tests' data."""
+    from tests.brats_raw import write_brats
+
+    root = tmp_path_factory.mktemp("brats")
+    write_brats(root / "raw", hgg=16, lgg=8, corrupt=False)
+    prepare(
+        "brats2018",
+        root / "data",
+        raw=root / "raw",
+        overrides=["shape=[16,16,16]", "val_fraction=0.25"],
+        workers=1,
+    )
+    return root / "data"

@@ -5,7 +5,6 @@ selection and valuation run on fake AVE features."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,7 +14,6 @@ import yaml
 from torch.nn import functional as F
 
 from mmval.artifacts.layout import BEST, PREDICTIONS, SUMMARY
-from mmval.data.prep import prepare
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
 from mmval.models import ModelConfig, build_model
@@ -106,24 +104,14 @@ def test_wiring_refuses_other_tasks_and_shapes():
         build_model(config, shorter, 5, task="localisation")
 
 
-@pytest.fixture(scope="module")
-def ave_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.ave_raw import write_ave
-
-    root = tmp_path_factory.mktemp("ave")
-    write_ave(root / "raw", rows=160, defects=False)
-    prepare("ave-localisation", root / "data", raw=root / "raw", workers=1)
-    return root
-
-
-def test_trains_with_the_official_loss_and_is_valued_by_input_masking(ave_features, tmp_path):
+def test_trains_with_the_official_loss_and_is_valued_by_input_masking(ave_data, tmp_path):
     recipe = tmp_path / "ave_att.yaml"
     recipe.write_text(
         yaml.safe_dump(
             {
                 "name": "ave_att",
                 "seeds": [0],
-                "data": {"path": str(ave_features / "data")},
+                "data": {"path": str(ave_data)},
                 "task": {"name": "localisation", "loss": "official"},
                 "model": {"ave_att": {"hidden_dim": 16, "hidden_size": 32, "fusion_hidden": 16}},
                 "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0},

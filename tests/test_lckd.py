@@ -14,7 +14,6 @@ import torch
 
 from mmval.artifacts.checkpoint import load_checkpoint
 from mmval.artifacts.layout import LAST
-from mmval.data.prep import prepare
 from mmval.errors import UserError
 from mmval.methods import build_method
 from mmval.methods.lckd import REGIONS, kd_loss, soft_region_dice
@@ -24,22 +23,6 @@ from tests.conftest import assert_resume_matches, assert_trained, quick_recipe, 
 SEQUENCES = ["flair", "t1ce", "t1", "t2"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def brats(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.brats_raw import write_brats
-
-    root = tmp_path_factory.mktemp("brats")
-    write_brats(root / "raw", hgg=16, lgg=8, corrupt=False)
-    prepare(
-        "brats2018",
-        root / "data",
-        raw=root / "raw",
-        overrides=["shape=[16,16,16]", "val_fraction=0.25"],
-        workers=1,
-    )
-    return root / "data"
 
 
 def lckd_recipe(prepared: Path, out: Path, **changes: Any) -> Recipe:
@@ -63,8 +46,8 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def test_lckd_trains_logs_kd_and_teachers_and_resumes(brats, tmp_path):
-    recipe = lckd_recipe(brats, tmp_path / "runs")
+def test_lckd_trains_logs_kd_and_teachers_and_resumes(brats_data, tmp_path):
+    recipe = lckd_recipe(brats_data, tmp_path / "runs")
     metrics = assert_resume_matches(recipe)  # killed after epoch 2: teachers from the state
     assert_trained({"finished": True}, metrics, 6)
     assert metrics["method_kd"].notna().all() and (metrics["method_kd"] > 0).any()
@@ -91,10 +74,10 @@ def test_lckd_trains_logs_kd_and_teachers_and_resumes(brats, tmp_path):
     assert set(state.method["teachers"]) == {m for m in SEQUENCES if flags[-1][SEQUENCES.index(m)]}
 
 
-def test_one_present_sequence_distils_nothing(brats, tmp_path):
+def test_one_present_sequence_distils_nothing(brats_data, tmp_path):
     # two sequences: after the warm-up LCKD's random mode keeps exactly one
     recipe = lckd_recipe(
-        brats, tmp_path / "runs", data={"modalities": SEQUENCES[:2]}, train={"epochs": 3}
+        brats_data, tmp_path / "runs", data={"modalities": SEQUENCES[:2]}, train={"epochs": 3}
     )
     _, metrics = trained(recipe)
     assert metrics["method_kd"].iloc[0] > 0  # warm-up: both present
@@ -134,10 +117,10 @@ def test_teacher_dice_is_lckd_soft_dice():
         assert got[k].item() == pytest.approx(want, rel=1e-6)
 
 
-def test_lckd_refuses_other_networks_losses_and_missing_draws(brats, tmp_path):
+def test_lckd_refuses_other_networks_losses_and_missing_draws(brats_data, tmp_path):
     with pytest.raises(UserError, match=r"model\.unet: lckd trains LCKD's network"):
-        lckd_recipe(brats, tmp_path / "runs", model={"unet": {"shared_encoder": False}})
+        lckd_recipe(brats_data, tmp_path / "runs", model={"unet": {"shared_encoder": False}})
     with pytest.raises(UserError, match="region_dice_bce"):
-        trained(lckd_recipe(brats, tmp_path / "runs", task={"loss": "dice_wce"}))
+        trained(lckd_recipe(brats_data, tmp_path / "runs", task={"loss": "dice_wce"}))
     with pytest.raises(UserError, match=r"task\.missing: none"):
-        trained(lckd_recipe(brats, tmp_path / "runs", task={"missing": "lckd"}))
+        trained(lckd_recipe(brats_data, tmp_path / "runs", task={"missing": "lckd"}))

@@ -31,6 +31,7 @@ def weights_folder(monkeypatch: pytest.MonkeyPatch) -> None:
     """The recipes of pretrained encoders name their weights through MMVAL_WEIGHTS."""
     monkeypatch.setenv("MMVAL_WEIGHTS", "/models")
 
+
 # The baselines of the balancing literature, each with CREMA-D / Kinetics-Sounds recipes in its
 # published setting; every method needs its uci-mfeat and synthetic-av recipes (over METHODS).
 PAPER_METHODS = (

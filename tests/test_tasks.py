@@ -215,20 +215,10 @@ def test_a_method_not_defined_for_the_task_is_refused(recipe_file):
 # event localisation
 
 
-@pytest.fixture(scope="module")
-def ave_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.ave_raw import write_ave
-
-    root = tmp_path_factory.mktemp("ave")
-    write_ave(root / "raw", rows=160, defects=False)
-    prepare("ave-localisation", root / "data", raw=root / "raw", workers=1)
-    return root
-
-
-def test_localisation_trains_values_and_reports(ave_features, tmp_path):
+def test_localisation_trains_values_and_reports(ave_data, tmp_path):
     base = {
         "seeds": [0],
-        "data": {"path": str(ave_features / "data")},
+        "data": {"path": str(ave_data)},
         "model": {"encoder": {"kind": "segment_lstm", "hidden": 16}},
         "optim": {"name": "adam", "lr": 0.01},
         "train": {"epochs": 8, "batch_size": 16},
@@ -297,7 +287,7 @@ def test_localisation_trains_values_and_reports(ave_features, tmp_path):
     assert len(comparison.rows) == 3
 
 
-def test_localisation_official_loss_is_tians(ave_features):
+def test_localisation_official_loss_is_tians():
     import torch
 
     from mmval.data.dataset import Batch
@@ -320,27 +310,11 @@ def test_localisation_official_loss_is_tians(ave_features):
 # segmentation
 
 
-@pytest.fixture(scope="module")
-def brats(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.brats_raw import write_brats
-
-    root = tmp_path_factory.mktemp("brats")
-    write_brats(root / "raw", hgg=16, lgg=8, corrupt=False)
-    prepare(
-        "brats2018",
-        root / "data",
-        raw=root / "raw",
-        overrides=["shape=[16,16,16]", "val_fraction=0.25"],
-        workers=1,
-    )
-    return root
-
-
-def test_segmentation_trains_values_and_renders_the_15_combinations(brats, tmp_path):
+def test_segmentation_trains_values_and_renders_the_15_combinations(brats_data, tmp_path):
     raw = {
         "name": "unet",
         "seeds": [0],
-        "data": {"path": str(brats / "data")},
+        "data": {"path": str(brats_data)},
         "model": {"unet": {"base": 4, "levels": 3}},
         "task": {"name": "segmentation", "missing": "mmformer", "missing_from": 4},
         "optim": {"name": "adam", "lr": 0.01},
