@@ -529,21 +529,6 @@ def _cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
     found += [(f"{where}.{reason[0]}", reason[1]) for where, reason in inactive if reason]
     if recipe.task is not None:
         found += _task_problems(recipe, recipe.task.name)
-    if recipe.model.ave_att is not None:
-        needs = recipe.method.needs_unimodal_logits or recipe.method.needs_additive
-        if needs:
-            found.append(
-                (
-                    "model.ave_att",
-                    f"{recipe.method.name} needs per-modality logits, and Tian et al.'s "
-                    "attention model mixes the streams before its classifier; use encoders "
-                    "and a fusion head (model.encoder: {kind: segment_lstm})",
-                )
-            )
-        if recipe.plugins:
-            found.append(
-                ("plugins", "plug-ins act on per-modality feature vectors; model.ave_att has none")
-            )
     schedule = recipe.optim.scheduler
     by_epoch = schedule.name == "warmup_cosine" and schedule.unit == "epochs"
     if by_epoch and schedule.warmup >= recipe.train.epochs:
@@ -554,19 +539,20 @@ def _cross_checks(recipe: Recipe) -> list[tuple[str, str]]:
                 f"{recipe.train.epochs} for the cosine (train.epochs)",
             )
         )
-    if recipe.model.mmbt is not None:
+    whole = recipe.model.whole_model()
+    if whole is not None:
+        field, what = whole
         if recipe.method.name != "concat":
             found.append(
                 (
-                    "model.mmbt",
-                    f"MMBT mixes image and text inside BERT: there are no per-modality features "
-                    f"or logits for {recipe.method.name} to read; it trains with method concat "
-                    "(the cross-entropy of QMF's train.py)",
+                    f"model.{field}",
+                    f"{what}: there are no per-modality features or logits for "
+                    f"{recipe.method.name} to read; it trains with method concat",
                 )
             )
         if recipe.plugins:
             found.append(
-                ("plugins", "plug-ins act on per-modality feature vectors; model.mmbt has none")
+                ("plugins", f"plug-ins act on per-modality feature vectors; model.{field} has none")
             )
     built_on = None if modalities is None else recipe.method.model_modalities(modalities)
     found += plugin_problems(METHODS[recipe.method.name], recipe.plugins, built_on)

@@ -369,7 +369,7 @@ def test_tians_model_refuses_methods_that_read_per_modality_logits(tmp_path):
         "method": {"name": "ogm_ge"},
         "train": {"epochs": 1},
     }
-    with pytest.raises(UserError, match="ogm_ge needs per-modality logits"):
+    with pytest.raises(UserError, match="no per-modality features or logits for ogm_ge"):
         load_recipe(_recipe(tmp_path / "r.yaml", raw))
     raw["method"] = {"name": "concat"}
     raw["plugins"] = ["c3r"]

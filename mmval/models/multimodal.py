@@ -113,6 +113,19 @@ class ModelConfig(BaseModel):
         }
         return model
 
+    def whole_model(self) -> tuple[str, str] | None:
+        """The model option that replaces the encoders and the fusion head, if one is set: its
+        field, and why no method but plain training can read it (the 3-D U-Net is not one:
+        segmentation methods read its per-sequence features)."""
+        if self.ave_att is not None:
+            return (
+                "ave_att",
+                "Tian et al.'s attention model mixes the streams before its classifier",
+            )
+        if self.mmbt is not None:
+            return "mmbt", "MMBT mixes image and text inside BERT"
+        return None
+
     def flat_problems(self) -> list[tuple[str, str]]:
         """Recipe problems: old flat fusion settings that the chosen fusion does not have."""
         found = []
