@@ -29,6 +29,7 @@ from mmval.data.dataset import ParquetSamples
 from mmval.data.prep import prepare
 from mmval.engine.loop import predict
 from mmval.models import ModelConfig, build_model
+from mmval.tasks import CLASSIFICATION
 from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import EvalPath
 from mmval.valuation.registry import build_method
@@ -90,7 +91,7 @@ def bench_m(m: int, root: Path, repeats: int, batch_size: int, device: torch.dev
         )
 
     runs = {
-        "eval": lambda: predict(model, dataset, device, batch_size=batch_size),
+        "eval": lambda: predict(model, dataset, device, CLASSIFICATION, batch_size=batch_size),
         "engine": engine("auto"),
         "naive": engine("naive"),
         "subsets": lambda: subsets_dataset(
