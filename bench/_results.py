@@ -1,6 +1,6 @@
-"""What every benchmark shares: the line naming the machine its figures were measured on, and
-publishing them (bench/results/<name>.json, written atomically, and the same JSON object as the
-last printed line)."""
+"""What every benchmark shares: the line naming the machine its figures were measured on,
+synthetic audio-visual data, and publishing the figures (bench/results/<name>.json, written
+atomically, and the same JSON object as the last printed line)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,29 @@ def machine(with_torch: bool = True) -> str:
 def publish(name: str, result: dict[str, Any]) -> None:
     write_text_atomic(RESULTS / f"{name}.json", json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
+
+
+def synthetic_kinetics_sounds(root: Path, clips: int, size: int, workers: int) -> Path:
+    """Synthetic clips in the Kinetics-Sounds layout (3 classes x `clips` per split, 2 s each)
+    prepped as `mmval prep kinetics-sounds` does, with frames of `size` x `size` and a 256-frame
+    fbank: the data folder `root/ks`."""
+    from mmval.data.prep import prepare
+    from mmval.data.synthetic_av import SyntheticAVParams, write_synthetic_raw
+
+    params = SyntheticAVParams(
+        layout="kinetics-sounds",
+        classes=["0", "1", "2"],
+        clips_per_class=clips,
+        seconds=2.0,
+        size=(size, size),
+    )
+    write_synthetic_raw(root / "raw", params)
+    data = root / "ks"
+    prepare(
+        "kinetics-sounds",
+        data,
+        raw=root / "raw",
+        workers=workers,
+        overrides=[f"modalities.0.size=[{size},{size}]", "modalities.1.target_frames=256"],
+    )
+    return data

@@ -37,12 +37,10 @@ from typing import Any
 
 import pandas as pd
 import torch
-from _results import machine, publish
+from _results import machine, publish, synthetic_kinetics_sounds
 
 from mmval.artifacts.layout import BEST, SUMMARY
 from mmval.data.dataset import ParquetSamples
-from mmval.data.prep import prepare
-from mmval.data.synthetic_av import SyntheticAVParams, write_synthetic_raw
 from mmval.engine.loop import predict
 from mmval.engine.session import resolve_device
 from mmval.recipe import Recipe, load_recipe
@@ -53,27 +51,6 @@ from mmval.valuation.registry import build_method
 from mmval.valuation.run import load_with_data, value_dataset
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def make_data(root: Path, clips: int, size: int) -> Path:
-    """Synthetic Kinetics-Sounds-layout clips, prepped as `mmval prep kinetics-sounds` does."""
-    params = SyntheticAVParams(
-        layout="kinetics-sounds",
-        classes=["0", "1", "2"],
-        clips_per_class=clips,
-        seconds=2.0,
-        size=(size, size),
-    )
-    write_synthetic_raw(root / "raw", params)
-    data = root / "ks"
-    prepare(
-        "kinetics-sounds",
-        data,
-        raw=root / "raw",
-        workers=min(4, os.cpu_count() or 1),
-        overrides=[f"modalities.0.size=[{size},{size}]", "modalities.1.target_frames=256"],
-    )
-    return data
 
 
 def recipe_for(
@@ -224,7 +201,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = make_data(root, args.clips, args.size)
+        data = synthetic_kinetics_sounds(root, args.clips, args.size, min(4, os.cpu_count() or 1))
         fp32, fp32_summary, _ = train(
             recipe_for(
                 "concat-synthetic-av.yaml", data, root / "fp32", args, "train.precision=fp32"

@@ -32,11 +32,9 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from _results import machine, publish
+from _results import machine, publish, synthetic_kinetics_sounds
 
 from mmval.data.dataset import ParquetSamples
-from mmval.data.prep import prepare
-from mmval.data.synthetic_av import SyntheticAVParams, write_synthetic_raw
 from mmval.engine.session import build_session, resolve_device
 from mmval.recipe import Recipe, load_recipe
 from mmval.runner import Trainer
@@ -135,22 +133,7 @@ def main() -> None:
     result: dict[str, object] = {"bench": "loader"}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        params = SyntheticAVParams(
-            layout="kinetics-sounds",
-            classes=["0", "1", "2"],
-            clips_per_class=args.clips,
-            seconds=2.0,
-            size=(112, 112),
-        )
-        write_synthetic_raw(root / "raw", params)
-        data = root / "ks"
-        prepare(
-            "kinetics-sounds",
-            data,
-            raw=root / "raw",
-            workers=2,
-            overrides=["modalities.0.size=[112,112]", "modalities.1.target_frames=256"],
-        )
+        data = synthetic_kinetics_sounds(root, args.clips, 112, workers=2)
         loader_rate, train_rate, plain_rate, plain_wait, engine_wait = {}, {}, {}, {}, {}
         train_samples = 0
         for workers in WORKERS:

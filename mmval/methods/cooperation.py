@@ -89,19 +89,19 @@ def value_split(
     index = [torch.zeros(0, dtype=torch.int64)]
     values = [torch.zeros(0, len(model.modalities), dtype=torch.float64)]
     correct = [torch.zeros(0, dtype=torch.uint8)]  # uint8: every backend gathers it
+    classes = task.kind == "classification"
     for batch in ctx.rank_batches("train", positions):
         valued = valuation.value(Game(evaluator, batch, "correct", task))
         values.append(valued.contribution.cpu())
-        right = valued.pred == batch.label.to(valued.pred.device)
-        correct.append(right.to(torch.uint8).cpu())
+        if classes:
+            right = valued.pred == batch.label.to(valued.pred.device)
+            correct.append(right.to(torch.uint8).cpu())
         index.append(batch.index.cpu())
     model.train(training)
     return SplitValues(
         gather_rows(torch.cat(index)).numpy(),
         gather_rows(torch.cat(values)).numpy(),
-        gather_rows(torch.cat(correct)).numpy().astype(bool)
-        if task.kind == "classification"
-        else None,
+        gather_rows(torch.cat(correct)).numpy().astype(bool) if classes else None,
     )
 
 

@@ -16,12 +16,9 @@ from mmval.data.extract import ExtractionError
 Resize = Literal["squash", "center-crop"]
 
 
-def read_image(
-    path: Path, size: tuple[int, int], resize: Resize = "squash", short_side: int = 256
-) -> np.ndarray:
-    """[H, W, 3] uint8. `squash`: straight to `size` (BalanceBenchmark's `Resize((224, 224))`);
-    `center-crop`: short side to `short_side`, then the central `size` (QMF/MMBT's
-    `Resize(256)` + `CenterCrop(224)`)."""
+def decode_rgb(path: Path) -> torch.Tensor:
+    """The image file as RGB [3, H, W] uint8 (an animated GIF: its first frame); an empty or
+    undecodable file is an ExtractionError (its sample goes to errors.parquet)."""
     data = Path(path).read_bytes()
     if not data:
         raise ExtractionError("empty image file")
@@ -31,8 +28,16 @@ def read_image(
         )
     except RuntimeError as exc:
         raise ExtractionError(f"undecodable image: {exc}") from None
-    if image.ndim == 4:  # animated GIF: its first frame
-        image = image[0]
+    return image[0] if image.ndim == 4 else image
+
+
+def read_image(
+    path: Path, size: tuple[int, int], resize: Resize = "squash", short_side: int = 256
+) -> np.ndarray:
+    """[H, W, 3] uint8. `squash`: straight to `size` (BalanceBenchmark's `Resize((224, 224))`);
+    `center-crop`: short side to `short_side`, then the central `size` (QMF/MMBT's
+    `Resize(256)` + `CenterCrop(224)`)."""
+    image = decode_rgb(path)
     height, width = size
     x = image.unsqueeze(0).float()
     if resize == "center-crop":

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from torchvision.io import ImageReadMode, decode_image
 
 from mmval.data.extract import ExtractionError
+from mmval.data.extract.image import decode_rgb
 from mmval.data.extract.video import encode_jpeg
 from mmval.data.manifest import DatasetManifest
 from mmval.data.pipeline import ClipTask, PrepPlan
@@ -76,15 +76,7 @@ def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
 
 def split_pair(path: Path, params: RgbdParams) -> tuple[np.ndarray, np.ndarray]:
     """The stored RGB and depth images [S, S, 3] uint8 of one side-by-side PNG."""
-    data = Path(path).read_bytes()
-    if not data:
-        raise ExtractionError("empty image file")
-    try:
-        image = decode_image(
-            torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB
-        )
-    except RuntimeError as exc:
-        raise ExtractionError(f"undecodable image: {exc}") from None
+    image = decode_rgb(path)
     width = image.shape[-1]
     half = int(width / 2)
     if half < 1:
