@@ -120,9 +120,16 @@ class Task(ABC):
 
     @abstractmethod
     def outcome(
-        self, logits: torch.Tensor, batch: Batch, keep: torch.Tensor, benefit: str
+        self,
+        logits: torch.Tensor,
+        batch: Batch,
+        keep: torch.Tensor,
+        benefit: str,
+        confidences: bool = False,
     ) -> Outcome:
-        """The outcome of subsets keep [K, B, M] from their logits [K, B, ...]."""
+        """The outcome of subsets keep [K, B, M] from their logits [K, B, ...]; with
+        `confidences`, classification also fills the softmax confidences (`Outcome.confidence`,
+        `top`), which cost more than the rest and are left out otherwise."""
 
     @abstractmethod
     def subset_columns(self, outcome: Outcome, batch: Batch) -> dict[str, torch.Tensor]:

@@ -18,19 +18,30 @@ class ClassificationConfig(TaskConfig):
 
 
 def class_outcome(
-    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, benefit: str
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    keep: torch.Tensor,
+    benefit: str,
+    confidences: bool = False,
 ) -> Outcome:
     """Outcomes of per-unit class logits [K, N, C] with labels [N] and subsets keep [K, N, M]:
     `prob` is the probability of the true class, `correct` Wei et al.'s |S| if the prediction
-    from S is right, else 0."""
-    prob = torch.softmax(logits.double(), -1)
-    confidence = prob.gather(-1, labels[None, :, None].expand(logits.shape[0], -1, 1))[..., 0]
-    pred = logits.argmax(-1)
+    from S is right, else 0. The softmax probabilities (true class, largest) are computed only
+    for `prob` or when asked (`confidences`): over 2^M subsets they cost more than the
+    encoders, and exact Shapley under `correct` needs only the predictions."""
+    top_logit, pred = logits.max(-1)  # the first maximum, as argmax
+    if not confidences and benefit != "prob":
+        return Outcome((pred == labels[None]).double() * keep.sum(-1).double(), pred)
+    # softmax pieces by hand: torch.softmax is slow on a short class axis (a third of the time)
+    shifted = (logits.double() - top_logit.double()[..., None]).exp_()
+    total = shifted.sum(-1)
+    index = labels[None, :, None].expand(logits.shape[0], -1, 1)
+    confidence = shifted.gather(-1, index)[..., 0] / total
     if benefit == "prob":
         value = confidence
     else:
         value = (pred == labels[None]).double() * keep.sum(-1).double()
-    return Outcome(value, pred, confidence, prob.amax(-1))
+    return Outcome(value, pred, confidence, total.reciprocal())
 
 
 class Classification(Task):
@@ -76,9 +87,14 @@ class Classification(Task):
         return {"label": collected["label"], "pred": collected["pred"]}
 
     def outcome(
-        self, logits: torch.Tensor, batch: Batch, keep: torch.Tensor, benefit: str
+        self,
+        logits: torch.Tensor,
+        batch: Batch,
+        keep: torch.Tensor,
+        benefit: str,
+        confidences: bool = False,
     ) -> Outcome:
-        return class_outcome(logits, batch.label, keep, benefit)
+        return class_outcome(logits, batch.label, keep, benefit, confidences)
 
     def correct(self, pred: np.ndarray, label: np.ndarray) -> np.ndarray | None:
         return pred == label

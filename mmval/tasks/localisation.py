@@ -91,7 +91,12 @@ class Localisation(Task):
         }
 
     def outcome(
-        self, logits: torch.Tensor, batch: Batch, keep: torch.Tensor, benefit: str
+        self,
+        logits: torch.Tensor,
+        batch: Batch,
+        keep: torch.Tensor,
+        benefit: str,
+        confidences: bool = False,
     ) -> Outcome:
         k, b, t = logits.shape[:3]
         per_segment = keep[:, :, None, :].expand(k, b, t, keep.shape[-1]).flatten(1, 2)

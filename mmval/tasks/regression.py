@@ -90,7 +90,12 @@ class Regression(Task):
         }
 
     def outcome(
-        self, logits: torch.Tensor, batch: Batch, keep: torch.Tensor, benefit: str
+        self,
+        logits: torch.Tensor,
+        batch: Batch,
+        keep: torch.Tensor,
+        benefit: str,
+        confidences: bool = False,
     ) -> Outcome:
         pred = _scores(logits).double()
         truth = self.scores(batch).double()[None]

@@ -146,7 +146,12 @@ class Segmentation(Task):
         return dict(collected)
 
     def outcome(
-        self, logits: torch.Tensor, batch: Batch, keep: torch.Tensor, benefit: str
+        self,
+        logits: torch.Tensor,
+        batch: Batch,
+        keep: torch.Tensor,
+        benefit: str,
+        confidences: bool = False,
     ) -> Outcome:
         k, b = keep.shape[:2]
         target = self.target(batch).repeat(

@@ -51,8 +51,9 @@ class Game:
         self.chunk = evaluator.chunk_size(self.prepared)
 
     @torch.no_grad()
-    def play(self, keep: torch.Tensor) -> Outcome:
-        """Outcome of subsets keep [K, M] (the same for every sample) or [K, B, M]."""
+    def play(self, keep: torch.Tensor, confidences: bool = False) -> Outcome:
+        """Outcome of subsets keep [K, M] (the same for every sample) or [K, B, M]; with
+        `confidences`, classification's softmax confidences too (`Task.outcome`)."""
         keep = keep.to(self.labels.device)
         if keep.dim() == 2:
             keep = keep[:, None, :].expand(-1, len(self.labels), -1)
@@ -60,7 +61,9 @@ class Game:
         for start in range(0, keep.shape[0], self.chunk):
             chunk = keep[start : start + self.chunk]
             logits = self.evaluator.logits(self.prepared, chunk)
-            parts.append(self.task.outcome(logits, self.batch, chunk, self.benefit))
+            parts.append(
+                self.task.outcome(logits, self.batch, chunk, self.benefit, confidences)
+            )
         return Outcome(
             *(
                 None if values[0] is None else torch.cat(values)

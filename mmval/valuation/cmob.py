@@ -71,7 +71,7 @@ class CMoB(ValuationMethod):
         self.below = inner & ~inner.T & self.masks.any(-1)[:, None]
 
     def value(self, game: Game) -> BatchValues:
-        out = game.play(self.masks)
+        out = game.play(self.masks, confidences=True)
         conf = out.top if self.config.cmob_confidence_score == "max_softmax" else out.confidence
         if self.config.cmob_confidence == "treatment":
             plain = out.benefit

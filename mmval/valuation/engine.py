@@ -112,8 +112,9 @@ class SubsetEvaluator(ABC):
 class LateFusionEvaluator(SubsetEvaluator):
     """Encoders once per batch. An additive head (concat, sum, weighted, cosine: the fused
     logits are the sum of each modality's share) needs no head call at all: a subset's logits
-    are the sum of the present modalities' shares and the removed ones' replacement shares,
-    K x B x C additions. Other heads (film, gated, late) get all subsets in one batched call."""
+    are the removed modalities' replacement shares plus, for each present one, its gain over
+    its replacement, one batched matrix product of the 0/1 subset rows with the gains. Other
+    heads (film, gated, late) get all subsets in one batched call."""
 
     def __init__(
         self,
@@ -132,16 +133,30 @@ class LateFusionEvaluator(SubsetEvaluator):
 
     def prepare(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         features = self.model.encode(inputs)
-        return self.model.unimodal_logits(features) if self.additive else features
+        if not self.additive:
+            return features
+        shares = self.model.unimodal_logits(features)  # [B, *shape] each ([B, C], [B, T, C])
+        shape = shares[self.modalities[0]].shape[1:]
+        absent = torch.stack(
+            [torch.broadcast_to(self.absent[m], (1, *shape))[0] for m in self.modalities]
+        )  # [M, *shape]
+        present = torch.stack([shares[m] for m in self.modalities], 1)  # [B, M, *shape]
+        return {"gains": present - absent, "all_absent": absent.sum(0)}
 
     def logits(self, prepared: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
         k, b = keep.shape[:2]
+        if self.additive:
+            # every modality removed, plus each kept one's gain over its removal: one batched
+            # matrix product. A modality the model ignores has a gain of exactly 0, so adding
+            # it changes no logit by a single bit (its Shapley value is exactly 0).
+            baseline = prepared["all_absent"]
+            weights = keep.to(baseline.dtype).transpose(0, 1)  # [B, K, M]
+            gains = torch.bmm(weights, prepared["gains"].flatten(2))  # [B, K, prod(shape)]
+            return (gains + baseline.flatten()).transpose(0, 1).unflatten(2, baseline.shape)
         parts = {
             m: _where(keep[..., j], prepared[m], self.absent[m])
             for j, m in enumerate(self.modalities)
         }
-        if self.additive:
-            return torch.stack(list(parts.values())).sum(0)
         fused = self.model.fuse({m: x.flatten(0, 1) for m, x in parts.items()})
         return fused.unflatten(0, (k, b))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -103,7 +104,7 @@ def _one_repeat(
         batch = dataset.__getitems__(range(start, min(start + batch_size, len(dataset))))
         batch.inputs = corrupt(batch.inputs, batch.index)
         batch = batch.to(device)
-        outcome = Game(evaluator, batch, task.default_benefit(), task).play(keep)
+        outcome = Game(evaluator, batch, task.default_benefit(), task).play(keep, confidences=True)
         for name, values in task.subset_columns(outcome, batch).items():
             columns.setdefault(name, []).append(values.T.cpu())  # [B, K]
         labels.append(batch.label.cpu())
@@ -111,13 +112,19 @@ def _one_repeat(
     k = len(names)
     return pd.DataFrame(
         {
-            "sample_id": np.repeat(np.asarray(dataset.sample_ids, dtype=object), k),
+            "sample_id": _strings(dataset.sample_ids, np.repeat(np.arange(len(label)), k)),
             "label": np.repeat(label, k),
-            "subset": np.tile(np.asarray(names, dtype=object), len(label)),
+            "subset": _strings(names, np.tile(np.arange(k), len(label))),
             "size": np.tile(keep.sum(1).numpy(), len(label)),
             **{name: torch.cat(parts).numpy().reshape(-1) for name, parts in columns.items()},
         }
     )
+
+
+def _strings(values: Sequence[str], order: np.ndarray) -> pd.Series:
+    """`values[order]` as a string column, gathered in Arrow: a column of 2^M copies of each
+    sample id built from Python strings costs a fifth of the whole evaluation."""
+    return pa.array(values, pa.string()).take(order).to_pandas()
 
 
 @dataclass
