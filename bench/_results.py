@@ -1,9 +1,11 @@
 """What every benchmark shares: the line naming the machine its figures were measured on,
-synthetic audio-visual data, and publishing the figures (bench/results/<name>.json, written
-atomically, and the same JSON object as the last printed line)."""
+synthetic audio-visual data, the `--quick` smoke-test flag, and publishing the figures
+(bench/results/<name>.json, written atomically, and the same JSON object as the last printed
+line)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -25,8 +27,20 @@ def machine(with_torch: bool = True) -> str:
     return line
 
 
-def publish(name: str, result: dict[str, Any]) -> None:
-    write_text_atomic(RESULTS / f"{name}.json", json.dumps(result, indent=2) + "\n")
+def add_quick(parser: argparse.ArgumentParser) -> None:
+    """`--quick`: the smoke test's run, tiny sizes, figures printed but never published."""
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test: tiny sizes; prints the JSON, writes nothing to bench/results",
+    )
+
+
+def publish(name: str, result: dict[str, Any], quick: bool = False) -> None:
+    """Print the figures as the last line; write them to bench/results unless `quick` (a smoke
+    test's figures mean nothing)."""
+    if not quick:
+        write_text_atomic(RESULTS / f"{name}.json", json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 
 

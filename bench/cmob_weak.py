@@ -16,8 +16,8 @@ Figures per reading: `weak` the mean share of weak modalities per correctly clas
 `all_weak` the share of correctly classified samples with every modality weak, and
 `weak_all_samples` the share over every sample (misclassified ones have every modality weak by
 construction); `misclassified` the share of training samples the full set gets wrong.
-Run: python bench/cmob_weak.py [--seed S]. Prints one JSON object on its last line and writes it
-to bench/results/cmob_weak.json.
+Run: python bench/cmob_weak.py [--seed S] [--quick]. Prints one JSON object on its last line
+and writes it to bench/results/cmob_weak.json.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _results import machine, publish
+from _results import add_quick, machine, publish
 
 from mmval.data.prep import prepare
 from mmval.recipe import load_recipe
@@ -69,9 +69,11 @@ def shares(checkpoint: Path, confidence: str, score: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
+    add_quick(parser)
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    sets = {f"uci-mfeat M={k}": (None, VIEWS[:k]) for k in (2, 3, 4, 6)}
+    sizes, lengths = ((2,), (1,)) if args.quick else ((2, 3, 4, 6), (5, 20))
+    sets = {f"uci-mfeat M={k}": (None, VIEWS[:k]) for k in sizes}
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         uci = Path(tmp) / "uci-mfeat"
@@ -81,7 +83,7 @@ def main() -> None:
         sets["synthetic fast/slow M=2"] = (synthetic, None)
         for label, (data, views) in sets.items():
             results[label] = {}
-            for epochs in (5, 20):
+            for epochs in lengths:
                 overrides = [
                     f"data.path={data or uci}",
                     "data.dataset=null",
@@ -104,7 +106,7 @@ def main() -> None:
         "results": results,
         "machine": machine(),
     }
-    publish("cmob_weak", result)
+    publish("cmob_weak", result, args.quick)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ and `recipes/mmcooperation_modality-synthetic-av.yaml` and concat are trained si
 process, each for a few epochs with warm-up 1, so that every epoch from the first ends with a
 valuation. Figures: the mean valuation seconds per epoch (`method_valuation_seconds`, logged by
 the methods), their ratio, each over concat's training epoch, and the samples valued.
-Run: python bench/cooperation.py [--clips N] [--epochs E]. Prints one JSON object on its last line
-and writes it to bench/results/cooperation.json.
+Run: python bench/cooperation.py [--clips N] [--epochs E] [--quick]. Prints one JSON object on
+its last line and writes it to bench/results/cooperation.json.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
-from _results import machine, publish
+from _results import add_quick, machine, publish
 
 from mmval.data.prep import prepare
 from mmval.data.synthetic_av import SyntheticAVParams, write_synthetic_raw
@@ -46,7 +46,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=40, help="clips per class (3 classes)")
     parser.add_argument("--epochs", type=int, default=3)
+    add_quick(parser)
     args = parser.parse_args()
+    if args.quick:
+        args.clips, args.epochs = 3, 2
+    size = 32 if args.quick else 112
     here = Path.cwd()
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
@@ -56,7 +60,7 @@ def main() -> None:
                 classes=["0", "1", "2"],
                 clips_per_class=args.clips,
                 seconds=2.0,
-                size=(112, 112),
+                size=(size, size),
             )
             write_synthetic_raw(Path("raw"), params)
             data = Path("ks").resolve()
@@ -66,7 +70,7 @@ def main() -> None:
                 raw=Path("raw"),
                 workers=2,
                 overrides=[
-                    "modalities.0.size=[112,112]",
+                    f"modalities.0.size=[{size},{size}]",
                     "modalities.1.target_frames=256",
                 ],
             )
@@ -87,7 +91,7 @@ def main() -> None:
     result = {
         "bench": "cooperation",
         "data": f"synthetic Kinetics-Sounds layout, 3 classes x {args.clips} clips per split, "
-        "3 frames 112x112 + fbank 256x128, ResNet-18 encoders, batch 32",
+        f"3 frames {size}x{size} + fbank 256x128, ResNet-18 encoders, batch 32",
         "epochs": args.epochs,
         "train_samples": train_samples,
         "modality_level_valued_per_epoch": float(modality["method_valued"].mean()),
@@ -99,7 +103,7 @@ def main() -> None:
         "modality_valuation_over_concat_epoch": round(part / epoch, 3),
         "machine": machine(),
     }
-    publish("cooperation", result)
+    publish("cooperation", result, args.quick)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from _results import machine, publish, synthetic_kinetics_sounds
+from _results import add_quick, machine, publish, synthetic_kinetics_sounds
 
 from mmval.artifacts.layout import BEST, SUMMARY
 from mmval.data.dataset import ParquetSamples
@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", default="4", help="train.workers of the timed runs")
-    parser.add_argument("--quick", action="store_true", help="a CPU smoke test: tiny sizes")
+    add_quick(parser)
     args = parser.parse_args()
     if args.quick:
         args.clips, args.size, args.epochs, args.batch, args.workers = 2, 32, 2, 4, "0"
@@ -251,10 +251,7 @@ def main() -> None:
         result["distributed"] = distributed(data, root, args)
         result["valuation"] = valuation(bf16_run, device)
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
-    if args.quick:
-        print(json.dumps(result))
-        return
-    publish("gpu", result)
+    publish("gpu", result, args.quick)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ counter as mmval.engine.cost counts a forward). The text encoder is a Hugging Fa
 BERT-tiny's sizes (2 layers, hidden 128, 2 heads, feed-forward 512), randomly initialised and
 written to a temporary folder (`kind: hf`; needs `mmval[hf]`).
 Run: python bench/methods.py [--epochs N] [--methods a,b] (only those, with concat, merged into
-the results file). Prints one JSON object on its last line and writes it
-to bench/results/methods.json.
+the results file) [--quick]. Prints one JSON object on its last line and writes it to
+bench/results/methods.json.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from _results import RESULTS, machine, publish
+from _results import RESULTS, add_quick, machine, publish
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -181,7 +181,10 @@ def main() -> None:
         help="comma-separated methods to time (with concat, always); their figures replace "
         "those in the results file, the others are kept",
     )
+    add_quick(parser)
     args = parser.parse_args()
+    if args.quick:  # concat and one re-weighting method for one epoch, two image-text steps
+        args.epochs, args.methods = 1, args.methods or "ogm_ge"
     out = RESULTS / "methods.json"
     if args.image_text_only:
         kept = json.loads(out.read_text())
@@ -192,6 +195,7 @@ def main() -> None:
             {k: v for k, v in kept.items() if k != "machine"}
             | steps
             | {"machine": kept["machine"]},
+            args.quick,
         )
         return
     chosen = None if args.methods is None else {"concat", *args.methods.split(",")}
@@ -219,7 +223,7 @@ def main() -> None:
     ratios = {
         f"{name}_over_concat": round(s / base, 2) for name, s in seconds.items() if name != "concat"
     }
-    if chosen is not None and out.is_file():  # a partial run: keep the other methods' figures
+    if chosen is not None and out.is_file() and not args.quick:  # keep the others' figures
         kept = json.loads(out.read_text())
         ratios = {k: v for k, v in kept.items() if k.endswith("_over_concat")} | ratios
         chosen_names = ", ".join(sorted(chosen - {"concat"}))
@@ -230,10 +234,10 @@ def main() -> None:
         "epochs": args.epochs,
         "concat_epoch_s": round(base, 4),
         **dict(sorted(ratios.items())),
-        **image_text_steps(),
+        **(image_text_steps(2, 1) if args.quick else image_text_steps()),
         "machine": measured_on,
     }
-    publish("methods", result)
+    publish("methods", result, args.quick)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ the same Parquet shards with the same batch size:
 - subsets: `subsets_dataset`, the `mmval value --method subsets` table (every sample on every
   non-empty subset, the missing-modality protocol), which should cost about what engine does.
 Each is timed `--repeats` times, interleaved, and the fastest run counts (the machine is
-shared). Run: python bench/valuation.py [--repeats R] [--device cpu|cuda]. Prints one JSON
+shared). Run: python bench/valuation.py [--repeats R] [--device cpu|cuda] [--quick]. Prints one JSON
 object on its last line and writes it to bench/results/valuation.json.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _results import machine, publish
+from _results import add_quick, machine, publish
 
 from mmval.data.dataset import ParquetSamples
 from mmval.data.prep import prepare
@@ -52,7 +52,9 @@ def fastest(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, fl
     return best
 
 
-def bench_m(m: int, root: Path, repeats: int, batch_size: int, device: torch.device) -> dict:
+def bench_m(
+    m: int, root: Path, repeats: int, batch_size: int, device: torch.device, per_class: int
+) -> dict:
     names = [f"m{j}" for j in range(m)]
     out = root / f"syn{m}"
     prepare(
@@ -63,7 +65,7 @@ def bench_m(m: int, root: Path, repeats: int, batch_size: int, device: torch.dev
             f"dims={DIMS[:m]}",
             f"signal={[1.0] * m}",
             f"n_classes={CLASSES}",
-            "per_class={train: 20, test: 200}",
+            f"per_class={{train: 20, test: {per_class}}}",
         ],
     )
     dataset = ParquetSamples(out, "test", names)
@@ -114,21 +116,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
+    add_quick(parser)
     args = parser.parse_args()
+    per_class = 10 if args.quick else 200
+    repeats = 1 if args.quick else args.repeats
     device = torch.device(args.device)
     result: dict = {
         "bench": "valuation",
-        "samples": 2000,
+        "samples": per_class * CLASSES,
         "method": "shapley (exact), benefit correct, feature masking, concat fusion",
         "batch_size": args.batch_size,
-        "repeats": args.repeats,
+        "repeats": repeats,
     }
     with tempfile.TemporaryDirectory() as tmp:
         for m in (2, 4, 6):
-            result.update(bench_m(m, Path(tmp), args.repeats, args.batch_size, device))
+            result.update(bench_m(m, Path(tmp), repeats, args.batch_size, device, per_class))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     result["machine"] = f"{machine()}, device {device} (GPU: {gpu})"
-    publish("valuation", result)
+    publish("valuation", result, args.quick)
 
 
 if __name__ == "__main__":

@@ -61,9 +61,7 @@ class Game:
         for start in range(0, keep.shape[0], self.chunk):
             chunk = keep[start : start + self.chunk]
             logits = self.evaluator.logits(self.prepared, chunk)
-            parts.append(
-                self.task.outcome(logits, self.batch, chunk, self.benefit, confidences)
-            )
+            parts.append(self.task.outcome(logits, self.batch, chunk, self.benefit, confidences))
         return Outcome(
             *(
                 None if values[0] is None else torch.cat(values)

@@ -1,0 +1,44 @@
+"""Every benchmark still runs (`--quick`: tiny sizes, nothing written to bench/results) and
+still prints the figures its results file and the README quote: the bench scripts import the
+library's internals, so a refactor can break one silently. Speed is never asserted here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+# bench -> keys its last-line JSON must have (the ones the README's performance table quotes)
+EXPECTED = {
+    "valuation": [
+        f"{what}_over_eval_M{m}" for m in (2, 4, 6) for what in ("engine", "naive", "subsets")
+    ],
+    "methods": ["concat_epoch_s", "ogm_ge_over_concat", "machine"],
+    "cooperation": ["modality_over_sample_valuation", "sample_valuation_over_concat_epoch"],
+    "cmob_weak": ["results", "machine"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bench_runs_and_prints_its_figures(name, tmp_path):
+    results = sorted((BENCH / "results").glob("*.json"))
+    before = {p: p.read_bytes() for p in results}
+    done = subprocess.run(
+        [sys.executable, str(BENCH / f"{name}.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["bench"] == name
+    assert [key for key in EXPECTED[name] if key not in figures] == []
+    assert {p: p.read_bytes() for p in results} == before  # --quick publishes nothing
