@@ -1119,7 +1119,6 @@ def report(
         compare,
         find_runs,
         load_references,
-        make_figures,
         parse_reference,
         render,
         to_rich,
@@ -1156,7 +1155,11 @@ def report(
         holm=holm,
         references=refs,
     )
-    drawn = make_figures(comparison) if fmt == "html" or figures is not None else []
+    drawn: list = []
+    if fmt == "html" or figures is not None:
+        from mmval.report.figures import make_figures  # matplotlib: only to draw
+
+        drawn = make_figures(comparison)
     if fmt == "table":
         console.print(to_rich(comparison))
     text = render(comparison, fmt, drawn) if fmt != "table" else None
@@ -1174,7 +1177,6 @@ def _names(listed: str | None) -> tuple[str, ...]:
 def _write_out(text: str | None, out: Path | None, folder: Path | None, drawn: list) -> None:
     """The report text to stdout or --out (atomically), the figures to --figures."""
     from mmval.atomic import write_text_atomic
-    from mmval.report import write_figures
 
     if text is not None and out is None:
         sys.stdout.write(text)
@@ -1182,6 +1184,8 @@ def _write_out(text: str | None, out: Path | None, folder: Path | None, drawn: l
         write_text_atomic(out, text)
         err_console.print(f"wrote {out}")
     if folder is not None:
+        from mmval.report.figures import write_figures
+
         write_figures(drawn, folder)
         err_console.print(f"wrote {len(drawn)} figure(s) to {folder} (PNG, PDF, SVG, data as CSV)")
 
@@ -1233,10 +1237,14 @@ def _report_robustness(
     resamples: int,
     figures: Path | None,
 ) -> None:
-    from mmval.report import render_robustness, robustness, robustness_figures, to_rich
+    from mmval.report import render_robustness, robustness, to_rich
 
     result = robustness(tree, split=split, baseline=baseline, alpha=alpha, resamples=resamples)
-    drawn = robustness_figures(result) if fmt == "html" or figures is not None else []
+    drawn: list = []
+    if fmt == "html" or figures is not None:
+        from mmval.report.figures import robustness_figures
+
+        drawn = robustness_figures(result)
     if fmt == "table":
         for comparison in result.comparisons:
             console.print(to_rich(comparison))

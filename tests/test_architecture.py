@@ -94,3 +94,51 @@ def test_the_cycle_finder_finds_one():
 def test_reading_run_folders_does_not_import_torch(module):
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Path:
+    """Two seeds of concat, one epoch each, with their test predictions."""
+    from mmval.recipe import parse_recipe
+    from mmval.runner import Trainer
+
+    out = tmp_path_factory.mktemp("runs")
+    recipe = {
+        "name": "one",
+        "seeds": [0, 1],
+        "data": {"path": str(synthetic_dir)},
+        "model": {"encoder": {"hidden": [8], "out_dim": 4}},
+        "train": {"epochs": 1, "batch_size": 64},
+        "output": str(out),
+    }
+    for seed in (0, 1):
+        Trainer(parse_recipe(recipe, "one"), seed).run()
+    return out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["report", "{runs}"],
+        ["report", "{runs}", "--baseline", "concat", "--format", "md"],
+    ],
+)
+def test_commands_that_train_nothing_do_not_import_torch(args, finished_runs):
+    """The whole command as the `mmval` entry point runs it, its imports listed by
+    `-X importtime` (matplotlib too: only a report with figures draws)."""
+    args = [a.replace("{runs}", str(finished_runs)) for a in args]
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "mmval", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {
+        line.split("|")[-1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "mmval.cli.main" in imported  # the listing is there
+    assert not imported & {"torch", "torchvision", "matplotlib"}

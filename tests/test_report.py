@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 from mmval.data.prep import prepare
 from mmval.metrics import macro_f1
 from mmval.recipe import load_recipe, parse_recipe
-from mmval.report import compare, find_runs, make_figures, render
+from mmval.report import compare, find_runs, render
+from mmval.report.figures import make_figures
 from mmval.report.runs import NOT_SETTINGS
 from mmval.report.significance import (
     PairedPredictions,

@@ -3,14 +3,16 @@ baseline, figures and a self-contained HTML report over any tree of run folders.
 
 `runs` finds and reads the runs, `tables` builds the comparison and its text formats,
 `significance` holds the tests, `robustness` the noise and missing-modality tables (`--robustness`),
-`figures` draws the figures (PNG, PDF, SVG and their numbers as CSV), `references` reads
-published numbers shown beside the runs, and `html` writes the report page.
+`figures` draws the figures (PNG, PDF, SVG and their numbers as CSV; imported only where
+figures are drawn, as it imports matplotlib), `references` reads published numbers shown beside
+the runs, and `html` writes the report page.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mmval.errors import UserError
-from mmval.report.figures import ReportFigure, make_figures, robustness_figures, write_figures
 from mmval.report.html import page, to_html
 from mmval.report.references import Reference, load_references, parse_reference
 from mmval.report.robustness import Robustness, robustness, to_long_csv
@@ -27,6 +29,9 @@ from mmval.report.tables import (
     to_markdown,
     to_rich,
 )
+
+if TYPE_CHECKING:
+    from mmval.report.figures import ReportFigure
 
 FORMATS = ("table", "md", "csv", "latex", "html")
 SUFFIX_FORMATS = {".md": "md", ".csv": "csv", ".tex": "latex", ".html": "html", ".htm": "html"}
@@ -77,20 +82,16 @@ __all__ = [
     "LeftOut",
     "Narrowing",
     "Reference",
-    "ReportFigure",
     "Robustness",
     "RunTree",
     "collect_runs",
     "compare",
     "find_runs",
     "load_references",
-    "make_figures",
     "parse_reference",
     "render",
     "render_robustness",
     "robustness",
-    "robustness_figures",
     "summarize",
     "to_rich",
-    "write_figures",
 ]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import base64
 from html import escape
+from typing import TYPE_CHECKING
 
 from mmval import __version__
-from mmval.report.figures import ReportFigure
 from mmval.report.tables import (
     COST_LEGEND,
     Comparison,
@@ -19,6 +19,9 @@ from mmval.report.tables import (
     recipe_text,
     value_text,
 )
+
+if TYPE_CHECKING:
+    from mmval.report.figures import ReportFigure
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222;

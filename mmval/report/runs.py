@@ -38,6 +38,7 @@ from mmval.artifacts.layout import (
     RECIPE_FILE,
     SUMMARY,
     DamagedRunFile,
+    check_predictions,
     error_line,
     read_metrics,
     read_predictions,
@@ -505,7 +506,7 @@ def _record(folder: Path, summary: dict[str, Any], select: str) -> dict[str, Any
     """A finished run's identity and every metric at its selected epoch; `DamagedRunFile` when
     its metrics or predictions cannot be read or lack what the selection needs."""
     history = read_metrics(folder)
-    read_predictions(folder)  # read now: a damaged one would stop the paired tests later
+    check_predictions(folder)  # now: a damaged one would stop the paired tests later
     key, higher = summary.get("selected_on", "acc"), summary.get("higher_is_better", True)
     needed = ["epoch", f"test_{key}"] if select == "test-max" else ["epoch"]
     lacking = [c for c in needed if c not in history.columns]
@@ -519,7 +520,7 @@ def _record(folder: Path, summary: dict[str, Any], select: str) -> dict[str, Any
         selected = int(history.loc[best_row, "epoch"])  # the first best
     best = history[history["epoch"] == selected]
     recipe = summary.get("recipe", {})
-    values = best.iloc[0].drop(labels=["epoch"]).to_dict() if len(best) else {}
+    values = {k: v for k, v in best.iloc[0].to_dict().items() if k != "epoch"} if len(best) else {}
     meta = {
         "run": str(folder),
         "dataset": summary["dataset"],

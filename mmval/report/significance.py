@@ -149,11 +149,14 @@ def hierarchical_differences(
         size = min(200, resamples - start)
         drawn = rng.integers(k, size=(size, k))  # the seeds of each resample
         weights = rng.multinomial(n, np.full(n, 1.0 / n), size=(size, k)).astype(np.float64)
+        # each seed's difference under every resample and slot that drew it, in one pass
+        per_slot = np.empty((size, k))
+        for s in np.unique(drawn):
+            at = drawn == s
+            per_slot[at] = _metric_difference([pairs[s]], metric, weights[at])
         total = np.zeros(size)
-        for slot in range(k):
-            for s in np.unique(drawn[:, slot]):
-                rows = drawn[:, slot] == s
-                total[rows] += _metric_difference([pairs[s]], metric, weights[rows, slot])
+        for slot in range(k):  # summed in slot order
+            total += per_slot[:, slot]
         out[start : start + size] = total / k
     return out
 

@@ -10,6 +10,7 @@ numbers, `mmval.report.references`) come last, in italics, without ranks or test
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -447,6 +448,7 @@ def _test_against_baseline(comparison: Comparison, metrics: list[Metric]) -> Non
     long = comparison.long = pd.concat([comparison.long, pd.DataFrame(added, index=index)], axis=1)
     predictions: dict[str, pd.DataFrame | None] = {}
     for index, line in long.iterrows():
+        pairs: list[PairedPredictions] | None = None  # read once per line, for every metric
         base_row = comparison.row_baselines.get((line["dataset"], line["row"]))
         if base_row is None or base_row == line["row"]:
             continue
@@ -467,7 +469,8 @@ def _test_against_baseline(comparison: Comparison, metrics: list[Metric]) -> Non
                 cell.p_ttest = paired_t_test(diffs)
                 cell.p_wilcoxon = wilcoxon_signed_rank(diffs)
                 if m.key in _BOOTSTRAP_METRICS and m.column == f"test_{m.key}":
-                    pairs = _paired_predictions(comparison.tree, mine, base, seeds, predictions)
+                    if pairs is None:
+                        pairs = _paired_predictions(comparison.tree, mine, base, seeds, predictions)
                     if pairs:
                         _, cell.p_bootstrap = paired_bootstrap(
                             pairs, m.key, resamples=comparison.resamples
@@ -552,19 +555,33 @@ def _paired_predictions(
             continue
         a, b = (_cached(tree, str(frame.loc[seed, "run"]), cache) for frame in (mine, base))
         if a is not None and b is not None:
-            loaded.append(a.merge(b, on=["sample_id", "label"], suffixes=("", "_base")))
+            loaded.append(_matched(a, b))
     if not loaded:
         return []
-    common = sorted(set.intersection(*(set(f["sample_id"]) for f in loaded)))
+    common = functools.reduce(np.intersect1d, (ids for ids, _, _, _ in loaded))
     pairs = []
-    for frame in loaded:
-        frame = frame.set_index("sample_id").loc[common]
-        pairs.append(
-            PairedPredictions(
-                frame["label"].to_numpy(), frame["pred"].to_numpy(), frame["pred_base"].to_numpy()
-            )
-        )
-    return pairs if common else []
+    for ids, labels, pred, pred_base in loaded:
+        at = np.searchsorted(ids, common)  # `ids` sorted: `common` in their order
+        pairs.append(PairedPredictions(labels[at], pred[at], pred_base[at]))
+    return pairs if len(common) else []
+
+
+def _matched(
+    a: pd.DataFrame, b: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The samples two runs both predicted with the same label, sorted by sample id: (ids,
+    labels, predictions of `a`, of `b`); sample ids are unique within a run's predictions."""
+    ids, in_a, in_b = np.intersect1d(
+        a["sample_id"].to_numpy(object), b["sample_id"].to_numpy(object), return_indices=True
+    )
+    labels, other = a["label"].to_numpy()[in_a], b["label"].to_numpy()[in_b]
+    same = labels == other
+    return (
+        ids[same],
+        labels[same],
+        a["pred"].to_numpy()[in_a][same],
+        b["pred"].to_numpy()[in_b][same],
+    )
 
 
 def _cached(tree: RunTree, run: str, cache: dict[str, pd.DataFrame | None]) -> pd.DataFrame | None:
