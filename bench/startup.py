@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from _results import machine, publish
+from _results import add_quick, machine, publish
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "concat-uci-mfeat.yaml"
 METHODS = ("concat", "ogm_ge", "agm", "pmr", "mmcosine", "opm", "cml", "mla", "qmf", "greedy")
@@ -154,7 +154,7 @@ def measure(command: list[str], repeats: int, cwd: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="10 runs only, no results file")
+    add_quick(parser)
     parser.add_argument("--repeats", type=int, default=None, help="processes per command")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
@@ -179,14 +179,12 @@ def main() -> None:
         result["over_import_torch"] = round(result["seconds"] / torch_seconds, 3)
         result["seconds"] = round(result["seconds"], 3)
     output = {
-        "machine": machine(with_torch=False),
+        "bench": "startup",
         "repeats": repeats,
         "commands": results,
+        "machine": machine(with_torch=False),
     }
-    if args.quick:
-        print(json.dumps(output))
-    else:
-        publish("startup", output)
+    publish("startup", output, args.quick)
 
 
 if __name__ == "__main__":
