@@ -31,11 +31,13 @@ model is derived from a published figure, by FLOPs:
   costs about 3 forwards in both, so the ratio carries over.
 `--step-samples-per-s X` replaces the derived figure with a measured one (bench/gpu.py on the
 day a GPU is lent: its bf16 concat samples/s) and `step_source` says "measured".
-`workers_needed` = ceil(step samples/s / loader samples/s per worker).
+`workers_needed` = ceil(step samples/s / loader samples/s per worker, the smaller of the 1- and
+2-worker figures).
 
 Profile: one worker's work (the dataset's `__getitems__` on one epoch of the sampler's
-batches, one torch thread, as in a DataLoader worker) under cProfile: the functions with the
-largest own time and their share.
+batches, one torch thread, as in a DataLoader worker) in this process: samples per wall second
+and per CPU second (the load-proof figure on a shared machine, `workers_needed_at_cpu_rate`),
+then under cProfile timed on CPU: the functions with the largest own time and their share.
 
 Run: python bench/loader_scale.py [--clips N] [--epochs E] [--step-samples-per-s X]
 [--data DIR] [--quick]; `--data` times a folder `mmval prep crema-d` made instead (real clips,
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import math
 import os
 import pstats
@@ -152,20 +155,25 @@ def published_step(macs: dict[str, Any]) -> tuple[float, dict[str, Any]]:
 
 
 def profile_worker(recipe: Recipe, top: int) -> dict[str, Any]:
-    """cProfile of one worker's work on one epoch: own-time shares of the top functions."""
+    """One worker's work on one epoch in this process (one torch thread, as in a DataLoader
+    worker): its samples per wall second and per CPU second (this process's CPU time, which
+    other processes on the machine do not inflate), then a cProfile on CPU time of the same
+    epoch: the functions with the largest own time and their share."""
     session = build_session(recipe.for_seed(0), 0, torch.device("cpu"))
     dataset, sampler = session.datasets["train"], session.sampler
     batch = recipe.train.batch_size
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker
+    torch.set_num_threads(1)
     try:
         order = sampler.epoch_order()
         batches = [order[i : i + batch] for i in range(0, len(order), batch)]
         dataset.__getitems__(batches[0])  # the first read of each row group is checked once
-        profiler = cProfile.Profile()
-        started = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for b in batches:
+            dataset.__getitems__(b)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        profiler = cProfile.Profile(time.process_time)
         profiler.runcall(lambda: [dataset.__getitems__(b) for b in batches])
-        seconds = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
     stats = pstats.Stats(profiler)
@@ -173,8 +181,9 @@ def profile_worker(recipe: Recipe, top: int) -> dict[str, Any]:
     rows = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:top]
     return {
         "samples": len(order),
-        "samples_per_s_profiled": round(len(order) / seconds, 1),
-        "own_time_share": {
+        "samples_per_s": round(len(order) / wall, 1),
+        "samples_per_cpu_s": round(len(order) / cpu, 1),
+        "own_cpu_time_share": {
             f"{Path(file).name}:{line}({name})": round(row[2] / total, 3)
             for (file, line, name), row in rows
         },
@@ -239,7 +248,8 @@ def main() -> None:
         if args.data
         else f"synthetic CREMA-D layout, 6 emotions x {clips} clips per split, raw "
         f"{size[1]}x{size[0]}, prepped with data_manifests/crema-d.yaml's defaults",
-        "recipe": "recipes/concat-crema-d.yaml (batch 64, RandomResizedCrop + flip)",
+        "recipe": f"recipes/concat-crema-d.yaml (batch {recipe.train.batch_size}, "
+        "RandomResizedCrop + flip)",
         "train_samples": train_samples,
         "jpeg_bytes_per_frame": round(frame_bytes),
         "epochs_timed": args.epochs - 1,
@@ -251,19 +261,21 @@ def main() -> None:
         "step_source": step_source,
         "step_derivation": derivation,
         "workers_needed": math.ceil(step_rate / per_worker_rate),
+        # the same with the in-process rate per CPU second: what a worker on a core of its
+        # own gets, whatever else ran on this machine during the measurement
+        "workers_needed_at_cpu_rate": math.ceil(step_rate / profile["samples_per_cpu_s"]),
         "assumptions": (
             "workers_needed = ceil(step samples/s / the smaller of the 1- and 2-worker "
-            "per-worker rates); one loader worker per core, on cores like this machine's; "
-            "the step figure is the GPU's alone (no data wait); synthetic JPEGs are smaller "
-            "than real frames (decode is a minor share: see profile)"
+            "per-worker rates), workers_needed_at_cpu_rate the same with one worker's samples "
+            "per CPU second (profile_one_worker): one loader worker per core, on cores like "
+            "this machine's; the step figure is the GPU's alone (no data wait); synthetic "
+            "JPEGs are smaller than real frames, so decode (see the profile) is a lower bound"
         ),
         "profile_one_worker": profile,
         "setup_seconds": round(setup_s, 1),
         "machine": f"{machine()}, CPU only, load average {load:.1f} at start",
     }
     if args.quick:
-        import json
-
         print(json.dumps(result))
     else:
         publish("loader_scale", result)

@@ -31,5 +31,6 @@ def test_loader_scale_quick_run_reports_its_keys(tmp_path):
     assert isinstance(result["workers_needed"], int) and result["workers_needed"] >= 1
     assert set(result["macs"]["by_encoder"]) == {"visual", "audio"}
     assert result["macs"]["input_shapes"] == {"visual": [1, 224, 224, 3], "audio": [257, 188]}
-    assert result["profile_one_worker"]["own_time_share"]
+    assert result["profile_one_worker"]["own_cpu_time_share"]
+    assert isinstance(result["workers_needed_at_cpu_rate"], int)
     assert (published.read_bytes() if published.exists() else None) == before  # --quick writes none
