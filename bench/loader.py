@@ -16,13 +16,15 @@ Synthetic clips in the Kinetics-Sounds layout (3 classes x `--clips` per split, 
   measured outside the engine, to cross-check its `data_seconds`.
 Epoch 1 of each is a warm-up and is left out (allocator, first worker fork). Ratios: loader over
 training throughput (the headroom of the loader), workers 2 over 0. Run: python bench/loader.py
-[--clips N] [--epochs E] [--device auto|cpu|cuda]. Prints one JSON object on its last line and
-writes it to bench/results/loader.json.
+[--clips N] [--epochs E] [--device auto|cpu|cuda] [--quick]. Prints one JSON object on its last
+line and writes it to bench/results/loader.json (not with --quick, a smoke run on tiny data
+whose figures mean nothing; tests/test_bench_loader.py runs it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -125,7 +127,11 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=40, help="clips per class and split")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per contender (>= 2)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run, nothing written")
     args = parser.parse_args()
+    size = 112
+    if args.quick:
+        args.clips, args.epochs, size = 2, 2, 32
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (epoch 1 is a warm-up)")
     device = resolve_device(args.device)
@@ -133,7 +139,7 @@ def main() -> None:
     result: dict[str, object] = {"bench": "loader"}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = synthetic_kinetics_sounds(root, args.clips, 112, workers=2)
+        data = synthetic_kinetics_sounds(root, args.clips, size, workers=2)
         loader_rate, train_rate, plain_rate, plain_wait, engine_wait = {}, {}, {}, {}, {}
         train_samples = 0
         for workers in WORKERS:
@@ -148,7 +154,7 @@ def main() -> None:
                 engine_wait[key] = float((metrics["data_seconds"] / metrics["seconds"]).mean())
     result |= {
         "data": f"synthetic Kinetics-Sounds layout, 3 classes x {args.clips} clips per split, "
-        f"3 frames 112x112 + fbank 256x128, ResNet-18 concat, batch {BATCH}",
+        f"3 frames {size}x{size} + fbank 256x128, ResNet-18 concat, batch {BATCH}",
         "device": str(device),
         "train_samples": train_samples,
         "epochs_timed": args.epochs - 1,
@@ -171,7 +177,10 @@ def main() -> None:
         result["note"] = (
             "metrics.parquet has no data_seconds column: the data-wait share is the plain loop's"
         )
-    publish("loader", result)
+    if args.quick:
+        print(json.dumps(result))
+    else:
+        publish("loader", result)
 
 
 def rounded(values: dict[str, float], digits: int = 1) -> dict[str, float]:

@@ -51,7 +51,11 @@ def random_resized_crop(
     frame: np.ndarray, augment: FrameAugment, rng: np.random.Generator
 ) -> np.ndarray:
     """torchvision's RandomResizedCrop.get_params (10 tries, then a central crop of the
-    clamped ratio) with our generator, bilinear antialiased resize back, then the flip."""
+    clamped ratio) with our generator, bilinear antialiased resize back, then the flip.
+
+    The rounded resize is flipped while still channel-first and written to a fresh HWC array
+    in one copy: numpy's copy of a mirrored or channel-first view into the batch cost about as
+    much as the resize itself (bench/loader_scale.py), for the same bytes."""
     height, width = frame.shape[:2]
     area = height * width
     log_ratio = np.log(augment.crop_ratio)
@@ -82,8 +86,12 @@ def random_resized_crop(
         antialias=True,
         align_corners=False,
     )[0]
-    out = resized.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    return out[:, ::-1] if rng.random() < augment.hflip else out
+    resized = resized.round_().clamp_(0, 255)  # whole numbers in range: the uint8 copy is exact
+    if rng.random() < augment.hflip:
+        resized = resized.flip(-1)
+    out = torch.empty((height, width, frame.shape[2]), dtype=torch.uint8)
+    out.permute(2, 0, 1).copy_(resized)
+    return out.numpy()
 
 
 # Training-time corruption of a batch's inputs (`data.corrupt`, built by
