@@ -24,7 +24,6 @@ whose figures mean nothing; tests/test_bench_loader.py runs it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -34,7 +33,7 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from _results import machine, publish, synthetic_kinetics_sounds
+from _results import add_quick, machine, publish, synthetic_kinetics_sounds
 
 from mmval.data.dataset import ParquetSamples
 from mmval.engine.session import build_session, resolve_device
@@ -127,7 +126,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=40, help="clips per class and split")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per contender (>= 2)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run, nothing written")
+    add_quick(parser)
     args = parser.parse_args()
     size = 112
     if args.quick:
@@ -177,10 +176,7 @@ def main() -> None:
         result["note"] = (
             "metrics.parquet has no data_seconds column: the data-wait share is the plain loop's"
         )
-    if args.quick:
-        print(json.dumps(result))
-    else:
-        publish("loader", result)
+    publish("loader", result, args.quick)
 
 
 def rounded(values: dict[str, float], digits: int = 1) -> dict[str, float]:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import math
 import os
 import pstats
@@ -62,7 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision
-from _results import machine, publish
+from _results import add_quick, machine, publish
 from loader import loader_alone
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -215,7 +214,7 @@ def main() -> None:
     parser.add_argument(
         "--data", type=Path, default=None, help="a folder `mmval prep crema-d` made: no setup"
     )
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run, nothing written")
+    add_quick(parser)
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (epoch 1 is a warm-up)")
@@ -275,10 +274,7 @@ def main() -> None:
         "setup_seconds": round(setup_s, 1),
         "machine": f"{machine()}, CPU only, load average {load:.1f} at start",
     }
-    if args.quick:
-        print(json.dumps(result))
-    else:
-        publish("loader_scale", result)
+    publish("loader_scale", result, args.quick)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,19 @@ EXPECTED = {
     "methods": ["concat_epoch_s", "ogm_ge_over_concat", "machine"],
     "cooperation": ["modality_over_sample_valuation", "sample_valuation_over_concat_epoch"],
     "cmob_weak": ["results", "machine"],
+    "loader": [
+        f"{figure}.workers{w}"
+        for figure in ("loader_samples_per_s", "trainer_samples_per_s", "data_wait_share_engine")
+        for w in (0, 2)
+    ],
+    "loader_scale": [
+        *(f"loader_samples_per_s.workers{w}" for w in (0, 1, 2)),
+        "loader_samples_per_s_per_worker.workers2",
+        "step_samples_per_s",
+        "step_source",
+        "workers_needed",
+        "workers_needed_at_cpu_rate",
+    ],
     "startup": [  # --quick: the 10-run report only
         f"commands.{command}.{key}"
         for command in ("import_torch", "help", "recipe_validate", "report_10")
