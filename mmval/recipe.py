@@ -254,7 +254,8 @@ class EarlyStopping(_Strict):
 
 
 # `train.workers: auto`: at most this many loader processes, one core left to the training one
-AUTO_WORKERS_MAX = 4
+AUTO_WORKERS_MAX = 4  # training on the CPU: workers take cores from the model's threads
+AUTO_WORKERS_MAX_GPU = 16  # a GPU step outruns one worker ~15-fold (bench/loader_scale.py)
 
 
 # Marks (mmval.settings): Effect.NONE on the host settings, which change how fast or where a run
@@ -268,9 +269,9 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: autocast")
     workers: Annotated[int | Literal["auto"], Effect.NONE] = Field(
         default="auto",
-        description="DataLoader worker processes; auto: min(4, cores - 1) where a process has "
-        "more than 2 cores (its share of the cores under torchrun), else 0. Workers never "
-        "change results",
+        description="DataLoader worker processes; auto, with a process's share of the cores "
+        "(under torchrun): on a GPU min(16, cores - 1), on the CPU min(4, cores - 1) where "
+        "there are more than 2 cores, else 0. Workers never change results",
     )
     prefetch: Annotated[int, Effect.NONE] = Field(
         default=2, ge=1, description="batches each DataLoader worker loads ahead (workers > 0)"

@@ -246,12 +246,21 @@ def test_warmup_longer_than_the_run_is_refused(recipe_file):
 
 
 @pytest.mark.parametrize(
-    ("cores", "processes", "workers"),
-    [(1, 1, 0), (2, 1, 0), (3, 1, 2), (16, 1, 4), (8, 2, 3), (4, 2, 0)],
+    ("cores", "processes", "workers", "gpu_workers"),
+    [
+        (1, 1, 0, 0),
+        (2, 1, 0, 1),
+        (3, 1, 2, 2),
+        (16, 1, 4, 15),
+        (64, 1, 4, 16),
+        (8, 2, 3, 3),
+        (4, 2, 0, 1),
+    ],
 )
-def test_auto_workers(monkeypatch, cores, processes, workers):
+def test_auto_workers(monkeypatch, cores, processes, workers, gpu_workers):
     monkeypatch.setattr(session_module.os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert loader_workers("auto", processes) == workers
+    assert loader_workers("auto", processes, gpu=True) == gpu_workers
     assert loader_workers(3, processes) == 3
 
 

@@ -32,6 +32,7 @@ from mmval.methods.plugged import with_plugins
 from mmval.models import MultimodalModel, build_model
 from mmval.recipe import (
     AUTO_WORKERS_MAX,
+    AUTO_WORKERS_MAX_GPU,
     DataConfig,
     OptimConfig,
     Recipe,
@@ -217,13 +218,17 @@ def build_scheduler(
     return None
 
 
-def loader_workers(workers: int | str, processes: int) -> int:
-    """`train.workers` as a number: auto gives a process with more than 2 cores (its share of
-    the machine's usable cores under torchrun) min(4, cores - 1) workers, else none."""
+def loader_workers(workers: int | str, processes: int, gpu: bool = False) -> int:
+    """`train.workers` as a number. Auto, from a process's share of the usable cores (under
+    torchrun): training on a GPU, every core but one (at most 16) decodes and augments, since
+    one worker feeds a small fraction of a GPU step's samples (bench/loader_scale.py); on the
+    CPU, workers compete with the model's threads: min(4, cores - 1), none with 2 cores."""
     if workers != "auto":
         return int(workers)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = (usable or 1) // processes
+    if gpu:
+        return max(0, min(AUTO_WORKERS_MAX_GPU, cores - 1))
     return 0 if cores <= 2 else min(AUTO_WORKERS_MAX, cores - 1)
 
 
@@ -343,7 +348,7 @@ def build_session(recipe: Recipe, seed: int, device: torch.device) -> Session:
         rank=rank,
         batch_size=per_rank,
     )
-    workers = loader_workers(recipe.train.workers, world)
+    workers = loader_workers(recipe.train.workers, world, gpu=device.type == "cuda")
     loader = DataLoader(
         datasets["train"],
         batch_size=per_rank,
