@@ -79,13 +79,21 @@ def subsets_dataset(
     model.eval()
     keep, names = subset_names(modalities)
     evaluator = build_evaluator(model, modalities, mask, fills, device=device)
-    frames = []
-    for repeat in range(repeats):
-        corrupt = corruptor(corruptions, dataset, seed=seed, repeat=repeat)
-        frame = _one_repeat(evaluator, dataset, keep, names, device, task, batch_size, corrupt)
-        frames.append(frame.assign(repeat=repeat))
-    table = pd.concat(frames, ignore_index=True)
-    return table[["repeat", *table.columns[:-1]]]
+    frames = [
+        _one_repeat(
+            evaluator,
+            dataset,
+            keep,
+            names,
+            device,
+            task,
+            batch_size,
+            corruptor(corruptions, dataset, seed=seed, repeat=repeat),
+            repeat,
+        )
+        for repeat in range(repeats)
+    ]
+    return frames[0] if repeats == 1 else pd.concat(frames, ignore_index=True)
 
 
 def _one_repeat(
@@ -97,6 +105,7 @@ def _one_repeat(
     task: Task,
     batch_size: int,
     corrupt: Corrupt,
+    repeat: int,
 ) -> pd.DataFrame:
     columns: dict[str, list[torch.Tensor]] = {}
     labels = []
@@ -112,6 +121,7 @@ def _one_repeat(
     k = len(names)
     return pd.DataFrame(
         {
+            "repeat": np.full(len(label) * k, repeat),
             "sample_id": _strings(dataset.sample_ids, np.repeat(np.arange(len(label)), k)),
             "label": np.repeat(label, k),
             "subset": _strings(names, np.tile(np.arange(k), len(label))),
