@@ -32,16 +32,17 @@ def class_outcome(
     top_logit, pred = logits.max(-1)  # the first maximum, as argmax
     if not confidences and benefit != "prob":
         return Outcome((pred == labels[None]).double() * keep.sum(-1).double(), pred)
-    # softmax pieces by hand: torch.softmax is slow on a short class axis (a third of the time)
-    shifted = (logits.double() - top_logit.double()[..., None]).exp_()
+    # softmax pieces by hand (torch.softmax is slow on a short class axis), in float32: the
+    # logits are float32, so float64 arithmetic here would add digits, not accuracy
+    shifted = (logits.float() - top_logit.float()[..., None]).exp_()
     total = shifted.sum(-1)
     index = labels[None, :, None].expand(logits.shape[0], -1, 1)
-    confidence = shifted.gather(-1, index)[..., 0] / total
+    confidence = (shifted.gather(-1, index)[..., 0] / total).double()
     if benefit == "prob":
         value = confidence
     else:
         value = (pred == labels[None]).double() * keep.sum(-1).double()
-    return Outcome(value, pred, confidence, total.reciprocal())
+    return Outcome(value, pred, confidence, total.reciprocal().double())
 
 
 class Classification(Task):
