@@ -25,21 +25,25 @@ finds them (mmval's costs about 2 ms a clip), FFmpeg cannot skip the reference f
 frame depends on (a decoder that follows the references could), and a hardware decoder (NVDEC)
 is another machine.
 
+The `*_cpu_ms_per_clip` keys are the CPU time each pipeline spent per clip, its parent and all
+its processes together (getrusage), and `cpu_fraction_of_decode_limit` their ratio: the work
+done, which other users of a shared machine do not change the way they change the wall time.
+
 Memory (`*_peak_mib_per_worker`, `*_parent_peak_mib`, `*_peak_mib_total`): each pipeline runs a
 second time, untimed, in a fresh spawned interpreter with the same imports (torch, PyAV, mmval),
-whose workers are forked from it. A thread there samples /proc: a worker's figure is its private
-memory (Private_Clean + Private_Dirty of smaps_rollup: what it allocated or copied on write; the
-pages it still shares with the parent are the parent's, and RSS would count them in every
-worker) plus the proportional set size (Pss) of its child processes, i.e. the ffmpeg commands of
-the reference; the peak over workers and samples is reported. Pages shared by the parent are
-the same in both pipelines (identical parents), so what differs is what a worker adds. The
+whose workers are forked from it. A thread there samples /proc. A worker's figure is its private
+memory (Private_Clean + Private_Dirty of smaps_rollup: what it allocated or copied on write)
+plus the proportional set size (Pss) of the programs it runs (the reference's ffmpeg commands,
+once exec'd); the peak over workers and samples is reported. Not RSS: a forked worker maps the
+parent's pages (torch alone is hundreds of MiB), and RSS would count them in every worker; they
+are the parent's, identical in both pipelines, so what differs is what a worker adds. The
 parent's figure is its peak RSS (VmHWM); the total is the peak of the summed Pss of the whole
-tree (what the machine holds). ffmpeg children are sampled every 10 ms; reading a Python
-worker's smaps_rollup walks its page tables (tens of ms), so workers are read every 0.25 s and a
-shorter transient can be missed: their peak is a slight underestimate, the same for both. As a
+tree, parent included (what the machine holds). ffmpeg commands are read every 10 ms; reading a
+Python worker's smaps_rollup walks its page tables (tens of ms), so workers are read every
+0.25 s and a shorter transient can be missed (a slight underestimate, alike for both). As a
 cross-check, `reference_ffmpeg_peak_rss_mib` is the largest VmHWM (peak RSS, which also counts
-the pages its libraries share) read of an ffmpeg child while it ran. (getrusage's ru_maxrss of
-the children would not do: it also counts the forked worker's pages before the exec.)
+the pages its libraries share) read of an ffmpeg command while it ran (getrusage's ru_maxrss of
+the children would not do: a child's RSS before its exec is the worker's).
 
 Run: python bench/prep.py [--clips N] [--copies C] [--workers W] [--raw-cache DIR] [--quick].
 Needs the ffmpeg program and Linux's /proc. Prints one JSON object on its last line and writes it
@@ -53,6 +57,7 @@ import bisect
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -237,6 +242,20 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def _programs(worker: int) -> list[int]:
+    """The worker's descendants that run another program (ffmpeg). A child between fork (or
+    vfork) and exec still maps the worker's memory: counting it would add the worker twice."""
+    own = _exe(worker)
+    return [d for d in _descendants(worker) if _exe(d) not in (own, None)]
+
+
 class TreeSampler(threading.Thread):
     """Peaks of this process tree's memory: per worker (a child of this process) its private
     bytes plus its descendants' Pss, and the tree's summed Pss. Descendants every `interval`
@@ -261,7 +280,7 @@ class TreeSampler(threading.Thread):
             for worker in _children(me):
                 if worker not in private:
                     private[worker] = _smaps(worker)
-                descendants = _descendants(worker)
+                descendants = _programs(worker)
                 kids = sum(_smaps(k)[1] for k in descendants)
                 self.child_rss = max([self.child_rss, *map(_peak_rss, descendants)])
                 self.worker_peak = max(self.worker_peak, private[worker][0] + kids)
@@ -338,6 +357,14 @@ def generate(raw: Path, params: SyntheticAVParams, cache: Path | None) -> None:
     shutil.copytree(cache, raw, copy_function=os.link, ignore=shutil.ignore_patterns("params.json"))
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its reaped descendants (workers, ffmpeg commands)."""
+    own, children = (
+        resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def say(what: str) -> None:
     print(what, file=sys.stderr, flush=True)
 
@@ -377,12 +404,17 @@ def main() -> None:
         for clip in clips:  # warm the page cache for every contender alike
             clip.read_bytes()
         kept = {str(c): kept_frames(c, frames) for c in clips}
+        cpu = [cpu_seconds()]
         say("reference")
         reference_s = run_reference(clips, root / "reference", args.workers)
+        cpu.append(cpu_seconds())
         say("mmval")
         mmval_s = run_mmval(root / "raw", root / "mmval", args.workers)
+        cpu.append(cpu_seconds())
         say("decode limit")
         limit_s = run_decode_limit([(path, pts) for path, (pts, _) in kept.items()], args.workers)
+        cpu.append(cpu_seconds())
+        reference_cpu, mmval_cpu, limit_cpu = np.diff(cpu) / len(clips)
         stored = stored_times(root / "mmval", root / "raw")
         for path, (_, times) in kept.items():  # the limit decoded the frames mmval kept
             assert stored[path] == times, (path, stored[path], times)
@@ -404,6 +436,10 @@ def main() -> None:
         "speedup_vs_reference": round(reference_s / mmval_s, 2),
         "decode_limit_clips_per_s": round(n / limit_s, 2),
         "fraction_of_decode_limit": round(limit_s / mmval_s, 3),
+        "mmval_cpu_ms_per_clip": round(1000 * mmval_cpu, 1),
+        "reference_cpu_ms_per_clip": round(1000 * reference_cpu, 1),
+        "decode_limit_cpu_ms_per_clip": round(1000 * limit_cpu, 1),
+        "cpu_fraction_of_decode_limit": round(limit_cpu / mmval_cpu, 3),
         "mmval_peak_mib_per_worker": memory["mmval"]["worker"],
         "reference_peak_mib_per_worker": memory["reference"]["worker"],
         "mmval_parent_peak_mib": memory["mmval"]["parent"],
