@@ -360,3 +360,57 @@ def test_segment_indices_fallback_when_fewer_frames_than_segments() -> None:
     assert segment_indices(2, 3, train=False, rng=None).tolist() == [0, 0, 1]
     assert segment_indices(1, 3, train=True, rng=np.random.default_rng(0)).tolist() == [0, 0, 0]
     assert segment_indices(3, 3, train=False, rng=None).tolist() == [0, 1, 2]
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[video_mod._Cursor]:
+    """Record the cursors on which `_Cursor.<name>` is called."""
+    calls: list[video_mod._Cursor] = []
+    original = getattr(video_mod._Cursor, name)
+
+    def spied(self: video_mod._Cursor, *args: object) -> object:
+        calls.append(self)
+        return original(self, *args)
+
+    monkeypatch.setattr(video_mod._Cursor, name, spied)
+    return calls
+
+
+@pytest.mark.parametrize(("fps", "position"), [(1.0, "start"), (3.0, "center")])
+def test_frames_nobody_needs_are_skipped(
+    clips: dict[str, Path], fps: float, position: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # x264's B-frames that no frame refers to are dropped undecoded; the kept ones are exact
+    checks = _spy(monkeypatch, "skipping_was_safe")
+    got = read_video_frames(clips["one_key"], fps=fps, position=position)
+    decoded = sum(len(run) for run in checks[0]._skipping.runs)
+    last = round(float(got.times[-1]) * RATE)
+    assert decoded < last + 1  # a full decode gives every frame up to the last kept one
+    frames, _ = _all_frames(clips["one_key"])
+    np.testing.assert_array_equal(got.frames, frames[np.round(got.times * RATE).astype(int)])
+
+
+def test_frames_without_their_packets_timestamps_are_decoded_in_full(
+    clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # frames whose pts are not their packets' (as the demux pass saw them): skipping by packet
+    # could drop a kept frame, so the clip is decoded again without skipping
+    index_stream = video_mod._Cursor._index_stream
+
+    def shifted(self: video_mod._Cursor) -> video_mod._StreamIndex:
+        index = index_stream(self)
+        index.frame_pts = [p + 1 for p in index.frame_pts]
+        return index
+
+    monkeypatch.setattr(video_mod._Cursor, "_index_stream", shifted)
+    rewinds = _spy(monkeypatch, "rewind")
+    got = read_video_frames(clips["one_key"], position="center")
+    assert len(rewinds) == 1
+    assert _frame_ids(got.frames) == [5, 15, 25]
+
+
+def test_resampling_is_torchaudios(clips: dict[str, Path]) -> None:
+    wave, rate = read_audio(clips["stereo_wav"], mono=False)
+    for target in (8000, 22050):
+        got, _ = read_audio(clips["stereo_wav"], mono=False, sample_rate=target)
+        want = torchaudio.functional.resample(torch.from_numpy(wave), rate, target).numpy()
+        np.testing.assert_array_equal(got, want)

@@ -7,6 +7,7 @@ each follows the reference code step for step so that published numbers stay com
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Literal
@@ -46,32 +47,47 @@ def read_audio(
             raise ExtractionError("audio stream without a sample rate")
         first = round(start * rate)
         last = None if end is None else round(end * rate)
-        to_float = av.AudioResampler(format="fltp")  # planar float: [C, n] per frame
-        chunks: list[np.ndarray] = []
+        to_float = av.AudioResampler(format="fltp")  # planar float; passes fltp frames through
+        chunks: list[list[np.ndarray]] = []  # per frame, one array per channel
         decoded = 0
         try:
             for frame in container.decode(stream):
                 for converted in to_float.resample(frame):
-                    chunks.append(converted.to_ndarray())
+                    chunks.append(_channels(converted))
                     decoded += converted.samples
                 if last is not None and decoded >= last:
                     break
             else:
-                chunks.extend(f.to_ndarray() for f in to_float.resample(None))
+                chunks.extend(_channels(f) for f in to_float.resample(None))
         except av.FFmpegError as exc:
             raise ExtractionError(f"undecodable: {exc.strerror or exc}") from exc
     if not chunks:
         raise ExtractionError("no audio samples")
-    wave = np.concatenate(chunks, axis=1)[:, first:last]
+    wave = np.stack([np.concatenate(channel) for channel in zip(*chunks, strict=True)])
+    wave = wave[:, first:last]
     if wave.shape[1] == 0:
         raise ExtractionError(f"no audio samples in [{start}, {end}) s")
     wave = np.clip(wave, -1.0, 1.0, dtype=np.float32)
     if mono:
         wave = wave.mean(axis=0, keepdims=True)
     if sample_rate is not None and sample_rate != rate:
-        wave = torchaudio.functional.resample(torch.from_numpy(wave), rate, sample_rate).numpy()
+        with torch.no_grad():
+            wave = _resampler(rate, sample_rate)(torch.from_numpy(wave)).numpy()
         rate = sample_rate
     return np.ascontiguousarray(wave, dtype=np.float32), rate
+
+
+def _channels(frame: av.AudioFrame) -> list[np.ndarray]:
+    """The samples of a planar float32 frame, one array per channel, read from its planes
+    (the same values as `to_ndarray`, which stacks the planes with numpy on every frame)."""
+    return [np.frombuffer(plane, np.float32, frame.samples) for plane in frame.planes]
+
+
+@functools.lru_cache(maxsize=8)
+def _resampler(orig: int, new: int) -> torchaudio.transforms.Resample:
+    """`torchaudio.functional.resample(wave, orig, new)` with its sinc kernel built once per
+    pair of rates instead of on every call (bit-identical: the same kernel function, float32)."""
+    return torchaudio.transforms.Resample(orig, new, dtype=torch.float32)
 
 
 def kaldi_fbank(

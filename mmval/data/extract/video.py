@@ -2,22 +2,28 @@
 
 Decoding is the dominant cost of `mmval prep` (docs/data.md#preparation-cost): frames are decoded
 in-process, only the kept ones are converted to RGB (and resized in the same swscale call), decoding
-stops after the last needed frame, and the decoder seeks only when a keyframe lies between the
-current position and the next target (seeking on every target re-decodes whole GOPs).
+stops after the last needed frame, the decoder seeks only when a keyframe lies between the
+current position and the next target (seeking on every target re-decodes whole GOPs), and it
+skips the frames that are neither kept nor referenced by another frame (B-frames, mostly: about
+half the frames of an x264 clip). Which frames can be kept is known from the demux pass, so the
+skipping changes no output; where a file's frames do not carry their packets' timestamps the
+clip is decoded again without it.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import av
 import numpy as np
 import torch
+from av.video.reformatter import VideoReformatter
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_jpeg as _tv_decode_jpeg
 from torchvision.io import encode_jpeg as _tv_encode_jpeg
@@ -44,6 +50,21 @@ def set_decoder_threads(count: int) -> None:
     _decoder_threads = count
 
 
+_local = threading.local()
+
+
+def _reformatter() -> VideoReformatter:
+    """This thread's swscale converter. `VideoFrame.to_ndarray(width=...)` makes one per frame,
+    and building the area filter (and slice threads) of a fresh context cost more than the
+    conversion itself; one kept per thread is reused while the sizes and formats stay the same
+    (the same output). It scales on one thread (a 224 x 224 frame is small): a context with
+    slice threads, inherited by a forked pool worker, would wait forever on threads the worker
+    does not have."""
+    if not hasattr(_local, "reformatter"):
+        _local.reformatter = VideoReformatter()
+    return _local.reformatter
+
+
 @dataclass
 class VideoFrames:
     frames: np.ndarray  # uint8 [N, H, W, 3] RGB
@@ -59,6 +80,8 @@ class _StreamIndex:
     keyframes: list[float]  # the same, in seconds from the start of the stream
     origin: int  # pts of time 0
     duration: float  # seconds
+    frame_pts: list[int]  # every packet's pts, sorted: the frames a full decode gives
+    frame_times: list[float]  # the same, in seconds
 
 
 def open_media(path: Path) -> av.container.InputContainer:
@@ -110,7 +133,12 @@ def read_video_frames(
                 if target >= stop:
                     break
                 targets.append(target)
+            cursor.needed = _candidates(cursor.index, targets, position, start, end)
             kept = _pick_frames(cursor, targets, position)
+            if not cursor.skipping_was_safe():
+                cursor.needed = None
+                cursor.rewind()
+                kept = _pick_frames(cursor, targets, position)
             if not kept:
                 raise ExtractionError("no video frames")
             height, width = size if size is not None else (None, None)
@@ -119,15 +147,40 @@ def read_video_frames(
                 if i > 0 and frame is kept[i - 1][0]:  # a repeated frame is converted once
                     arrays.append(arrays[-1])
                     continue
-                arrays.append(
-                    frame.to_ndarray(
-                        width=width, height=height, format="rgb24", interpolation="AREA"
-                    )
+                rgb = _reformatter().reformat(
+                    frame,
+                    width=width,
+                    height=height,
+                    format="rgb24",
+                    interpolation="AREA",
+                    threads=1,
                 )
+                arrays.append(rgb.to_ndarray())
     except av.FFmpegError as exc:
         raise ExtractionError(f"undecodable: {exc.strerror or exc}") from exc
     times = np.array([t for _, t in kept], dtype=np.float32)
     return VideoFrames(frames=np.stack(arrays), times=times, duration=cursor.index.duration)
+
+
+def _candidates(
+    index: _StreamIndex,
+    targets: list[float],
+    position: Literal["start", "center"],
+    start: float,
+    end: float | None,
+) -> set[int]:
+    """The pts of every frame `_pick_frames` may keep: for each target the first frame at or
+    after it and, for "center", the last one before it (among the frames in [start, end))."""
+    times, lo = index.frame_times, bisect.bisect_left(index.frame_times, start - _EPS)
+    hi = len(times) if end is None else bisect.bisect_left(times, end)
+    found: set[int] = set()
+    for target in targets:
+        at = bisect.bisect_left(times, target - _EPS, lo, hi)
+        if at < hi:
+            found.add(index.frame_pts[at])
+        if position == "center" and at > lo:
+            found.add(index.frame_pts[at - 1])
+    return found
 
 
 class _Cursor:
@@ -135,6 +188,8 @@ class _Cursor:
 
     Some containers (MPEG-TS, raw streams) seek inexactly and land after the requested keyframe;
     when that happens the file is reopened, decoded from its beginning, and never sought again.
+    With `needed` (pts), a packet whose pts is not in it is decoded with skip_frame=NONREF:
+    FFmpeg drops it if no other frame refers to it, so it never comes out.
     """
 
     def __init__(self, path: Path, start: float, end: float | None) -> None:
@@ -146,6 +201,7 @@ class _Cursor:
         self._seekable = True
         self._landing: float | None = None  # where the last seek must land, until checked
         self.position = -math.inf  # time of the last decoded frame
+        self._skipping = _Skipping()
         try:
             self.index = self._index_stream()
         except BaseException:
@@ -164,6 +220,11 @@ class _Cursor:
             container.close()
             raise ExtractionError("no video stream")
         stream = container.streams.video[0]
+        base = stream.time_base
+        if base is None:
+            container.close()
+            raise ExtractionError("video stream without a time base")
+        self._base = (base.numerator, base.denominator)
         if _decoder_threads == 1:
             stream.thread_count = 1
         else:
@@ -179,9 +240,10 @@ class _Cursor:
         return self._frames is not None
 
     def _index_stream(self) -> _StreamIndex:
-        """Demux (no decoding) the whole stream for its keyframes and its true duration."""
+        """Demux (no decoding) the whole stream for its frames, keyframes and true duration."""
         stream = self._stream
         keyframe_pts: list[int] = []
+        frame_pts: list[int] = []
         first_pts: int | None = None
         end_pts: int | None = None
         rate = stream.average_rate or stream.guessed_rate
@@ -191,19 +253,30 @@ class _Cursor:
                 continue
             if packet.is_keyframe:
                 keyframe_pts.append(packet.pts)
+            frame_pts.append(packet.pts)
             first_pts = packet.pts if first_pts is None else min(first_pts, packet.pts)
             packet_end = packet.pts + (packet.duration or step)
             end_pts = packet_end if end_pts is None else max(end_pts, packet_end)
         if first_pts is None or end_pts is None:
             raise ExtractionError("no video frames")
         origin = stream.start_time if stream.start_time is not None else first_pts
+        self._origin = origin
         keyframe_pts.sort()
+        frame_pts.sort()
         return _StreamIndex(
             keyframe_pts=keyframe_pts,
-            keyframes=[float((pts - origin) * stream.time_base) for pts in keyframe_pts],
+            keyframes=[self._seconds(pts) for pts in keyframe_pts],
             origin=origin,
-            duration=float((end_pts - origin) * stream.time_base),
+            duration=self._seconds(end_pts),
+            frame_pts=frame_pts,
+            frame_times=[self._seconds(pts) for pts in frame_pts],
         )
+
+    def _seconds(self, pts: int) -> float:
+        """Seconds from the stream's start: float((pts - origin) * time_base), without the
+        Fraction objects (slow per frame); integer arithmetic and one correctly rounded division
+        give the same float."""
+        return (pts - self._origin) * self._base[0] / self._base[1]
 
     def restart(self, k: int) -> bool:
         """Decode from keyframe k (from the beginning when k < 0); False if that is not possible.
@@ -218,18 +291,50 @@ class _Cursor:
         self._container.seek(
             self.index.keyframe_pts[k], stream=self._stream, backward=True, any_frame=False
         )
-        self._frames = self._container.decode(self._stream)
+        self._frames = _decoded_frames(self._container, self._skipping)
         self._landing = self.index.keyframes[k]
         self.position = -math.inf
         return True
 
+    @property
+    def needed(self) -> set[int] | None:
+        """The pts that must be decoded; None: every frame."""
+        return self._skipping.needed
+
+    @needed.setter
+    def needed(self, pts: set[int] | None) -> None:
+        self._skipping.needed = pts
+
+    def rewind(self) -> None:
+        """Decode again from the beginning of the file."""
+        self._reopen(seekable=self._seekable)
+
     def _reopen(self, *, seekable: bool) -> None:
         self._container.close()
         self._container = self._open()
-        self._frames = self._container.decode(self._stream)
+        self._frames = _decoded_frames(self._container, self._skipping)
         self._seekable = seekable
         self._landing = None
         self.position = -math.inf
+
+    def skipping_was_safe(self) -> bool:
+        """Whether a decode with `needed` kept what a full decode keeps: every frame decoded
+        has a packet's pts (frames carry their packets' timestamps, so skipping by packet
+        skipped the intended frames), and every needed frame within the span of a run of
+        decoding (from a (re)start to its last frame) came out: none of them was skipped."""
+        needed, runs = self._skipping.needed, self._skipping.runs
+        if needed is None:
+            return True
+        known = set(self.index.frame_pts)
+        spans: list[tuple[int, int]] = []
+        for run in runs:
+            pts = [p for p in run if p is not None]
+            if len(pts) < len(run) or not known.issuperset(pts):
+                return False
+            if pts:
+                spans.append((min(pts), max(pts)))
+        decoded = {p for run in runs for p in run}
+        return all(p in decoded for p in needed if any(a <= p <= b for a, b in spans))
 
     def next(self) -> tuple[av.VideoFrame, float] | None:
         """The next frame in [start, end) with its time, or None at the end."""
@@ -237,7 +342,7 @@ class _Cursor:
         for frame in self._frames:
             if frame.pts is None:
                 continue
-            time = float((frame.pts - self.index.origin) * self._stream.time_base)
+            time = self._seconds(frame.pts)
             if self._landing is not None:
                 if time > self._landing + _EPS:  # the seek overshot: decode from the beginning
                     self._reopen(seekable=False)
@@ -250,6 +355,36 @@ class _Cursor:
             if time >= self._start - _EPS:
                 return frame, time
         return None
+
+
+@dataclass
+class _Skipping:
+    """What a cursor's decoding skips (`needed`) and the pts it decoded, per (re)start. Kept
+    apart from the cursor so that its frame generators do not refer back to it: that cycle
+    would leave the decoder (and its threads) to the garbage collector, perhaps in a forked
+    pool worker, where freeing the parent's decoder threads hangs."""
+
+    needed: set[int] | None = None
+    runs: list[list[int | None]] = field(default_factory=list)
+
+
+def _decoded_frames(
+    container: av.container.InputContainer, skipping: _Skipping
+) -> Iterator[av.VideoFrame]:
+    """The decoded frames of the first video stream from the current file position; a packet
+    whose pts is not in `skipping.needed` is decoded with skip_frame=NONREF (dropped if no
+    frame refers to it)."""
+    stream = container.streams.video[0]
+    context = stream.codec_context
+    run: list[int | None] = []
+    skipping.runs.append(run)
+    for packet in container.demux(stream):
+        if skipping.needed is not None:
+            skip = packet.pts is not None and packet.pts not in skipping.needed
+            context.skip_frame = "NONREF" if skip else "DEFAULT"
+        for frame in packet.decode():
+            run.append(frame.pts)
+            yield frame
 
 
 def _pick_frames(
