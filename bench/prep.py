@@ -73,7 +73,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torchaudio
-from _results import machine, publish
+from _results import add_quick, machine, publish
 
 from mmval.data.manifest import load_dataset_manifest
 from mmval.data.prep import prepare
@@ -375,7 +375,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=6, help="times each train clip is listed")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--raw-cache", type=Path, help="keep the generated clips here for reruns")
-    parser.add_argument("--quick", action="store_true", help="a smoke test: 4 tiny 2-s clips")
+    add_quick(parser)
     args = parser.parse_args()
     if shutil.which("ffmpeg") is None:
         raise SystemExit("the reference pipeline needs the ffmpeg program on PATH")
@@ -452,10 +452,7 @@ def main() -> None:
             ["ffmpeg", "-version"], capture_output=True, text=True
         ).stdout.splitlines()[0],
     }
-    if args.quick:
-        print(json.dumps(result))
-        return
-    publish("prep", result)
+    publish("prep", result, args.quick)
 
 
 if __name__ == "__main__":
