@@ -6,9 +6,7 @@ FUSIONS (or `register_fusion` it at run time)."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from torch import nn
+from typing import TYPE_CHECKING, Annotated
 
 from mmval.errors import UserError
 from mmval.models.fusions.base import FusionConfig
@@ -23,6 +21,9 @@ from mmval.models.fusions.sum import SumFusionConfig
 from mmval.models.fusions.tmc import TMCFusionConfig
 from mmval.models.fusions.weighted import WeightedFusionConfig
 from mmval.registry import Tagged, register, tag_of
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FUSIONS: dict[str, type[FusionConfig]] = {
     tag_of(cls): cls
