@@ -376,6 +376,7 @@ def prep(
     # after --schema and --list: reading manifests imports no media decoders (PyAV, torch)
     from mmval.data.pipeline import PartSpec, PrepCallbacks, PrepSummary
     from mmval.data.prep import check_raw, merge_parts, prepare
+
     if dataset is None:
         raise UserError(
             "name the data set to prepare: mmval prep DATASET --out DIR, one of "
