@@ -167,7 +167,13 @@ def test_commands_that_train_nothing_do_not_import_torch(args, finished_runs):
         ["recipe", "validate", "{recipes}/lckd-brats2018.yaml"],  # segmentation, 3-D U-Net
         ["recipe", "validate", "{recipes}/ave_att-ave-localisation.yaml"],
         ["recipe", "validate", "{recipes}/ogm_ge-crema-d.yaml"],  # data.augment, resnet18
-        ["recipe", "validate", "{recipes}/mla-uci-mfeat.yaml", "--set", "data.corrupt=[pix=gaussian:5]"],
+        [
+            "recipe",
+            "validate",
+            "{recipes}/mla-uci-mfeat.yaml",
+            "--set",
+            "data.corrupt=[pix=mask:5]",
+        ],
         ["recipe", "validate", "{recipes}/late_fusion-food101-qmf.yaml"],  # resnet152, hf BERT
         ["recipe", "validate", "{recipes}/qmf-nyud2.yaml"],  # pretrained weights
         ["recipe", "show"],
