@@ -338,8 +338,6 @@ def prep(
     A data set's --set parameters: mmval prep synthetic --list
     """
     from mmval.data.manifest import load_dataset_manifest, manifest_names
-    from mmval.data.pipeline import PartSpec, PrepCallbacks, PrepSummary
-    from mmval.data.prep import check_raw, merge_parts, prepare
 
     def print_counts(summary: PrepSummary) -> None:
         for name, c in summary.splits.items():
@@ -375,6 +373,10 @@ def prep(
             console.print("[bold]synthetic-av[/]: fake raw clips in a real data set's layout")
             console.print("a data set's --set parameters: mmval prep DATASET --list")
         return
+    # after --schema and --list: reading manifests imports no media decoders (PyAV, torch)
+    from mmval.data.pipeline import PartSpec, PrepCallbacks, PrepSummary
+    from mmval.data.prep import check_raw, merge_parts, prepare
+
     if dataset is None:
         raise UserError(
             "name the data set to prepare: mmval prep DATASET --out DIR, one of "

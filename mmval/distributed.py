@@ -19,21 +19,29 @@ copies of the model on the full split): inside it every helper acts as in one pr
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-import torch
-import torch.distributed as dist
-from torch import nn
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mmval.errors import UserError
+from mmval.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+else:
+    torch = lazy_module("torch")
+    dist = lazy_module("torch.distributed")
+    nn = lazy_module("torch.nn")
 
 T = TypeVar("T")
-_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+# the `op` names of all_reduce -> their torch.distributed.ReduceOp member
+_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
 
 @dataclass
@@ -143,7 +151,7 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if world_size() == 1:
         return t
     buf = _to_comm(t if t.dtype != torch.bool else t.to(torch.int64))
-    dist.all_reduce(buf, op=_OPS[op])
+    dist.all_reduce(buf, op=getattr(dist.ReduceOp, _OPS[op]))
     return buf.to(t.device, t.dtype)
 
 
@@ -198,19 +206,7 @@ def gather_rows_with_grad(t: torch.Tensor) -> tuple[torch.Tensor, int]:
         return t, 0
     sizes = _row_counts(t)
     offset = sum(sizes[: rank()])
-    return _Gather.apply(t, offset, sizes), offset
-
-
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, offset: int, sizes: list[int]) -> torch.Tensor:
-        ctx.offset, ctx.rows = offset, t.shape[0]
-        return _gather(t, sizes)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        total = all_reduce(grad.contiguous())
-        return total[ctx.offset : ctx.offset + ctx.rows], None, None
+    return _autograd()[0].apply(t, offset, sizes), offset
 
 
 def differentiable_sum(t: torch.Tensor) -> torch.Tensor:
@@ -219,17 +215,35 @@ def differentiable_sum(t: torch.Tensor) -> torch.Tensor:
     gets f'(S) times the global batch's gradient of S, as in one process."""
     if world_size() == 1:
         return t
-    return _Sum.apply(t)
+    return _autograd()[1].apply(t)
 
 
-class _Sum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
-        return all_reduce(t.detach().clone())
+@functools.cache
+def _autograd() -> tuple[type[torch.autograd.Function], type[torch.autograd.Function]]:
+    """The autograd Functions of `gather_rows_with_grad` and `differentiable_sum`, defined on
+    first use, so that importing this module does not import torch."""
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad * world_size()
+    class _Gather(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, t: torch.Tensor, offset: int, sizes: list[int]) -> torch.Tensor:
+            ctx.offset, ctx.rows = offset, t.shape[0]
+            return _gather(t, sizes)
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+            total = all_reduce(grad.contiguous())
+            return total[ctx.offset : ctx.offset + ctx.rows], None, None
+
+    class _Sum(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+            return all_reduce(t.detach().clone())
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+            return grad * world_size()
+
+    return _Gather, _Sum
 
 
 def all_gather_object(obj: T) -> list[T]:

@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmval.compose import compose_recipe
+from mmval.data.augment import FrameAugment
 from mmval.data.corrupt import Corruption
-from mmval.data.dataset import FrameAugment
 from mmval.data.manifest import is_manifest_file
 from mmval.errors import UserError
 from mmval.methods import METHODS, MethodConfig, MethodConfigUnion

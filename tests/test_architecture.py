@@ -4,6 +4,7 @@ that read run folders without training stay free of torch."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parents[1] / "mmval"
+RECIPES = Path(__file__).parents[1] / "recipes"
 
 
 def unit_of(module: str) -> str | None:
@@ -116,6 +118,30 @@ def finished_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path)
     return out
 
 
+HEAVY = {"torch", "torchvision", "torchaudio", "av", "matplotlib"}
+
+
+def command_imports(
+    args: list[str], env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run the whole command as the `mmval` entry point runs it; (the process, the modules
+    `-X importtime` lists)."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "mmval", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=None if env is None else {**os.environ, **env},
+    )
+    imported = {
+        line.split("|")[-1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "mmval.cli.main" in imported  # the listing is there
+    return done, imported
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -125,20 +151,50 @@ def finished_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path)
     ],
 )
 def test_commands_that_train_nothing_do_not_import_torch(args, finished_runs):
-    """The whole command as the `mmval` entry point runs it, its imports listed by
-    `-X importtime` (matplotlib too: only a report with figures draws)."""
-    args = [a.replace("{runs}", str(finished_runs)) for a in args]
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "mmval", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    """matplotlib too: only a report with figures draws."""
+    done, imported = command_imports([a.replace("{runs}", str(finished_runs)) for a in args])
     assert done.returncode == 0, done.stderr[-2000:]
-    imported = {
-        line.split("|")[-1].strip()
-        for line in done.stderr.splitlines()
-        if line.startswith("import time:")
-    }
-    assert "mmval.cli.main" in imported  # the listing is there
-    assert not imported & {"torch", "torchvision", "matplotlib"}
+    assert not imported & HEAVY
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["recipe", "validate", "{recipes}/concat-uci-mfeat.yaml"],
+        ["recipe", "validate", "{recipes}/c3r-uci-mfeat.yaml"],  # plug-ins
+        ["recipe", "validate", "{recipes}/imml-uci-mfeat.yaml"],
+        ["recipe", "validate", "{recipes}/concat-cmu-mosi-regression.yaml"],  # tasks
+        ["recipe", "validate", "{recipes}/lckd-brats2018.yaml"],  # segmentation, 3-D U-Net
+        ["recipe", "validate", "{recipes}/ave_att-ave-localisation.yaml"],
+        ["recipe", "validate", "{recipes}/ogm_ge-crema-d.yaml"],  # data.augment, resnet18
+        [
+            "recipe",
+            "validate",
+            "{recipes}/mla-uci-mfeat.yaml",
+            "--set",
+            "data.corrupt=[pix=mask:5]",
+        ],
+        ["recipe", "validate", "{recipes}/late_fusion-food101-qmf.yaml"],  # resnet152, hf BERT
+        ["recipe", "validate", "{recipes}/qmf-nyud2.yaml"],  # pretrained weights
+        ["recipe", "show"],
+        ["recipe", "show", "ogm_ge"],
+        ["recipe", "schema"],
+        ["prep", "--list"],
+    ],
+)
+def test_reading_recipes_does_not_import_torch(args):
+    """`recipe validate` checks every section (methods, fusions, plug-ins, tasks, encoders,
+    corruptions) against the registries without building anything; the weights a recipe
+    names are only paths then."""
+    args = [a.replace("{recipes}", str(RECIPES)) for a in args]
+    done, imported = command_imports(args, env={"MMVAL_WEIGHTS": "/weights"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not imported & HEAVY, sorted(imported & HEAVY)
+
+
+def test_a_refused_sweep_does_not_import_torch():
+    """`recipe validate` on a sweep says to use `mmval train --recipe` (exit 2)."""
+    sweep = RECIPES / "sweep-plugins-uci-mfeat.yaml"
+    done, imported = command_imports(["recipe", "validate", str(sweep)])
+    assert done.returncode == 2 and "is a sweep" in done.stderr, done.stderr[-2000:]
+    assert not imported & HEAVY

@@ -21,8 +21,8 @@ from mmval.methods import METHODS, Method, MethodConfig, register_method
 from mmval.models import ModelConfig, build_model
 from mmval.models.fusions import FUSIONS, FusionConfig, build_fusion, register_fusion
 from mmval.models.fusions.cosine import CosineFusionConfig
+from mmval.models.fusions.heads import SumFusion
 from mmval.models.fusions.shared import SharedFusionConfig
-from mmval.models.fusions.sum import SumFusion
 from mmval.recipe import Recipe, load_recipe, parse_recipe, recipe_json_schema
 from mmval.runner import Trainer
 from mmval.sweep import plan_from_raw

@@ -21,7 +21,7 @@ from mmval.methods.mla import MLA, MLAConfig, update_projection
 from mmval.methods.qmf import QMF, QMFConfig, normalise_history, rank_loss
 from mmval.methods.tmc import TMC, TMCConfig, dirichlet_kl_to_uniform, evidential_loss
 from mmval.models import ModelConfig, build_model
-from mmval.models.fusions.tmc import combine_evidence
+from mmval.models.fusions.heads import combine_evidence
 from mmval.recipe import Recipe, load_recipe
 from mmval.settings import SETTING, identity, normalised, resume_refusal
 

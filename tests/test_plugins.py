@@ -22,14 +22,14 @@ from mmval.models import ModelConfig, build_model
 from mmval.plugins import PLUGINS
 from mmval.plugins.c3r import (
     C3RConfig,
-    C3RNeck,
     bounded_steps,
     c3_risk,
     counterfactual_direction,
     necessity_surrogate,
     softmax_kl,
 )
-from mmval.plugins.imml import IMMLConfig, IMMLNeck, info_nce
+from mmval.plugins.imml import IMMLConfig, info_nce
+from mmval.plugins.necks import C3RNeck, IMMLNeck
 from mmval.recipe import check_against_data, load_recipe
 from mmval.settings import SETTING, identity
 from mmval.valuation.run import value_checkpoint

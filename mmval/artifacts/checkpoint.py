@@ -20,6 +20,7 @@ version so far hold it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -28,14 +29,19 @@ import shutil
 import zipfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import ConfigDict, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 from mmval.atomic import atomic_path
 from mmval.errors import UserError
+from mmval.lazy import lazy_module
 from mmval.validation import format_problems, problems_of, shown
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 FORMAT = "mmval-checkpoint-v1"
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives; a cut one still starts with this
@@ -117,12 +123,12 @@ class Checkpoint:
         problems: list[tuple[str, str]] = []
         checkpoint = training = None
         try:
-            checkpoint = _CHECKPOINT.validate_python(core)
+            checkpoint = _adapters()[0].validate_python(core)
         except ValidationError as exc:
             problems += problems_of(exc, core)
         if state:  # last.pt; runs before methods had modules saved none
             try:
-                training = _TRAINING.validate_python({"method_modules": None, **state})
+                training = _adapters()[1].validate_python({"method_modules": None, **state})
             except ValidationError as exc:
                 problems += problems_of(exc, state)
         if problems or checkpoint is None:
@@ -133,8 +139,11 @@ class Checkpoint:
         return replace(checkpoint, training=training)
 
 
-_CHECKPOINT = TypeAdapter(Checkpoint)
-_TRAINING = TypeAdapter(TrainingState)
+@functools.cache
+def _adapters() -> tuple[TypeAdapter[Checkpoint], TypeAdapter[TrainingState]]:
+    """The validators of a loaded payload, built on the first load: their types hold tensors,
+    and building them imports torch."""
+    return TypeAdapter(Checkpoint), TypeAdapter(TrainingState)
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint, *, previous: Path | None = None) -> None:

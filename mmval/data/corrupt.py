@@ -46,14 +46,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
-import torch
 
 from mmval.data.extract.text import HFTokenizer, WordTokenizer, load_saved_tokenizer
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
+from mmval.lazy import lazy_module
 
 if TYPE_CHECKING:
+    import torch
+
     from mmval.data.dataset import CorruptBatch, ParquetSamples
+else:
+    torch = lazy_module("torch")
 
 Kind = Literal["gaussian", "salt-pepper", "mask", "blank"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
@@ -271,7 +275,7 @@ def check_corruptions(
         )
 
 
-Corrupt = Callable[[dict[str, torch.Tensor], torch.Tensor], dict[str, torch.Tensor]]
+Corrupt = Callable[[dict[str, "torch.Tensor"], "torch.Tensor"], dict[str, "torch.Tensor"]]
 
 
 def corruptor(

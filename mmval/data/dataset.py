@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset, Sampler
 
+from mmval.data.augment import FrameAugment
 from mmval.data.extract.video import decode_jpeg, segment_indices
 from mmval.data.shards import (
     INDEX,
@@ -33,18 +33,6 @@ from mmval.data.shards import (
     row_mismatch,
 )
 from mmval.errors import UserError
-
-
-class FrameAugment(BaseModel):
-    """Training-time augmentation of RGB frames, as the GeWu-Lab loaders do for every visual
-    frame: torchvision's RandomResizedCrop (back to the stored size) and RandomHorizontalFlip,
-    drawn independently per frame. Evaluation sees the stored frames unchanged (their
-    `Resize((224, 224))`)."""
-
-    model_config = ConfigDict(extra="forbid")
-    crop_scale: tuple[float, float] = Field(default=(0.08, 1.0), description="area fraction")
-    crop_ratio: tuple[float, float] = Field(default=(3 / 4, 4 / 3), description="aspect range")
-    hflip: float = Field(default=0.5, ge=0, le=1, description="flip probability")
 
 
 def random_resized_crop(

@@ -67,19 +67,24 @@ scaling and the clipping norm are those of the global batch.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field
-from torch import nn
 
-from mmval.data.dataset import Batch
 from mmval.distributed import batch_mean
+from mmval.lazy import lazy_module, no_grad
 from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts, window_problems
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
-from mmval.models.encoders import ResNet18Encoder
-from mmval.models.image_encoders import FrameInput
+from mmval.models import ModelConfig, ModelOutput
 from mmval.valuation.engine import LateFusionEvaluator, subset_masks
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
 
 
 class AGMConfig(MethodConfig):
@@ -118,6 +123,9 @@ def absent_input(encoder: nn.Module, sample: torch.Tensor) -> torch.Tensor:
     frames are normalised inside the encoder, so that is the mean colour (as floats, exact);
     spectrograms, flow and vectors are read as they are, so zeros; token ids become the padding
     id, an empty text [ours: the official MOSEI code writes id 0 whatever it stands for]."""
+    from mmval.models.encoders import ResNet18Encoder
+    from mmval.models.image_encoders import FrameInput
+
     if isinstance(encoder, ResNet18Encoder | FrameInput) and encoder.rgb:
         colour = encoder.mean.flatten() * 255.0
         return colour.to(sample.device).expand(sample.shape).contiguous()
@@ -220,7 +228,7 @@ class AGM(Method):
         self.scale: torch.Tensor | None = None
         self.shares: HeadShares | None = None
 
-    @torch.no_grad()
+    @no_grad
     def subset_logits(
         self, model: MultimodalModel, inputs: dict[str, torch.Tensor], full: torch.Tensor
     ) -> torch.Tensor:

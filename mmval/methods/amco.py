@@ -43,14 +43,12 @@ a batch mean, so the averaged gradients are the global batch's.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from mmval.data.dataset import Batch
 from mmval.distributed import batch_mean
+from mmval.lazy import lazy_module
 from mmval.methods.base import (
     Method,
     MethodConfig,
@@ -59,7 +57,17 @@ from mmval.methods.base import (
     unimodal_cross_entropy,
     window_problems,
 )
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.models import ModelConfig, ModelOutput
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
 
 
 class AMCoConfig(MethodConfig):

@@ -27,20 +27,29 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
-from torch import nn
 
-from mmval.data.dataset import Batch, TaggedPositions
 from mmval.distributed import GradientSync, shard_bounds, world_size
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.lazy import lazy_module
+from mmval.models import ModelConfig, ModelOutput
 from mmval.models.fusions import FUSIONS, FusionConfig, count_phrase
 from mmval.registry import tag_of
 from mmval.tasks import CLASSIFICATION, Task
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from mmval.data.dataset import Batch, TaggedPositions
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
+    nn = lazy_module("torch.nn")
 
 
 class MethodConfig(BaseModel):

@@ -40,16 +40,24 @@ one-process gradient of the global batch's penalty; the cross-entropies are batc
 from __future__ import annotations
 
 import itertools
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from mmval.data.dataset import Batch
 from mmval.distributed import differentiable_sum
+from mmval.lazy import lazy_module
 from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts, window_problems
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.models import ModelConfig, ModelOutput
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
 
 
 class CMLConfig(MethodConfig):

@@ -83,16 +83,15 @@ the averaged gradients are the global batch's.
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field
 
-from mmval.data.dataset import Batch
 from mmval.errors import UserError
+from mmval.lazy import lazy_module
 from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts
 from mmval.methods.cooperation import fill_value, value_split
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.models import ModelConfig, ModelOutput
 from mmval.valuation.config import (
     DEFAULT_CONFIDENCE,
     DEFAULT_CONFIDENCE_SCORE,
@@ -101,6 +100,14 @@ from mmval.valuation.config import (
     ValuationConfig,
 )
 from mmval.valuation.registry import build_method
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
 
 
 class CMoBConfig(MethodConfig):

@@ -38,21 +38,28 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
-from mmval.data.dataset import Batch, TaggedPositions
 from mmval.distributed import gather_rows
+from mmval.lazy import lazy_module, no_grad
 from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts
-from mmval.models import ModelOutput, MultimodalModel
+from mmval.models import ModelOutput
 from mmval.tasks import CLASSIFICATION, Task
 from mmval.valuation.base import Game, ValuationMethod
 from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import build_evaluator
 from mmval.valuation.registry import build_method
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmval.data.dataset import Batch, TaggedPositions
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
 
 Enhancement = Literal["resample", "resample_mask", "drop", "mask"]
 IN_PLACE: tuple[Enhancement, ...] = ("drop", "mask")  # no extra entries (supplement Table 7)
@@ -70,7 +77,7 @@ class SplitValues:
     correct: np.ndarray | None
 
 
-@torch.no_grad()
+@no_grad
 def value_split(
     model: MultimodalModel,
     ctx: TrainContext,
@@ -122,6 +129,8 @@ def fill_value(x: torch.Tensor, encoder: torch.nn.Module) -> int:
 
 def copy_entries(n: int, pos: np.ndarray, mod: np.ndarray, m: int) -> TaggedPositions:
     """Every sample once, plus one entry per copy (sample pos[c] keeping only modality mod[c])."""
+    from mmval.data.dataset import TaggedPositions
+
     key = pos.astype(np.int64) * m + mod
     order = np.argsort(key, kind="stable")
     first = np.searchsorted(key[order], key[order], side="left")
@@ -138,6 +147,8 @@ def drop_entries(n: int, pos: np.ndarray, mod: np.ndarray, uniform: np.ndarray) 
     """Every sample once, as one of its 1 + c entries under `copy_entries` (the plain sample or
     one of its c copies), picked by uniform [n] in [0, 1): the epoch keeps its size and a sample
     trains its copies' modalities alone as often, relatively, as re-sampling would."""
+    from mmval.data.dataset import TaggedPositions
+
     counts = np.bincount(pos, minlength=n)
     order = np.argsort(pos, kind="stable")
     first = np.cumsum(counts) - counts
@@ -253,5 +264,7 @@ class Cooperation(Method, ABC):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        from mmval.data.dataset import TaggedPositions
+
         if "positions" in state:
             self.entries = TaggedPositions(state["positions"].numpy(), state["tags"].numpy())

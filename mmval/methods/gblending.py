@@ -43,18 +43,26 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
-from mmval.data.dataset import Batch
 from mmval.distributed import broadcast_object, replicated, world_size
+from mmval.lazy import lazy_module, no_grad
 from mmval.methods.base import Method, MethodConfig, StepResult, StepTools, TrainContext
-from mmval.models import MultimodalModel
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
+    nn = lazy_module("torch.nn")
 
 MM = "mm"  # the key of the fused model's weight
 
@@ -177,7 +185,7 @@ class GBlending(Method):
         model.train()
         return blend_weights(before, after)
 
-    @torch.no_grad()
+    @no_grad
     def _losses(
         self,
         sub: nn.Module,
@@ -223,6 +231,8 @@ class GBlending(Method):
 
 
 def _take(batch: Batch, rows: torch.Tensor) -> Batch:
+    from mmval.data.dataset import Batch
+
     return Batch(
         inputs={m: x[rows] for m, x in batch.inputs.items()},
         label=batch.label[rows],

@@ -40,14 +40,11 @@ their running gates from the global batch's mean gate (mmval/models/mmtm.py).
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
-from mmval.data.dataset import Batch
+from mmval.lazy import lazy_module
 from mmval.methods.base import (
     Method,
     MethodConfig,
@@ -55,7 +52,18 @@ from mmval.methods.base import (
     never_acts,
     unimodal_cross_entropy,
 )
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.models import ModelConfig, ModelOutput
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
 
 
 class GreedyConfig(MethodConfig):

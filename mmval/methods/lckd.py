@@ -51,18 +51,25 @@ loss is a batch mean, so the averaged gradients are the global batch's.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
-from torch import nn
 
-from mmval.data.dataset import Batch
 from mmval.errors import UserError
+from mmval.lazy import lazy_module, no_grad
 from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts
 from mmval.models import ModelConfig, ModelOutput
 from mmval.tasks.volumes import brats_regions, random_presence
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mmval.data.dataset import Batch
+else:
+    torch = lazy_module("torch")
+    nn = lazy_module("torch.nn")
 
 REGIONS = ("et", "wt", "tc")  # LCKD's channel order of the region outputs (`id2trainId`)
 
@@ -136,20 +143,6 @@ def soft_region_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return 2.0 * (prob * truth).sum(2) / (prob.sum(2) + truth.sum(2) + 1.0)
 
 
-class _Presence(nn.Module):
-    """The model with a fixed presence row for every sample, for the task's evaluation forward
-    (whole volume or sliding windows)."""
-
-    def __init__(self, model: nn.Module, row: torch.Tensor) -> None:
-        super().__init__()
-        self.model = model
-        self.row = row
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> ModelOutput:
-        batch = next(iter(inputs.values())).shape[0]
-        return self.model(inputs, present=self.row.expand(batch, -1))
-
-
 class LCKD(Method):
     Config = LCKDConfig
     config: LCKDConfig
@@ -176,10 +169,12 @@ class LCKD(Method):
             )
         return nn.ModuleDict()
 
-    @torch.no_grad()
+    @no_grad
     def _single_sequence_dice(self, model: nn.Module, ctx: TrainContext) -> np.ndarray:
         """[M, 3]: the mean soft Dice of ET, WT, TC on the validation split with each sequence
         alone present, in evaluation mode."""
+        from mmval.models.method_modules import _Presence
+
         names = list(model.modalities)
         sums = torch.zeros(len(names), len(REGIONS), dtype=torch.float64)
         cases = 0

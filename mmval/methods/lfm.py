@@ -54,18 +54,26 @@ rounding; the loss is a batch mean, so the averaged gradients are the global bat
 from __future__ import annotations
 
 import itertools
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from mmval.data.dataset import Batch
 from mmval.distributed import broadcast_object
 from mmval.errors import UserError
+from mmval.lazy import lazy_module
 from mmval.methods.base import Method, MethodConfig, TrainContext
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.models import ModelConfig, ModelOutput
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
 
 ALPHA_MIN, ALPHA_MAX = 0.05, 0.95
 # the share of the first validation batch that earlier versions used instead of `val_samples`,
@@ -171,6 +179,8 @@ def alpha_gradient(
 
 def held_out(ctx: TrainContext, count: int) -> Batch:
     """The first `count` samples of the validation split (fewer if it is smaller), one batch."""
+    from mmval.data.dataset import Batch
+
     positions = np.arange(min(count, ctx.sizes["val"]))
     parts = list(ctx.batches("val", positions))
     return Batch(

@@ -21,18 +21,25 @@ mean, so the gradients averaged over the ranks are the global batch's.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from mmval.artifacts.checkpoint import load_checkpoint
-from mmval.data.dataset import Batch
 from mmval.errors import UserError
+from mmval.lazy import lazy_module
 from mmval.methods.base import Method, MethodConfig, TrainContext
-from mmval.models import ModelOutput, MultimodalModel
-from mmval.models.encoders import load_state
+from mmval.models import ModelOutput
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
+    nn = lazy_module("torch.nn")
 
 
 class LinearProbeConfig(MethodConfig):
@@ -44,6 +51,8 @@ class LinearProbeConfig(MethodConfig):
 
 def load_encoder(path: Path, modality: str, encoder: nn.Module, field: str) -> None:
     """Copy modality's encoder weights from an mmval checkpoint into `encoder` (same config)."""
+    from mmval.models.encoders import load_state
+
     ckpt = load_checkpoint(path)
     prefix = f"encoders.{modality}."
     state = {k[len(prefix) :]: v for k, v in ckpt.model.items() if k.startswith(prefix)}

@@ -46,18 +46,25 @@ gradient.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from mmval.data.dataset import Batch
 from mmval.distributed import batch_mean
+from mmval.lazy import lazy_module
 from mmval.methods.base import Method, MethodConfig, StepResult, StepTools, TrainContext
-from mmval.models import ModelConfig, MultimodalModel
-from mmval.models.fusions.shared import SharedFusion
+from mmval.models import ModelConfig
 from mmval.settings import AddedLater
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
 
 
 class MLAConfig(MethodConfig):
@@ -115,6 +122,8 @@ class MLA(Method):
         self, model: MultimodalModel, batch: Batch, ctx: TrainContext, tools: StepTools
     ) -> StepResult:
         fusion = model.fusion
+        from mmval.models.fusions.heads import SharedFusion
+
         assert isinstance(fusion, SharedFusion)
         project = self.config.projection == "owm"
         weight = fusion.fc.weight if project else None  # a Linear head (problems())

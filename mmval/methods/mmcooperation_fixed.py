@@ -33,16 +33,23 @@ the same entries, which the sampler splits over the ranks.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
-from mmval.data.dataset import TaggedPositions
+from mmval.lazy import lazy_module
 from mmval.methods.base import MethodConfig, TrainContext
 from mmval.methods.cooperation import Cooperation, CooperationConfig
-from mmval.models import ModelConfig, MultimodalModel
+from mmval.models import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmval.data.dataset import TaggedPositions
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
 
 
 class MMCooperationFixedConfig(CooperationConfig):

@@ -46,16 +46,22 @@ every rank. The loss is a batch mean, so the averaged gradients are the global b
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
-from mmval.data.dataset import TaggedPositions
+from mmval.lazy import lazy_module
 from mmval.methods.base import MethodConfig, TrainContext
 from mmval.methods.cooperation import Cooperation, CooperationConfig, value_split
-from mmval.models import MultimodalModel
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmval.data.dataset import TaggedPositions
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
 
 Shape = Literal["linear", "tanh", "power"]
 

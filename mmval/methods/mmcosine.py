@@ -8,7 +8,7 @@ docs/methods.md#mmcosine.
 What it changes: only the head. z_m[c] = s cos(h_m, w_{m,c}) against modality m's slice of a
 bias-free concat head, z = sum_m z_m, L = CE(z, y) (`train_epoch`, lines 113-118), and the same
 logits predict (`acc`). That head is the model option `model.fusion: cosine`
-(`mmval.models.fusions.cosine.CosineFusion`), so every method can use it and checkpoints are
+(`mmval.models.fusions.heads.CosineFusion`), so every method can use it and checkpoints are
 valued like any other; this method is plain CE and refuses any other fusion. The scale s is
 `model.fusion.scale`: official default 10 (the recipes' default), BalanceBenchmark 15.
 
@@ -33,13 +33,18 @@ averaged over the ranks are the global batch's.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
-
+from mmval.lazy import lazy_module
 from mmval.methods.base import Method, MethodConfig
-from mmval.models import ModelOutput, MultimodalModel
-from mmval.models.fusions.cosine import CosineFusion
+from mmval.models import ModelOutput
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
 
 
 class MMCosineConfig(MethodConfig):
@@ -56,5 +61,7 @@ class MMCosine(Method):
         """The official validation's fused output: the cosine head's weight as a plain linear
         head over the concatenated features."""
         fusion = model.fusion
+        from mmval.models.fusions.heads import CosineFusion
+
         assert isinstance(fusion, CosineFusion)
         return {"linear": fusion.fc(torch.cat([out.features[m] for m in fusion.names], dim=1))}

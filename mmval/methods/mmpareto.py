@@ -38,16 +38,24 @@ per step than plain training).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
-from mmval.data.dataset import Batch
+from mmval.lazy import lazy_module
 from mmval.methods.base import Method, MethodConfig, StepResult, StepTools, TrainContext
-from mmval.models import MultimodalModel
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
+    nn = lazy_module("torch.nn")
 
 
 class MMParetoConfig(MethodConfig):

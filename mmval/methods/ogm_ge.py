@@ -33,15 +33,22 @@ one-process edit of the global batch.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
 from pydantic import Field
 
-from mmval.data.dataset import Batch
 from mmval.distributed import all_reduce
+from mmval.lazy import lazy_module
 from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts, window_problems
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.models import ModelConfig, ModelOutput
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
 
 
 class OGMGEConfig(MethodConfig):

@@ -41,15 +41,22 @@ run's draws (same distribution).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field
 
-from mmval.data.dataset import Batch
 from mmval.distributed import all_reduce
+from mmval.lazy import lazy_module
 from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts, window_problems
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.models import ModelConfig, ModelOutput
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
 
 
 class OPMConfig(MethodConfig):

@@ -4,17 +4,24 @@ to its objective, their modules, figures and state kept beside its own."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from mmval.data.dataset import Batch, TaggedPositions
+from mmval.lazy import lazy_module
 from mmval.methods.base import Method, TrainContext
-from mmval.models import ModelOutput, MultimodalModel
+from mmval.models import ModelOutput
 from mmval.plugins import PLUGINS, Plugin, PluginConfig
 from mmval.registry import tag_of
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mmval.data.dataset import Batch, TaggedPositions
+    from mmval.models import MultimodalModel
+else:
+    nn = lazy_module("torch.nn")
 
 
 class Plugged(Method):

@@ -39,17 +39,25 @@ tenth) too: the weights are the global batch's on every rank.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from mmval.data.dataset import Batch
 from mmval.distributed import all_reduce, world_size
+from mmval.lazy import lazy_module, no_grad
 from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts, window_problems
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.models import ModelConfig, ModelOutput
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
 
 
 class PMRConfig(MethodConfig):
@@ -109,7 +117,7 @@ class PMR(Method):
         self.train_size: int | None = None  # training samples per epoch, counted in epoch 0
         self._seen = 0
 
-    @torch.no_grad()
+    @no_grad
     def compute_prototypes(self, model: MultimodalModel, ctx: TrainContext) -> None:
         limit = None
         if self.config.prototype_data == "tenth" and self.train_size is not None:

@@ -40,17 +40,24 @@ averaged gradient is the one-process gradient of the global batch's ranking loss
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from mmval.data.dataset import Batch
 from mmval.distributed import gather_rows, gather_rows_with_grad
+from mmval.lazy import lazy_module
 from mmval.methods.base import Method, MethodConfig, TrainContext
-from mmval.models import ModelOutput, MultimodalModel
-from mmval.models.fusions.qmf import QMFFusion
+from mmval.models import ModelOutput
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
 
 
 class QMFConfig(MethodConfig):
@@ -115,6 +122,8 @@ class QMF(Method):
         self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
     ) -> torch.Tensor:
         fusion = model.fusion
+        from mmval.models.fusions.heads import QMFFusion
+
         assert isinstance(fusion, QMFFusion) and out.unimodal_logits is not None
         logits = [out.unimodal_logits[m] for m in model.modalities]
         unimodal = torch.stack([F.cross_entropy(z, batch.label, reduction="none") for z in logits])

@@ -100,20 +100,30 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
-from mmval.data.dataset import Batch
 from mmval.errors import UserError
+from mmval.lazy import lazy_module
 from mmval.methods.base import Method, MethodConfig, StepResult, StepTools, TrainContext
 from mmval.methods.linear_probe import load_encoder
-from mmval.models import ModelConfig, MultimodalModel
+from mmval.models import ModelConfig
 from mmval.models.fusions.shared import SharedFusionConfig
 from mmval.settings import ADDED_LATER
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+    from mmval.models.method_modules import BoostRate
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
+    nn = lazy_module("torch.nn")
 
 
 @dataclass(frozen=True)
@@ -232,14 +242,6 @@ def consolidation_loss(
     return F.mse_loss(z.softmax(1), z_previous.detach().softmax(1))
 
 
-class BoostRate(nn.Module):
-    """The ensemble's learnable scale b (official `DynamicNet.boost_rate`)."""
-
-    def __init__(self, init: float) -> None:
-        super().__init__()
-        self.rate = nn.Parameter(torch.tensor(float(init)))
-
-
 class ReconBoost(Method):
     Config: ClassVar[type[MethodConfig]] = ReconBoostConfig
     config: ReconBoostConfig
@@ -248,6 +250,8 @@ class ReconBoost(Method):
     def build_modules(self, model: MultimodalModel) -> nn.ModuleDict:
         """The scale b; with `pretrained`, each encoder loaded from its unimodal checkpoint (a
         resumed run reads the files again, then its checkpoint's weights replace them)."""
+        from mmval.models.method_modules import BoostRate
+
         pretrained = self.config.pretrained
         if pretrained is not None:
             missing = [m for m in model.modalities if m not in pretrained]

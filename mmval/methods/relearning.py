@@ -45,16 +45,22 @@ same arrays (k-means is deterministic) and moves its encoders by the same weight
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from mmval.distributed import gather_rows
+from mmval.lazy import lazy_module, no_grad
 from mmval.methods.base import Method, MethodConfig, TrainContext, never_acts
-from mmval.models import MultimodalModel
 from mmval.settings import AddedLater
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
 
 
 class RelearningConfig(MethodConfig):
@@ -226,7 +232,7 @@ class Relearning(Method):
         return figures
 
     @staticmethod
-    @torch.no_grad()
+    @no_grad
     def _features(
         model: MultimodalModel, ctx: TrainContext, role: str
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -29,16 +29,23 @@ averaged over the ranks are the global batch's.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from mmval.data.dataset import Batch
+from mmval.lazy import lazy_module
 from mmval.methods.base import Method, MethodConfig, TrainContext
-from mmval.models import ModelOutput, MultimodalModel
-from mmval.models.fusions.tmc import TMCFusion
+from mmval.models import ModelOutput
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
 
 
 class TMCConfig(MethodConfig):
@@ -87,6 +94,8 @@ class TMC(Method):
         self, model: MultimodalModel, out: ModelOutput, batch: Batch, ctx: TrainContext
     ) -> torch.Tensor:
         fusion = model.fusion
+        from mmval.models.fusions.heads import TMCFusion
+
         assert isinstance(fusion, TMCFusion)
         evidence = list(fusion.evidence(out.features).values())
         weight = self.kl_weight(ctx)

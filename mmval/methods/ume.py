@@ -23,13 +23,16 @@ gradients averaged over the ranks are the global batch's.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
-
-from mmval.data.dataset import Batch
 from mmval.methods.base import Method, MethodConfig, TrainContext, unimodal_cross_entropy
-from mmval.models import ModelOutput, MultimodalModel
+from mmval.models import ModelOutput
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
 
 
 class UMEConfig(MethodConfig):

@@ -26,18 +26,27 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
-from mmval.data.dataset import Batch
 from mmval.errors import UserError
+from mmval.lazy import lazy_module
 from mmval.methods.base import Method, MethodConfig, TrainContext
 from mmval.methods.linear_probe import load_encoder
-from mmval.models import ModelConfig, ModelOutput, MultimodalModel
+from mmval.models import ModelConfig, ModelOutput
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
+    nn = lazy_module("torch.nn")
 
 
 class UMTConfig(MethodConfig):

@@ -35,35 +35,12 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
+from mmval.models.config import AVAttConfig
 from mmval.models.output import ModelOutput
-
-
-class AVAttConfig(BaseModel):
-    """Sizes of Tian et al.'s `att_Net` (`supervised_main.py` line 59, `models.py` 13-27)."""
-
-    model_config = ConfigDict(extra="forbid")
-    hidden_dim: int = Field(
-        default=128,
-        ge=1,
-        description="hidden units per direction of the audio and the visual BiLSTM "
-        "(att_Net(..., hidden_dim=128, ...), models.py 16-17)",
-    )
-    hidden_size: int = Field(
-        default=512,
-        ge=1,
-        description="width of the attention's audio and visual projections (affine_audio, "
-        "affine_video; hidden_size=512, models.py 20-21)",
-    )
-    fusion_hidden: int = Field(
-        default=64,
-        ge=1,
-        description="units of the first layer of the per-segment classifier (L1, models.py 26)",
-    )
 
 
 def stream_specs(specs: list[ModalitySpec]) -> tuple[ModalitySpec, ModalitySpec]:

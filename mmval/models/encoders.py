@@ -19,16 +19,24 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torchvision
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from torch import nn
 
 from mmval.artifacts.checkpoint import read_torch_file
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
+from mmval.models.config import (
+    EmbeddingBagEncoderConfig,
+    EncoderConfigType,
+    MLPEncoderConfig,
+    PythonEncoderConfig,
+    ResNet18EncoderConfig,
+    SegmentLSTMEncoderConfig,
+    TransformerEncoderConfig,
+)
 from mmval.models.hf import HFEncoderConfig, HFTextEncoder
 from mmval.models.image_encoders import (
     ResNetEncoder,
@@ -39,121 +47,6 @@ from mmval.models.image_encoders import (
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class MLPEncoderConfig(BaseModel):
-    """An MLP for vector inputs (features, multi-view descriptors)."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["mlp"] = "mlp"
-    hidden: list[Annotated[int, Field(ge=1)]] = Field(
-        default=[256], description="hidden layer sizes"
-    )
-    out_dim: int = Field(default=128, ge=1, description="size of the feature h_m")
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-
-
-class ResNet18EncoderConfig(BaseModel):
-    """torchvision ResNet-18 trunk: 1 input channel for spectrograms, 3 for RGB frames, 2 for
-    optical flow; frames go through the 2D network one by one, then are pooled over time."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["resnet18"] = "resnet18"
-    pretrained: Path | None = Field(
-        default=None,
-        description="local torchvision resnet18 state dict (never downloaded); conv1 is "
-        "averaged over its input channels when the modality has other than 3",
-    )
-
-
-class EmbeddingBagEncoderConfig(BaseModel):
-    """Mean of the word embeddings of a text (padding ignored): the bag-of-words baseline."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["embedding_bag"] = "embedding_bag"
-    dim: int = Field(default=300, ge=1, description="embedding size (300 as GloVe)")
-    out_dim: int = Field(default=128, ge=1)
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    pretrained: Path | None = Field(
-        default=None, description="local state dict of this encoder (e.g. converted GloVe)"
-    )
-
-
-class TransformerEncoderConfig(BaseModel):
-    """A small pre-norm Transformer over token ids or feature sequences, mean-pooled over the
-    non-padding positions."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["transformer"] = "transformer"
-    d_model: int = Field(default=128, ge=8)
-    heads: int = Field(default=4, ge=1)
-    layers: int = Field(default=2, ge=1)
-    ff_mult: int = Field(default=4, ge=1, description="feed-forward width / d_model")
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    pretrained: Path | None = Field(default=None, description="local state dict of this encoder")
-
-
-class SegmentLSTMEncoderConfig(BaseModel):
-    """Per-segment features [T, ..., D] (AVE's [10, 128] VGGish audio, [10, 7, 7, 512] VGG-19
-    maps) to per-segment features [T, 2 * hidden]: the grid of a map averaged [ours: Tian et
-    al. attend over it guided by the audio], then a bidirectional LSTM over the segments with
-    zero initial states, as Tian et al.'s baseline models each stream (YapengTian/AVE-ECCV18
-    93f843fed72fb17394df76330df958b0c2dbde76, `models.py` 16-17, 62-71: hidden 128 per
-    direction). The fusion head is then applied to every segment (localisation)."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["segment_lstm"] = "segment_lstm"
-    hidden: int = Field(default=128, ge=1, description="LSTM size per direction (official 128)")
-
-
-class PythonEncoderConfig(BaseModel):
-    """An encoder class of the user's own, imported by path when the model is built: training,
-    evaluating or valuing such a model runs that code (a checkpoint of one is loaded by `mmval
-    value` only with --trust-code)."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["python"] = "python"
-    target: str = Field(
-        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
-        description="`package.module:Class`, importable (installed, or on PYTHONPATH); "
-        "called as Class(spec, **kwargs) with the modality's ModalitySpec (name, shape, "
-        "dtype, ...), it must be a torch Module with an int `out_dim` (the feature size)",
-    )
-    kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="keyword arguments of the class"
-    )
-
-
-EncoderConfigType = (
-    MLPEncoderConfig
-    | ResNet18EncoderConfig
-    | ResNetEncoderConfig
-    | ViTEncoderConfig
-    | EmbeddingBagEncoderConfig
-    | TransformerEncoderConfig
-    | SegmentLSTMEncoderConfig
-    | PythonEncoderConfig
-    | HFEncoderConfig
-)
-
-
-def _encoder_kind(value: Any) -> str:
-    kind = value.get("kind", "mlp") if isinstance(value, dict) else getattr(value, "kind", "mlp")
-    return str(kind)
-
-
-EncoderConfig = Annotated[
-    Annotated[MLPEncoderConfig, Tag("mlp")]
-    | Annotated[ResNet18EncoderConfig, Tag("resnet18")]
-    | Annotated[ResNetEncoderConfig, Tag("resnet")]
-    | Annotated[ViTEncoderConfig, Tag("vit")]
-    | Annotated[EmbeddingBagEncoderConfig, Tag("embedding_bag")]
-    | Annotated[TransformerEncoderConfig, Tag("transformer")]
-    | Annotated[SegmentLSTMEncoderConfig, Tag("segment_lstm")]
-    | Annotated[PythonEncoderConfig, Tag("python")]
-    | Annotated[HFEncoderConfig, Tag("hf")],
-    Discriminator(_encoder_kind),
-]
 
 
 class SegmentLSTMEncoder(nn.Module):

@@ -17,14 +17,14 @@ attention mask is `ids != pad` and the token types are all 0.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
+from mmval.models.config import HFEncoderConfig
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -32,28 +32,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-
-
-class HFEncoderConfig(BaseModel):
-    """A pretrained Hugging Face text model read from a local folder."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["hf"] = "hf"
-    path: Path = Field(
-        description="local folder with config.json and model.safetensors (or "
-        "pytorch_model.bin), e.g. a bert-base-uncased download; never downloaded. Prepare the "
-        "text with the same folder's tokenizer (text.tokenizer: {kind: hf, path: ...})"
-    )
-    pooling: Literal["pooler", "cls", "mean"] = Field(
-        default="pooler",
-        description="pooler: BERT's tanh(dense(h_CLS)) (QMF's, MMBT's); cls: the raw last "
-        "hidden state of [CLS]; mean: over the non-padding tokens",
-    )
-
-    @property
-    def pretrained(self) -> Path:
-        """The weights come from `path`: `model.init: xavier` leaves them as loaded."""
-        return self.path
 
 
 def load_hf_model(path: Path, where: str) -> Any:

@@ -17,17 +17,16 @@ normalisation statistics (`src/data/helpers.py` 30-33) as `normalize: mmbt`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
 import torchvision
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from mmval.errors import UserError
 
 # the module, not its names: encoders.py imports this module to list its configs
 from mmval.models import encoders as base
+from mmval.models.config import ImageStats, Normalize, ResNetEncoderConfig, Triple, ViTEncoderConfig
 
 # QMF `src/models/image.py` 29-38: the pooled grid (rows, columns) of each num_image_embeds
 QMF_GRIDS = {1: (1, 1), 2: (2, 1), 3: (3, 1), 4: (2, 2), 5: (5, 1), 6: (3, 2), 7: (7, 1)}
@@ -35,71 +34,6 @@ QMF_GRIDS |= {8: (4, 2), 9: (3, 3)}
 # QMF `src/data/helpers.py` 30-33 (MMBT's statistics; QMF's image-text transforms use them)
 MMBT_MEAN = (0.46777044, 0.44531429, 0.40661017)
 MMBT_STD = (0.12221994, 0.12145835, 0.14380469)
-Triple = tuple[float, float, float]
-
-
-class ImageStats(BaseModel):
-    """Per-channel RGB statistics that images (scaled to [0, 1]) are normalised with."""
-
-    model_config = ConfigDict(extra="forbid")
-    mean: Triple = Field(description="R, G, B means")
-    std: tuple[
-        Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]
-    ] = Field(description="R, G, B standard deviations")
-
-
-Normalize = Literal["imagenet", "mmbt"] | ImageStats
-_NORMALIZE_DESCRIPTION = (
-    "RGB normalisation: `imagenet` (the statistics torchvision's weights were trained with), "
-    "`mmbt` (QMF's image-text transforms, MMBT's statistics) or `{mean: [...], std: [...]}`"
-)
-_PRETRAINED_DESCRIPTION = (
-    "local torchvision state dict of the whole network (e.g. resnet152-394f9c45.pth from "
-    "torchvision's model zoo, fetched by the user: never downloaded); conv1 is averaged over "
-    "its input channels when the modality has other than 3"
-)
-
-
-class ResNetEncoderConfig(BaseModel):
-    """torchvision ResNet trunk (conv1 to layer4) for frames [K, H, W, C] and spectrograms
-    [T, F]: frames go through the 2D network one by one, their maps are pooled into `embeds`
-    embeddings, flattened, and averaged over frames."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["resnet"] = "resnet"
-    depth: Literal[18, 34, 50, 101, 152] = Field(
-        description="torchvision resnet<depth>; features 512 (18, 34) or 2048 (50, 101, 152) "
-        "per embedding"
-    )
-    pretrained: Path | None = Field(default=None, description=_PRETRAINED_DESCRIPTION)
-    embeds: int = Field(
-        default=1,
-        ge=1,
-        le=9,
-        description="QMF's num_image_embeds: the map pooled to N regions (grid (N, 1) for 1, 2, "
-        "3, 5, 7; (2, 2), (3, 2), (4, 2), (3, 3) for 4, 6, 8, 9), flattened to N * channels "
-        "features; 1 is the global pool",
-    )
-    embed_pool: Literal["avg", "max"] = Field(
-        default="avg", description="QMF's img_embed_pool_type: adaptive average or max pooling"
-    )
-    normalize: Normalize = Field(default="imagenet", description=_NORMALIZE_DESCRIPTION)
-
-
-class ViTEncoderConfig(BaseModel):
-    """torchvision ViT-B/16 on RGB frames [K, H, W, 3] (square, side a multiple of 16): the
-    class token after the last LayerNorm (torchvision's `VisionTransformer.forward` before
-    `heads`), averaged over frames."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["vit"] = "vit"
-    arch: Literal["vit_b_16"] = Field(default="vit_b_16", description="torchvision builder")
-    pretrained: Path | None = Field(
-        default=None,
-        description="local torchvision state dict (e.g. vit_b_16-c867db91.pth, made for 224 x "
-        "224 images: its position embeddings fix the image size); never downloaded",
-    )
-    normalize: Normalize = Field(default="imagenet", description=_NORMALIZE_DESCRIPTION)
 
 
 def _stats(normalize: Normalize) -> tuple[Triple, Triple]:

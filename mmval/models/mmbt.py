@@ -36,16 +36,15 @@ logits; it is trained with `concat` (the cross-entropy of QMF's train.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torchvision
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from mmval.data.extract.text import HFTokenizer, HFTokenizerConfig
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
+from mmval.models.config import MMBTConfig
 from mmval.models.encoders import IMAGENET_MEAN, IMAGENET_STD, _load_weights, load_state
 from mmval.models.hf import check_vocabulary, load_hf_model
 from mmval.models.output import ModelOutput
@@ -57,36 +56,6 @@ QMF_STD = (0.12221994, 0.12145835, 0.14380469)
 GRIDS = {1: (1, 1), 2: (2, 1), 3: (3, 1), 4: (2, 2), 5: (5, 1), 6: (3, 2), 7: (7, 1), 8: (4, 2)}
 GRIDS[9] = (3, 3)
 CHANNELS = {18: 512, 34: 512, 50: 2048, 101: 2048, 152: 2048}
-
-
-class MMBTConfig(BaseModel):
-    """QMF's MMBT: its shell scripts' settings are the defaults (`--num_image_embeds 3`, the
-    default `--img_embed_pool_type avg`, ResNet-152)."""
-
-    model_config = ConfigDict(extra="forbid")
-    bert: Path = Field(
-        description="local Hugging Face BERT folder (config.json, model.safetensors or "
-        "pytorch_model.bin, vocab.txt or tokenizer.json); the text must be prepared with its "
-        "tokenizer, `sep: false`"
-    )
-    depth: Literal[18, 34, 50, 101, 152] = Field(
-        default=152, description="ResNet depth of the image encoder (QMF: 152)"
-    )
-    pretrained: Path | None = Field(
-        default=None,
-        description="local torchvision state dict of that whole ResNet (QMF: ImageNet's "
-        "resnet152); unset, random init. Never downloaded",
-    )
-    embeds: int = Field(
-        default=3, ge=1, le=9, description="image embeddings N (QMF's num_image_embeds)"
-    )
-    pool: Literal["avg", "max"] = Field(
-        default="avg", description="pooling to the N embeddings (QMF's img_embed_pool_type)"
-    )
-    normalize: Literal["qmf", "imagenet"] = Field(
-        default="qmf",
-        description="image statistics: QMF's (helpers.py 30-33) or ImageNet's",
-    )
 
 
 def resnet_trunk(depth: int, pretrained: Path | None) -> nn.Sequential:

@@ -21,24 +21,11 @@ hidden block, then the output block) expose `stem`, `run_stage`, `squeeze`, `exc
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from mmval.distributed import batch_mean
 from mmval.errors import UserError
-
-
-class MMTMConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    stages: list[int] = Field(
-        default=[2, 3, 4],
-        min_length=1,
-        description="1-based encoder stages followed by an MMTM block (Greedy official: 2, 3, 4 "
-        "of ResNet-18; an mlp encoder has one stage per hidden layer plus its output layer)",
-    )
-    ratio: float = Field(
-        default=4.0, gt=0, description="squeeze width = 2 * sum of channels / ratio"
-    )
+from mmval.models.config import MMTMConfig
 
 
 class MMTMBlock(nn.Module):

@@ -3,187 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cache
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ModelWrapValidatorHandler,
-    PrivateAttr,
-    create_model,
-    model_validator,
-)
 from torch import nn
 
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
-from mmval.models.ave_att import AVAttConfig, AVAttModel
-from mmval.models.encoders import EncoderConfig, MLPEncoderConfig, build_encoder
-from mmval.models.fusions import FUSIONS, FusionConfig, FusionField, build_fusion
-from mmval.models.mmbt import MMBTConfig, MMBTModel
-from mmval.models.mmtm import MMTMConfig, MMTMFusion
-from mmval.models.neck import NeckSource
+from mmval.models.ave_att import AVAttModel
+from mmval.models.config import ModelConfig
+from mmval.models.encoders import build_encoder
+from mmval.models.fusions import build_fusion
+from mmval.models.mmbt import MMBTModel
+from mmval.models.mmtm import MMTMFusion
 from mmval.models.output import ModelOutput
 from mmval.models.unet3d import UNet3D, UNet3DConfig
-from mmval.registry import tag_of
-from mmval.settings import ADDED_LATER
 
-InitName = Literal["default", "xavier"]
-
-
-class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    encoder: EncoderConfig = Field(default_factory=MLPEncoderConfig, description="default encoder")
-    encoders: dict[str, EncoderConfig] = Field(
-        default_factory=dict, description="per-modality encoders, overriding `encoder`"
-    )
-    fusion: FusionField | None = Field(
-        default=None,
-        description="the fusion head: a name (`concat`) or a mapping of `name` and the fusion's "
-        "own settings (`{name: cosine, scale: 15}`); unset, the method's own fusion",
-    )
-    mmtm: MMTMConfig | None = Field(
-        default=None,
-        description="mid-fusion: MMTM blocks between encoder stages (Greedy's model); "
-        "resnet18, resnet or mlp encoders",
-    )
-    unet: Annotated[UNet3DConfig | None, ADDED_LATER] = Field(
-        default=None,
-        description="the 3-D U-Net of the segmentation task (one encoder per MRI sequence, "
-        "fused skips, one decoder); unset, its defaults. encoder, encoders and fusion do not "
-        "apply to it",
-    )
-    ave_att: Annotated[AVAttConfig | None, ADDED_LATER] = Field(
-        default=None,
-        description="Tian et al.'s supervised AVE localisation model (audio-guided visual "
-        "attention, BiLSTMs, per-segment classifier; localisation task only); set (`{}` for "
-        "the official sizes), it replaces the encoders and the fusion head: encoder, encoders, "
-        "fusion and init do not apply to it",
-    )
-    mmbt: Annotated[MMBTConfig | None, ADDED_LATER] = Field(
-        default=None,
-        description="MMBT as QMF runs it (image embeddings of a ResNet entered into a local "
-        "Hugging Face BERT as tokens, classifier on BERT's pooled output; image + text "
-        "classification, method concat); set, it replaces the encoders and the fusion head: "
-        "encoder, encoders, fusion and init do not apply to it",
-    )
-    init: Annotated[InitName, ADDED_LATER] = Field(
-        default="default",
-        description="parameter initialisation: `default` is PyTorch's (torchvision's for "
-        "resnet18); `xavier` is the `weight_init` that the official OGM-GE, PMR, MLA and AGM "
-        "codes apply to the whole model: every Linear (encoders, fusion head, MMTM blocks, "
-        "plug-in necks) xavier-normal with zero bias, every Conv2d kaiming-normal (fan_out, "
-        "relu); BatchNorm keeps 1 and 0 as there; encoders with `pretrained` weights are left "
-        "as loaded",
-    )
-    # old flat `fusion_*` settings, not at their defaults, that the chosen fusion does not have
-    _stray_flat: dict[str, Any] = PrivateAttr(default_factory=dict)
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _nest_flat_fields(cls, data: Any, handler: ModelWrapValidatorHandler[ModelConfig]) -> Any:
-        """Recipes, checkpoints and summaries written before fusions had their own configs give
-        `fusion: <name>` with flat `fusion_<x>` fields (all of them, in dumps): those of the
-        chosen fusion move into it, the others are dropped at their defaults and otherwise kept
-        aside for `flat_problems`."""
-        owners = _flat_owners()
-        known = owners.keys() | RETIRED_FLAT.keys()
-        if not isinstance(data, dict) or not known & data.keys():
-            return handler(data)
-        flat = {key: value for key, value in data.items() if key in known}
-        rest = {key: value for key, value in data.items() if key not in known}
-        fusion = rest.get("fusion")
-        name = fusion.get("name") if isinstance(fusion, dict) else fusion
-        config = FUSIONS.get(name) if isinstance(name, str) else None
-        own = {k: v for k, v in flat.items() if k in owners and owners[k][0] is config}
-        if config is not None and own:
-            checked = _flat_model(config).model_validate(own)  # errors name model.fusion_<x>
-            nested = dict(fusion) if isinstance(fusion, dict) else {"name": name}
-            for key in own:  # over a mapping's (the method's default settings, say)
-                nested[config.flat_fields[key]] = getattr(checked, key)
-            rest["fusion"] = nested
-        model = handler(rest)
-        model._stray_flat = {
-            key: value
-            for key, value in flat.items()
-            if key not in own and value != _old_default(key, owners)
-        }
-        return model
-
-    def whole_model(self) -> tuple[str, str] | None:
-        """The model option that replaces the encoders and the fusion head, if one is set: its
-        field, and why no method but plain training can read it (the 3-D U-Net is not one:
-        segmentation methods read its per-sequence features)."""
-        if self.ave_att is not None:
-            return (
-                "ave_att",
-                "Tian et al.'s attention model mixes the streams before its classifier",
-            )
-        if self.mmbt is not None:
-            return "mmbt", "MMBT mixes image and text inside BERT"
-        return None
-
-    def flat_problems(self) -> list[tuple[str, str]]:
-        """Recipe problems: old flat fusion settings that the chosen fusion does not have."""
-        found = []
-        chosen = self.fusion.name if self.fusion is not None else "unset"
-        for key in self._stray_flat:
-            if key in RETIRED_FLAT:
-                found.append(
-                    (
-                        f"model.{key}",
-                        "a setting of the imml fusion, which is now the imml plug-in: "
-                        "plugins: [{name: imml, "
-                        f"{key.removeprefix('fusion_')}: ...}}]",
-                    )
-                )
-                continue
-            owner, field = _flat_owners()[key]
-            found.append(
-                (
-                    f"model.{key}",
-                    f"a setting of the {tag_of(owner)} fusion only, and model.fusion is "
-                    f"{chosen}: leave it out, or set model.fusion: "
-                    f"{{name: {tag_of(owner)}, {field}: ...}}",
-                )
-            )
-        return found
-
-
-# flat settings of fusions that are gone (the imml fusion became the imml plug-in), with the
-# defaults every old dump carries; a dump at those values still loads
-RETIRED_FLAT: dict[str, Any] = {"fusion_predominant": None, "fusion_bank_size": 4096}
-
-
-def _flat_owners() -> dict[str, tuple[type[FusionConfig], str]]:
-    """Old flat field -> (the fusion it belongs to, its field there), over the registry."""
-    return {
-        key: (config, field)
-        for config in FUSIONS.values()
-        for key, field in config.flat_fields.items()
-    }
-
-
-def _default(config: type[FusionConfig], field: str) -> Any:
-    return config.model_fields[field].get_default(call_default_factory=True)
-
-
-def _old_default(key: str, owners: dict[str, tuple[type[FusionConfig], str]]) -> Any:
-    """The value every old dump holds for a flat field (a retired one's, or its fusion's)."""
-    return RETIRED_FLAT[key] if key in RETIRED_FLAT else _default(*owners[key])
-
-
-@cache
-def _flat_model(config: type[FusionConfig]) -> type[BaseModel]:
-    """A fusion's settings under their old flat names, to validate them where a recipe set them."""
-    fields: Any = {
-        key: (config.model_fields[field].annotation, config.model_fields[field])
-        for key, field in config.flat_fields.items()
-    }
-    return create_model(f"Flat{config.__name__}", **fields)
+if TYPE_CHECKING:
+    from mmval.models.neck import NeckSource
 
 
 class MultimodalModel(nn.Module):

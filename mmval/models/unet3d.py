@@ -16,53 +16,12 @@ in place of the absent ones' (379-387).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
+from mmval.models.config import UNet3DConfig
 from mmval.models.output import ModelOutput
-
-
-class UNet3DConfig(BaseModel):
-    """Sizes and the missing-sequence handling of `UNet3D`."""
-
-    model_config = ConfigDict(extra="forbid")
-    base: int = Field(
-        default=8,
-        ge=1,
-        description="channels of the first level, doubled at every level below "
-        "(mmFormer `basic_dims` 8)",
-    )
-    levels: int = Field(
-        default=4,
-        ge=2,
-        description="resolution levels, each below the first halving the size by a stride-2 "
-        "conv (mmFormer has 5); D, H and W must be multiples of 2**(levels-1), the bottleneck at "
-        "least 2 voxels a side",
-    )
-    fill: Literal["zero", "mean"] = Field(
-        default="zero",
-        description="what replaces an absent sequence's features, at every level: `zero` = "
-        "mmFormer's MaskModal (zeros at every level); `mean` = the mean of the present "
-        "sequences' features at that level (LCKD does this at the bottleneck only and keeps its "
-        "skip features from the zeroed input; at the skip levels it is ours); with no sequence "
-        "present both give zeros",
-    )
-    shared_encoder: bool = Field(
-        default=False,
-        description="one encoder run on every sequence as a 1-channel volume (LCKD) instead of "
-        "one encoder per sequence (mmFormer)",
-    )
-    dropout: float = Field(
-        default=0.0,
-        ge=0.0,
-        lt=1.0,
-        description="channel dropout (Dropout3d) on the fused bottleneck [ours: neither paper "
-        "has one]",
-    )
 
 
 def _conv(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:

@@ -1,7 +1,8 @@
 """Plug-ins: components the papers add to any base model (C3R, IMML), listed in a recipe's
 `plugins:` and composed with its `method:`. Each file holds one plug-in: its config (an entry of
-`plugins:`, tagged by `name`), its neck (the model part, between the encoders and the fusion)
-and its loss terms. To add one, write its file and list its class in PLUGINS (or
+`plugins:`, tagged by `name`) and its loss terms; its neck (the model part, between the encoders
+and the fusion) is in `necks.py`, imported when it is built, so that reading a recipe imports no
+torch. To add one, write its file and list its class in PLUGINS (or
 `register_plugin` it at run time); neither the loop nor the methods change."""
 
 from __future__ import annotations

@@ -19,15 +19,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import torch
 from pydantic import BaseModel, ConfigDict
-from torch import nn
 
-from mmval.data.dataset import Batch
-from mmval.models import ModelOutput, MultimodalModel
-from mmval.models.neck import Neck
+from mmval.lazy import lazy_module
+from mmval.models import ModelOutput
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+    from mmval.models.neck import Neck
+else:
+    nn = lazy_module("torch.nn")
 
 
 class EpochContext(Protocol):

@@ -65,19 +65,28 @@ per sample), so the gradients averaged over the ranks are the global batch's.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
-from mmval.data.dataset import Batch
-from mmval.models import ModelOutput, MultimodalModel
-from mmval.models.neck import Neck
+from mmval.lazy import lazy_module, no_grad
+from mmval.models import ModelOutput
 from mmval.plugins.base import Plugin, PluginConfig
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+    from mmval.models.neck import Neck
+    from mmval.plugins.necks import C3RNeck
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
+    nn = lazy_module("torch.nn")
 
 WIDTH = 64  # Z_m in R^64 (the paper's Z)
 
@@ -114,6 +123,8 @@ class C3RConfig(PluginConfig):
     )
 
     def build_neck(self, dims: dict[str, int], num_classes: int) -> Neck:
+        from mmval.plugins.necks import C3RNeck
+
         return C3RNeck(dims)
 
 
@@ -123,87 +134,6 @@ class C3RTrace:
     causal: torch.Tensor  # Z_c [B, M, 64]
     other: torch.Tensor  # Z_n [B, M, 64]
     z: torch.Tensor  # Z [B, M, 64]
-
-
-class C3RNeck(Neck):
-    def __init__(self, dims: dict[str, int]) -> None:
-        super().__init__()
-        self.names = list(dims)
-        self.in_dims = dict(dims)
-        self.mlps = nn.ModuleDict(
-            {
-                m: nn.Sequential(
-                    nn.Linear(d, 128),
-                    nn.ELU(),
-                    nn.Linear(128, 32),
-                    nn.ELU(),
-                    nn.Linear(32, 2 * WIDTH),
-                )
-                for m, d in dims.items()
-            }
-        )
-        eye = torch.eye(WIDTH).repeat(len(dims), 1, 1)
-        self.w_causal = nn.Parameter(eye.clone())
-        self.w_other = nn.Parameter(eye.clone())
-        self.out_dims = dict.fromkeys(self.names, WIDTH)
-
-    def parts(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Z_c, Z_n), each [B, M, 64]."""
-        both = torch.stack([self.mlps[m](feats[m]) for m in self.names], dim=1)
-        return both[..., :WIDTH], both[..., WIDTH:]
-
-    def combine(self, causal: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """Z = W_c Z_c + W_n Z_n, per modality: [B, M, 64]."""
-        return torch.einsum("bmi,moi->bmo", causal, self.w_causal.to(causal.dtype)) + torch.einsum(
-            "bmi,moi->bmo", other, self.w_other.to(other.dtype)
-        )
-
-    def split(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {m: z[:, j] for j, m in enumerate(self.names)}
-
-    def forward(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        causal, other = self.parts(feats)
-        z = self.combine(causal, other)
-        if self.training:
-            self.trace = C3RTrace(feats, causal, other, z)
-        return self.split(z)
-
-
-class InstrumentAttention(nn.Module):
-    """The instrument V of Eq. 6: distance-weighted attention over the modality tokens."""
-
-    def __init__(self, dims: dict[str, int], out_dim: int) -> None:
-        super().__init__()
-        self.names = list(dims)
-        self.width = max(dims.values())
-        # tokens of different sizes are brought to one width first [ours]
-        self.adapters = (
-            nn.ModuleDict({m: nn.Linear(d, self.width) for m, d in dims.items()})
-            if len(set(dims.values())) > 1
-            else None
-        )
-        self.w_q = nn.Linear(self.width, self.width)
-        self.w_k = nn.Linear(self.width, self.width)
-        self.w_v = nn.Linear(self.width, self.width)
-        self.out = nn.Linear(self.width, out_dim)
-
-    def tokens(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, M, width]."""
-        if self.adapters is None:
-            return torch.stack([feats[m] for m in self.names], dim=1)
-        return torch.stack([self.adapters[m](feats[m]) for m in self.names], dim=1)
-
-    def weights(self, x: torch.Tensor) -> torch.Tensor:
-        """alpha [B, M, M] for tokens x: softmax_j(q_i.k_j / sqrt(d) + log omega_ij)."""
-        scores = self.w_q(x) @ self.w_k(x).transpose(1, 2) / math.sqrt(self.width)
-        unit = F.normalize(x, dim=-1)
-        distance = (unit[:, :, None, :] - unit[:, None, :, :]).pow(2).sum(-1)
-        return torch.softmax(scores - distance, dim=-1)
-
-    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = self.tokens(feats)
-        attended = self.weights(x) @ self.w_v(x)
-        return self.out(attended.mean(dim=1))
 
 
 def softmax_kl(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -247,7 +177,7 @@ def counterfactual_direction(
     return unit if direction == "ascent" else -unit
 
 
-@torch.no_grad()
+@no_grad
 def bounded_steps(
     neck: C3RNeck, trace: C3RTrace, direction: torch.Tensor, epsilon: float
 ) -> torch.Tensor:
@@ -291,6 +221,8 @@ class C3R(Plugin):
     config: C3RConfig
 
     def build_modules(self, model: MultimodalModel) -> nn.ModuleDict:
+        from mmval.plugins.necks import C3RNeck, InstrumentAttention
+
         neck = self.neck(model)
         assert isinstance(neck, C3RNeck)
         dims = neck.in_dims
@@ -301,6 +233,8 @@ class C3R(Plugin):
     def objective(
         self, model: MultimodalModel, out: ModelOutput, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        from mmval.plugins.necks import C3RNeck
+
         neck = self.neck(model)
         assert isinstance(neck, C3RNeck) and isinstance(neck.trace, C3RTrace)
         trace, labels, cfg = neck.trace, batch.label, self.config

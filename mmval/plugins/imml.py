@@ -66,20 +66,28 @@ validation accuracies that pick p are counted on each rank's share and summed.
 
 from __future__ import annotations
 
-import math
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
-from mmval.data.dataset import Batch
-from mmval.distributed import all_reduce, gather_rows, gather_rows_with_grad
-from mmval.errors import UserError
-from mmval.models import ModelOutput, MultimodalModel
-from mmval.models.neck import Neck
+from mmval.distributed import all_reduce, gather_rows_with_grad
+from mmval.lazy import lazy_module, no_grad
+from mmval.models import ModelOutput
 from mmval.plugins.base import EpochContext, Plugin, PluginConfig
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from mmval.data.dataset import Batch
+    from mmval.models import MultimodalModel
+    from mmval.models.neck import Neck
+    from mmval.plugins.necks import IMMLNeck
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
+    nn = lazy_module("torch.nn")
 
 Adjustment = Literal["beta", "front_door"]
 
@@ -110,6 +118,8 @@ class IMMLConfig(PluginConfig):
     width: int = Field(default=256, ge=1, description="size of the projections m_k [ours]")
 
     def build_neck(self, dims: dict[str, int], num_classes: int) -> Neck:
+        from mmval.plugins.necks import IMMLNeck
+
         return IMMLNeck(dims, self)
 
     def inactive_reason(self, epochs: int) -> tuple[str, str] | None:
@@ -131,102 +141,6 @@ class IMMLConfig(PluginConfig):
         return []
 
 
-class IMMLNeck(Neck):
-    def __init__(self, dims: dict[str, int], config: IMMLConfig) -> None:
-        super().__init__()
-        self.names = list(dims)
-        if config.predominant is not None and config.predominant not in dims:
-            raise UserError(
-                f"plugins: imml's predominant {config.predominant!r} is not a modality of the "
-                f"model ({', '.join(self.names)})."
-            )
-        self.adjustment = config.adjustment
-        self.width = width = config.width
-        self.projectors = nn.ModuleDict(
-            {
-                m: nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Linear(width, width))
-                for m, d in dims.items()
-            }
-        )
-        self.query = nn.Linear(width, width)
-        self.slices = {}  # modality -> its columns in a bank row
-        start = 0
-        for m, d in dims.items():
-            self.slices[m] = slice(start, start + d)
-            start += d
-        if config.adjustment == "beta":
-            self.key = nn.ModuleDict({"all": nn.Linear(start, width)})
-            self.value = nn.ModuleDict({"all": nn.Linear(start, width)})
-        else:  # the treatment's own slice; one pair per modality, as p may change after warm-up
-            self.key = nn.ModuleDict({m: nn.Linear(d, width) for m, d in dims.items()})
-            self.value = nn.ModuleDict({m: nn.Linear(d, width) for m, d in dims.items()})
-        self.register_buffer("bank", torch.zeros(config.bank_size, start))
-        self.register_buffer("bank_count", torch.zeros((), dtype=torch.long))
-        self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
-        first = 0 if config.predominant is None else self.names.index(config.predominant)
-        self.register_buffer("predominant", torch.tensor(first, dtype=torch.long))
-        self.out_dims = {m: 2 * width for m in self.names}
-
-    @property
-    def predominant_name(self) -> str:
-        return self.names[int(self.predominant)]
-
-    def set_predominant(self, name: str) -> None:
-        self.predominant.fill_(self.names.index(name))
-
-    def project(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """m_k = D_k(h_k), the discriminative knowledge of each modality."""
-        return {m: self.projectors[m](feats[m]) for m in self.names}
-
-    def dictionary(self) -> tuple[torch.Tensor, nn.Linear, nn.Linear]:
-        """The filled rows of the bank the adjustment ranges over, and their key / value maps."""
-        memory = self.bank[: int(self.bank_count)]
-        if self.training:  # the batch is enqueued before backward reads the keys' input
-            memory = memory.clone()
-        if self.adjustment == "beta":
-            return memory, self.key["all"], self.value["all"]
-        p = self.predominant_name
-        return memory[:, self.slices[p]], self.key[p], self.value[p]
-
-    def context(self, mediator: torch.Tensor) -> torch.Tensor:
-        """Attention of W_q m_p over the dictionary; zeros while the bank is empty."""
-        if int(self.bank_count) == 0:
-            return mediator.new_zeros(mediator.shape[0], self.width)
-        memory, key, value = self.dictionary()
-        # q k_j = (q W_k) b_j + q b_k and sum_j a_j (W_v b_j + b_v) = W_v (sum_j a_j b_j) + b_v:
-        # the keys and values of the whole bank are never formed
-        q = self.query(mediator) / math.sqrt(self.width)
-        scores = (q @ key.weight) @ memory.T + (q @ key.bias)[:, None]
-        return value(torch.softmax(scores, dim=-1) @ memory)
-
-    @torch.no_grad()
-    def enqueue(self, feats: dict[str, torch.Tensor]) -> None:
-        """Write the batch's [h_1; ...; h_M] into the FIFO bank (oldest rows overwritten); under
-        DDP the global batch's rows, in rank order, so every rank keeps the same bank."""
-        rows = torch.cat([feats[m].detach() for m in self.names], dim=1).to(self.bank.dtype)
-        rows = gather_rows(rows)
-        size = self.bank.shape[0]
-        if rows.shape[0] >= size:
-            self.bank.copy_(rows[-size:])
-            self.bank_ptr.zero_()
-            self.bank_count.fill_(size)
-            return
-        slots = (self.bank_ptr + torch.arange(rows.shape[0], device=rows.device)) % size
-        self.bank[slots] = rows
-        self.bank_ptr.copy_((self.bank_ptr + rows.shape[0]) % size)
-        self.bank_count.clamp_(max=size - rows.shape[0]).add_(rows.shape[0])
-
-    def forward(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        proj = self.project(feats)
-        p = self.predominant_name
-        ctx = self.context(proj[p])
-        out = {m: torch.cat([proj[m], ctx if m == p else torch.zeros_like(ctx)], 1) for m in proj}
-        if self.training:
-            self.trace = proj
-            self.enqueue(feats)
-        return out
-
-
 def info_nce(anchor: torch.Tensor, other: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE between two views [B, D] of the same samples (cosine similarities);
     under DDP this rank's samples against the whole global batch."""
@@ -244,6 +158,8 @@ class IMML(Plugin):
     config: IMMLConfig
 
     def build_modules(self, model: MultimodalModel) -> nn.ModuleDict:
+        from mmval.plugins.necks import IMMLNeck
+
         neck = self.neck(model)
         assert isinstance(neck, IMMLNeck)
         self.heads = nn.ModuleDict({m: nn.Linear(neck.width, self.num_classes) for m in neck.names})
@@ -252,6 +168,8 @@ class IMML(Plugin):
     def objective(
         self, model: MultimodalModel, out: ModelOutput, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        from mmval.plugins.necks import IMMLNeck
+
         neck = self.neck(model)
         assert isinstance(neck, IMMLNeck) and neck.trace is not None
         proj: dict[str, torch.Tensor] = neck.trace
@@ -267,6 +185,8 @@ class IMML(Plugin):
         return loss, {"loss_con": con, "loss_uni": uni}
 
     def on_epoch_end(self, model: MultimodalModel, ctx: EpochContext) -> dict[str, float]:
+        from mmval.plugins.necks import IMMLNeck
+
         neck = self.neck(model)
         assert isinstance(neck, IMMLNeck)
         if self.config.predominant is None and ctx.epoch == self.config.warmup_epochs - 1:
@@ -274,7 +194,7 @@ class IMML(Plugin):
             neck.set_predominant(max(neck.names, key=lambda m: accuracy[m]))
         return {"predominant": float(neck.predominant)}
 
-    @torch.no_grad()
+    @no_grad
     def unimodal_accuracy(
         self, model: MultimodalModel, neck: IMMLNeck, ctx: EpochContext
     ) -> dict[str, float]:

@@ -12,17 +12,23 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict
-from torch import nn
 
-from mmval.data.dataset import Batch
 from mmval.data.shards import TaskKind
 from mmval.errors import UserError
+from mmval.lazy import lazy_module
 from mmval.models import ModelOutput
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mmval.data.dataset import Batch
+else:
+    torch = lazy_module("torch")
 
 
 class TaskConfig(BaseModel):

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from mmval.data.dataset import Batch
+from mmval.lazy import lazy_module
 from mmval.metrics import accuracy, macro_f1
 from mmval.tasks.base import Outcome, Task, TaskConfig
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+
+    from mmval.data.dataset import Batch
+else:
+    F = lazy_module("torch.nn.functional")
 
 
 class ClassificationConfig(TaskConfig):

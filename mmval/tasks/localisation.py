@@ -17,16 +17,22 @@ the probability of its class); the pred column is the clip's segment accuracy un
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from mmval.data.dataset import Batch
+from mmval.lazy import lazy_module
 from mmval.tasks.base import Outcome, Task, TaskConfig
 from mmval.tasks.classification import class_outcome
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+
+    from mmval.data.dataset import Batch
+else:
+    F = lazy_module("torch.nn.functional")
 
 
 class LocalisationConfig(TaskConfig):

@@ -13,16 +13,22 @@ Valuation has no class to be right about, so two benefits are ours [ours]:
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from mmval.data.dataset import Batch
+from mmval.lazy import lazy_module
 from mmval.metrics import regression_metrics
 from mmval.tasks.base import Outcome, Task, TaskConfig
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+
+    from mmval.data.dataset import Batch
+else:
+    F = lazy_module("torch.nn.functional")
 
 
 class RegressionConfig(TaskConfig):

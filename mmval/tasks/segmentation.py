@@ -24,13 +24,12 @@ losses, Dice and sliding window are in `mmval.tasks.volumes`.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
-from mmval.data.dataset import Batch
+from mmval.lazy import lazy_module
 from mmval.models import ModelOutput
 from mmval.tasks.base import Outcome, Task, TaskConfig
 from mmval.tasks.volumes import (
@@ -41,6 +40,13 @@ from mmval.tasks.volumes import (
     region_labels,
     sliding_window_logits,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmval.data.dataset import Batch
+else:
+    torch = lazy_module("torch")
 
 REGIONS = ("wt", "tc", "et")
 

@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-from torch.nn import functional as F
+
+from mmval.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+    from torch.nn import functional as F
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
 
 MMFORMER_MODALITIES = ("flair", "t1ce", "t1", "t2")
 """The column order of mmFormer's masks (its stacking order, `preprocess.py` 72)."""

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
-from mmval.data.dataset import Batch
+from mmval.lazy import lazy_module, no_grad
 from mmval.tasks import CLASSIFICATION, Outcome, Task
 from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import SubsetEvaluator
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmval.data.dataset import Batch
+else:
+    torch = lazy_module("torch")
 
 
 @dataclass
@@ -32,7 +37,7 @@ class Game:
     """One batch's cooperative game over its modalities; the encoders run once, here. What a
     subset's outcome is worth (its benefit) is the task's (`Task.outcome`)."""
 
-    @torch.no_grad()
+    @no_grad
     def __init__(
         self,
         evaluator: SubsetEvaluator,
@@ -50,7 +55,7 @@ class Game:
         self.prepared = evaluator.prepare(batch.inputs)
         self.chunk = evaluator.chunk_size(self.prepared)
 
-    @torch.no_grad()
+    @no_grad
     def play(self, keep: torch.Tensor, confidences: bool = False) -> Outcome:
         """Outcome of subsets keep [K, M] (the same for every sample) or [K, B, M]; with
         `confidences`, classification's softmax confidences too (`Task.outcome`)."""

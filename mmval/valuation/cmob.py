@@ -52,10 +52,16 @@ Ambiguities of the poster and how this reads them (see docs/methods.md#cmob):
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
+from mmval.lazy import lazy_module
 from mmval.valuation.base import BatchValues, Game, ValuationMethod
 from mmval.valuation.config import ValuationConfig
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 class CMoB(ValuationMethod):

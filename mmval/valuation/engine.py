@@ -22,17 +22,23 @@ Calls are cut into chunks of subsets so that one call holds at most MAX_ELEMENTS
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import nn
-
-from mmval.data.dataset import ParquetSamples
 from mmval.data.shards import ModalitySpec
 from mmval.errors import UserError
-from mmval.models import ModelOutput, MultimodalModel
-from mmval.models.unet3d import UNet3D
+from mmval.lazy import lazy_module, no_grad
+from mmval.models import ModelOutput
 from mmval.valuation.config import MaskName
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mmval.data.dataset import ParquetSamples
+    from mmval.models import MultimodalModel
+    from mmval.models.unet3d import UNet3D
+else:
+    torch = lazy_module("torch")
 
 EvalPath = Literal["auto", "late", "joint", "naive"]
 MAX_ELEMENTS = 2**24  # values per batched call (64 MiB of float32)
@@ -44,7 +50,7 @@ def subset_masks(m: int) -> torch.Tensor:
     return (codes[:, None] >> torch.arange(m)[None, :]) & 1 == 1
 
 
-@torch.no_grad()
+@no_grad
 def training_mean(dataset: ParquetSamples, batch_size: int = 512) -> dict[str, torch.Tensor]:
     """Per-modality mean input over a split (float64 sums, float32 result). Read without a
     DataLoader, which would draw from the global RNG and so change a training run."""
@@ -246,6 +252,8 @@ class NaiveEvaluator(SubsetEvaluator):
         return 1
 
     def logits(self, prepared: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        from mmval.models import MultimodalModel
+
         out = []
         for row in keep:  # [B, M]
             if self.fills is None:
@@ -265,7 +273,7 @@ class NaiveEvaluator(SubsetEvaluator):
         return torch.stack(out)
 
 
-@torch.no_grad()
+@no_grad
 def build_evaluator(
     model: nn.Module,
     modalities: list[str],
@@ -277,6 +285,9 @@ def build_evaluator(
 ) -> SubsetEvaluator:
     """Pick the evaluation path; call with the model in eval mode (replacements are encoded
     here, once)."""
+    from mmval.models import MultimodalModel
+    from mmval.models.unet3d import UNet3D
+
     if isinstance(model, UNet3D):
         if mask == "feature":
             return PresenceEvaluator(model, modalities)

@@ -24,20 +24,26 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
 from mmval.data.corrupt import draw_seed
-from mmval.data.dataset import ParquetSamples
 from mmval.errors import UserError
-from mmval.models import MultimodalModel
+from mmval.lazy import lazy_module, no_grad
 from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import MAX_ELEMENTS
 from mmval.valuation.run import SplitOfCheckpoint, _device, open_split
 from mmval.valuation.table import split_metadata, weights_fingerprint, write_parquet
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mmval.data.dataset import ParquetSamples
+else:
+    torch = lazy_module("torch")
 
 DEFAULT_RATIOS = "0,0.1,...,0.9"  # [ours]
 
@@ -126,7 +132,7 @@ def _keep_masks(
     return [mask.to(device) for mask in keep]
 
 
-@torch.no_grad()
+@no_grad
 def feature_mask_dataset(
     model: nn.Module,
     dataset: ParquetSamples,
@@ -139,6 +145,8 @@ def feature_mask_dataset(
 ) -> pd.DataFrame:
     """One row per (repeat, modality, ratio, sample), in that order: repeat, modality, ratio,
     sample_id, label, pred, correct, p_true (the softmax probability of the label)."""
+    from mmval.models import MultimodalModel
+
     if not isinstance(model, MultimodalModel):
         raise UserError(
             "--method feature-mask masks dimensions of each modality's features before the "

@@ -7,12 +7,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from pydantic import TypeAdapter, ValidationError
-from torch import nn
 
 from mmval.artifacts.checkpoint import Checkpoint, load_checkpoint
 from mmval.atomic import write_text_atomic
@@ -23,11 +22,10 @@ from mmval.data.corrupt import (
     corruption_metadata,
     corruptor,
 )
-from mmval.data.dataset import Batch, ParquetSamples
 from mmval.data.shards import DataManifest, ModalitySpec, check_data_dir, read_sources
 from mmval.errors import UserError
-from mmval.models import ModelConfig, build_model
-from mmval.models.encoders import refuse_untrusted_code
+from mmval.lazy import lazy_module, no_grad
+from mmval.models import ModelConfig
 from mmval.plugins import PluginField
 from mmval.tasks import CLASSIFICATION, Task, TaskField, resolve_task
 from mmval.valuation.base import Game, ValuationMethod
@@ -44,8 +42,16 @@ from mmval.valuation.table import (
     write_parquet,
 )
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-@torch.no_grad()
+    from mmval.data.dataset import ParquetSamples
+else:
+    torch = lazy_module("torch")
+
+
+@no_grad
 def value_dataset(
     model: nn.Module,
     dataset: ParquetSamples,
@@ -66,6 +72,8 @@ def value_dataset(
     without a DataLoader, which would draw from the global RNG and so change a training run.
     With `per_segment` (localisation), every segment of a clip is valued on its own: the game's
     units are the segments, each with its class as label (`SegmentUnits`)."""
+    from mmval.data.dataset import Batch
+
     model.eval()
     config = config.for_task(task)
     if per_segment and task.kind != "localisation":
@@ -118,6 +126,8 @@ def split_fills(
     train_split: str,
 ) -> dict[str, torch.Tensor] | None:
     """The stand-in inputs for removed modalities; reads the training split for `mean`."""
+    from mmval.data.dataset import ParquetSamples
+
     train = None
     if config.mask == "mean" and train_split in manifest.splits:
         train = ParquetSamples(root, train_split, [s.name for s in specs], manifest=manifest)
@@ -160,6 +170,8 @@ def _load_weights(
     ckpt: Checkpoint, specs: list[ModalitySpec], task: Task
 ) -> tuple[nn.Module | None, str]:
     """The checkpoint's model built for these modality specs, or why its weights do not fit."""
+    from mmval.models import build_model
+
     try:
         config = ModelConfig.model_validate(ckpt.recipe["model"])
         plugins = PLUGIN_LIST.validate_python(ckpt.recipe.get("plugins", []))
@@ -214,6 +226,8 @@ class LoadedCheckpoint:
 def load_with_data(checkpoint: Path, data_dir: Path | None = None) -> LoadedCheckpoint:
     """Load the checkpoint's model and its training data (from `data_dir` if it moved);
     refuse data whose manifest fingerprint differs, naming what differs."""
+    from mmval.models.encoders import refuse_untrusted_code
+
     ckpt = load_checkpoint(checkpoint)
     refuse_untrusted_code(ckpt.recipe.get("model"), checkpoint)
     data = ckpt.data
@@ -251,6 +265,8 @@ def open_split(
 ) -> SplitOfCheckpoint:
     """The checkpoint with `split` of the data it was trained on (refused when empty) and the
     fills `config.mask` needs."""
+    from mmval.data.dataset import ParquetSamples
+
     loaded = load_with_data(checkpoint, data_dir)
     root, manifest, modalities = loaded.root, loaded.manifest, loaded.modalities
     dataset = ParquetSamples(root, split, modalities, manifest=manifest)

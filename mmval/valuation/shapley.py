@@ -11,13 +11,18 @@ earns a share wherever the others are right; that is the paper's definition.)
 from __future__ import annotations
 
 from math import factorial
-
-import torch
+from typing import TYPE_CHECKING
 
 from mmval.errors import UserError
+from mmval.lazy import lazy_module
 from mmval.valuation.base import BatchValues, Game, ValuationMethod
 from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import subset_masks
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 MAX_EXACT_MODALITIES = 10
 

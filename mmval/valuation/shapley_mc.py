@@ -12,13 +12,19 @@ several epochs during training is valued with the same orders (less noise betwee
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
+from mmval.lazy import lazy_module
 from mmval.valuation.base import BatchValues, Game, ValuationMethod
 from mmval.valuation.config import ValuationConfig
 from mmval.valuation.engine import MAX_ELEMENTS
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 class MonteCarloShapley(ValuationMethod):

@@ -13,12 +13,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
-from torch import nn
 
 from mmval.data.corrupt import (
     Corrupt,
@@ -27,14 +26,22 @@ from mmval.data.corrupt import (
     corruption_metadata,
     corruptor,
 )
-from mmval.data.dataset import ParquetSamples
 from mmval.errors import UserError
+from mmval.lazy import lazy_module, no_grad
 from mmval.tasks import CLASSIFICATION, Task
 from mmval.valuation.base import Game
 from mmval.valuation.config import MaskName, ValuationConfig
 from mmval.valuation.engine import SubsetEvaluator, build_evaluator, subset_masks
 from mmval.valuation.run import SplitOfCheckpoint, _device, open_split
 from mmval.valuation.table import split_metadata, weights_fingerprint, write_parquet
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mmval.data.dataset import ParquetSamples
+else:
+    torch = lazy_module("torch")
 
 MAX_MODALITIES = 10  # 1023 subsets per sample
 
@@ -51,7 +58,7 @@ def subset_names(modalities: list[str]) -> tuple[torch.Tensor, list[str]]:
     return keep, names
 
 
-@torch.no_grad()
+@no_grad
 def subsets_dataset(
     model: nn.Module,
     dataset: ParquetSamples,

@@ -6,17 +6,23 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from mmval.atomic import atomic_path
 from mmval.data.shards import DataManifest
 from mmval.errors import UserError
+from mmval.lazy import lazy_module
 from mmval.valuation.config import ValuationConfig
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 SAMPLE_COLUMNS = ["sample_id", "label", "class", "pred", "correct", "v_full"]
 

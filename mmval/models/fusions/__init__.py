@@ -1,14 +1,13 @@
 """Fusion heads: features by modality -> class logits, and (where the head is decomposable) each
 modality's own logits, which gradient-modulation methods need. Each file holds one fusion: its
 config (the recipe's `model.fusion`, tagged by `name`, with the fusion's own settings and its
-declared capabilities) and its module. To add a fusion, write its file and list its config in
+declared capabilities); its module (the head) is in `heads.py`, which `build` imports, so that
+reading a recipe imports no torch. To add a fusion, write its file and list its config in
 FUSIONS (or `register_fusion` it at run time)."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from torch import nn
+from typing import TYPE_CHECKING, Annotated
 
 from mmval.errors import UserError
 from mmval.models.fusions.base import FusionConfig
@@ -23,6 +22,9 @@ from mmval.models.fusions.sum import SumFusionConfig
 from mmval.models.fusions.tmc import TMCFusionConfig
 from mmval.models.fusions.weighted import WeightedFusionConfig
 from mmval.registry import Tagged, register, tag_of
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FUSIONS: dict[str, type[FusionConfig]] = {
     tag_of(cls): cls

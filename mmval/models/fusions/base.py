@@ -11,10 +11,12 @@ checks (mmval/methods/base.py) compare with what a method needs:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict
-from torch import nn
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class FusionConfig(BaseModel, ABC):

@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from mmval.models.fusions.base import FusionConfig
 
-
-class ConcatFusion(nn.Module):
-    """z = W[h_1; ...; h_M] + b; modality m's share is W[:, slice_m] h_m + b / M (OGM-GE code)."""
-
-    def __init__(self, dims: dict[str, int], num_classes: int) -> None:
-        super().__init__()
-        self.names = list(dims)
-        self.dims = [dims[m] for m in self.names]
-        self.fc = nn.Linear(sum(self.dims), num_classes)
-
-    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.fc(torch.cat([feats[m] for m in self.names], dim=1))
-
-    def unimodal_logits(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        weights = torch.split(self.fc.weight, self.dims, dim=1)
-        bias = self.fc.bias / len(self.names)
-        return {m: feats[m] @ w.T + bias for m, w in zip(self.names, weights, strict=True)}
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class ConcatFusionConfig(FusionConfig):
@@ -37,4 +19,6 @@ class ConcatFusionConfig(FusionConfig):
     additive: ClassVar[bool] = True
 
     def build(self, dims: dict[str, int], num_classes: int) -> nn.Module:
+        from mmval.models.fusions.heads import ConcatFusion
+
         return ConcatFusion(dims, num_classes)

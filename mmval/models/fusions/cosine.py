@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from mmval.models.fusions.base import FusionConfig
 
-
-class CosineFusion(nn.Module):
-    """MMCosine (Xu et al., ICASSP 2023; GeWu-Lab/MMCosine_ICASSP23 `main_CD.py`): each
-    modality's logits are s * cos(h_m, w_{m,c}) against its slice of a bias-free concat head,
-    z = sum_m z_m; features and weights are L2-normalised so no modality wins by norm."""
-
-    def __init__(self, dims: dict[str, int], num_classes: int, scale: float) -> None:
-        super().__init__()
-        self.names = list(dims)
-        self.dims = [dims[m] for m in self.names]
-        self.fc = nn.Linear(sum(self.dims), num_classes, bias=False)
-        self.scale = scale
-
-    def unimodal_logits(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        weights = torch.split(self.fc.weight, self.dims, dim=1)
-        return {
-            m: self.scale * F.normalize(feats[m], dim=1) @ F.normalize(w, dim=1).T
-            for m, w in zip(self.names, weights, strict=True)
-        }
-
-    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack(list(self.unimodal_logits(feats).values())).sum(0)
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class CosineFusionConfig(FusionConfig):
@@ -46,4 +23,6 @@ class CosineFusionConfig(FusionConfig):
     )
 
     def build(self, dims: dict[str, int], num_classes: int) -> nn.Module:
+        from mmval.models.fusions.heads import CosineFusion
+
         return CosineFusion(dims, num_classes, self.scale)

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from mmval.models.fusions.base import FusionConfig
 
-
-class FiLMFusion(nn.Module):
-    """FiLM (Perez et al. 2018): the first modality conditions the second,
-    [gamma; beta] = Linear(h_x), z = Linear(gamma * h_y + beta)."""
-
-    def __init__(self, dims: dict[str, int], num_classes: int) -> None:
-        super().__init__()
-        self.x_name, self.y_name = list(dims)
-        self.film = nn.Linear(dims[self.x_name], 2 * dims[self.y_name])
-        self.fc = nn.Linear(dims[self.y_name], num_classes)
-
-    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        gamma, beta = self.film(feats[self.x_name]).chunk(2, dim=1)
-        return self.fc(gamma * feats[self.y_name] + beta)
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class FiLMFusionConfig(FusionConfig):
@@ -35,4 +20,6 @@ class FiLMFusionConfig(FusionConfig):
     max_modalities: ClassVar[int | None] = 2
 
     def build(self, dims: dict[str, int], num_classes: int) -> nn.Module:
+        from mmval.models.fusions.heads import FiLMFusion
+
         return FiLMFusion(dims, num_classes)

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from mmval.models.fusions.base import FusionConfig
 
-
-class GatedFusion(nn.Module):
-    """Gated fusion (Kiela et al. 2018): z = Linear(sigmoid(Linear(h_x)) * Linear(h_y))."""
-
-    def __init__(self, dims: dict[str, int], num_classes: int, hidden: int) -> None:
-        super().__init__()
-        self.x_name, self.y_name = list(dims)
-        self.gate = nn.Linear(dims[self.x_name], hidden)
-        self.value = nn.Linear(dims[self.y_name], hidden)
-        self.fc = nn.Linear(hidden, num_classes)
-
-    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        gate = torch.sigmoid(self.gate(feats[self.x_name]))
-        return self.fc(gate * self.value(feats[self.y_name]))
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class GatedFusionConfig(FusionConfig):
@@ -38,4 +24,6 @@ class GatedFusionConfig(FusionConfig):
     hidden: int = Field(default=128, ge=1, description="hidden size of gated fusion")
 
     def build(self, dims: dict[str, int], num_classes: int) -> nn.Module:
+        from mmval.models.fusions.heads import GatedFusion
+
         return GatedFusion(dims, num_classes, self.hidden)

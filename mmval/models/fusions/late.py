@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from mmval.models.fusions.base import FusionConfig
-from mmval.models.fusions.sum import SumFusion
 
-
-class LateFusion(SumFusion):
-    """Decision fusion: one head per modality, z = (1/M) sum_m z_m (the logit average of
-    late fusion / UME-style ensembles)."""
-
-    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack(list(self.unimodal_logits(feats).values())).mean(0)
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class LateFusionConfig(FusionConfig):
@@ -27,4 +18,6 @@ class LateFusionConfig(FusionConfig):
     decomposable: ClassVar[bool] = True
 
     def build(self, dims: dict[str, int], num_classes: int) -> nn.Module:
+        from mmval.models.fusions.heads import LateFusion
+
         return LateFusion(dims, num_classes)

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from mmval.models.fusions.base import FusionConfig
 
-
-class SumFusion(nn.Module):
-    """z = sum_m (W_m h_m + b_m), one linear head per modality."""
-
-    def __init__(self, dims: dict[str, int], num_classes: int) -> None:
-        super().__init__()
-        self.heads = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in dims.items()})
-
-    def unimodal_logits(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {m: head(feats[m]) for m, head in self.heads.items()}
-
-    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack(list(self.unimodal_logits(feats).values())).sum(0)
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class SumFusionConfig(FusionConfig):
@@ -33,4 +19,6 @@ class SumFusionConfig(FusionConfig):
     additive: ClassVar[bool] = True
 
     def build(self, dims: dict[str, int], num_classes: int) -> nn.Module:
+        from mmval.models.fusions.heads import SumFusion
+
         return SumFusion(dims, num_classes)
