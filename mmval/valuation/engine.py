@@ -157,8 +157,9 @@ class LateFusionEvaluator(SubsetEvaluator):
             # it changes no logit by a single bit (its Shapley value is exactly 0).
             baseline = prepared["all_absent"]
             weights = keep.to(baseline.dtype).transpose(0, 1)  # [B, K, M]
-            gains = torch.bmm(weights, prepared["gains"].flatten(2))  # [B, K, prod(shape)]
-            return (gains + baseline.flatten()).transpose(0, 1).unflatten(2, baseline.shape)
+            flat = prepared["gains"].flatten(2)  # [B, M, prod(shape)]
+            logits = torch.baddbmm(baseline.flatten(), weights, flat)  # [B, K, prod(shape)]
+            return logits.transpose(0, 1).unflatten(2, baseline.shape)
         parts = {
             m: _where(keep[..., j], prepared[m], self.absent[m])
             for j, m in enumerate(self.modalities)

@@ -134,7 +134,8 @@ def _one_repeat(
             "subset": _strings(names, np.tile(np.arange(k), len(label))),
             "size": np.tile(keep.sum(1).numpy(), len(label)),
             **{name: torch.cat(parts).numpy().reshape(-1) for name, parts in columns.items()},
-        }
+        },
+        copy=False,  # every column is built fresh here: no need to copy it into blocks
     )
 
 
