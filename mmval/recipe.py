@@ -255,7 +255,7 @@ class EarlyStopping(_Strict):
 
 # `train.workers: auto`: at most this many loader processes, one core left to the training one
 AUTO_WORKERS_MAX = 4  # training on the CPU: workers take cores from the model's threads
-AUTO_WORKERS_MAX_GPU = 16  # a GPU step outruns one worker ~15-fold (bench/loader_scale.py)
+AUTO_WORKERS_MAX_GPU = 16  # a GPU step outruns one worker 7- to 11-fold (bench/loader_scale.py)
 
 
 # Marks (mmval.settings): Effect.NONE on the host settings, which change how fast or where a run
