@@ -9,8 +9,9 @@ the same Parquet shards with the same batch size:
 - naive: `value_dataset` with path="naive" (one full forward per subset);
 - subsets: `subsets_dataset`, the `mmval value --method subsets` table (every sample on every
   non-empty subset, the missing-modality protocol), which should cost about what engine does.
-Each is timed `--repeats` times, interleaved, and the fastest run counts (the machine is
-shared). Run: python bench/valuation.py [--repeats R] [--device cpu|cuda] [--quick]. Prints one JSON
+Each is timed `--repeats` times, interleaved, each timed run right after an untimed one of
+the same contender, and the fastest run counts (the machine is shared).
+Run: python bench/valuation.py [--repeats R] [--device cpu|cuda] [--quick]. Prints one JSON
 object on its last line and writes it to bench/results/valuation.json.
 """
 
@@ -41,11 +42,12 @@ CLASSES = 10
 
 
 def fastest(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for run in runs.values():  # warm-up: allocator, row-group cache, lazy imports
-        run()
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
         for name, run in runs.items():
+            # untimed first, so that no contender pays for the memory another left behind
+            # (the naive path's many large buffers made the next one page-fault its own)
+            run()
             started = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - started)
