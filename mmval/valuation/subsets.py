@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from mmval.data.corrupt import (
     Corrupt,
@@ -33,7 +32,12 @@ from mmval.valuation.base import Game
 from mmval.valuation.config import MaskName, ValuationConfig
 from mmval.valuation.engine import SubsetEvaluator, build_evaluator, subset_masks
 from mmval.valuation.run import SplitOfCheckpoint, _device, open_split
-from mmval.valuation.table import split_metadata, weights_fingerprint, write_parquet
+from mmval.valuation.table import (
+    split_metadata,
+    string_column,
+    weights_fingerprint,
+    write_parquet,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -129,20 +133,14 @@ def _one_repeat(
     return pd.DataFrame(
         {
             "repeat": np.full(len(label) * k, repeat),
-            "sample_id": _strings(dataset.sample_ids, np.repeat(np.arange(len(label)), k)),
+            "sample_id": string_column(dataset.sample_ids, np.repeat(np.arange(len(label)), k)),
             "label": np.repeat(label, k),
-            "subset": _strings(names, np.tile(np.arange(k), len(label))),
+            "subset": string_column(names, np.tile(np.arange(k), len(label))),
             "size": np.tile(keep.sum(1).numpy(), len(label)),
             **{name: torch.cat(parts).numpy().reshape(-1) for name, parts in columns.items()},
         },
         copy=False,  # every column is built fresh here: no need to copy it into blocks
     )
-
-
-def _strings(values: Sequence[str], order: np.ndarray) -> pd.Series:
-    """`values[order]` as a string column, gathered in Arrow: a column of 2^M copies of each
-    sample id built from Python strings costs a fifth of the whole evaluation."""
-    return pa.array(values, pa.string()).take(order).to_pandas()
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,11 +60,11 @@ def long_table(
     label, pred = values.labels[rows], values.pred[rows]
     frame = pd.DataFrame(
         {
-            "sample_id": np.asarray(values.sample_ids, dtype=object)[rows],
+            "sample_id": string_column(values.sample_ids, rows),
             **({} if values.segments is None else {"segment": values.segments[rows]}),
             "label": label,
             **({} if classes is None else {"class": class_names(label, classes)}),
-            "modality": np.asarray(modalities, dtype=object)[cols],
+            "modality": string_column(modalities, cols),
             "contribution": values.contribution[rows, cols],
             "pred": pred,
             **({} if values.correct is None else {"correct": values.correct[rows]}),
@@ -73,6 +74,13 @@ def long_table(
     if values.stderr is not None:
         frame["stderr"] = values.stderr[rows, cols]
     return frame
+
+
+def string_column(values: Sequence[str], order: np.ndarray) -> pd.Series:
+    """`values[order]` as a string column, gathered in Arrow: built from Python strings, a
+    column that repeats each sample id once per modality or subset costs more than the
+    valuation that fills the other columns."""
+    return pa.array(values, pa.string()).take(order).to_pandas()
 
 
 def class_names(labels: np.ndarray, classes: list[str]) -> np.ndarray:
