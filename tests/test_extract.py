@@ -14,9 +14,12 @@ import torchaudio
 
 from mmval.data.extract import ExtractionError
 from mmval.data.extract import video as video_mod
-from mmval.data.extract.audio import kaldi_fbank, read_audio, stft_spectrogram
+from mmval.data.extract.audio import AudioDecoder, kaldi_fbank, read_audio, stft_spectrogram
 from mmval.data.extract.flow import flow_pair_frames, optical_flow
 from mmval.data.extract.video import decode_jpeg, encode_jpeg, read_video_frames, segment_indices
+from mmval.data.pipeline import ClipTask
+from mmval.data.sources import av_clips
+from mmval.data.sources.av_clips import AVParams, FbankParams, FramesParams, extract_clip
 from mmval.errors import UserError
 
 RATE = 10  # video frames per second
@@ -396,8 +399,10 @@ def test_frames_without_their_packets_timestamps_are_decoded_in_full(
     # could drop a kept frame, so the clip is decoded again without skipping
     index_stream = video_mod._Cursor._index_stream
 
-    def shifted(self: video_mod._Cursor) -> video_mod._StreamIndex:
-        index = index_stream(self)
+    def shifted(
+        self: video_mod._Cursor, also: video_mod.PacketSink | None
+    ) -> video_mod._StreamIndex:
+        index = index_stream(self, also)
         index.frame_pts = [p + 1 for p in index.frame_pts]
         return index
 
@@ -414,3 +419,51 @@ def test_resampling_is_torchaudios(clips: dict[str, Path]) -> None:
         got, _ = read_audio(clips["stereo_wav"], mono=False, sample_rate=target)
         want = torchaudio.functional.resample(torch.from_numpy(wave), rate, target).numpy()
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("start", "end"), [(0.0, None), (0.5, 2.0)])
+def test_sound_read_with_the_frames_is_read_audios(
+    clips: dict[str, Path], start: float, end: float | None
+) -> None:
+    # the sound decoded in the pass that indexes the video: the same frames and the same wave
+    # as two separate reads of the file
+    for name in ("one_key", "key5"):
+        sound = AudioDecoder(start=start, end=end)
+        together = read_video_frames(clips[name], fps=2, size=(32, 48), also=sound)
+        alone = read_video_frames(clips[name], fps=2, size=(32, 48))
+        np.testing.assert_array_equal(together.frames, alone.frames)
+        np.testing.assert_array_equal(together.times, alone.times)
+        for rate in (None, 8000):
+            got = sound.wave(sample_rate=rate, mono=True)
+            want = read_audio(clips[name], sample_rate=rate, start=start, end=end)
+            assert got[1] == want[1]
+            np.testing.assert_array_equal(got[0], want[0])
+    with pytest.raises(ExtractionError, match="no audio stream"):
+        read_video_frames(clips["video_only"], also=AudioDecoder())
+
+
+def test_a_clip_extracted_in_one_pass_is_the_same(
+    clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # frames then sound from one file: one opening of it, the record of two separate reads
+    params = AVParams(
+        modalities=[
+            FramesParams(fps=1, max_frames=3, size=[32, 32]),
+            FbankParams(target_frames=64, num_mel_bins=32),
+        ]
+    )
+    task = ClipTask("k", 0, "k.mp4", {"video": str(clips["key5"]), "audio": str(clips["key5"])})
+    opened: list[str] = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda path, *a, **k: opened.append(path) or real_open(path))
+    record = extract_clip(params, task)
+    assert opened == [str(clips["key5"])]
+    monkeypatch.setattr(av_clips, "_sound_with_frames", lambda params, task: None)
+    separate = extract_clip(params, task)
+    assert len(opened) == 3
+    assert record.values["visual"] == separate.values["visual"]
+    np.testing.assert_array_equal(record.times["visual"], separate.times["visual"])
+    np.testing.assert_array_equal(record.values["audio"], separate.values["audio"])
+    silent = {"video": str(clips["video_only"]), "audio": str(clips["video_only"])}
+    with pytest.raises(ExtractionError, match="no audio stream"):
+        extract_clip(params, ClipTask("s", 0, "s.mp4", silent))

@@ -356,11 +356,10 @@ def finite_samples(
 
 def _tensor_column(values: list[np.ndarray], spec: ModalitySpec) -> pa.Array:
     dtype = np.dtype(spec.dtype).newbyteorder("<")
-    flat = np.ascontiguousarray(np.stack(values).astype(dtype, copy=False)) if values else None
+    flat = np.ascontiguousarray(np.stack(values).astype(dtype, copy=False)) if values else b""
     offsets = np.arange(len(values) + 1, dtype=np.int64) * spec.item_bytes
-    data = flat.tobytes() if flat is not None else b""
-    return pa.LargeBinaryArray.from_buffers(
-        pa.large_binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    return pa.LargeBinaryArray.from_buffers(  # the buffers wrap the arrays: no copy
+        pa.large_binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(flat)]
     )
 
 

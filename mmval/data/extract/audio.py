@@ -38,43 +38,77 @@ def read_audio(
     resampled with torchaudio's band-limited sinc resampler.
     """
     with open_media(path) as container:
+        decoder = AudioDecoder(start=start, end=end)
+        stream = decoder.stream(container)
+        try:
+            for packet in container.demux(stream):
+                decoder.take(packet)
+        except av.FFmpegError as exc:
+            raise ExtractionError(f"undecodable: {exc.strerror or exc}") from exc
+    return decoder.wave(sample_rate=sample_rate, mono=mono)
+
+
+class AudioDecoder:
+    """`read_audio`'s decoding, fed one packet at a time: by its own demux pass, or by a
+    video reader's (`read_video_frames(..., audio=...)`), so that a clip whose frames and sound
+    share a file is opened and demuxed once. The packets must end with the demuxer's empty
+    flush packet (as `container.demux` yields them), which drains the decoder; `wave` once
+    all are taken."""
+
+    def __init__(self, *, start: float = 0.0, end: float | None = None) -> None:
+        self._start, self._end = start, end
+        self._chunks: list[list[np.ndarray]] = []  # per frame, one array per channel
+        self._decoded = 0
+        self._last: int | None = None
+        self._done = False
+
+    def stream(self, container: av.container.InputContainer) -> av.AudioStream:
+        """The stream to feed: the container's first audio stream."""
         if not container.streams.audio:
             raise ExtractionError("no audio stream")
         stream = container.streams.audio[0]
         stream.thread_type = "AUTO"
-        rate = stream.codec_context.sample_rate
-        if not rate:
+        self._rate = stream.codec_context.sample_rate
+        if not self._rate:
             raise ExtractionError("audio stream without a sample rate")
-        first = round(start * rate)
-        last = None if end is None else round(end * rate)
-        to_float = av.AudioResampler(format="fltp")  # planar float; passes fltp frames through
-        chunks: list[list[np.ndarray]] = []  # per frame, one array per channel
-        decoded = 0
-        try:
-            for frame in container.decode(stream):
-                for converted in to_float.resample(frame):
-                    chunks.append(_channels(converted))
-                    decoded += converted.samples
-                if last is not None and decoded >= last:
-                    break
-            else:
-                chunks.extend(_channels(f) for f in to_float.resample(None))
-        except av.FFmpegError as exc:
-            raise ExtractionError(f"undecodable: {exc.strerror or exc}") from exc
-    if not chunks:
-        raise ExtractionError("no audio samples")
-    wave = np.stack([np.concatenate(channel) for channel in zip(*chunks, strict=True)])
-    wave = wave[:, first:last]
-    if wave.shape[1] == 0:
-        raise ExtractionError(f"no audio samples in [{start}, {end}) s")
-    wave = np.clip(wave, -1.0, 1.0, dtype=np.float32)
-    if mono:
-        wave = wave.mean(axis=0, keepdims=True)
-    if sample_rate is not None and sample_rate != rate:
-        with torch.no_grad():
-            wave = _resampler(rate, sample_rate)(torch.from_numpy(wave)).numpy()
-        rate = sample_rate
-    return np.ascontiguousarray(wave, dtype=np.float32), rate
+        self._last = None if self._end is None else round(self._end * self._rate)
+        self._to_float = av.AudioResampler(format="fltp")  # passes fltp frames through
+        return stream
+
+    def take(self, packet: av.Packet) -> None:
+        """Decode one packet of the stream; packets past `end` are not decoded."""
+        if self._done:
+            return
+        for frame in packet.decode():
+            for converted in self._to_float.resample(frame):
+                self._chunks.append(_channels(converted))
+                self._decoded += converted.samples
+            if self._last is not None and self._decoded >= self._last:
+                self._done = True
+                return
+
+    def wave(self, *, sample_rate: int | None, mono: bool) -> tuple[np.ndarray, int]:
+        """The decoded wave in [start, end), clipped, averaged to mono and resampled as
+        `read_audio` says."""
+        if not self._done:  # the stream ended before `end`: drain the converter
+            self._chunks.extend(_channels(f) for f in self._to_float.resample(None))
+            self._done = True
+        if not self._chunks:
+            raise ExtractionError("no audio samples")
+        rate = self._rate
+        first = round(self._start * rate)
+        wave = np.stack([np.concatenate(channel) for channel in zip(*self._chunks, strict=True)])
+        wave = wave[:, first : self._last]
+        if wave.shape[1] == 0:
+            raise ExtractionError(f"no audio samples in [{self._start}, {self._end}) s")
+        wave = np.clip(wave, -1.0, 1.0, dtype=np.float32)
+        if mono:
+            wave = wave.mean(axis=0, keepdims=True)
+        if sample_rate is not None and sample_rate != rate:
+            with torch.no_grad():
+                wave = _resampler(rate, sample_rate)(torch.from_numpy(wave)).numpy()
+            rate = sample_rate
+        return np.ascontiguousarray(wave, dtype=np.float32), rate
 
 
 def _channels(frame: av.AudioFrame) -> list[np.ndarray]:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import av
 import numpy as np
@@ -84,6 +84,15 @@ class _StreamIndex:
     frame_times: list[float]  # the same, in seconds
 
 
+class PacketSink(Protocol):
+    """Takes the packets of another stream of the file a video reader demuxes (the sound of a
+    clip), so that the file is opened and demuxed once for both (`AudioDecoder`)."""
+
+    def stream(self, container: av.container.InputContainer) -> av.stream.Stream: ...
+
+    def take(self, packet: av.Packet) -> None: ...
+
+
 def open_media(path: Path) -> av.container.InputContainer:
     """Open a media file, turning every way it can be unreadable into an ExtractionError."""
     if not path.is_file():
@@ -105,6 +114,7 @@ def read_video_frames(
     size: tuple[int, int] | None = None,
     start: float = 0.0,
     end: float | None = None,
+    also: PacketSink | None = None,
 ) -> VideoFrames:
     """Sample frames at `fps` from the first video stream of `path`.
 
@@ -115,7 +125,8 @@ def read_video_frames(
     [start, end) are never kept. A frame serves every target it satisfies, so an `fps` above the
     source rate repeats frames (like ffmpeg's fps filter). `size` is (height, width) of the
     returned frames (area interpolation); None keeps the source size. Times are relative to the
-    start of the video stream.
+    start of the video stream. `also` is given every packet of the stream it names, all of
+    them, from the pass that indexes the video stream.
     """
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
@@ -124,7 +135,7 @@ def read_video_frames(
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
     try:
-        with _Cursor(path, start, end) as cursor:
+        with _Cursor(path, start, end, also) as cursor:
             stop = cursor.index.duration if end is None else min(end, cursor.index.duration)
             offset = 0.5 if position == "center" else 0.0
             targets: list[float] = []
@@ -192,7 +203,9 @@ class _Cursor:
     FFmpeg drops it if no other frame refers to it, so it never comes out.
     """
 
-    def __init__(self, path: Path, start: float, end: float | None) -> None:
+    def __init__(
+        self, path: Path, start: float, end: float | None, also: PacketSink | None = None
+    ) -> None:
         self._path = path
         self._start = start
         self._end = end
@@ -203,7 +216,7 @@ class _Cursor:
         self.position = -math.inf  # time of the last decoded frame
         self._skipping = _Skipping()
         try:
-            self.index = self._index_stream()
+            self.index = self._index_stream(also)
         except BaseException:
             self._container.close()
             raise
@@ -239,16 +252,21 @@ class _Cursor:
     def started(self) -> bool:
         return self._frames is not None
 
-    def _index_stream(self) -> _StreamIndex:
-        """Demux (no decoding) the whole stream for its frames, keyframes and true duration."""
+    def _index_stream(self, also: PacketSink | None) -> _StreamIndex:
+        """Demux (no decoding) the whole stream for its frames, keyframes and true duration,
+        handing `also` the packets of its stream on the way."""
         stream = self._stream
+        streams = [stream] if also is None else [stream, also.stream(self._container)]
         keyframe_pts: list[int] = []
         frame_pts: list[int] = []
         first_pts: int | None = None
         end_pts: int | None = None
         rate = stream.average_rate or stream.guessed_rate
         step = round(1 / (rate * stream.time_base)) if rate else 0  # packets without a duration
-        for packet in self._container.demux(stream):
+        for packet in self._container.demux(*streams):
+            if also is not None and packet.stream_index != stream.index:
+                also.take(packet)
+                continue
             if packet.pts is None:
                 continue
             if packet.is_keyframe:
