@@ -4,6 +4,7 @@ never in code running, a crash or a hang."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -273,6 +274,32 @@ def test_a_hung_or_crashed_extraction_becomes_an_error_not_a_hang(tmp_path, work
         pq.read_table(tmp_path / s.path).to_pandas() for s in manifest.splits["train"].shards
     )
     assert sorted(table["sample_id"]) == ["c0", "c2", "c5", "c6"]
+
+
+def frozen_objects(task: ClipTask) -> SampleRecord:
+    """A fake extractor that reports how many inherited objects its worker's collector skips."""
+    if task.inline["do"] == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    value = np.array([gc.get_freeze_count(), task.label], np.float32)
+    return SampleRecord(task.sample_id, task.label, task.source, {"x": value})
+
+
+def test_workers_leave_the_objects_they_inherit_alone(tmp_path):
+    # frozen before each fork (a replacement worker's too), thawed in the parent right after:
+    # a worker's garbage collector never copies the parent's pages by walking its objects
+    tasks = [
+        ClipTask(f"c{i}", i % 2, f"clips/{i}.mp4", {}, inline={"do": a})
+        for i, a in enumerate(["ok", "die", "ok", "ok"])
+    ]
+    spec = ModalitySpec(name="x", dtype="float32", shape=[2])
+    plan = PrepPlan(["a", "b"], [spec], {}, {"train": tasks}, frozen_objects, rows_per_shard=4)
+    header = DatasetHeader("fake", "1", "0" * 64, ["a", "b"], [spec], {})
+    assert gc.get_freeze_count() == 0
+    manifest, _ = run_plan(plan, tmp_path, header, workers=1)
+    assert gc.get_freeze_count() == 0
+    table = pq.read_table(tmp_path / manifest.splits["train"].shards[0].path)
+    frozen = [np.frombuffer(v, np.float32)[0] for v in table.column("x").to_pylist()]
+    assert len(frozen) == 3 and min(frozen) > 1000
 
 
 HANGS_ON = {"clip": ""}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -212,9 +213,9 @@ def _init_worker() -> None:
 def _keep_freed_memory() -> None:
     """glibc hands blocks over 128 KiB back to the kernel when they are freed (unmapped, or
     trimmed off the heap), and every clip allocates such blocks anew (its wave, spectrogram,
-    frames): a few thousand page faults a clip, each a zeroed page, about 2 ms of a 10-s clip's
+    frames): a few thousand page faults a clip, each a zeroed page, about 5 ms of a 10-s clip's
     60. A worker keeps them in its heap instead: blocks up to 32 MiB come from the heap, and up to
-    64 MiB of free heap is kept. The peak stays what the largest clip needs."""
+    64 MiB of free heap is kept (the peak stays about what the largest clip needs)."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return
     libc = ctypes.CDLL(None)
@@ -251,7 +252,17 @@ class _Worker:
             daemon=True,
             name="mmval-prep",
         )
-        self.process.start()
+        # A forked child's garbage collector walks every object it inherited, writing to each
+        # one's header: the pages holding them (~90 MiB with torch imported) were copied into
+        # every worker, and each clip paid for the faults. Frozen objects are never walked; the
+        # child keeps them frozen, the parent thaws them at once (unless its caller froze some).
+        thaw = gc.get_freeze_count() == 0
+        gc.freeze()
+        try:
+            self.process.start()
+        finally:
+            if thaw:
+                gc.unfreeze()
         child.close()
         self.job: int | None = None
         self.started = 0.0
