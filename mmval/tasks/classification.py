@@ -36,8 +36,10 @@ def class_outcome(
     for `prob` or when asked (`confidences`): over 2^M subsets they cost more than the
     encoders, and exact Shapley under `correct` needs only the predictions."""
     top_logit, pred = logits.max(-1)  # the first maximum, as argmax
+    # |S| once per subset when every sample plays the same ones (`Game.play`'s expanded keep)
+    size = (keep[:, :1] if keep.stride(1) == 0 else keep).sum(-1).double()
     if not confidences and benefit != "prob":
-        return Outcome((pred == labels[None]).double() * keep.sum(-1).double(), pred)
+        return Outcome((pred == labels[None]).double() * size, pred)
     # softmax pieces by hand (torch.softmax is slow on a short class axis), in float32: the
     # logits are float32, so float64 arithmetic here would add digits, not accuracy
     shifted = (logits.float() - top_logit.float()[..., None]).exp_()
@@ -47,7 +49,7 @@ def class_outcome(
     if benefit == "prob":
         value = confidence
     else:
-        value = (pred == labels[None]).double() * keep.sum(-1).double()
+        value = (pred == labels[None]).double() * size
     return Outcome(value, pred, confidence, total.reciprocal().double())
 
 
