@@ -158,9 +158,22 @@ def test_max_frames_size_start_end(clips: dict[str, Path]) -> None:
     assert _frame_ids(read_video_frames(path, fps=20, max_frames=4).frames) == [0, 1, 1, 2]
 
 
+@pytest.fixture(params=["held", "sought"])
+def packets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Decoding from the packets the demux pass held, or (a file too large to hold them)
+    from a second demux of the file, seeking in it."""
+    if request.param == "sought":
+        monkeypatch.setattr(video_mod, "HOLD_PACKETS_MAX_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize(("fps", "position"), [(1.0, "start"), (10.0, "start"), (3.0, "center")])
 def test_keyframe_seeking_matches_sequential_decoding(
-    clips: dict[str, Path], fps: float, position: str, monkeypatch: pytest.MonkeyPatch
+    clips: dict[str, Path],
+    fps: float,
+    position: str,
+    monkeypatch: pytest.MonkeyPatch,
+    packets: str,
 ) -> None:
     seeks: list[int] = []
     original = video_mod._Cursor.restart
@@ -170,6 +183,7 @@ def test_keyframe_seeking_matches_sequential_decoding(
         return original(self, k)
 
     monkeypatch.setattr(video_mod._Cursor, "restart", counting_restart)
+    demuxes = _spy(monkeypatch, "_demuxed")  # a second pass over the file
     for clip in ("one_key", "key5"):
         seeks.clear()
         got = read_video_frames(clips[clip], fps=fps, position=position)
@@ -186,6 +200,7 @@ def test_keyframe_seeking_matches_sequential_decoding(
             assert len(seeks) == 1  # only the rewind after the demux pass
         else:
             assert 1 < len(seeks) <= len(targets)
+    assert (len(demuxes) == 0) == (packets == "held")
 
 
 @pytest.mark.parametrize("name", ["empty", "garbage"])
@@ -380,7 +395,11 @@ def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[video_mod._Cursor]:
 
 @pytest.mark.parametrize(("fps", "position"), [(1.0, "start"), (3.0, "center")])
 def test_frames_nobody_needs_are_skipped(
-    clips: dict[str, Path], fps: float, position: str, monkeypatch: pytest.MonkeyPatch
+    clips: dict[str, Path],
+    fps: float,
+    position: str,
+    monkeypatch: pytest.MonkeyPatch,
+    packets: str,
 ) -> None:
     # x264's B-frames that no frame refers to are dropped undecoded; the kept ones are exact
     checks = _spy(monkeypatch, "skipping_was_safe")
@@ -393,7 +412,7 @@ def test_frames_nobody_needs_are_skipped(
 
 
 def test_frames_without_their_packets_timestamps_are_decoded_in_full(
-    clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch, packets: str
 ) -> None:
     # frames whose pts are not their packets' (as the demux pass saw them): skipping by packet
     # could drop a kept frame, so the clip is decoded again without skipping

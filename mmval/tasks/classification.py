@@ -46,10 +46,7 @@ def class_outcome(
     total = shifted.sum(-1)
     index = labels[None, :, None].expand(logits.shape[0], -1, 1)
     confidence = (shifted.gather(-1, index)[..., 0] / total).double()
-    if benefit == "prob":
-        value = confidence
-    else:
-        value = (pred == labels[None]).double() * size
+    value = confidence if benefit == "prob" else (pred == labels[None]).double() * size
     return Outcome(value, pred, confidence, total.reciprocal().double())
 
 

@@ -97,12 +97,13 @@ class AudioDecoder:
             raise ExtractionError("no audio samples")
         rate = self._rate
         first = round(self._start * rate)
-        wave = np.stack([np.concatenate(channel) for channel in zip(*self._chunks, strict=True)])
+        channels = [np.concatenate(channel) for channel in zip(*self._chunks, strict=True)]
+        wave = channels[0][None] if len(channels) == 1 else np.stack(channels)
         wave = wave[:, first : self._last]
         if wave.shape[1] == 0:
             raise ExtractionError(f"no audio samples in [{self._start}, {self._end}) s")
         wave = np.clip(wave, -1.0, 1.0, dtype=np.float32)
-        if mono:
+        if mono and len(wave) > 1:  # the mean of one channel is that channel, bit for bit
             wave = wave.mean(axis=0, keepdims=True)
         if sample_rate is not None and sample_rate != rate:
             with torch.no_grad():
