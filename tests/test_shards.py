@@ -14,11 +14,15 @@ from mmval.data.prep import prepare
 from mmval.data.shards import (
     INDEX,
     MANIFEST,
+    ROW_GROUP_SIZE,
     DatasetHeader,
     ModalitySpec,
+    ShardWriter,
     SplitSamples,
     check_data_dir,
+    records_table,
     write_dataset,
+    write_shard,
 )
 from mmval.errors import UserError
 
@@ -185,3 +189,41 @@ def test_synthetic_is_deterministic_and_validated(tmp_path):
     assert a.splits == b.splits
     with pytest.raises(UserError, match="signal"):
         prepare("synthetic", tmp_path / "c", overrides=["signal=[1.0]"])
+
+
+def _records(n: int) -> tuple[list, list[ModalitySpec]]:
+    rng = np.random.default_rng(1)
+    spec = ModalitySpec(name="spec", dtype="float16", shape=[7, 3])
+    samples = SplitSamples(
+        sample_ids=[f"s{i:04d}" for i in range(n)],
+        labels=np.arange(n) % 3,
+        sources=[f"raw/{i}" for i in range(n)],
+        arrays={"spec": rng.standard_normal((n, 7, 3)).astype(np.float16)},
+    )
+    return samples.records(range(n)), [spec]
+
+
+@pytest.mark.parametrize("n", [1, ROW_GROUP_SIZE, 2 * ROW_GROUP_SIZE + 5])
+def test_a_shard_written_as_its_rows_come_is_the_same_file(tmp_path, n):
+    # row group by row group, holding at most one row group: the bytes of one write
+    records, specs = _records(n)
+    whole = write_shard(tmp_path, "whole.parquet", records_table(records, "train", specs), specs)
+    with ShardWriter(tmp_path, "streamed.parquet", "train", specs) as writer:
+        for record in records:
+            writer.add(record)
+            assert len(writer._rows) < ROW_GROUP_SIZE
+    assert writer.info is not None
+    assert writer.info.model_dump() == whole.model_dump() | {"path": "streamed.parquet"}
+    assert (tmp_path / "streamed.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+
+
+def test_a_shard_writer_leaves_nothing_without_rows_or_after_an_error(tmp_path):
+    records, specs = _records(ROW_GROUP_SIZE + 3)
+    with ShardWriter(tmp_path, "empty.parquet", "train", specs) as writer:
+        pass
+    assert writer.info is None
+    with pytest.raises(KeyboardInterrupt), ShardWriter(tmp_path, "x.parquet", "train", specs) as w:
+        for record in records:
+            w.add(record)
+        raise KeyboardInterrupt
+    assert w.info is None and list(tmp_path.iterdir()) == []  # no shard, no temp file

@@ -40,14 +40,13 @@ from mmval.data.shards import (
     ModalitySpec,
     SampleRecord,
     ShardResult,
+    ShardWriter,
     TaskKind,
     finalize_dataset,
     record_problem,
-    records_table,
     sha256_file,
     shard_order,
     shard_path,
-    write_shard,
 )
 from mmval.errors import UserError
 
@@ -419,35 +418,32 @@ def run_plan(
     # closed on any exit: an exception (Ctrl-C) must not leave workers running
     with contextlib.closing(_results(jobs, workers, clip_timeout)) as stream:
         for split, number, tasks in pending:
-            records: list[SampleRecord] = []
+            kept: list[tuple[str, int]] = []  # sample id, label
             errors: list[tuple[str, str]] = []
-            for _ in tasks:
-                outcome = next(stream)
-                if isinstance(outcome, SampleRecord):
-                    problem = record_problem(outcome, header.modalities)
-                    if problem:  # a NaN or Inf input: an error, as a clip that fails
-                        outcome = (outcome.source, problem)
-                if isinstance(outcome, SampleRecord):
-                    records.append(outcome)
-                else:
-                    errors.append(outcome)
-                callbacks.on_clip(isinstance(outcome, SampleRecord))
             rel = shard_path(split, number)
-            info = None
-            if records:
-                info = write_shard(
-                    out, rel, records_table(records, split, header.columns), header.columns
-                )
+            with ShardWriter(out, rel, split, header.columns) as shard:
+                for _ in tasks:
+                    outcome = next(stream)
+                    if isinstance(outcome, SampleRecord):
+                        problem = record_problem(outcome, header.modalities)
+                        if problem:  # a NaN or Inf input: an error, as a clip that fails
+                            outcome = (outcome.source, problem)
+                    if isinstance(outcome, SampleRecord):
+                        shard.add(outcome)
+                        kept.append((outcome.sample_id, outcome.label))
+                    else:
+                        errors.append(outcome)
+                    callbacks.on_clip(isinstance(outcome, SampleRecord))
             result = ShardResult(
                 tasks=[t.sample_id for t in tasks],
-                shard=info,
-                sample_ids=[r.sample_id for r in records],
-                labels=[r.label for r in records],
+                shard=shard.info,
+                sample_ids=[sample_id for sample_id, _ in kept],
+                labels=[label for _, label in kept],
                 errors=errors,
             )
             write_text_atomic(out / PARTIAL / f"{rel}.json", result.model_dump_json())
             results[split][number] = result
-            counts[split].written += len(records)
+            counts[split].written += len(kept)
             counts[split].failed += len(errors)
 
     for name, data in plan.files.items():
