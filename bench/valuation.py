@@ -2,13 +2,16 @@
 
 Data: `synthetic` with UCI-Multiple-Features-sized modalities (dims 76, 216, 64, 240, 47, 6,
 the first M of them) and 2000 samples in the valued split. Model: the uci-mfeat recipe's (MLP
-encoders [256] -> 128, concat fusion), one per M, shared by the three contenders, which read
+encoders [256] -> 128, concat fusion), one per M, shared by the contenders, which read
 the same Parquet shards with the same batch size:
 - eval: `mmval.engine.loop.predict`, the evaluation the trainer runs each epoch;
 - engine: `value_dataset` (encoders once, all 2^M subsets through the head in batched calls);
 - naive: `value_dataset` with path="naive" (one full forward per subset);
 - subsets: `subsets_dataset`, the `mmval value --method subsets` table (every sample on every
-  non-empty subset, the missing-modality protocol), which should cost about what engine does.
+  non-empty subset, the missing-modality protocol), which should cost about what engine does;
+- games, games_confidences: what the subsets table computes before it builds its rows: every
+  sample's outcome on every non-empty subset (the encoders once per batch, `Game.play`), without
+  and with the softmax confidences the table's `p_true` column needs.
 Each is timed `--repeats` times, interleaved, each timed run right after an untimed one of
 the same contender, and the fastest run counts (the machine is shared).
 Run: python bench/valuation.py [--repeats R] [--device cpu|cuda] [--quick]. Prints one JSON
@@ -31,11 +34,12 @@ from mmval.data.prep import prepare
 from mmval.engine.loop import predict
 from mmval.models import ModelConfig, build_model
 from mmval.tasks import CLASSIFICATION
+from mmval.valuation.base import Game
 from mmval.valuation.config import ValuationConfig
-from mmval.valuation.engine import EvalPath
+from mmval.valuation.engine import EvalPath, build_evaluator
 from mmval.valuation.registry import build_method
 from mmval.valuation.run import value_dataset
-from mmval.valuation.subsets import subsets_dataset
+from mmval.valuation.subsets import subset_names, subsets_dataset
 
 DIMS = [76, 216, 64, 240, 47, 6]  # fou, fac, kar, pix, zer, mor
 CLASSES = 10
@@ -52,6 +56,24 @@ def fastest(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, fl
             run()
             best[name] = min(best[name], time.perf_counter() - started)
     return best
+
+
+@torch.no_grad()
+def play_every_subset(
+    model: torch.nn.Module,
+    dataset: ParquetSamples,
+    device: torch.device,
+    batch_size: int,
+    confidences: bool,
+) -> None:
+    """The outcomes the subsets table is built from, and nothing else."""
+    names = [s.name for s in dataset.specs]
+    keep, _ = subset_names(names)
+    evaluator = build_evaluator(model, names, "feature", None, device=device)
+    for start in range(0, len(dataset), batch_size):
+        batch = dataset.__getitems__(range(start, min(start + batch_size, len(dataset))))
+        game = Game(evaluator, batch.to(device), CLASSIFICATION.default_benefit(), CLASSIFICATION)
+        game.play(keep, confidences=confidences)
 
 
 def bench_m(
@@ -101,6 +123,8 @@ def bench_m(
         "subsets": lambda: subsets_dataset(
             model, dataset, "feature", fills=None, device=device, batch_size=batch_size
         ),
+        "games": lambda: play_every_subset(model, dataset, device, batch_size, False),
+        "games_confidences": lambda: play_every_subset(model, dataset, device, batch_size, True),
     }
     times = fastest(runs, repeats)
     return {
@@ -110,6 +134,10 @@ def bench_m(
         f"engine_over_eval_M{m}": round(times["engine"] / times["eval"], 2),
         f"naive_over_eval_M{m}": round(times["naive"] / times["eval"], 2),
         f"subsets_over_eval_M{m}": round(times["subsets"] / times["eval"], 2),
+        f"subsets_games_over_eval_M{m}": round(times["games"] / times["eval"], 2),
+        f"subsets_games_confidences_over_eval_M{m}": round(
+            times["games_confidences"] / times["eval"], 2
+        ),
     }
 
 

@@ -18,7 +18,9 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 # bench -> keys its last-line JSON must have (the ones the README's performance table quotes)
 EXPECTED = {
     "valuation": [
-        f"{what}_over_eval_M{m}" for m in (2, 4, 6) for what in ("engine", "naive", "subsets")
+        f"{what}_over_eval_M{m}"
+        for m in (2, 4, 6)
+        for what in ("engine", "naive", "subsets", "subsets_games", "subsets_games_confidences")
     ],
     "methods": ["concat_epoch_s", "ogm_ge_over_concat", "machine"],
     "cooperation": ["modality_over_sample_valuation", "sample_valuation_over_concat_epoch"],
