@@ -34,12 +34,12 @@ done, which other users of a shared machine do not change the way they change th
 What the outputs cost beyond decoding (`output_work_cpu_ms_per_clip`): in this process, on one
 thread, the CPU time of turning each distinct clip's decoded kept frames and sound (decoded
 beforehand, untimed) into what kinetics-sounds stores, with the libraries mmval uses: swscale's
-area resize to 224 x 224 RGB, JPEG at quality 90 (torchvision), the resampling to 16 kHz
-(torchaudio, kernel built once) and the Kaldi filterbank (torchaudio) in float16; the fastest of
-three runs per clip. No extractor with these outputs and these libraries does less than the
-decode limit plus this work, so `cpu_fraction_ceiling` = limit / (limit + output work) bounds
-`cpu_fraction_of_decode_limit` from above (demuxing, writing and moving results between
-processes come on top).
+area resize to 224 x 224 RGB (mmval's `to_rgb`), JPEG at quality 90 (torchvision), the
+resampling to 16 kHz (torchaudio, kernel built once) and the Kaldi filterbank (torchaudio) in
+float16; the fastest of three runs per clip. No extractor with these outputs and these
+libraries does less than the decode limit plus this work, so `cpu_fraction_ceiling` = limit /
+(limit + output work) bounds `cpu_fraction_of_decode_limit` from above (demuxing, writing and
+moving results between processes come on top).
 
 Every contender runs with its imports done: the bench imports torch, torchaudio and PyAV, and
 pandas, which pyarrow imports on a process's first conversion (0.15 s here, once per
@@ -92,10 +92,9 @@ import pyarrow.parquet as pq
 import torch
 import torchaudio
 from _results import add_quick, machine, publish
-from av.video.reformatter import VideoReformatter
 
 from mmval.data.extract.audio import kaldi_fbank
-from mmval.data.extract.video import encode_jpeg
+from mmval.data.extract.video import encode_jpeg, to_rgb
 from mmval.data.manifest import load_dataset_manifest
 from mmval.data.prep import prepare
 from mmval.data.sources.av_clips import AVParams, FbankParams, FramesParams
@@ -207,8 +206,7 @@ def output_work_ms(
     outputs (module docstring); the fastest of three runs per clip, averaged over `clips`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    reformatter = VideoReformatter()
-    height, width = frames.size or (None, None)
+    size = (frames.size[0], frames.size[1]) if frames.size else None
     total = 0.0
     try:
         for path in clips:
@@ -217,18 +215,7 @@ def output_work_ms(
             best = float("inf")
             for _ in range(3):
                 started = time.process_time()
-                rgb = [
-                    reformatter.reformat(
-                        frame,
-                        width=width,
-                        height=height,
-                        format="rgb24",
-                        interpolation="AREA",
-                        threads=1,
-                    ).to_ndarray()
-                    for frame in video
-                ]
-                encode_jpeg(np.stack(rgb), frames.jpeg_quality)
+                encode_jpeg(np.stack([to_rgb(f, size) for f in video]), frames.jpeg_quality)
                 with torch.no_grad():
                     resampled = resample(wave).numpy()
                 fbank = kaldi_fbank(

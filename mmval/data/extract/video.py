@@ -70,6 +70,16 @@ def _reformatter() -> VideoReformatter:
     return _local.reformatter
 
 
+def to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
+    """A decoded frame as uint8 RGB [H, W, 3], resized to `size` (height, width; None keeps
+    it) with area interpolation in the same swscale call."""
+    height, width = size if size is not None else (None, None)
+    rgb = _reformatter().reformat(
+        frame, width=width, height=height, format="rgb24", interpolation="AREA", threads=1
+    )
+    return rgb.to_ndarray()
+
+
 @dataclass
 class VideoFrames:
     frames: np.ndarray  # uint8 [N, H, W, 3] RGB
@@ -157,21 +167,12 @@ def read_video_frames(
                 kept = _pick_frames(cursor, targets, position)
             if not kept:
                 raise ExtractionError("no video frames")
-            height, width = size if size is not None else (None, None)
             arrays: list[np.ndarray] = []
             for i, (frame, _) in enumerate(kept):
                 if i > 0 and frame is kept[i - 1][0]:  # a repeated frame is converted once
                     arrays.append(arrays[-1])
                     continue
-                rgb = _reformatter().reformat(
-                    frame,
-                    width=width,
-                    height=height,
-                    format="rgb24",
-                    interpolation="AREA",
-                    threads=1,
-                )
-                arrays.append(rgb.to_ndarray())
+                arrays.append(to_rgb(frame, size))
     except av.FFmpegError as exc:
         raise ExtractionError(f"undecodable: {exc.strerror or exc}") from exc
     times = np.array([t for _, t in kept], dtype=np.float32)
