@@ -424,7 +424,7 @@ def write_shard(
 class ShardWriter:
     """A shard written row group by row group as its records come (`add`), atomically, the
     same bytes as `write_shard` of all its rows: they never sit in memory together (a
-    Kinetics-Sounds shard's 512 records are about 200 MB, the table built of them as much
+    Kinetics-Sounds shard's 512 records are about 150 MB, the table built of them as much
     again). Use it as a context manager; after a clean exit `info` describes the shard, or is
     None when no record came (no file is written then)."""
 

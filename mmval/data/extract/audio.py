@@ -50,7 +50,7 @@ def read_audio(
 
 class AudioDecoder:
     """`read_audio`'s decoding, fed one packet at a time: by its own demux pass, or by a
-    video reader's (`read_video_frames(..., audio=...)`), so that a clip whose frames and sound
+    video reader's (`read_video_frames(..., also=...)`), so that a clip whose frames and sound
     share a file is opened and demuxed once. The packets must end with the demuxer's empty
     flush packet (as `container.demux` yields them), which drains the decoder; `wave` once
     all are taken."""

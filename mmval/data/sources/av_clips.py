@@ -609,8 +609,8 @@ def _sound_with_frames(
 ) -> tuple[FramesParams, FbankParams | StftParams | PsdParams, AudioDecoder] | None:
     """When the first frames and the first sound come from one file, in that order, the sound
     is decoded in the pass that indexes the frames (one opening and one demux of the file
-    instead of two of each, a tenth of a 10-s clip's extraction): the two modalities and the
-    decoder that rides along."""
+    instead of two of each: about 3 ms of a 10-s clip's 60): the two modalities and the decoder
+    that rides along."""
     frames = next((s for s in params.modalities if isinstance(s, FramesParams)), None)
     sound = next((s for s in params.modalities if isinstance(s, _SOUND)), None)
     if frames is None or sound is None or task.files.get("audio") != task.files.get("video"):
