@@ -42,8 +42,8 @@ libraries does less than the decode limit plus this work, so `cpu_fraction_ceili
 moving results between processes come on top).
 
 Every contender runs with its imports done: the bench imports torch, torchaudio and PyAV, and
-pandas, which pyarrow imports on a process's first conversion (0.15 s here, once per
-`mmval prep` run; a fifth of a second matters in a 2-s job, not in a real data set's).
+pandas, which pyarrow imports on a process's first conversion (a fixed cost once per `mmval prep`
+run, which matters in a 2-s job, not in a real data set's).
 
 Memory (`*_peak_mib_per_worker`, `*_parent_peak_mib`, `*_peak_mib_total`): each pipeline runs a
 second time, untimed, in a fresh spawned interpreter with the same imports (torch, PyAV, mmval),

@@ -252,7 +252,7 @@ class _Worker:
             name="mmval-prep",
         )
         # A forked child's garbage collector walks every object it inherited, writing to each
-        # one's header: the pages holding them (~90 MiB with torch imported) were copied into
+        # one's header: the pages holding them (most of the heap, torch imported) were copied into
         # every worker, and each clip paid for the faults. Frozen objects are never walked; the
         # child keeps them frozen, the parent thaws them at once (unless its caller froze some).
         thaw = gc.get_freeze_count() == 0
