@@ -158,6 +158,19 @@ def test_max_frames_size_start_end(clips: dict[str, Path]) -> None:
     assert _frame_ids(read_video_frames(path, fps=20, max_frames=4).frames) == [0, 1, 1, 2]
 
 
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[video_mod._Cursor]:
+    """Record the cursors on which `_Cursor.<name>` is called."""
+    calls: list[video_mod._Cursor] = []
+    original = getattr(video_mod._Cursor, name)
+
+    def spied(self: video_mod._Cursor, *args: object) -> object:
+        calls.append(self)
+        return original(self, *args)
+
+    monkeypatch.setattr(video_mod._Cursor, name, spied)
+    return calls
+
+
 @pytest.fixture(params=["held", "sought"])
 def packets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Decoding from the packets the demux pass held, or (a file too large to hold them)
@@ -175,14 +188,7 @@ def test_keyframe_seeking_matches_sequential_decoding(
     monkeypatch: pytest.MonkeyPatch,
     packets: str,
 ) -> None:
-    seeks: list[int] = []
-    original = video_mod._Cursor.restart
-
-    def counting_restart(self: video_mod._Cursor, k: int) -> bool:
-        seeks.append(k)
-        return original(self, k)
-
-    monkeypatch.setattr(video_mod._Cursor, "restart", counting_restart)
+    seeks = _spy(monkeypatch, "restart")
     demuxes = _spy(monkeypatch, "_demuxed")  # a second pass over the file
     for clip in ("one_key", "key5"):
         seeks.clear()
@@ -378,19 +384,6 @@ def test_segment_indices_fallback_when_fewer_frames_than_segments() -> None:
     assert segment_indices(2, 3, train=False, rng=None).tolist() == [0, 0, 1]
     assert segment_indices(1, 3, train=True, rng=np.random.default_rng(0)).tolist() == [0, 0, 0]
     assert segment_indices(3, 3, train=False, rng=None).tolist() == [0, 1, 2]
-
-
-def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[video_mod._Cursor]:
-    """Record the cursors on which `_Cursor.<name>` is called."""
-    calls: list[video_mod._Cursor] = []
-    original = getattr(video_mod._Cursor, name)
-
-    def spied(self: video_mod._Cursor, *args: object) -> object:
-        calls.append(self)
-        return original(self, *args)
-
-    monkeypatch.setattr(video_mod._Cursor, name, spied)
-    return calls
 
 
 @pytest.mark.parametrize(("fps", "position"), [(1.0, "start"), (3.0, "center")])
